@@ -1,0 +1,44 @@
+# Two commands do everything on a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+DEMO_OUT ?= demo_out
+
+.PHONY: demo test test-all lint format bench clean
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+## demo: generate a synthetic mini-LUNA and run the suite on it (outputs in demo_out/)
+demo: $(VENV)/.installed
+	$(PY) -m lungct synth --out $(DEMO_OUT)/data --scans 20 --seed 0 --size small
+	$(PY) -m lungct prepare --data $(DEMO_OUT)/data --cache $(DEMO_OUT)/cache
+	$(PY) -m lungct show $(DEMO_OUT)/data/subset0/$$(head -n1 $(DEMO_OUT)/data/seriesuids.csv).mhd \
+		--annotations $(DEMO_OUT)/data/annotations.csv --out $(DEMO_OUT)/first_scan.png
+	@echo "demo outputs in $(DEMO_OUT)/"
+
+## test: lint + format check, then the fast test suite
+test: $(VENV)/.installed lint
+	$(PY) -m pytest -q
+
+## test-all: also the slow tests (training runs, whole real scans)
+test-all: $(VENV)/.installed lint
+	$(PY) -m pytest -q -m "slow or not slow"
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: $(VENV)/.installed
+	for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache

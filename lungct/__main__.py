@@ -1,0 +1,124 @@
+"""``python -m lungct <verb>``: info, lungmask, prepare, synth, show.
+
+Every verb has ``--help``. A bad input prints one line ``error: <file>: <problem>`` on stderr
+and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from lungct.errors import LungCTError
+
+
+def _info(args: argparse.Namespace) -> int:
+    from lungct.io import read_scan
+
+    print(json.dumps(read_scan(args.scan).info()))
+    return 0
+
+
+def _lungmask(args: argparse.Namespace) -> int:
+    from lungct.io import read_scan, scan_suffix, write_image
+    from lungct.lungmask import lung_volume_ml, segment_lungs
+
+    if not scan_suffix(args.out):
+        raise LungCTError(args.out, "output must end in .mhd, .mha, .nii or .nii.gz")
+    scan = read_scan(args.scan)
+    mask = segment_lungs(scan)
+    write_image(mask, scan.geometry, args.out)
+    print(json.dumps({"lung_volume_ml": round(lung_volume_ml(mask, scan.geometry), 1)}))
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from lungct.cache import prepare_dataset
+    from lungct.preprocess import PreprocessPlan
+    from lungct.tables import parse_folds
+
+    plan = PreprocessPlan.load(args.plan) if args.plan else PreprocessPlan()
+    folds = parse_folds(args.folds) if args.folds else None
+    report = prepare_dataset(args.data, args.cache, plan, folds=folds, workers=args.workers)
+    for _uid, message in sorted(report["failed"].items()):
+        print(f"error: {message}", file=sys.stderr)
+    summary = {k: len(v) for k, v in report.items()}
+    print(json.dumps(summary))
+    return 1 if report["failed"] else 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from lungct.io import read_scan
+    from lungct.show import show_scan
+
+    scan = read_scan(args.scan)
+    nodules = []
+    if args.annotations:
+        from lungct.tables import read_annotations
+
+        for a in read_annotations(args.annotations, allow_negative_diameter=True):
+            if a.seriesuid == scan.seriesuid:
+                nodules.append((a.x, a.y, a.z, a.diameter_mm if a.diameter_mm > 0 else 10.0))
+        if not nodules:
+            print(f"note: no annotation of {scan.seriesuid} in {args.annotations}", file=sys.stderr)
+    show_scan(scan, args.out, nodules)
+    print(json.dumps({"out": str(args.out), "nodules": len(nodules)}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser (exposed for tests and documentation)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lungct", description="Shared CT core: read, inspect, prepare, synthesise."
+    )
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("info", help="print a scan's geometry and HU range as JSON")
+    p.add_argument("scan", help=".mhd/.mha/.nii(.gz) file or DICOM series folder")
+    p.set_defaults(func=_info)
+
+    p = sub.add_parser("lungmask", help="segment the lungs; write the mask in the scan's geometry")
+    p.add_argument("scan", help=".mhd/.mha/.nii(.gz) file or DICOM series folder")
+    p.add_argument("--out", required=True, help="mask file (.mhd, .nii.gz, ...)")
+    p.set_defaults(func=_lungmask)
+
+    p = sub.add_parser("prepare", help="build the per-scan cache of a LUNA16-layout folder")
+    p.add_argument("--data", required=True, help="folder with subset0..9/*.mhd")
+    p.add_argument("--cache", required=True, help="cache folder (created; resumable)")
+    p.add_argument("--folds", help="only these subsets, e.g. 0-7 or 0,3,9")
+    p.add_argument("--plan", help="preprocessing plan JSON (default: 1 mm isotropic)")
+    p.add_argument("--workers", type=int, default=2, help="scans prepared in parallel")
+    p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("show", help="PNG of axial/coronal/sagittal views through each nodule")
+    p.add_argument("scan", help=".mhd/.mha/.nii(.gz) file or DICOM series folder")
+    p.add_argument("--annotations", help="annotations.csv (world mm) to circle")
+    p.add_argument("--out", required=True, help="output PNG")
+    p.set_defaults(func=_show)
+
+    try:
+        from lungct.synth.cli import add_synth_parser
+    except ImportError:  # the generator is optional while it is being built
+        pass
+    else:
+        add_synth_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LungCTError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
