@@ -15,6 +15,7 @@ the pages it needs, and nothing holds a whole dataset in memory.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -230,7 +231,9 @@ def prepare_dataset(
             _run_one(s, cache.root, plan, report)
             bar.update()
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # spawn, not fork: SimpleITK's thread pool does not survive a fork reliably.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
             futures = {pool.submit(prepare_one, s, cache.root, plan): s for s in todo}
             for fut in as_completed(futures):
                 s = futures[fut]

@@ -16,3 +16,7 @@ class LungCTError(Exception):
         self.path = None if path is None else os.fspath(path)
         self.problem = problem
         super().__init__(problem if self.path is None else f"{self.path}: {problem}")
+
+    def __reduce__(self) -> tuple:
+        # Rebuild from (path, problem) when the error crosses a process boundary.
+        return (type(self), (self.path, self.problem))

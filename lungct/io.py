@@ -113,7 +113,12 @@ def scan_from_image(image: sitk.Image, seriesuid: str, source: str | os.PathLike
         array = np.rint(array)
     hu_min = int(array.min())
     hu_max = int(array.max())
-    hu = np.clip(array, AIR_HU, np.iinfo(np.int16).max).astype(np.int16)
+    if array.dtype == np.int16:
+        hu = array.copy()
+    else:
+        hu = np.clip(array, AIR_HU, np.iinfo(np.int16).max).astype(np.int16)
+    # Padding (-2048, -3024, ...) and anything below air becomes air; int16 in place is fast.
+    np.maximum(hu, np.int16(AIR_HU), out=hu)
     try:
         geometry = Geometry(
             size=size,

@@ -1,0 +1,65 @@
+"""Lung segmentation on the real scans and on phantoms."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import DICOM_0001, MHD_0002, NODULE_0001, phantom_hu
+from lungct.__main__ import main
+from lungct.errors import LungCTError
+from lungct.geometry import Geometry
+from lungct.io import read_scan
+from lungct.lungmask import lung_volume_ml, segment_lungs
+from lungct.scan import Scan
+
+
+@pytest.mark.parametrize("path", [DICOM_0001, MHD_0002], ids=["lidc0001_dicom", "lidc0002_mhd"])
+def test_real_lung_volume_plausible(real_data, path: Path) -> None:
+    scan = read_scan(path)
+    mask = segment_lungs(scan)
+    assert mask.shape == scan.array.shape and mask.dtype == np.uint8
+    volume = lung_volume_ml(mask, scan.geometry)
+    assert 2500 <= volume <= 8000, volume
+    # The lung is air: the median HU inside the mask is that of parenchyma, not soft tissue.
+    assert np.median(scan.array[mask > 0]) < -600
+    if path == DICOM_0001:
+        z, y, x = scan.geometry.world_to_index(NODULE_0001)
+        assert mask[z, y, x] == 1, "the 23 mm LIDC-IDRI-0001 nodule must be inside the lung mask"
+
+
+def test_lungmask_cli_writes_mask_in_scan_geometry(real_data, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "mask.mhd"
+    assert main(["lungmask", str(MHD_0002), "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    mask = read_scan(out)
+    scan_info = read_scan(MHD_0002).info()
+    assert mask.info()["size"] == scan_info["size"]
+    np.testing.assert_allclose(mask.info()["origin"], scan_info["origin"], atol=1e-4)
+    assert printed["lung_volume_ml"] == pytest.approx(
+        lung_volume_ml(mask.array, mask.geometry), abs=0.1
+    )
+
+
+def test_phantom_nodule_inside_and_body_outside() -> None:
+    hu = phantom_hu(shape_zyx=(40, 80, 96), nodule_zyx=(20, 40, 29), radius_vox=3)
+    scan = Scan(hu, Geometry((96, 80, 40), (4.0, 4.0, 5.0), (0, 0, 0)), "phantom")
+    mask = segment_lungs(scan)
+    assert mask[20, 40, 29] == 1  # the nodule is a hole the mask fills
+    assert mask[20, 40, 48] == 0  # mediastinum between the lungs
+    assert mask[20, 2, 2] == 0  # outside air is not lung
+    lungs = hu < -500
+    lungs[:, :2, :] = lungs[:, -2:, :] = False
+    lungs[:, :, :2] = lungs[:, :, -2:] = False
+    inside = lungs & (hu == -850)
+    assert mask[inside].mean() > 0.98
+
+
+def test_no_lungs_is_a_clear_error() -> None:
+    solid = np.full((20, 32, 32), 40, np.int16)
+    scan = Scan(solid, Geometry((32, 32, 20), (1, 1, 1), (0, 0, 0)), "water", source="water.mhd")
+    with pytest.raises(LungCTError, match="water.mhd: no lungs found"):
+        segment_lungs(scan)
