@@ -58,9 +58,11 @@ def _show(args: argparse.Namespace) -> int:
     if args.annotations:
         from lungct.tables import read_annotations
 
-        for a in read_annotations(args.annotations, allow_negative_diameter=True):
-            if a.seriesuid == scan.seriesuid:
-                nodules.append((a.x, a.y, a.z, a.diameter_mm if a.diameter_mm > 0 else 10.0))
+        table = read_annotations(args.annotations, allow_negative_diameter=True)
+        for row in table.rows_in_series(scan.seriesuid):
+            x, y, z = (float(v) for v in table.coords[row])
+            diameter = float(table.diameter_mm[row])
+            nodules.append((x, y, z, diameter if diameter > 0 else 10.0))
         if not nodules:
             print(f"note: no annotation of {scan.seriesuid} in {args.annotations}", file=sys.stderr)
     show_scan(scan, args.out, nodules)
