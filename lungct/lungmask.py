@@ -9,7 +9,8 @@ Steps, on a coarse working grid (default 2 mm) for speed, then mapped back to th
    (lungs joined at the anterior junction come as one component, separate lungs as two);
    bowel gas and small pockets are dropped;
 4. close and fill holes slice by slice, so vessels, nodules and juxtapleural nodules (notched
-   into the chest wall) are inside;
+   into the chest wall) are inside - holes up to ``max_hole_cm2`` only, so the mediastinum
+   stays out where the two lungs meet around it;
 5. dilate, so nodules touching the pleura stay inside the mask.
 """
 
@@ -36,6 +37,7 @@ class LungMaskParams:
     work_spacing_mm: float = 2.0
     closing_radius_mm: float = 8.0
     dilation_mm: float = 4.0
+    max_hole_cm2: float = 20.0
     min_lung_ml: float = 100.0
     second_lung_fraction: float = 0.1
 
@@ -93,8 +95,16 @@ def segment_lungs_array(
     padded = np.pad(lung, ((0, 0), (pad, pad), (pad, pad)))
     padded = ndimage.binary_closing(padded, structure=_disk(radius)[None])
     lung = padded[:, pad:-pad, pad:-pad]
+    # Fill holes (vessels, nodules) but not the mediastinum: where the lungs meet in front of
+    # and behind the heart, the heart is a hole too, so only holes smaller than a big nodule go.
+    max_hole = params.max_hole_cm2 * 100.0 / (sx * sy)
     for z in range(lung.shape[0]):
-        lung[z] = ndimage.binary_fill_holes(lung[z])
+        holes = ndimage.binary_fill_holes(lung[z]) & ~lung[z]
+        if holes.any():
+            labels2d, n_holes = ndimage.label(holes)
+            areas = np.bincount(labels2d.ravel(), minlength=n_holes + 1)
+            small = np.flatnonzero(areas <= max_hole)
+            lung[z] |= np.isin(labels2d, small[small > 0])
     if params.dilation_mm > 0:
         radii = (params.dilation_mm / sz, params.dilation_mm / sy, params.dilation_mm / sx)
         lung = ndimage.binary_dilation(lung, structure=_ball(radii))
