@@ -1,0 +1,36 @@
+"""Synthetic chest CT with ground truth, in the real LUNA16 layout.
+
+A procedural chest (body, fat, muscle, ribs, spine, sternum, scapulae, heart, mediastinum with
+great vessels, trachea and bronchi, lungs with parenchymal texture) with space-filling,
+tapering vessel and airway trees, nodules shaped from real LIDC-IDRI radiologist outlines
+(solid, part-solid, ground-glass; isolated, juxtavascular, juxtapleural) with diameters drawn
+from the LUNA16 distribution, then CT blur and correlated noise; varied spacing, origins and
+some flipped directions. Example::
+
+    from lungct.synth import generate_dataset, synthesize_scan
+
+    case = synthesize_scan(seed=0, index=3, size="small")   # one scan, in memory
+    case.scan, case.nodules, case.excluded, case.candidates, case.lung_mask
+    generate_dataset("out/synth", n_scans=20, seed=0)       # subset0..9, CSVs
+
+or ``python -m lungct synth --out DIR --scans N --seed S [--size small|full]
+[--background SCAN]``.
+
+Nodule ``diameter_mm`` is the equivalent-sphere diameter of the drawn nodule. The shape library
+(``lungct/data/lidc_shapes.npz``) is derived from LIDC-IDRI (TCIA, CC BY 3.0); see
+``lungct/data/lidc_shapes.md`` for attribution.
+"""
+
+from lungct.synth.background import synthesize_on_background
+from lungct.synth.case import Candidate, Finding, SyntheticCase, series_uid, synthesize_scan
+from lungct.synth.layout import generate_dataset
+
+__all__ = [
+    "Candidate",
+    "Finding",
+    "SyntheticCase",
+    "generate_dataset",
+    "series_uid",
+    "synthesize_on_background",
+    "synthesize_scan",
+]

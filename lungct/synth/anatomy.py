@@ -1,0 +1,495 @@
+"""A procedural chest: body, fat, muscle, ribs, spine, sternum, heart, mediastinum and lungs.
+
+Everything is defined analytically in a *body frame* (millimetres): ``x`` towards the patient's
+left (image right), ``y`` towards the back (image down), ``z`` towards the head, with ``x = y = 0``
+at the centre of the body outline and ``z = 0`` at the lung apex (the lungs reach down to
+``z = -height``). This is the LPS world frame shifted, so a scan with identity direction shows
+the usual radiological view.
+
+Each structure is a (approximate) signed distance in mm, negative inside. Soft partial-volume
+edges come from clipping ``0.5 - sdf / voxel`` to [0, 1], which keeps coarse test scans from
+looking like staircases. The same functions give the ground-truth lung mask on any grid, e.g. a
+coarse one for placing nodules and growing vessel trees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+TISSUE_HU = {
+    "air": -1000.0,
+    "fat": -100.0,
+    "muscle": 45.0,
+    "blood": 40.0,
+    "liver": 58.0,
+    "bone_cortex": 900.0,
+    "bone_marrow": 230.0,
+    "cartilage": 125.0,
+    "disc": 85.0,
+    "csf": 15.0,
+    "table_shell": 180.0,
+    "foam": -930.0,
+}
+"""Typical unenhanced CT values (HU) of the tissues drawn here."""
+
+
+@dataclass(frozen=True)
+class Rib:
+    """One rib as a curve around the chest wall.
+
+    The rib follows the inner chest-wall ellipse of its slice, offset outwards, from polar angle
+    ``theta_post`` (beside the spine) to ``theta_ant``; polar angle 0 is lateral, +pi/2
+    posterior. Its centre drops ``drop`` mm from back to front, as real ribs slope down.
+    """
+
+    side: int  # -1 patient right, +1 patient left
+    z_post: float
+    drop: float
+    theta_post: float
+    theta_ant: float
+    theta_cartilage: float  # anterior of this angle the rib is costal cartilage
+    half_height: float  # vertical half-size (mm)
+    half_width: float  # radial half-size (mm)
+
+
+@dataclass(frozen=True)
+class Tube:
+    """A polyline tube (aorta, trachea, ...): points (n, 3) body-frame mm and radii (n,)."""
+
+    name: str
+    points: np.ndarray
+    radii: np.ndarray
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """All parameters of one synthetic chest (body frame, mm). Made by :func:`sample_anatomy`."""
+
+    height: float  # lung apex to deepest costophrenic recess
+    body_a: float  # body half-width
+    body_b: float  # body half-depth (anterior-posterior)
+    fat: float  # subcutaneous fat thickness
+    muscle: float  # chest-wall muscle thickness (outside the ribs)
+    cav_a: float  # half-width of the pleural cavity (both lungs) at full size
+    cav_b: float  # half-depth of the pleural cavity
+    cav_cy: float  # cavity centre y
+    apex_x: float  # |x| of each lung apex
+    apex_y: float
+    apex_radius: float  # curvature radius of the apical dome
+    med_x: float  # mediastinum centre line
+    med_w: float  # mediastinum half-width between the lungs
+    med_bulge: float  # extra half-width at the level of the great vessels
+    dome_top: tuple[float, float]  # diaphragm dome height above the base, (right, left)
+    heart_c: tuple[float, float, float]
+    heart_r: tuple[float, float, float]
+    heart_angle: float  # in-plane rotation of the heart's long axis (rad)
+    heart_tilt: float  # downward tilt of the long axis towards the apex (rad)
+    pericardial_fat: float
+    spine_y: float  # vertebral body centre y
+    spine_r: tuple[float, float]  # vertebral body half-axes (x, y)
+    vertebra_period: float
+    vertebra_phase: float
+    ribs: tuple[Rib, ...]
+    tubes: tuple[Tube, ...]  # great vessels, trachea, main bronchi, oesophagus
+    hilum: dict[str, np.ndarray] = field(default_factory=dict)
+    lung_hu: float = -860.0
+    lung_gradient: float = 45.0  # HU denser at the back (gravity-dependent lung)
+    fat_hu: float = -100.0
+    muscle_hu: float = 45.0
+    table_gap: float = 8.0
+    has_table: bool = True
+    skin_harmonics: tuple[tuple[int, float, float], ...] = ()  # (order, mm, phase)
+    muscle_harmonics: tuple[tuple[int, float, float], ...] = ()
+
+    # === Shape functions (vectorised over broadcastable x, y, z arrays) ===
+
+    def taper(self, z: np.ndarray) -> np.ndarray:
+        """Cavity scale (0..1) with height: small near the apex, full from mid-lung down."""
+        t = np.clip(-z / self.height, 0.0, 1.3)
+        return (0.4 + 0.6 * np.clip(t / 0.6, 0.0, 1.0) ** 0.5).astype(np.float32)
+
+    def cavity(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pleural cavity ellipse (centre y, half-width, half-depth) at height(s) ``z``."""
+        w = self.taper(z)
+        cy = self.cav_cy + (1.0 - w) * 0.25 * self.cav_b
+        return cy, self.cav_a * w, self.cav_b * (0.35 + 0.65 * w)
+
+    def diaphragm_z(self, side: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Height of the diaphragm dome under the lung on ``side`` (-1 right, +1 left)."""
+        top = self.dome_top[0] if side < 0 else self.dome_top[1]
+        xd = side * 0.45 * self.cav_a
+        yd = self.cav_cy - 0.1 * self.cav_b
+        q = ((x - xd) / (0.62 * self.cav_a)) ** 2 + ((y - yd) / (0.85 * self.cav_b)) ** 2
+        dome = np.clip(1.0 - q, 0.0, 1.0) ** 0.55
+        return (-self.height + top * dome).astype(np.float32)
+
+    def mediastinum_halfwidth(self, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """Half-width of the mediastinum: narrow at the apices, wide around the great vessels."""
+        t = -z / self.height
+        window = np.clip((t - 0.08) / 0.1, 0.0, 1.0) * np.clip((0.66 - t) / 0.12, 0.0, 1.0)
+        y_gv = self.cav_cy - 0.22 * self.cav_b
+        bulge = self.med_bulge * window * np.exp(-(((y - y_gv) / (0.42 * self.cav_b)) ** 2))
+        return (self.med_w + bulge).astype(np.float32)
+
+    def heart_sdf(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """Signed distance to the heart (rotated ellipsoid), mm."""
+        cx, cy, cz = self.heart_c
+        c, s = np.cos(self.heart_angle), np.sin(self.heart_angle)
+        u = (x - cx) * c + (y - cy) * s
+        v = -(x - cx) * s + (y - cy) * c
+        # The long axis also points down towards the apex (tilted in the coronal plane).
+        ct, st = np.cos(self.heart_tilt), np.sin(self.heart_tilt)
+        w = z - cz
+        return ellipsoid_sdf(u * ct - w * st, v, u * st + w * ct, *self.heart_r)
+
+    def spine_sdf(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Signed distance to the vertebral bodies (a vertical elliptic column), mm."""
+        return ellipse_sdf(x, y, 0.0, self.spine_y, *self.spine_r)
+
+    def lung_sdf(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Signed distances (mm) to the right and left lung, each negative inside."""
+        cy, a, b = self.cavity(z)
+        cav = ellipse_sdf(x, y, 0.0, cy, a, b)
+        heart = -(self.heart_sdf(x, y, z) - self.pericardial_fat - 2.0)
+        spine = -(self.spine_sdf(x, y) - 5.0)
+        top = z.astype(np.float32) + 0 * x
+        half = self.mediastinum_halfwidth(y, z)
+        out = []
+        for side in (-1, 1):
+            band = half - side * (x - self.med_x)
+            dz = self.diaphragm_z(side, x, y) - z
+            # The apex is a dome: at depth h below it the lung is a disc of radius
+            # sqrt(2 R h), so the top of each lung is round, not cut flat.
+            h = np.maximum(-z, 0.0)
+            r_apex = np.sqrt(2.0 * self.apex_radius * h)
+            apex = np.hypot(x - side * self.apex_x, y - self.apex_y) - r_apex
+            sdf = np.maximum.reduce(
+                [
+                    np.broadcast_to(v, np.broadcast_shapes(cav.shape, band.shape, dz.shape))
+                    for v in (cav, band, dz, heart, spine, apex, top)
+                ]
+            )
+            out.append(sdf.astype(np.float32))
+        return tuple(out)
+
+    def lung_labels(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """Ground-truth lungs on a grid: 0 outside, 1 right lung, 2 left lung (uint8)."""
+        right, left = self.lung_sdf(x, y, z)
+        lab = np.zeros(right.shape, dtype=np.uint8)
+        lab[right < 0] = 1
+        lab[left < 0] = 2
+        return lab
+
+
+# === Signed-distance helpers =====================================================================
+
+
+def ellipse_sdf(x, y, cx, cy, a, b) -> np.ndarray:
+    """Approximate signed distance (mm) to an axis-aligned ellipse; exact on the boundary.
+
+    ``(rho - 1) / |grad rho|`` with ``rho`` the normalised radius: first-order accurate near the
+    edge, where soft edges and small margins need it, and of the right sign everywhere.
+    """
+    u = (x - cx) / a
+    v = (y - cy) / b
+    rho = np.sqrt(u * u + v * v)
+    grad = np.sqrt((u / a) ** 2 + (v / b) ** 2) / np.maximum(rho, 1e-6)
+    return ((rho - 1.0) / np.maximum(grad, 1e-6)).astype(np.float32)
+
+
+def ellipsoid_sdf(u, v, w, a, b, c) -> np.ndarray:
+    """Approximate signed distance (mm) to an axis-aligned ellipsoid centred at 0."""
+    p, q, r = u / a, v / b, w / c
+    rho = np.sqrt(p * p + q * q + r * r)
+    grad = np.sqrt((p / a) ** 2 + (q / b) ** 2 + (r / c) ** 2) / np.maximum(rho, 1e-6)
+    return ((rho - 1.0) / np.maximum(grad, 1e-6)).astype(np.float32)
+
+
+def superellipse_sdf(x, y, cx, cy, a, b, p) -> np.ndarray:
+    """Approximate signed distance to ``|u|^p + |v|^p = 1`` (p > 2 is boxier), mm."""
+    u = np.abs((x - cx) / a) + 1e-9
+    v = np.abs((y - cy) / b) + 1e-9
+    rho = (u**p + v**p) ** (1.0 / p)
+    du = (u / rho) ** (p - 1) / a
+    dv = (v / rho) ** (p - 1) / b
+    return ((rho - 1.0) / np.maximum(np.sqrt(du * du + dv * dv), 1e-6)).astype(np.float32)
+
+
+def soft(sdf: np.ndarray, width: float) -> np.ndarray:
+    """Partial-volume occupancy (0..1) of a voxel of size ``width`` mm from a signed distance."""
+    return np.clip(0.5 - sdf / width, 0.0, 1.0).astype(np.float32)
+
+
+# === Sampling ====================================================================================
+
+
+def sample_anatomy(rng: np.random.Generator, size: str, fov_mm: float) -> Anatomy:
+    """Draw one plausible adult chest that fits a reconstruction field of view of ``fov_mm``."""
+    small = size == "small"
+    height = rng.uniform(165, 205) if small else rng.uniform(220, 268)
+    body_a = min(rng.uniform(148, 178) if not small else rng.uniform(135, 162), 0.455 * fov_mm)
+    body_b = body_a * rng.uniform(0.64, 0.74)
+    fat = rng.uniform(5, 22) * (body_a / 165)
+    muscle = rng.uniform(5, 10)
+    wall = fat + muscle + 11.0  # ribs and intercostal muscle
+    cav_a = body_a - wall
+    cav_b = body_b - wall + 2.0
+    cav_cy = 0.09 * cav_b
+    med_x = rng.uniform(-3, 7)
+    med_w = rng.uniform(1.5, 3.0)  # a thin junction line where nothing else separates the lungs
+    # Long axis pointing forward and to the left; a flattened ellipsoid, not a ball.
+    heart_r = (rng.uniform(0.5, 0.56) * cav_a, rng.uniform(0.5, 0.58) * cav_b, height * 0.17)
+    heart_c = (
+        med_x + rng.uniform(0.14, 0.22) * cav_a,
+        cav_cy - 0.38 * cav_b,
+        -height * rng.uniform(0.70, 0.76),
+    )
+    spine_r = (rng.uniform(16, 20), rng.uniform(13, 16))
+    # The vertebral bodies bulge into the back of the chest; the lungs wrap round them into the
+    # paravertebral gutters.
+    spine_y = cav_cy + cav_b * 0.74
+    an = dict(
+        height=height,
+        body_a=body_a,
+        body_b=body_b,
+        fat=fat,
+        muscle=muscle,
+        cav_a=cav_a,
+        cav_b=cav_b,
+        cav_cy=cav_cy,
+        apex_x=0.42 * cav_a,
+        apex_y=cav_cy + 0.18 * cav_b,
+        apex_radius=rng.uniform(32, 42),
+        med_x=med_x,
+        med_w=med_w,
+        med_bulge=rng.uniform(0, 6),
+        dome_top=(height * rng.uniform(0.19, 0.25), height * rng.uniform(0.15, 0.2)),
+        heart_c=heart_c,
+        heart_r=heart_r,
+        heart_angle=np.deg2rad(rng.uniform(-42, -30)),
+        heart_tilt=np.deg2rad(rng.uniform(20, 35)),
+        pericardial_fat=rng.uniform(2.5, 6.0),
+        spine_y=spine_y,
+        spine_r=spine_r,
+        vertebra_period=height / rng.uniform(9.5, 10.5),
+        vertebra_phase=rng.uniform(0, 1),
+        lung_hu=rng.uniform(-880, -835),
+        lung_gradient=rng.uniform(25, 60),
+        fat_hu=rng.uniform(-110, -90),
+        muscle_hu=rng.uniform(38, 52),
+        table_gap=rng.uniform(3, 14),
+        has_table=bool(rng.random() < 0.85),
+        skin_harmonics=tuple(
+            (k, float(rng.uniform(0, 5.0) / k**0.5), float(rng.uniform(0, 2 * np.pi)))
+            for k in range(2, 7)
+        ),
+        muscle_harmonics=tuple(
+            (k, float(rng.uniform(0, 0.4) * fat / k**0.3), float(rng.uniform(0, 2 * np.pi)))
+            for k in range(2, 6)
+        ),
+    )
+    ribs = _sample_ribs(rng, height)
+    tubes, hilum = _great_vessels_and_airways(rng, an)
+    tubes += _clavicles(rng, an)
+    return Anatomy(ribs=tuple(ribs), tubes=tuple(tubes), hilum=hilum, **an)
+
+
+def _clavicles(rng: np.random.Generator, an: dict) -> list[Tube]:
+    """Collar bones: from the top of the sternum out and back over the lung apices."""
+    H, a, b, cy = an["height"], an["cav_a"], an["cav_b"], an["cav_cy"]
+    z0 = -0.13 * H + rng.uniform(2, 8)
+    out = []
+    for side in (-1, 1):
+        pts = [
+            [side * 14.0, cy - 0.72 * b - 12, z0],
+            [side * 0.45 * a, cy - 0.78 * b - 10, z0 + 10],
+            [side * 0.85 * a, cy - 0.45 * b, z0 + 22],
+            [side * 1.05 * a, cy - 0.1 * b, z0 + 24],
+        ]
+        r = rng.uniform(5.5, 7.0)
+        out.append(Tube(f"clavicle_{side}", np.asarray(pts), np.array([r * 1.1, r, r * 0.9, r])))
+    return out
+
+
+def _sample_ribs(rng: np.random.Generator, height: float) -> list[Rib]:
+    ribs = []
+    gap = height * rng.uniform(0.088, 0.096)
+    z0 = -rng.uniform(2, 10)
+    for k in range(12):
+        for side in (-1, 1):
+            z_post = z0 - k * gap + rng.normal(0, 1.0)
+            # Upper ribs are short and flat, middle ribs long and steep, the last two float.
+            drop = (0.55 + 0.45 * min(k, 5) / 5) * rng.uniform(60, 78)
+            if k <= 6:
+                theta_ant, theta_cart = -1.42, -1.0 + 0.05 * k
+            elif k <= 9:
+                theta_ant, theta_cart = -1.05 + 0.1 * (k - 7), -0.75
+            else:
+                theta_ant, theta_cart = -0.35, -1.5
+            ribs.append(
+                Rib(
+                    side=side,
+                    z_post=z_post,
+                    drop=drop,
+                    theta_post=1.32,
+                    theta_ant=theta_ant,
+                    theta_cartilage=theta_cart,
+                    half_height=rng.uniform(5.0, 6.5) * (0.8 if k == 0 else 1.0),
+                    half_width=rng.uniform(3.4, 4.4),
+                )
+            )
+    return ribs
+
+
+def _great_vessels_and_airways(
+    rng: np.random.Generator, an: dict
+) -> tuple[list[Tube], dict[str, np.ndarray]]:
+    """Aorta, pulmonary trunk and arteries, veins to the left atrium, SVC, trachea, bronchi."""
+    H = an["height"]
+    b = an["cav_b"]
+    cy = an["cav_cy"]
+    mx = an["med_x"]
+    hx, hy, hz = an["heart_c"]
+    ha, hb, hc = an["heart_r"]
+    sy = an["spine_y"]
+    sr = an["spine_r"][1]
+    top = 60.0  # above the apex: tubes run off the top of any scan
+    bottom = -H - 60.0
+    carina_z = -H * rng.uniform(0.36, 0.42)
+    tr_y = sy - sr - rng.uniform(22, 28)
+    tr_r = rng.uniform(7.5, 9.5)
+
+    def tube(name, pts, radii):
+        return Tube(name, np.asarray(pts, dtype=np.float64), np.asarray(radii, dtype=np.float64))
+
+    hilum = {
+        # Main bronchi run out and down in about the trachea's coronal plane (the right one
+        # short and steep, the left longer and flatter); arteries and veins meet them there.
+        "right": np.array([mx - rng.uniform(30, 36), tr_y + 2.0, carina_z - 30.0]),
+        "left": np.array([mx + rng.uniform(38, 46), tr_y + 4.0, carina_z - 36.0]),
+        # The right pulmonary artery runs in front of its bronchus, the left one arches over.
+        "artery_right": np.array([mx - rng.uniform(30, 36), tr_y - 14.0, carina_z - 24.0]),
+        "artery_left": np.array([mx + rng.uniform(38, 46), tr_y - 2.0, carina_z - 22.0]),
+        "vein_right": np.array([mx - rng.uniform(26, 32), cy - 0.05 * b, carina_z - 58.0]),
+        "vein_left": np.array([mx + rng.uniform(30, 36), cy + 0.0 * b, carina_z - 52.0]),
+    }
+    asc_r = rng.uniform(13, 16)
+    desc_r = asc_r * rng.uniform(0.78, 0.88)
+    desc_x = mx + rng.uniform(16, 22)
+    desc_y = sy - sr * 0.6
+    arch_z = -H * rng.uniform(0.17, 0.22)
+    la = np.array([hx - 0.2 * ha, hy + 0.65 * hb, hz + 0.25 * hc])
+    tubes = [
+        tube("trachea", [[mx, tr_y - 4, top], [mx, tr_y, carina_z]], [tr_r, tr_r]),
+        tube(
+            "bronchus_right",
+            [[mx, tr_y, carina_z], [mx - 12, tr_y + 1, carina_z - 14], hilum["right"]],
+            [tr_r * 0.75, tr_r * 0.7, tr_r * 0.62],
+        ),
+        tube(
+            "bronchus_left",
+            [[mx, tr_y, carina_z], [mx + 16, tr_y + 2, carina_z - 12], hilum["left"]],
+            [tr_r * 0.7, tr_r * 0.64, tr_r * 0.56],
+        ),
+        tube(
+            "aorta",
+            [
+                [hx - 0.35 * ha, hy + 0.1 * hb, hz + 0.55 * hc],
+                [mx - 2, cy - 0.28 * b, carina_z + 5],
+                [mx + 2, cy - 0.05 * b, arch_z],
+                [desc_x - 4, desc_y - 20, arch_z - 4],
+                [desc_x, desc_y, carina_z - 5],
+                [desc_x - 3, desc_y - 4, bottom],
+            ],
+            [asc_r, asc_r, asc_r * 0.95, desc_r, desc_r, desc_r * 0.95],
+        ),
+        tube(
+            "pulmonary_trunk",
+            [
+                [hx + 0.05 * ha, hy - 0.55 * hb, hz + 0.5 * hc],
+                [mx + 16, cy - 0.25 * b, carina_z - 22],
+                [mx + 10, cy - 0.05 * b, carina_z - 16],
+            ],
+            [asc_r * 0.95, asc_r * 0.95, asc_r * 0.85],
+        ),
+        tube(
+            "artery_right",
+            [[mx + 10, cy - 0.05 * b, carina_z - 16], hilum["artery_right"]],
+            [asc_r * 0.62, asc_r * 0.5],
+        ),
+        tube(
+            "artery_left",
+            [
+                [mx + 10, cy - 0.05 * b, carina_z - 16],
+                [mx + 20, cy, carina_z - 8],
+                hilum["artery_left"],
+            ],
+            [asc_r * 0.6, asc_r * 0.55, asc_r * 0.48],
+        ),
+        # Branches of the arch and the veins of the thoracic inlet.
+        tube(
+            "brachiocephalic_artery",
+            [
+                [mx + 0, cy - 0.12 * b, arch_z + 4],
+                [mx - 12, cy - 0.22 * b, -30],
+                [mx - 22, cy - 0.2 * b, top],
+            ],
+            [6.5, 6.0, 5.5],
+        ),
+        tube(
+            "left_carotid",
+            [[mx + 6, cy - 0.02 * b, arch_z + 6], [mx + 12, cy - 0.12 * b, top]],
+            [4.5, 4.2],
+        ),
+        tube(
+            "left_subclavian",
+            [
+                [mx + 12, cy + 0.08 * b, arch_z + 4],
+                [mx + 24, cy + 0.1 * b, -18],
+                [mx + 55, cy - 0.05 * b, 5],
+                [mx + 110, cy - 0.1 * b, 20],
+            ],
+            [5.0, 5.0, 4.8, 4.8],
+        ),
+        tube(
+            "left_brachiocephalic_vein",
+            [
+                [mx + 60, cy - 0.3 * b, 0],
+                [mx + 20, cy - 0.42 * b, arch_z + 14],
+                [mx - 22, cy - 0.2 * b, arch_z + 4],
+            ],
+            [6.0, 5.5, 6.5],
+        ),
+        tube(
+            "azygos",
+            [
+                [mx - 6, sy - sr - 1, bottom],
+                [mx - 7, sy - sr, carina_z + 2],
+                [mx - 14, tr_y, carina_z + 10],
+                [mx - 24, cy - 0.12 * b, carina_z + 8],
+            ],
+            [3.5, 4.0, 4.5, 5.0],
+        ),
+        tube("vein_right", [la, hilum["vein_right"]], [7.0, 5.5]),
+        tube("vein_left", [la, hilum["vein_left"]], [7.0, 5.5]),
+        tube(
+            "svc",
+            [[mx - 24, cy - 0.12 * b, top], [mx - 26, cy - 0.15 * b, hz + 0.45 * hc]],
+            [rng.uniform(8, 11)] * 2,
+        ),
+        tube(
+            "oesophagus",
+            # Midline behind the trachea, then to the left and forwards towards the stomach.
+            [
+                [mx + 2, sy - sr - 7, top],
+                [mx + 4, sy - sr - 8, carina_z + 10],
+                [mx + 2, sy - sr - 9, carina_z - 0.2 * H],
+                [mx + 14, sy - sr - 16, -0.9 * H],
+                [mx + 30, sy - sr - 30, bottom],
+            ],
+            [6.0, 6.5, 7.5, 8.0, 9.0],
+        ),
+    ]
+    return tubes, hilum

@@ -1,0 +1,473 @@
+"""One synthetic chest CT with its ground truth: :func:`synthesize_scan`.
+
+Order of work (why it matters): anatomy -> vessel and airway trees -> nodules and other findings
+-> CT blur (Gaussian PSF) -> correlated noise -> quantisation, so nodules get the same blur and
+noise as everything around them. The volume is composed on a canonical identity-direction grid
+and only then stored with its (possibly flipped) direction; every world coordinate in the ground
+truth comes from the *final* geometry's ``voxel_to_world``, so flipped scans stay correct.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from lungct.geometry import Geometry
+from lungct.scan import Scan
+from lungct.synth.anatomy import TISSUE_HU, sample_anatomy
+from lungct.synth.nodules import PlannedFinding, render_finding
+from lungct.synth.placement import LungMap, TubeSamples, plan_candidates, plan_findings
+from lungct.synth.render import BodyGrid, render_anatomy, splat_tubes
+from lungct.synth.trees import Tree, grow_tree, sample_points_in
+
+SIZES = ("small", "full")
+UID_PREFIX = "1.3.6.1.4.1.14519.5.2.1.6279.6001."
+"""The LIDC-IDRI / LUNA16 series UID root; synthetic suffixes are hashed from (seed, index)."""
+GENERATOR_VERSION = "1"
+"""Bump when the output for a given seed changes, so resumed runs do not mix versions."""
+
+DIRECTIONS = {
+    "identity": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+    "flip_z": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0),
+    "flip_xy": (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0),
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A ground-truth finding in world coordinates.
+
+    Attributes:
+        world: ``(x, y, z)`` mm (LPS, as in LUNA16 CSVs).
+        diameter_mm: equivalent-sphere diameter of the drawn finding (mm).
+        listed_diameter_mm: what the CSV says (= diameter_mm for annotations; may be -1 for
+            excluded findings, "unknown", like LUNA16).
+        category: 'solid', 'part-solid', 'ground-glass', 'calcified' or 'scar'.
+        location: 'isolated', 'juxtavascular' or 'juxtapleural'.
+        reason: for excluded findings: '< 3 mm', 'one reader' or 'non-nodule'.
+        voxel_zyx: continuous voxel index in the stored array.
+    """
+
+    world: tuple[float, float, float]
+    diameter_mm: float
+    listed_diameter_mm: float
+    category: str
+    location: str
+    reason: str
+    voxel_zyx: tuple[float, float, float]
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form."""
+        return {
+            "world": list(self.world),
+            "diameter_mm": self.diameter_mm,
+            "listed_diameter_mm": self.listed_diameter_mm,
+            "category": self.category,
+            "location": self.location,
+            "reason": self.reason,
+            "voxel_zyx": list(self.voxel_zyx),
+        }
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A candidate location for candidates.csv: world ``(x, y, z)`` mm, class, what it sits on."""
+
+    world: tuple[float, float, float]
+    label: int
+    source: str
+
+
+@dataclass
+class SyntheticCase:
+    """One synthetic scan and everything known about it.
+
+    Attributes:
+        scan: the CT (int16 HU, stored orientation and geometry).
+        nodules: annotations.csv rows (diameter >= 3 mm).
+        excluded: annotations_excluded.csv rows.
+        candidates: candidates.csv rows.
+        lung_mask: uint8 ``(z, y, x)`` aligned with ``scan.array``: 0 outside, 1 lung.
+        seed, index, size: what made it.
+        info: acquisition details (direction name, noise level, ...), JSON-friendly.
+    """
+
+    scan: Scan
+    nodules: list[Finding]
+    excluded: list[Finding]
+    candidates: list[Candidate]
+    lung_mask: np.ndarray
+    seed: int
+    index: int
+    size: str
+    info: dict = field(default_factory=dict)
+
+    @property
+    def seriesuid(self) -> str:
+        """The scan's series UID (also its file stem)."""
+        return self.scan.seriesuid
+
+    def nodule_dicts(self) -> list[dict]:
+        """The nodules as plain dicts (world mm, diameter, category, location)."""
+        return [n.to_dict() for n in self.nodules]
+
+
+def series_uid(seed: int, index: int, tag: str = "") -> str:
+    """A DICOM-style UID under the LIDC root, unique per (seed, index, tag), 64 characters."""
+    h = hashlib.sha256(f"lungct-synth:{tag}:{seed}:{index}".encode()).hexdigest()
+    digits = str(int(h, 16))[:30]
+    return UID_PREFIX + ("1" + digits[1:] if digits[0] == "0" else digits)
+
+
+def case_rngs(
+    seed: int, index: int, size: str, n: int = 8, tag: int = 0
+) -> list[np.random.Generator]:
+    """Independent generators for the parts of one scan, from (seed, index) only.
+
+    Scans never share a stream, so any subset can be made in any order or process.
+    """
+    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index), SIZES.index(size), tag])
+    return [np.random.default_rng(s) for s in ss.spawn(n)]
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    """Scanner-side choices for one scan."""
+
+    fov: float
+    n_xy: int
+    spacing: tuple[float, float, float]
+    n_z: int
+    margin_bottom: float
+    origin: tuple[float, float, float]  # canonical (identity) grid origin, world mm
+    body_centre_world: tuple[float, float, float]  # body-frame origin in world mm
+    direction: str
+    psf_mm: float
+    noise_hu: float
+    padding: int | None  # value outside the reconstruction circle, or None
+
+
+def sample_acquisition(
+    rng: np.random.Generator, size: str, index: int, height: float, fov: float
+) -> Acquisition:
+    """Spacing, extent, origin, orientation, blur and noise of one scan."""
+    small = size == "small"
+    n_xy = 128 if small else 512
+    sxy = fov / n_xy
+    if small:
+        sz = round(float(rng.uniform(2.0, 2.5)), 2)
+        top, bottom = rng.uniform(6, 16), rng.uniform(6, 14)
+    else:
+        sz = float(rng.choice([1.0, 1.25, 1.5, 2.0, 2.5], p=[0.08, 0.4, 0.07, 0.2, 0.25]))
+        top, bottom = rng.uniform(15, 45), rng.uniform(15, 40)
+    cover = height + top + bottom
+    n_z = int(np.ceil(cover / sz)) + 1
+    if not small and n_z > 300:
+        n_z = 300
+        spare = 300 * sz - height
+        top, bottom = spare * 0.55, spare * 0.45
+    body_c = (rng.uniform(-25, 25), rng.uniform(-40, 10))
+    # The reconstruction circle is centred a little behind the body (the couch is there).
+    fov_c = (body_c[0] + rng.uniform(-0.03, 0.03) * fov, body_c[1] + rng.uniform(0.0, 0.05) * fov)
+    z0 = float(rng.uniform(-420, -80))
+    origin = (fov_c[0] - fov / 2 + sxy / 2, fov_c[1] - fov / 2 + sxy / 2, z0)
+    apex_world_z = z0 + bottom + height
+    # Some scans are stored flipped; guaranteed for two of every ten indices so any 10
+    # consecutive scans exercise both kinds of flip.
+    if index % 10 == 3:
+        direction = "flip_z"
+    elif index % 10 == 7:
+        direction = "flip_xy"
+    else:
+        direction = str(rng.choice(list(DIRECTIONS), p=[0.8, 0.1, 0.1]))
+    return Acquisition(
+        fov=fov,
+        n_xy=n_xy,
+        spacing=(sxy, sxy, sz),
+        n_z=n_z,
+        margin_bottom=bottom,
+        origin=origin,
+        body_centre_world=(body_c[0], body_c[1], apex_world_z),
+        direction=direction,
+        psf_mm=float(rng.uniform(0.55, 0.85)),
+        noise_hu=float(rng.uniform(8, 15) if small else rng.uniform(14, 24)),
+        padding=None if rng.random() < 0.55 else int(rng.choice([-2048, -3024])),
+    )
+
+
+def synthesize_scan(
+    seed: int,
+    index: int = 0,
+    size: str = "small",
+    n_nodules: int | None = None,
+) -> SyntheticCase:
+    """Make scan ``index`` of the synthetic data set with this ``seed``.
+
+    Args:
+        seed: data-set seed; with ``index`` it fixes every random choice, so the same call
+            always gives the same volume and tables.
+        index: scan number within the data set.
+        size: 'small' (128^2 in-plane, 2.2-2.7 mm pixels, ~70-110 slices of 2.0-2.5 mm; about a
+            second) or 'full' (512^2, 0.6-0.82 mm pixels, 150-300 slices of 1-2.5 mm).
+        n_nodules: force the number of nodules (default: 0-4, mostly 1-2).
+
+    Returns:
+        The :class:`SyntheticCase`; nodule ``diameter_mm`` is the equivalent-sphere diameter.
+    """
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    r_anat, r_acq, r_tree, r_tex, r_find, r_draw, r_cand, r_noise = case_rngs(seed, index, size)
+    small = size == "small"
+    fov = float(r_acq.uniform(285, 345) if small else r_acq.uniform(310, 420))
+    an = sample_anatomy(r_anat, size, fov)
+    acq = sample_acquisition(r_acq, size, index, an.height, fov)
+
+    # Canonical grid in the body frame (world minus the body centre).
+    bc = np.asarray(acq.body_centre_world)
+    start = np.asarray(acq.origin) - bc
+    grid = BodyGrid.regular(start, acq.spacing, (acq.n_z, acq.n_xy, acq.n_xy))
+    vol = render_anatomy(an, grid, r_tex)
+    lung = LungMap.build(vol.lungs, grid)
+
+    trees = _grow_trees(r_tree, an, lung, small)
+    _draw_trees(vol.hu, grid, trees, small)
+    # Bifurcations only where the vessel is still visible at this voxel size: look-alikes.
+    vessels, airways, branch_pts = _tree_samples(trees, max(0.5, 0.3 * acq.spacing[0]))
+
+    if n_nodules is None:
+        n_nodules = int(r_find.choice([0, 1, 2, 3, 4], p=[0.12, 0.38, 0.28, 0.14, 0.08]))
+    n_excl = int(min(8, r_find.poisson(2.5)))
+    nodules, excluded = plan_findings(r_find, lung, vessels, airways, n_nodules, n_excl)
+    for f in [*nodules, *excluded]:
+        render_finding(vol.hu, vol.lungs, grid, f, r_draw)
+
+    n_neg = int(r_cand.integers(50, 151) if small else r_cand.integers(250, 601))
+    cpos, ccls, csrc = plan_candidates(
+        r_cand, lung, vessels, airways, branch_pts, nodules, excluded, n_neg
+    )
+
+    hu = _ct_blur_and_noise(vol.hu, acq, r_noise)
+    array = _quantise(hu, grid, acq)
+    del hu
+    lungs = (vol.lungs > 0).astype(np.uint8)
+
+    # Store in the acquisition's orientation; ground truth goes through the final geometry.
+    canonical = Geometry(size=(acq.n_xy, acq.n_xy, acq.n_z), spacing=acq.spacing, origin=acq.origin)
+    geometry, flip_axes = _orient(canonical, acq.direction)
+    if flip_axes:
+        array = np.ascontiguousarray(np.flip(array, axis=flip_axes))
+        lungs = np.ascontiguousarray(np.flip(lungs, axis=flip_axes))
+    shape = np.asarray(array.shape)
+
+    def to_final_index(body_pts: np.ndarray) -> np.ndarray:
+        idx = grid.to_index(np.atleast_2d(body_pts))
+        for ax in flip_axes:
+            idx[:, ax] = shape[ax] - 1 - idx[:, ax]
+        return idx
+
+    def findings(fs: list[PlannedFinding]) -> list[Finding]:
+        out = []
+        for f in fs:
+            idx = to_final_index(f.centre)[0]
+            w = geometry.voxel_to_world(idx)
+            out.append(
+                Finding(
+                    world=tuple(float(v) for v in w),
+                    diameter_mm=float(f.diameter),
+                    listed_diameter_mm=float(f.listed_diameter),
+                    category=f.category,
+                    location=f.location,
+                    reason=f.reason,
+                    voxel_zyx=tuple(float(v) for v in idx),
+                )
+            )
+        return out
+
+    cands = []
+    if cpos.shape[0]:
+        idx = to_final_index(cpos)
+        inside = geometry.contains(idx)
+        world = geometry.voxel_to_world(idx)
+        cands = [
+            Candidate(tuple(float(v) for v in w), int(c), s)
+            for w, c, s, ok in zip(world, ccls, csrc, inside, strict=True)
+            if ok
+        ]
+    uid = series_uid(seed, index, size)
+    scan = Scan(array=array, geometry=geometry, seriesuid=uid)
+    return SyntheticCase(
+        scan=scan,
+        nodules=findings(nodules),
+        excluded=findings(excluded),
+        candidates=cands,
+        lung_mask=lungs,
+        seed=int(seed),
+        index=int(index),
+        size=size,
+        info={
+            "direction": acq.direction,
+            "noise_hu": round(acq.noise_hu, 3),
+            "psf_mm": round(acq.psf_mm, 3),
+            "padding": acq.padding,
+            "n_vessel_segments": int(sum(len(t) for t in trees if t.kind != "airway")),
+            "n_airway_segments": int(sum(len(t) for t in trees if t.kind == "airway")),
+        },
+    )
+
+
+def _orient(canonical: Geometry, direction: str) -> tuple[Geometry, tuple[int, ...]]:
+    """The stored geometry for a direction name and the numpy axes to flip to get there."""
+    d = DIRECTIONS[direction]
+    signs = (d[0], d[4], d[8])  # x, y, z
+    origin = list(canonical.origin)
+    flip_axes = []
+    for ax_xyz, sgn in enumerate(signs):
+        if sgn < 0:
+            n = canonical.size[ax_xyz]
+            # The first stored voxel is the canonical last one along a flipped axis.
+            origin[ax_xyz] += (n - 1) * canonical.spacing[ax_xyz]
+            flip_axes.append(2 - ax_xyz)  # x -> numpy axis 2, z -> 0
+    geom = Geometry(
+        size=canonical.size, spacing=canonical.spacing, origin=tuple(origin), direction=d
+    )
+    return geom, tuple(sorted(flip_axes))
+
+
+def _grow_trees(rng: np.random.Generator, an, lung: LungMap, small: bool) -> list[Tree]:
+    """Arteries, veins and airways for each lung, grown into that lung's own territory."""
+    n_pts = 700 if small else 3000
+    trees: list[Tree] = []
+    coarse = lung.lungs[:: lung.stride[0], :: lung.stride[1], :: lung.stride[2]]
+    stride = np.asarray(lung.stride)
+
+    def to_body(idx):
+        return lung.grid.to_body(idx * stride)
+
+    def inside_of(label):
+        def inside(p):
+            return lung.label_at_point(p) == label
+
+        return inside
+
+    for label, side in ((1, "right"), (2, "left")):
+        mask = coarse == label
+        if not mask.any():
+            continue
+        bronchus = next(t for t in an.tubes if t.name == f"bronchus_{side}")
+        # Arteries and airways start at the hilum (the airways where the main bronchus ends,
+        # with its calibre), veins lower down, towards the left atrium.
+        for kind, root, r0, n in (
+            ("artery", an.hilum[f"artery_{side}"], rng.uniform(6.0, 7.0), n_pts),
+            ("vein", an.hilum[f"vein_{side}"], rng.uniform(5.5, 6.5), n_pts),
+            ("airway", bronchus.points[-1], float(bronchus.radii[-1]), n_pts),
+        ):
+            pts = sample_points_in(rng, mask, to_body, n)
+            trees.append(
+                grow_tree(
+                    rng,
+                    pts,
+                    root,
+                    r0,
+                    kind,
+                    inside=inside_of(label),
+                    min_radius=(1.0 if small else 0.7) if kind == "airway" else 0.25,
+                    # Short trunks: lobar and segmental branches start close to the hilum.
+                    fraction=0.33,
+                )
+            )
+    return trees
+
+
+def _draw_trees(hu: np.ndarray, grid: BodyGrid, trees: list[Tree], small: bool) -> None:
+    """Composite airway walls, airway lumens and blood vessels into ``hu``."""
+    occ = np.zeros(hu.shape, dtype=np.float32)
+    airways = [t for t in trees if t.kind == "airway"]
+    vessels = [t for t in trees if t.kind != "airway"]
+    if airways:
+        p0 = np.concatenate([t.p0 for t in airways])
+        p1 = np.concatenate([t.p1 for t in airways])
+        r0 = np.concatenate([t.r0 for t in airways])
+        r1 = np.concatenate([t.r1 for t in airways])
+        # Bronchial wall ~ 15% of the lumen radius plus a floor: visible around big airways, lost
+        # in partial volume for small ones; airways thinner than ~1-1.5 mm are invisible on CT.
+        min_lumen = 1.5 if small else 0.9
+        splat_tubes(occ, grid, p0, p1, r0 * 1.1 + 0.3, r1 * 1.1 + 0.3, min_radius=min_lumen)
+        hu += occ * (30.0 - hu)
+        occ[...] = 0
+        splat_tubes(occ, grid, p0, p1, r0, r1, min_radius=min_lumen)
+        hu += occ * (TISSUE_HU["air"] - hu)
+        occ[...] = 0
+    if vessels:
+        p0 = np.concatenate([t.p0 for t in vessels])
+        p1 = np.concatenate([t.p1 for t in vessels])
+        r0 = np.concatenate([t.r0 for t in vessels])
+        r1 = np.concatenate([t.r1 for t in vessels])
+        # Vessels far below the voxel size would add < ~5% occupancy: not worth drawing.
+        splat_tubes(occ, grid, p0, p1, r0, r1, min_radius=0.18 * max(grid.spacing[:2]))
+        hu += occ * (TISSUE_HU["blood"] - hu)
+
+
+def _tree_samples(
+    trees: list[Tree], min_branch_radius: float
+) -> tuple[TubeSamples, TubeSamples, np.ndarray]:
+    """Points along vessels and airways (for placement and candidates), and bifurcations."""
+    parts = {0: [], 1: [], 2: []}
+    code = {"artery": 0, "vein": 1, "airway": 2}
+    for t in trees:
+        pts, rad, dirs, _ = t.samples(step=1.0)
+        parts[code[t.kind]].append((pts, rad, dirs))
+
+    def pack(keys):
+        items = [(k, p) for k in keys for p in parts[k]]
+        if not items:
+            z = np.zeros((0, 3))
+            return TubeSamples(z, np.zeros(0), z, np.zeros(0, dtype=np.int64))
+        return TubeSamples(
+            np.concatenate([p[0] for _, p in items]),
+            np.concatenate([p[1] for _, p in items]),
+            np.concatenate([p[2] for _, p in items]),
+            np.concatenate([np.full(p[0].shape[0], k) for k, p in items]),
+        )
+
+    branch = [t.branch_points(min_radius=min_branch_radius) for t in trees if t.kind != "airway"]
+    bp = np.concatenate(branch) if branch else np.zeros((0, 3))
+    return pack([0, 1]), pack([2]), bp
+
+
+def _ct_blur_and_noise(hu: np.ndarray, acq: Acquisition, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian PSF (in-plane FWHM ~1-1.6 mm, slice profile ~ slice spacing) + CT-like noise.
+
+    CT noise is correlated in-plane (filtered back-projection gives a band-pass noise power
+    spectrum: grainy, not white), and nearly independent between slices; a difference of two
+    in-plane Gaussians of white noise mimics that. Its std is set on the final result.
+    """
+    sx, sy, _ = acq.spacing
+    # The slice profile is ~ one slice spacing wide whatever the spacing: a fixed sigma in voxels.
+    sigma = (0.42, max(acq.psf_mm / sy, 0.45), max(acq.psf_mm / sx, 0.45))
+    out = ndimage.gaussian_filter(hu, sigma, mode="nearest")
+    white = rng.standard_normal(hu.shape, dtype=np.float32)
+    # In-plane only: slices are reconstructed independently (a zero sigma skips that axis).
+    fine = ndimage.gaussian_filter(white, (0.0, 0.8, 0.8))
+    coarse = ndimage.gaussian_filter(white, (0.0, 2.0, 2.0))
+    del white
+    fine -= 0.55 * coarse
+    del coarse
+    fine *= acq.noise_hu / max(float(fine.std()), 1e-6)
+    out += fine
+    return out
+
+
+def _quantise(hu: np.ndarray, grid: BodyGrid, acq: Acquisition) -> np.ndarray:
+    """int16 HU clipped like a scanner, with padding outside the reconstruction circle."""
+    out = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
+    if acq.padding is not None:
+        # Reconstruction circle: centred on the field of view, diameter = FOV.
+        n = acq.n_xy
+        c = (n - 1) / 2
+        yy, xx = np.ogrid[:n, :n]
+        outside = (yy - c) ** 2 + (xx - c) ** 2 > (n / 2) ** 2
+        out[:, outside] = acq.padding
+    return out

@@ -1,0 +1,277 @@
+"""Writing a synthetic data set in the real LUNA16 layout.
+
+::
+
+    OUT/
+      subset0/ .. subset9/<seriesuid>.mhd + .zraw   scan i goes to subset i % 10
+      annotations.csv            seriesuid,coordX,coordY,coordZ,diameter_mm   (>= 3 mm nodules)
+      annotations_excluded.csv   same columns; < 3 mm, one-reader and non-nodule findings
+                                 (diameter -1 = unknown, as in LUNA16)
+      candidates.csv             seriesuid,coordX,coordY,coordZ,class
+      seriesuids.csv             one UID a line, no header
+      synth.json                 how it was made (seed, size, counts, generator version)
+      seg-lungs/<seriesuid>.mhd  ground-truth lung masks (only with lung_masks=True)
+      .synth/scan_NNNNN.json     per-scan record, written last: the resume marker
+
+Every scan is made from (seed, index) alone, so scans are generated in parallel worker
+processes (spawn-safe) and a rerun skips scans whose record matches; the CSVs are always
+rewritten whole from the records, in index order, so they are byte-identical however the work
+was split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+
+from lungct.errors import LungCTError
+from lungct.fileio import write_json_atomic, write_text_atomic
+from lungct.io import write_image, write_scan
+from lungct.synth.case import GENERATOR_VERSION, SIZES, SyntheticCase, synthesize_scan
+from lungct.tables import ANNOTATION_COLUMNS, CANDIDATE_COLUMNS, write_csv_atomic
+
+RECORD_DIR = ".synth"
+N_SUBSETS = 10
+
+
+def subset_of(index: int) -> int:
+    """LUNA16 fold of scan ``index``: round-robin, so N = 20 gives two scans per fold."""
+    return index % N_SUBSETS
+
+
+def _round(v: float) -> float:
+    # 1 micrometre is far below any voxel; fixed rounding keeps the CSVs short and stable.
+    return round(float(v), 6)
+
+
+def _job_key(seed: int, index: int, size: str, background: str | None) -> dict:
+    return {
+        "version": GENERATOR_VERSION,
+        "seed": int(seed),
+        "index": int(index),
+        "size": size,
+        "background": background,
+    }
+
+
+def case_record(case: SyntheticCase, key: dict, out_dir: Path, mhd: Path) -> dict:
+    """The JSON record of one written scan (its CSV rows and what made it)."""
+    raw = mhd.with_suffix(".zraw")
+    return {
+        **key,
+        "seriesuid": case.seriesuid,
+        "subset": subset_of(case.index),
+        "mhd": mhd.relative_to(out_dir).as_posix(),
+        "raw_bytes": raw.stat().st_size if raw.exists() else None,
+        "geometry": case.scan.geometry.to_dict(),
+        "annotations": [
+            [*(_round(v) for v in n.world), _round(n.diameter_mm), n.category, n.location]
+            for n in case.nodules
+        ],
+        "excluded": [
+            [*(_round(v) for v in n.world), _round(n.listed_diameter_mm), n.category, n.reason]
+            for n in case.excluded
+        ],
+        "candidates": [[*(_round(v) for v in c.world), c.label, c.source] for c in case.candidates],
+        "info": case.info,
+    }
+
+
+def _make_one(job: tuple) -> dict:
+    """Worker: synthesise, write the scan (and mask), then its record. Top level: spawn-safe."""
+    out_dir, seed, index, size, background, lung_masks = job
+    out_dir = Path(out_dir)
+    if background is None:
+        case = synthesize_scan(seed, index, size)
+    else:
+        from lungct.synth.background import synthesize_on_background
+
+        case = synthesize_on_background(background, seed, index)
+    mhd = out_dir / f"subset{subset_of(index)}" / f"{case.seriesuid}.mhd"
+    write_scan(case.scan, mhd)
+    if lung_masks:
+        write_image(case.lung_mask, case.scan.geometry, out_dir / "seg-lungs" / mhd.name)
+    key = _job_key(seed, index, size, background)
+    record = case_record(case, key, out_dir, mhd)
+    write_json_atomic(out_dir / RECORD_DIR / f"scan_{index:05d}.json", record)
+    return record
+
+
+def _read_records(out_dir: Path) -> dict[int, tuple[Path, dict]]:
+    records = {}
+    folder = out_dir / RECORD_DIR
+    if not folder.is_dir():
+        return records
+    for path in sorted(folder.glob("scan_*.json")):
+        try:
+            rec = json.loads(path.read_text())
+            records[int(rec["index"])] = (path, rec)
+        except (OSError, ValueError, KeyError, TypeError):
+            path.unlink(missing_ok=True)  # a torn or foreign record: regenerate that scan
+    return records
+
+
+def _complete(out_dir: Path, rec: dict) -> bool:
+    mhd = out_dir / rec.get("mhd", "")
+    raw = mhd.with_suffix(".zraw")
+    return mhd.is_file() and raw.is_file() and raw.stat().st_size == rec.get("raw_bytes")
+
+
+def _remove_scan_files(out_dir: Path, rec: dict) -> None:
+    """Delete a scan this generator wrote earlier (and only that: paths come from its record)."""
+    mhd = out_dir / rec.get("mhd", "")
+    if mhd.parent.parent != out_dir or not mhd.name.endswith(".mhd"):
+        return
+    for path in (mhd, mhd.with_suffix(".zraw")):
+        path.unlink(missing_ok=True)
+    for path in (out_dir / "seg-lungs" / mhd.name, out_dir / "seg-lungs" / (mhd.stem + ".zraw")):
+        path.unlink(missing_ok=True)
+
+
+def generate_dataset(
+    out_dir: str | os.PathLike,
+    n_scans: int,
+    seed: int,
+    size: str = "small",
+    background: str | os.PathLike | None = None,
+    progress: bool = True,
+    workers: int | None = None,
+    lung_masks: bool = False,
+) -> dict:
+    """Write ``n_scans`` synthetic scans and the LUNA16 tables to ``out_dir``.
+
+    Args:
+        out_dir: output folder (created). Scans from an earlier run with the same seed, size
+            and background are kept (resume); scans this generator wrote for other settings
+            or beyond ``n_scans`` are removed, so the folder always matches its tables.
+        n_scans: number of scans.
+        seed: data-set seed; scan ``i`` depends only on ``(seed, i)``.
+        size: 'small' (fast, for tests and demos) or 'full' (512^2 at ~0.7 mm).
+        background: a real scan to put the nodules in (its anatomy and geometry are kept).
+        progress: show a progress bar over scans.
+        workers: processes (default ``min(2, cpu count)``; 1 = in this process).
+        lung_masks: also write the ground-truth lung masks to ``seg-lungs/``.
+
+    Returns:
+        A summary: counts of scans, nodules, excluded findings and candidates, skipped scans,
+        seconds, and the per-scan series UIDs and subsets.
+    """
+    if size not in SIZES:
+        raise LungCTError(None, f"size must be one of {', '.join(SIZES)}, got {size!r}")
+    if n_scans < 1:
+        raise LungCTError(None, f"the number of scans must be >= 1, got {n_scans}")
+    if background is not None:
+        background = str(Path(background).resolve())
+        if not Path(background).exists():
+            raise LungCTError(background, "background scan not found")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    records: dict[int, dict] = {}
+    for index, (path, rec) in _read_records(out).items():
+        key = _job_key(seed, index, size, background)
+        if index < n_scans and all(rec.get(k) == v for k, v in key.items()) and _complete(out, rec):
+            records[index] = rec
+        else:
+            _remove_scan_files(out, rec)
+            path.unlink(missing_ok=True)
+    skipped = len(records)
+    todo = [i for i in range(n_scans) if i not in records]
+    jobs = [(str(out), int(seed), i, size, background, lung_masks) for i in todo]
+
+    n_workers = min(workers or min(2, os.cpu_count() or 1), os.cpu_count() or 1, max(1, len(jobs)))
+    bar = _progress(len(jobs), progress, initial_note=f"{skipped} done" if skipped else "")
+    try:
+        if n_workers <= 1:
+            for job in jobs:
+                rec = _make_one(job)
+                records[rec["index"]] = rec
+                bar.update(1)
+        else:
+            with ProcessPoolExecutor(n_workers, mp_context=get_context("spawn")) as pool:
+                futures = [pool.submit(_make_one, job) for job in jobs]
+                for fut in as_completed(futures):
+                    rec = fut.result()
+                    records[rec["index"]] = rec
+                    bar.update(1)
+    finally:
+        bar.close()
+
+    ordered = [records[i] for i in range(n_scans)]
+    write_tables(out, ordered)
+    summary = {
+        "out_dir": str(out),
+        "seed": int(seed),
+        "size": size,
+        "background": background,
+        "generator_version": GENERATOR_VERSION,
+        "n_scans": n_scans,
+        "n_skipped": skipped,
+        "n_annotations": sum(len(r["annotations"]) for r in ordered),
+        "n_excluded": sum(len(r["excluded"]) for r in ordered),
+        "n_candidates": sum(len(r["candidates"]) for r in ordered),
+        "n_positive_candidates": sum(c[3] == 1 for r in ordered for c in r["candidates"]),
+        "scans": [
+            {"index": r["index"], "seriesuid": r["seriesuid"], "subset": r["subset"]}
+            for r in ordered
+        ],
+    }
+    write_json_atomic(out / "synth.json", summary)
+    (out / "synth.json").chmod(0o644)
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    return summary
+
+
+def write_tables(out: Path, records: list[dict]) -> None:
+    """annotations.csv, annotations_excluded.csv, candidates.csv and seriesuids.csv."""
+    write_csv_atomic(
+        out / "annotations.csv",
+        ANNOTATION_COLUMNS,
+        ([r["seriesuid"], *row[:4]] for r in records for row in r["annotations"]),
+    )
+    write_csv_atomic(
+        out / "annotations_excluded.csv",
+        ANNOTATION_COLUMNS,
+        (
+            [r["seriesuid"], *row[:3], _diameter_text(row[3])]
+            for r in records
+            for row in r["excluded"]
+        ),
+    )
+    write_csv_atomic(
+        out / "candidates.csv",
+        CANDIDATE_COLUMNS,
+        ([r["seriesuid"], *row[:4]] for r in records for row in r["candidates"]),
+    )
+    text = "".join(f"{r['seriesuid']}\n" for r in records)
+    write_text_atomic(out / "seriesuids.csv", text)
+    for name in ("annotations.csv", "annotations_excluded.csv", "candidates.csv", "seriesuids.csv"):
+        (out / name).chmod(0o644)  # temporary files are created private; tables are not
+
+
+def _diameter_text(d: float) -> float | int:
+    # LUNA16 writes unknown sizes as a bare -1.
+    return -1 if d < 0 else d
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool, initial_note: str = ""):
+    if not enabled or total == 0:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc="synth", unit="scan", postfix=initial_note or None)

@@ -1,0 +1,157 @@
+"""Placing and drawing nodules (and the look-alike 'irrelevant findings' LUNA16 excludes).
+
+Diameters: every finding's ``diameter_mm`` is the **equivalent-sphere diameter** of the drawn
+shape, ``(6 V / pi)^(1/3)``: the library shape is scaled so its volume matches a sphere of the
+sampled LUNA16 diameter. (LIDC's own per-reader size is a largest in-plane caliper, which changes
+with the random 3-D rotation applied here; the volume does not.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from lungct.synth.render import BodyGrid
+from lungct.synth.shapes import (
+    CATEGORY_NAMES,
+    GROUND_GLASS,
+    PART_SOLID,
+    SOLID,
+    load_shape_library,
+)
+
+
+@dataclass
+class PlannedFinding:
+    """A nodule or other finding to draw, in the body frame.
+
+    Attributes:
+        centre: body-frame ``(x, y, z)`` mm.
+        diameter: equivalent-sphere diameter, mm.
+        category: 'solid', 'part-solid', 'ground-glass', 'calcified' or 'scar'.
+        location: 'isolated', 'juxtavascular' or 'juxtapleural'.
+        table: 'annotations' or 'excluded'.
+        reason: for excluded findings, why ('< 3 mm', 'one reader', 'non-nodule').
+        listed_diameter: the diameter written to the CSV (-1 = unknown, like LUNA16).
+        shape: library index (-1 for analytic shapes).
+    """
+
+    centre: np.ndarray
+    diameter: float
+    category: str
+    location: str
+    table: str = "annotations"
+    reason: str = ""
+    listed_diameter: float = 0.0
+    shape: int = -1
+    rotation: np.ndarray = field(default_factory=lambda: np.eye(3))
+
+
+def random_rotation(rng: np.random.Generator, allow_mirror: bool = True) -> np.ndarray:
+    """A uniformly random 3-D rotation (from a random unit quaternion), optionally mirrored."""
+    q = rng.normal(size=4)
+    q /= np.linalg.norm(q)
+    w, x, y, z = q
+    r = np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ]
+    )
+    if allow_mirror and rng.random() < 0.5:
+        r[:, 0] *= -1  # LIDC outlines are not chiral; a mirror doubles the variety.
+    return r
+
+
+def pick_category(rng: np.random.Generator) -> str:
+    """Texture mix: mostly solid, with part-solid and ground-glass nodules (harder to find)."""
+    return str(rng.choice(CATEGORY_NAMES, p=[0.7, 0.14, 0.16]))
+
+
+def render_finding(
+    hu: np.ndarray, lungs: np.ndarray, grid: BodyGrid, f: PlannedFinding, rng: np.random.Generator
+) -> None:
+    """Draw one finding into the float32 HU volume (in place), clipped to the lungs.
+
+    Solid nodules are +15..+70 HU with a soft edge, ground-glass ones -680..-480 with a wide,
+    fuzzy edge and a mottled texture, part-solid ones are ground-glass with a solid core that
+    follows the shape. Voxels are combined with ``max(background, nodule)`` so vessels running
+    through a ground-glass nodule stay visible, as they do in real scans.
+    """
+    sx, sy, sz = grid.spacing
+    v = max(sx, sy)
+    if f.shape >= 0:
+        lib = load_shape_library()
+        sdf_t = lib.signed_distance(f.shape)
+        g = lib.grid
+        to_template = float(lib.diameter_eq_mm[f.shape]) * g / float(lib.side_mm[f.shape])
+        reach = 0.5 * float(lib.side_mm[f.shape]) / float(lib.diameter_eq_mm[f.shape]) * f.diameter
+        r_in = -float(sdf_t.min()) * f.diameter
+    else:
+        reach = f.diameter * (2.2 if f.category == "scar" else 0.6)
+        r_in = 0.5 * f.diameter
+    reach += 2.5 + v
+    c = grid.to_index(f.centre)  # (z, y, x)
+    half = np.array([reach / sz, reach / sy, reach / sx])
+    lo = np.maximum(np.floor(c - half).astype(int), 0)
+    hi = np.minimum(np.ceil(c + half).astype(int) + 1, np.array(hu.shape))
+    if np.any(hi <= lo):
+        return
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    zz, yy, xx = np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi, strict=True)), indexing="ij")
+    off = np.stack([(xx - c[2]) * sx, (yy - c[1]) * sy, (zz - c[0]) * sz], axis=-1)  # mm, (x, y, z)
+    local = off @ f.rotation  # = R^T . offset, shape frame
+    if f.shape >= 0:
+        coords = local[..., ::-1] / f.diameter * to_template + (g - 1) / 2
+        sdf = (
+            ndimage.map_coordinates(
+                sdf_t, np.moveaxis(coords, -1, 0), order=1, cval=1.0, prefilter=False
+            )
+            * f.diameter
+        )
+    elif f.category == "scar":
+        # A flat, elongated band (linear scar / atelectasis): diameter = its length.
+        semi = np.array([0.5 * f.diameter, 1.2, 0.9])
+        sdf = (np.sqrt(((local / semi) ** 2).sum(-1)) - 1.0) * 1.1
+    else:
+        sdf = np.sqrt((local**2).sum(-1)) - 0.5 * f.diameter
+
+    bg = hu[sl]
+    # Keep the finding in the lung (plus a voxel): a juxtapleural nodule flattens against the
+    # chest wall instead of bulging into muscle or mediastinal fat.
+    lung_local = ndimage.binary_dilation(lungs[sl] > 0, iterations=1)
+    lung_soft = np.clip(1.6 * ndimage.gaussian_filter(lung_local.astype(np.float32), 1.2), 0, 1)
+    shape_noise = ndimage.gaussian_filter(rng.standard_normal(bg.shape).astype(np.float32), 1.0)
+    shape_noise /= max(float(shape_noise.std()), 1e-6)
+
+    def blend(alpha: np.ndarray, target: np.ndarray) -> None:
+        alpha = alpha * lung_soft
+        bg[...] = bg + alpha * (np.maximum(bg, target) - bg)
+
+    if f.category in ("solid", "calcified"):
+        base = rng.uniform(15, 70) if f.category == "solid" else rng.uniform(250, 650)
+        width = np.hypot(v, 0.5)
+        blend(np.clip(0.5 - sdf / width, 0, 1), base + 10.0 * shape_noise)
+    elif f.category == "scar":
+        blend(
+            np.clip(0.5 - sdf / np.hypot(v, 0.8), 0, 1), rng.uniform(-350, -50) + 20 * shape_noise
+        )
+    else:
+        ggo = rng.uniform(-680, -480)
+        width = np.hypot(v, rng.uniform(1.2, 2.2))
+        blend(np.clip(0.5 - sdf / width, 0, 1) * rng.uniform(0.85, 1.0), ggo + 40.0 * shape_noise)
+        if f.category == "part-solid":
+            core_frac = rng.uniform(0.3, 0.65)
+            core = sdf + (1.0 - core_frac) * r_in
+            blend(
+                np.clip(0.5 - core / np.hypot(v, 0.6), 0, 1), rng.uniform(10, 60) + 10 * shape_noise
+            )
+    hu[sl] = bg
+
+
+def category_code(name: str) -> int:
+    """Library texture category for a nodule category name."""
+    return {"solid": SOLID, "part-solid": PART_SOLID, "ground-glass": GROUND_GLASS}.get(name, SOLID)
