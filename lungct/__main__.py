@@ -100,12 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output PNG")
     p.set_defaults(func=_show)
 
-    try:
-        from lungct.synth.cli import add_synth_parser
-    except ImportError:  # the generator is optional while it is being built
-        pass
-    else:
-        add_synth_parser(sub)
+    from lungct.synth.cli import add_synth_parser
+
+    add_synth_parser(sub)
     return parser
 
 
