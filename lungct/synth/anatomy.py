@@ -52,6 +52,17 @@ class Rib:
     theta_cartilage: float  # anterior of this angle the rib is costal cartilage
     half_height: float  # vertical half-size (mm)
     half_width: float  # radial half-size (mm)
+    shape_var: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    """Relative change of height and width along the rib: (amp_h, phase_h, amp_w, phase_w)."""
+
+    def size_at(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Half-height and half-width (mm) at polar angles ``theta``: ribs are flatter and
+        taller in front, rounder at the back, and no two alike."""
+        ah, ph, aw, pw = self.shape_var
+        front = np.clip((self.theta_post - theta) / (self.theta_post + 1.42), 0.0, 1.0)
+        hh = self.half_height * (0.85 + 0.3 * front + ah * np.sin(2.5 * theta + ph))
+        hw = self.half_width * (1.1 - 0.25 * front + aw * np.sin(3.0 * theta + pw))
+        return hh, hw
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,9 @@ class Anatomy:
     has_table: bool = True
     skin_harmonics: tuple[tuple[int, float, float], ...] = ()  # (order, mm, phase)
     muscle_harmonics: tuple[tuple[int, float, float], ...] = ()
+    # Heart chambers as ellipsoids in the heart's own frame, in units of ``heart_r``:
+    # ((cu, cv, cw), (ru, rv, rw)) each; merged smoothly into one lobulated outline.
+    heart_lobes: tuple[tuple[tuple[float, float, float], tuple[float, float, float]], ...] = ()
 
     # === Shape functions (vectorised over broadcastable x, y, z arrays) ===
 
@@ -131,10 +145,23 @@ class Anatomy:
         window = np.clip((t - 0.08) / 0.1, 0.0, 1.0) * np.clip((0.66 - t) / 0.12, 0.0, 1.0)
         y_gv = self.cav_cy - 0.22 * self.cav_b
         bulge = self.med_bulge * window * np.exp(-(((y - y_gv) / (0.42 * self.cav_b)) ** 2))
-        return (self.med_w + bulge).astype(np.float32)
+        # Below the carina the lungs are kept apart behind the heart by the posterior
+        # mediastinum (oesophagus, descending aorta, azygos, lymph nodes), not a thin line.
+        y_pm = self.spine_y - self.spine_r[1] - 18.0
+        low = np.clip((t - 0.4) / 0.08, 0.0, 1.0)
+        post = 0.11 * self.cav_a * low * np.exp(-(((y - y_pm) / (0.3 * self.cav_b)) ** 2))
+        return (self.med_w + bulge + post).astype(np.float32)
 
     def heart_sdf(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
-        """Signed distance to the heart (rotated ellipsoid), mm."""
+        """Signed distance to the heart, mm: its chambers (rotated ellipsoids) merged smoothly.
+
+        Only the heart's bounding box is computed when the inputs are axis-aligned coordinate
+        vectors (as on a grid); elsewhere the distance is a large positive number.
+        """
+        reach = 1.6 * max(self.heart_r) + 10.0
+        return _boxed(self._heart_sdf, self.heart_c, reach, x, y, z)
+
+    def _heart_sdf(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
         cx, cy, cz = self.heart_c
         c, s = np.cos(self.heart_angle), np.sin(self.heart_angle)
         u = (x - cx) * c + (y - cy) * s
@@ -142,17 +169,31 @@ class Anatomy:
         # The long axis also points down towards the apex (tilted in the coronal plane).
         ct, st = np.cos(self.heart_tilt), np.sin(self.heart_tilt)
         w = z - cz
-        return ellipsoid_sdf(u * ct - w * st, v, u * st + w * ct, *self.heart_r)
+        uu, ww = u * ct - w * st, u * st + w * ct
+        ra, rb, rc = self.heart_r
+        lobes = self.heart_lobes or (((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),)
+        out = None
+        for (pu, pv, pw), (su, sv, sw) in lobes:
+            d = ellipsoid_sdf(uu - pu * ra, v - pv * rb, ww - pw * rc, su * ra, sv * rb, sw * rc)
+            out = d if out is None else _smooth_union(out, d, 7.0)
+        return out
 
     def spine_sdf(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Signed distance to the vertebral bodies (a vertical elliptic column), mm."""
         return ellipse_sdf(x, y, 0.0, self.spine_y, *self.spine_r)
 
-    def lung_sdf(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Signed distances (mm) to the right and left lung, each negative inside."""
+    def lung_sdf(
+        self, x: np.ndarray, y: np.ndarray, z: np.ndarray, heart: np.ndarray | None = None
+    ) -> tuple[np.ndarray, ...]:
+        """Signed distances (mm) to the right and left lung, each negative inside.
+
+        ``heart``: :meth:`heart_sdf` at the same points, if already computed.
+        """
         cy, a, b = self.cavity(z)
         cav = ellipse_sdf(x, y, 0.0, cy, a, b)
-        heart = -(self.heart_sdf(x, y, z) - self.pericardial_fat - 2.0)
+        if heart is None:
+            heart = self.heart_sdf(x, y, z)
+        heart = -(heart - self.pericardial_fat - 2.0)
         spine = -(self.spine_sdf(x, y) - 5.0)
         top = z.astype(np.float32) + 0 * x
         half = self.mediastinum_halfwidth(y, z)
@@ -184,6 +225,39 @@ class Anatomy:
 
 
 # === Signed-distance helpers =====================================================================
+
+
+def _smooth_union(a: np.ndarray, b: np.ndarray, k: float) -> np.ndarray:
+    """Polynomial smooth minimum (union with a fillet of size ``k`` mm)."""
+    h = np.clip(0.5 + 0.5 * (b - a) / k, 0.0, 1.0)
+    return (b + (a - b) * h - k * h * (1.0 - h)).astype(np.float32)
+
+
+def _boxed(fn, centre, reach: float, x, y, z, far: float = 1e3) -> np.ndarray:
+    """``fn(x, y, z)`` evaluated only within ``reach`` mm of ``centre`` (``far`` elsewhere).
+
+    Works on coordinate arrays that each vary along at most one axis (grid vectors set up for
+    broadcasting); anything else is evaluated everywhere.
+    """
+    arrs = [np.asarray(a, dtype=np.float32) for a in (x, y, z)]
+    shape = np.broadcast_shapes(*(a.shape for a in arrs))
+    nd = len(shape)
+    arrs = [a.reshape((1,) * (nd - a.ndim) + a.shape) for a in arrs]
+    box = [slice(None)] * nd
+    for a, c in zip(arrs, centre, strict=True):
+        axes = [i for i, n in enumerate(a.shape) if n > 1]
+        if len(axes) > 1:
+            return fn(*arrs)
+        v = a.reshape(-1)
+        ok = np.flatnonzero(np.abs(v - c) <= reach)
+        if ok.size == 0:
+            return np.full(shape, far, dtype=np.float32)
+        if axes:
+            box[axes[0]] = slice(int(ok[0]), int(ok[-1]) + 1)
+    subs = [a[tuple(box[i] if a.shape[i] > 1 else slice(None) for i in range(nd))] for a in arrs]
+    out = np.full(shape, far, dtype=np.float32)
+    out[tuple(box)] = fn(*subs)
+    return out
 
 
 def ellipse_sdf(x, y, cx, cy, a, b) -> np.ndarray:
@@ -293,7 +367,31 @@ def sample_anatomy(rng: np.random.Generator, size: str, fov_mm: float) -> Anatom
     ribs = _sample_ribs(rng, height)
     tubes, hilum = _great_vessels_and_airways(rng, an)
     tubes += _clavicles(rng, an)
+    an["heart_lobes"] = _heart_lobes(rng)
     return Anatomy(ribs=tuple(ribs), tubes=tuple(tubes), hilum=hilum, **an)
+
+
+def _heart_lobes(rng: np.random.Generator) -> tuple:
+    """Chambers in the heart frame (u: long axis to the apex, v: posterior, w: up).
+
+    Ventricles make the bulk, the left one forming the rounded apex; the right atrium bulges to
+    the patient's right, the left atrium sits high at the back. Jittered per scan, so no two
+    hearts have the same outline.
+    """
+
+    def j(scale: float = 0.06) -> float:
+        return float(rng.normal(0.0, scale))
+
+    lobes = [
+        ((0.0, 0.0, 0.0), (0.8 + j(), 0.82 + j(), 0.85 + j())),  # ventricles
+        ((0.25 + j(), 0.1 + j(), -0.08 + j()), (0.66 + j(), 0.64 + j(), 0.7 + j())),  # LV apex
+        ((-0.05 + j(), -0.36 + j(), 0.05 + j()), (0.66 + j(), 0.44 + j(), 0.66 + j())),  # RV
+        ((-0.58 + j(), 0.05 + j(), 0.25 + j()), (0.4 + j(), 0.5 + j(), 0.5 + j())),  # RA
+        ((-0.3 + j(), 0.72 + j(), 0.4 + j()), (0.5 + j(), 0.36 + j(), 0.42 + j())),  # LA
+    ]
+    return tuple(
+        (tuple(float(v) for v in c), tuple(float(max(v, 0.2)) for v in r)) for c, r in lobes
+    )
 
 
 def _clavicles(rng: np.random.Generator, an: dict) -> list[Tube]:
@@ -338,6 +436,12 @@ def _sample_ribs(rng: np.random.Generator, height: float) -> list[Rib]:
                     theta_cartilage=theta_cart,
                     half_height=rng.uniform(5.0, 6.5) * (0.8 if k == 0 else 1.0),
                     half_width=rng.uniform(3.4, 4.4),
+                    shape_var=(
+                        float(rng.uniform(0.0, 0.15)),
+                        float(rng.uniform(0, 2 * np.pi)),
+                        float(rng.uniform(0.0, 0.15)),
+                        float(rng.uniform(0, 2 * np.pi)),
+                    ),
                 )
             )
     return ribs
@@ -360,6 +464,7 @@ def _great_vessels_and_airways(
     carina_z = -H * rng.uniform(0.36, 0.42)
     tr_y = sy - sr - rng.uniform(22, 28)
     tr_r = rng.uniform(7.5, 9.5)
+    tr_dx = rng.uniform(0.5, 4.0)  # the arch pushes the trachea a little to the right
 
     def tube(name, pts, radii):
         return Tube(name, np.asarray(pts, dtype=np.float64), np.asarray(radii, dtype=np.float64))
@@ -382,16 +487,35 @@ def _great_vessels_and_airways(
     arch_z = -H * rng.uniform(0.17, 0.22)
     la = np.array([hx - 0.2 * ha, hy + 0.65 * hb, hz + 0.25 * hc])
     tubes = [
-        tube("trachea", [[mx, tr_y - 4, top], [mx, tr_y, carina_z]], [tr_r, tr_r]),
+        tube(
+            "trachea",
+            [
+                [mx, tr_y - 4, top],
+                [mx - tr_dx, tr_y - 3, 0.5 * (top + arch_z)],
+                [mx - 1.3 * tr_dx, tr_y - 1.5, arch_z],
+                [mx - 0.3 * tr_dx, tr_y, carina_z],
+            ],
+            [tr_r, tr_r * 0.97, tr_r * 0.9, tr_r],
+        ),
         tube(
             "bronchus_right",
-            [[mx, tr_y, carina_z], [mx - 12, tr_y + 1, carina_z - 14], hilum["right"]],
-            [tr_r * 0.75, tr_r * 0.7, tr_r * 0.62],
+            [
+                [mx - 0.3 * tr_dx, tr_y, carina_z],
+                [mx - 12, tr_y + 1, carina_z - 14],
+                [mx - 20, tr_y + 1.5 + rng.normal(0, 2), carina_z - 23 + rng.normal(0, 2)],
+                hilum["right"],
+            ],
+            [tr_r * 0.75, tr_r * 0.7, tr_r * 0.66, tr_r * 0.62],
         ),
         tube(
             "bronchus_left",
-            [[mx, tr_y, carina_z], [mx + 16, tr_y + 2, carina_z - 12], hilum["left"]],
-            [tr_r * 0.7, tr_r * 0.64, tr_r * 0.56],
+            [
+                [mx - 0.3 * tr_dx, tr_y, carina_z],
+                [mx + 16, tr_y + 2, carina_z - 12],
+                [mx + 28, tr_y + 3 + rng.normal(0, 2), carina_z - 22 + rng.normal(0, 2)],
+                hilum["left"],
+            ],
+            [tr_r * 0.7, tr_r * 0.64, tr_r * 0.6, tr_r * 0.56],
         ),
         tube(
             "aorta",

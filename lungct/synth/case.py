@@ -21,12 +21,20 @@ from lungct.synth.anatomy import TISSUE_HU, sample_anatomy
 from lungct.synth.nodules import PlannedFinding, render_finding
 from lungct.synth.placement import LungMap, TubeSamples, plan_candidates, plan_findings
 from lungct.synth.render import BodyGrid, render_anatomy, splat_tubes
-from lungct.synth.trees import Tree, grow_tree, sample_points_in
+from lungct.synth.trees import (
+    Tree,
+    companion_tree,
+    curve_tree,
+    grow_tree,
+    prepend,
+    sample_points_in,
+    subtree,
+)
 
 SIZES = ("small", "full")
 UID_PREFIX = "1.3.6.1.4.1.14519.5.2.1.6279.6001."
 """The LIDC-IDRI / LUNA16 series UID root; synthetic suffixes are hashed from (seed, index)."""
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 """Bump when the output for a given seed changes, so resumed runs do not mix versions."""
 
 DIRECTIONS = {
@@ -192,7 +200,7 @@ def sample_acquisition(
         origin=origin,
         body_centre_world=(body_c[0], body_c[1], apex_world_z),
         direction=direction,
-        psf_mm=float(rng.uniform(0.55, 0.85)),
+        psf_mm=float(rng.uniform(0.4, 0.6)),
         noise_hu=float(rng.uniform(8, 15) if small else rng.uniform(14, 24)),
         padding=None if rng.random() < 0.55 else int(rng.choice([-2048, -3024])),
     )
@@ -336,12 +344,45 @@ def _orient(canonical: Geometry, direction: str) -> tuple[Geometry, tuple[int, .
     return geom, tuple(sorted(flip_axes))
 
 
+TREE_PARAMS = {
+    size: {
+        "points": points,
+        "min_radius": min_radius,
+        "min_lumen": min_lumen,
+        "growth": {
+            "fraction": 0.4,
+            "murray": 3.0,
+            "tip_taper": 0.5,
+            "asymmetry": 0.15,
+            "max_turn": 0.55,
+            "major_turn": 0.6,
+        },
+    }
+    for size, points, min_radius, min_lumen in (
+        ("small", 1500, 0.6, 1.3),
+        ("full", 6000, 0.35, 0.8),
+    )
+}
+"""Tree growth per scan size: attractor points per tree, radius where growth stops, thinnest
+drawn airway lumen, and :func:`grow_tree` options."""
+
+
 def _grow_trees(rng: np.random.Generator, an, lung: LungMap, small: bool) -> list[Tree]:
-    """Arteries, veins and airways for each lung, grown into that lung's own territory."""
-    n_pts = 700 if small else 3000
+    """Bronchi with their arteries, and veins, for each lung, grown into its own territory.
+
+    Per lung, one space-filling tree is grown from the end of the main bronchus: the bronchi
+    are its thicker part (lumen ~0.8x the artery's calibre, as the broncho-arterial ratio), and
+    the pulmonary artery is the whole tree shifted sideways, so each artery runs beside its
+    bronchus down to the periphery. Veins grow separately from the lower hilum (they run
+    between the bronchoarterial bundles). Every segment is then bent into a smooth curve.
+    """
+    par = TREE_PARAMS["small" if small else "full"]
+    n_pts = par["points"]
     trees: list[Tree] = []
     coarse = lung.lungs[:: lung.stride[0], :: lung.stride[1], :: lung.stride[2]]
     stride = np.asarray(lung.stride)
+    min_vessel = par["min_radius"]  # thinner vessels are not grown further
+    min_lumen = par["min_lumen"]
 
     def to_body(idx):
         return lung.grid.to_body(idx * stride)
@@ -357,27 +398,41 @@ def _grow_trees(rng: np.random.Generator, an, lung: LungMap, small: bool) -> lis
         if not mask.any():
             continue
         bronchus = next(t for t in an.tubes if t.name == f"bronchus_{side}")
-        # Arteries and airways start at the hilum (the airways where the main bronchus ends,
-        # with its calibre), veins lower down, towards the left atrium.
-        for kind, root, r0, n in (
-            ("artery", an.hilum[f"artery_{side}"], rng.uniform(6.0, 7.0), n_pts),
-            ("vein", an.hilum[f"vein_{side}"], rng.uniform(5.5, 6.5), n_pts),
-            ("airway", bronchus.points[-1], float(bronchus.radii[-1]), n_pts),
-        ):
-            pts = sample_points_in(rng, mask, to_body, n)
-            trees.append(
-                grow_tree(
-                    rng,
-                    pts,
-                    root,
-                    r0,
-                    kind,
-                    inside=inside_of(label),
-                    min_radius=(1.0 if small else 0.7) if kind == "airway" else 0.25,
-                    # Short trunks: lobar and segmental branches start close to the hilum.
-                    fraction=0.33,
-                )
-            )
+        r_art = float(rng.uniform(6.0, 7.0))
+        ratio = float(bronchus.radii[-1]) / r_art
+        pts = sample_points_in(rng, mask, to_body, n_pts)
+        base = grow_tree(
+            rng,
+            pts,
+            bronchus.points[-1],
+            r_art,
+            "artery",
+            inside=inside_of(label),
+            min_radius=min_vessel,
+            # Short trunks: lobar and segmental branches start close to the hilum.
+            **par["growth"],
+        )
+        base = curve_tree(base, rng)
+        trees.append(subtree(base, base.r0 * ratio >= 0.8 * min_lumen, "airway", ratio))
+
+        def gap(r, ratio=ratio):
+            # bronchial lumen + wall + artery radius + a thin sheath of connective tissue
+            return r * ratio * 1.15 + 0.3 + r + 0.5
+
+        artery = companion_tree(base, rng, gap, "artery")
+        trees.append(prepend(artery, an.hilum[f"artery_{side}"], r_art))
+        pts = sample_points_in(rng, mask, to_body, n_pts)
+        vein = grow_tree(
+            rng,
+            pts,
+            an.hilum[f"vein_{side}"],
+            float(rng.uniform(5.5, 6.5)),
+            "vein",
+            inside=inside_of(label),
+            min_radius=min_vessel,
+            **par["growth"],
+        )
+        trees.append(curve_tree(vein, rng))
     return trees
 
 

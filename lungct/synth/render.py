@@ -275,7 +275,7 @@ def render_anatomy(
         _draw_sternum(h, an, X, Y, Z, cy, b, v)
 
         # Lungs: carved out of everything above, except the mediastinal envelope.
-        right, left = an.lung_sdf(X, Y, Z)
+        right, left = an.lung_sdf(X, Y, Z, heart=heart)
         right = np.maximum(right, -envelope)
         left = np.maximum(left, -envelope)
         lung_m = np.maximum(soft(right, v), soft(left, v))
@@ -412,7 +412,8 @@ def _draw_ribs(h, an: Anatomy, X, Y, Z, cy, a, b, v: float) -> None:
     occ = np.zeros(r.shape, dtype=np.float32)
     val = np.zeros(r.shape, dtype=np.float32)
     for rib in an.ribs:
-        if rib.z_post + rib.half_height < zmin or rib.z_post - rib.drop - rib.half_height > zmax:
+        reach = 1.4 * rib.half_height
+        if rib.z_post + reach < zmin or rib.z_post - rib.drop - reach > zmax:
             continue
         sel = (side == rib.side) & (theta <= rib.theta_post + 0.05) & (theta >= rib.theta_ant)
         if not sel.any():
@@ -420,10 +421,11 @@ def _draw_ribs(h, an: Anatomy, X, Y, Z, cy, a, b, v: float) -> None:
         th = theta[sel]
         frac = np.clip((rib.theta_post - th) / (rib.theta_post + 1.42), 0, 1)
         zc = rib.z_post - rib.drop * frac
-        q = np.sqrt((r[sel] / rib.half_width) ** 2 + ((Zn[sel] - zc) / rib.half_height) ** 2)
-        o = np.clip(0.5 - (q - 1.0) * rib.half_width / v, 0.0, 1.0)
+        hh, hw = rib.size_at(th)
+        q = np.sqrt((r[sel] / hw) ** 2 + ((Zn[sel] - zc) / hh) ** 2)
+        o = np.clip(0.5 - (q - 1.0) * hw / v, 0.0, 1.0)
         cart = th < rib.theta_cartilage
-        core = np.clip(0.5 - (q - 0.62) * rib.half_width / v, 0.0, 1.0)
+        core = np.clip(0.5 - (q - 0.62) * hw / v, 0.0, 1.0)
         value = np.where(
             cart,
             TISSUE_HU["cartilage"],

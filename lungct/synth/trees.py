@@ -73,6 +73,9 @@ def grow_tree(
     fraction: float = 0.4,
     max_turn: float = 0.55,
     murray: float = 2.7,
+    asymmetry: float = 0.0,
+    major_turn: float | None = None,
+    tip_taper: float = 0.97,
 ) -> Tree:
     """Grow one tree from ``root`` into the point cloud ``points`` (``(n, 3)`` body mm).
 
@@ -88,6 +91,14 @@ def grow_tree(
         max_turn: weight of the parent's direction in a child's (limits branching angles).
         murray: exponent of Murray's law ``r^k = r1^k + r2^k`` (3 ideal; ~2.7 measured in
             pulmonary vessels, which also keeps peripheral vessels thin).
+        asymmetry: 0 splits every territory in halves (dichotomous branching); up to 0.4
+            splits it unevenly (the minor side gets a fraction in ``[0.5 - asymmetry, 0.5]``),
+            so a thick major daughter runs on while thinner side branches leave it, as in
+            real bronchial and vascular trees.
+        major_turn: ``max_turn`` of the major daughter (default ``max_turn``): larger keeps
+            the main stem straighter.
+        tip_taper: end radius / start radius of terminal segments (< 1 lets the last
+            branches fade out in partial volume instead of ending as blunt stubs).
     """
     p0s, p1s, r0s, r1s, parents, nchild = [], [], [], [], [], []
     n_total = points.shape[0]
@@ -95,9 +106,12 @@ def grow_tree(
     d0 = centroid - root
     d0 /= max(np.linalg.norm(d0), 1e-9)
     # Work list of (start point, parent direction, point indices, radius, parent id).
-    stack = [(np.asarray(root, dtype=np.float64), d0, np.arange(n_total), root_radius, -1)]
+    turn_major = max_turn if major_turn is None else major_turn
+    stack = [
+        (np.asarray(root, dtype=np.float64), d0, np.arange(n_total), root_radius, -1, max_turn)
+    ]
     while stack:
-        start, pdir, idx, radius, parent = stack.pop()
+        start, pdir, idx, radius, parent, turn = stack.pop()
         pts = points[idx]
         c = pts.mean(axis=0)
         to_c = c - start
@@ -108,7 +122,7 @@ def grow_tree(
         else:
             direction = to_c / dist
             # A child leaves its parent at a bounded angle, as in real bifurcations.
-            direction = (1 - max_turn) * direction + max_turn * pdir
+            direction = (1 - turn) * direction + turn * pdir
             direction /= max(np.linalg.norm(direction), 1e-9)
         frac = 0.9 if terminal else fraction * rng.uniform(0.8, 1.2)
         length = max(frac * dist, 2.2 * radius, 1.0)
@@ -123,7 +137,7 @@ def grow_tree(
         p0s.append(start)
         p1s.append(end)
         r0s.append(radius)
-        r1s.append(radius * 0.97)
+        r1s.append(radius * (tip_taper if terminal else 0.97))
         parents.append(parent)
         nchild.append(0)
         if parent >= 0:
@@ -139,14 +153,18 @@ def grow_tree(
         normal = vecs[:, -1]
         normal = normal + rng.normal(0, 0.15, 3)
         proj = rel @ normal
-        left = idx[proj < 0]
-        right = idx[proj >= 0]
+        cut = 0.0
+        if asymmetry > 0 and idx.size > 3:
+            cut = float(np.quantile(proj, rng.uniform(0.5 - asymmetry, 0.5)))
+        left = idx[proj < cut]
+        right = idx[proj >= cut]
         if left.size == 0 or right.size == 0:
             continue
         r_end = radius * 0.97
         for part in (left, right):
             r_child = r_end * (part.size / idx.size) ** (1 / murray)
-            stack.append((end, direction, part, r_child, sid))
+            t = turn_major if 2 * part.size > idx.size else max_turn
+            stack.append((end, direction, part, r_child, sid, t))
     return Tree(
         p0=np.asarray(p0s),
         p1=np.asarray(p1s),
@@ -167,3 +185,175 @@ def sample_points_in(
         return np.zeros((0, 3))
     pick = vox[rng.integers(vox.shape[0], size=n)] + rng.uniform(-0.5, 0.5, (n, 3))
     return grid_to_body(pick)
+
+
+# === Post-processing of grown trees: curvature, bundles, subsets =================================
+
+
+def _rebuild(tree: Tree, p0, p1, r0, r1, parent, kind: str | None = None) -> Tree:
+    parent = np.asarray(parent, dtype=np.int64)
+    n_children = np.bincount(parent[parent >= 0], minlength=parent.size).astype(np.int64)
+    return Tree(
+        p0=np.asarray(p0, dtype=np.float64),
+        p1=np.asarray(p1, dtype=np.float64),
+        r0=np.asarray(r0, dtype=np.float64),
+        r1=np.asarray(r1, dtype=np.float64),
+        parent=parent,
+        n_children=n_children,
+        kind=kind or tree.kind,
+    )
+
+
+def _random_perpendicular(rng: np.random.Generator, d: np.ndarray) -> np.ndarray:
+    """A random unit vector perpendicular to each row of the unit vectors ``d`` (n, 3)."""
+    v = rng.normal(size=d.shape)
+    v -= (v * d).sum(1, keepdims=True) * d
+    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-9)
+
+
+def curve_tree(
+    tree: Tree,
+    rng: np.random.Generator,
+    piece: float = 3.0,
+    bend: float = 0.05,
+    wiggle: float = 0.02,
+    max_pieces: int = 16,
+) -> Tree:
+    """Bend every straight segment into a smooth curve of short pieces (ends kept).
+
+    A segment of length ``L`` becomes ``ceil(L / piece)`` pieces along
+    ``p(t) = p0 + t (p1 - p0) + L (a sin(pi t) u + b sin(2 pi t) w)``, with ``u, w``
+    perpendicular to it and ``a ~ N(0, bend)``, ``b ~ N(0, wiggle)``: a gentle bow plus an
+    S-shaped wiggle, so vessels meander like real ones while every branch point stays put
+    (children still start where their parent ends).
+    """
+    n = len(tree)
+    if n == 0:
+        return tree
+    d = tree.p1 - tree.p0
+    length = np.linalg.norm(d, axis=1)
+    unit = d / np.maximum(length, 1e-9)[:, None]
+    m = np.clip(np.ceil(length / piece).astype(np.int64), 1, max_pieces)
+    u = _random_perpendicular(rng, unit)
+    w = np.cross(unit, u)
+    a = rng.normal(0.0, bend, n) * length
+    b = rng.normal(0.0, wiggle, n) * length
+    seg = np.repeat(np.arange(n), m)
+    first = np.cumsum(m) - m
+    k = np.arange(seg.size) - first[seg]
+
+    def at(t: np.ndarray) -> np.ndarray:
+        off = (a[seg] * np.sin(np.pi * t))[:, None] * u[seg]
+        off += (b[seg] * np.sin(2 * np.pi * t))[:, None] * w[seg]
+        return tree.p0[seg] + t[:, None] * d[seg] + off
+
+    t0 = k / m[seg]
+    t1 = (k + 1) / m[seg]
+    dr = tree.r1 - tree.r0
+    last = first + m - 1
+    parent = np.where(k > 0, np.arange(seg.size) - 1, -1)
+    root_piece = (k == 0) & (tree.parent[seg] >= 0)
+    parent[root_piece] = last[tree.parent[seg[root_piece]]]
+    return _rebuild(
+        tree,
+        at(t0),
+        at(t1),
+        tree.r0[seg] + t0 * dr[seg],
+        tree.r0[seg] + t1 * dr[seg],
+        parent,
+    )
+
+
+def depth_levels(parent: np.ndarray) -> list[np.ndarray]:
+    """Segment ids grouped by depth (root = 0); needs parents listed before children."""
+    depth = np.zeros(parent.size, dtype=np.int64)
+    par = parent.tolist()
+    dl = depth.tolist()
+    for i, p in enumerate(par):
+        if p >= 0:
+            dl[i] = dl[p] + 1
+    depth = np.asarray(dl, dtype=np.int64)
+    order = np.argsort(depth, kind="stable")
+    bounds = np.searchsorted(depth[order], np.arange(depth.max() + 2))
+    return [order[bounds[i] : bounds[i + 1]] for i in range(depth.max() + 1)]
+
+
+def companion_tree(
+    tree: Tree,
+    rng: np.random.Generator,
+    gap: Callable[[np.ndarray], np.ndarray],
+    kind: str,
+    radius_scale: float = 1.0,
+) -> Tree:
+    """A tree running beside ``tree`` (e.g. a pulmonary artery beside its bronchus).
+
+    Every node is moved sideways by ``gap(radius)`` mm along a unit vector perpendicular to the
+    local segment, carried down the tree (each child takes its parent's side vector, made
+    perpendicular to itself), so the companion stays on one side of the path, as arteries
+    hug their bronchi.
+    """
+    n = len(tree)
+    if n == 0:
+        return tree
+    unit = tree.direction()
+    side = np.zeros((n, 3))
+    for ids in depth_levels(tree.parent):
+        par = tree.parent[ids]
+        has = par >= 0
+        v = np.where(has[:, None], side[np.maximum(par, 0)], 0.0)
+        fresh = ~has
+        if fresh.any():
+            v[fresh] = rng.normal(size=(int(fresh.sum()), 3))
+        v = v - (v * unit[ids]).sum(1, keepdims=True) * unit[ids]
+        norm = np.linalg.norm(v, axis=1, keepdims=True)
+        bad = norm[:, 0] < 1e-6
+        if bad.any():
+            v[bad] = _random_perpendicular(rng, unit[ids][bad])
+            norm[bad] = 1.0
+        side[ids] = v / np.maximum(norm, 1e-9)
+    r0 = tree.r0 * radius_scale
+    r1 = tree.r1 * radius_scale
+    end = tree.p1 + gap(r1)[:, None] * side
+    start = np.where(
+        (tree.parent >= 0)[:, None],
+        end[np.maximum(tree.parent, 0)],
+        tree.p0 + gap(r0)[:, None] * side,
+    )
+    return _rebuild(tree, start, end, r0, r1, tree.parent, kind=kind)
+
+
+def prepend(tree: Tree, start: np.ndarray, radius: float) -> Tree:
+    """Add a feeding segment from ``start`` to the tree's root(s) (e.g. from the hilum)."""
+    roots = np.flatnonzero(tree.parent < 0)
+    if roots.size == 0:
+        return tree
+    k = roots.size
+    parent = np.where(tree.parent >= 0, tree.parent + k, np.arange(len(tree)) * 0)
+    parent[roots] = np.arange(k)
+    return _rebuild(
+        tree,
+        np.concatenate([np.repeat(np.asarray(start, float)[None], k, 0), tree.p0]),
+        np.concatenate([tree.p0[roots], tree.p1]),
+        np.concatenate([np.full(k, radius), tree.r0]),
+        np.concatenate([tree.r0[roots], tree.r1]),
+        np.concatenate([np.full(k, -1), parent]),
+    )
+
+
+def subtree(tree: Tree, keep: np.ndarray, kind: str, radius_scale: float = 1.0) -> Tree:
+    """The segments selected by ``keep`` (closed under parents), re-indexed, radii scaled."""
+    keep = np.asarray(keep, dtype=bool)
+    ids = np.flatnonzero(keep)
+    new = np.full(len(tree), -1, dtype=np.int64)
+    new[ids] = np.arange(ids.size)
+    par = tree.parent[ids]
+    parent = np.where(par >= 0, new[np.maximum(par, 0)], -1)
+    return _rebuild(
+        tree,
+        tree.p0[ids],
+        tree.p1[ids],
+        tree.r0[ids] * radius_scale,
+        tree.r1[ids] * radius_scale,
+        parent,
+        kind=kind,
+    )
