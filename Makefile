@@ -13,13 +13,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
-## demo: generate a synthetic mini-LUNA and run the suite on it (outputs in demo_out/)
+## demo: generate a synthetic mini-LUNA and run every stage on it (outputs in demo_out/)
 demo: $(VENV)/.installed
-	$(PY) -m lungct synth --out $(DEMO_OUT)/data --scans 20 --seed 0 --size small
-	$(PY) -m lungct prepare --data $(DEMO_OUT)/data --cache $(DEMO_OUT)/cache
-	$(PY) -m lungct show $(DEMO_OUT)/data/subset0/$$(head -n1 $(DEMO_OUT)/data/seriesuids.csv).mhd \
-		--annotations $(DEMO_OUT)/data/annotations.csv --out $(DEMO_OUT)/first_scan.png
-	@echo "demo outputs in $(DEMO_OUT)/"
+	$(PY) -m integration demo --out $(DEMO_OUT)
+	@echo "summary: $(DEMO_OUT)/summary.json  FROC: $(DEMO_OUT)/evaluation/froc.png  report: $(DEMO_OUT)/report/report.html"
 
 ## test: lint + format check, then the fast test suite
 test: $(VENV)/.installed lint

@@ -2,6 +2,8 @@
 
 Verbs:
     evaluate   the exact LUNA16 evaluation of a results CSV (FROC, CPM, bootstrap interval).
+    detect     the whole detector on one scan: detections CSV and an HTML report.
+    demo       every stage on a synthetic mini-LUNA it generates; summary.json and figures.
 
 Bad input ends with one line ``error: <message>`` on stderr and exit status 2.
 """
@@ -98,6 +100,119 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_tensorflow() -> None:
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+
+def _run_detect(args: argparse.Namespace) -> int:
+    _quiet_tensorflow()
+    from integration.pipeline import Detector, detect
+
+    detector = Detector.load(args.models)
+    if args.threshold is not None:
+        detector.config.threshold = args.threshold
+    if args.tta:
+        detector.config.tta = True
+    result = detect(
+        args.scan,
+        detector,
+        args.out,
+        report=not args.no_report,
+        allow_training_scans=args.allow_training_scans,
+    )
+    print(
+        f"{result.seriesuid}: {len(result.detections)} detections from {result.candidates} "
+        f"candidates; suspicion {result.suspicion:.3f}; "
+        f"{sum(result.timings.values()):.1f} s, peak {result.peak_rss_mb:.0f} MB; outputs in {args.out}"
+    )
+    return 0
+
+
+def _add_detect(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "detect",
+        help="run the whole detector on one scan",
+        description=(
+            "Preprocess -> lung mask -> U-Net candidates -> MGI-CNN scores. Writes "
+            "detections.csv (seriesuid,coordX,coordY,coordZ,probability,diameter_mm; world mm), "
+            "summary.json and report.html with its figures into --out."
+        ),
+    )
+    p.add_argument("--scan", required=True, help=".mhd/.mha/.nii(.gz) or a DICOM series folder")
+    p.add_argument("--models", required=True, help="models folder (unet/, fpr/, pipeline.json)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--threshold", type=float, help="report crops at or above this probability")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation of the scores")
+    p.add_argument("--no-report", action="store_true", help="only detections.csv + summary.json")
+    p.add_argument(
+        "--allow-training-scans",
+        action="store_true",
+        help="run on a scan the MGI-CNN was trained on (its scores are then optimistic)",
+    )
+    p.set_defaults(func=_run_detect)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    _quiet_tensorflow()
+    import json
+
+    from integration.demo import DemoConfig, run_demo
+
+    config = DemoConfig(
+        scans=args.scans,
+        seed=args.seed,
+        unet_minutes=args.unet_minutes,
+        gan=not args.no_gan,
+        gan_minutes=args.gan_minutes,
+        fpr_minutes=args.fpr_minutes,
+        tta=args.tta,
+    )
+    summary = run_demo(args.out, config)
+    print(f"summary: {args.out}/summary.json; FROC: {summary['figures']['froc']}")
+    print(
+        json.dumps(
+            {
+                k: summary[k]
+                for k in (
+                    "cpm",
+                    "sensitivity",
+                    "cpm_ci95",
+                    "candidate_sensitivity",
+                    "candidates_per_scan",
+                    "total_seconds",
+                )
+            }
+        )
+    )
+    return 0
+
+
+def _add_demo(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="every stage on a synthetic mini-LUNA it generates",
+        description=(
+            "Generate a synthetic mini-LUNA, then prepare, train the U-Net, extract candidates, "
+            "train CT-GAN, augment the training folds, train the MGI-CNN, score the held-out "
+            "candidates, evaluate and write a detect report. Outputs: summary.json, "
+            "evaluation/froc.png, report/report.html, models/ (usable with `detect --models`). "
+            "Rerunning the same --out resumes: finished stages are skipped."
+        ),
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--scans", type=int, default=20, help="synthetic scans (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
+    p.add_argument("--unet-minutes", type=float, default=3.0, help="U-Net training budget")
+    p.add_argument("--gan-minutes", type=float, default=2.0, help="CT-GAN training budget")
+    p.add_argument("--fpr-minutes", type=float, default=4.0, help="MGI-CNN training budget")
+    p.add_argument("--no-gan", action="store_true", help="skip the CT-GAN augmentation")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation of the scores")
+    p.set_defaults(func=_run_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, one subcommand per verb."""
     parser = argparse.ArgumentParser(
@@ -105,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     _add_evaluate(subparsers)
+    _add_detect(subparsers)
+    _add_demo(subparsers)
     return parser
 
 

@@ -1,0 +1,239 @@
+"""The whole detector on one scan: preprocess, lung mask, U-Net candidates, MGI-CNN scores.
+
+``python -m integration detect --scan PATH --models DIR --out DIR`` runs it. A models folder is::
+
+    DIR/unet/        a U-Net model folder (python -m unet_candidates train)
+    DIR/fpr/         an MGI-CNN model folder (python -m fp_reduction_3dcnn train); optional:
+                     without it the U-Net's probabilities are the scores
+    DIR/pipeline.json  {"threshold": 0.5, "tta": false} (optional; report threshold and TTA)
+
+The scan is resampled once to the 1 mm world-aligned grid the stages were trained on (the same
+grid as the per-scan cache), and both stages work on that one in-memory volume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from integration.report import Detection, suspicion_score, write_report
+from lungct.cache import CachedScan
+from lungct.errors import LungCTError
+from lungct.fileio import write_json_atomic
+from lungct.io import read_scan
+from lungct.lungmask import segment_lungs, segment_lungs_array
+from lungct.preprocess import PreprocessPlan, resample_array
+from lungct.scan import AIR_HU, Scan
+from lungct.tables import write_csv_atomic
+
+DETECTION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability", "diameter_mm")
+
+
+@dataclass
+class PipelineConfig:
+    """Settings stored as ``pipeline.json`` in a models folder."""
+
+    threshold: float = 0.5
+    tta: bool = False
+    batch_size: int = 256
+
+    @classmethod
+    def load(cls, models_dir: Path) -> PipelineConfig:
+        """Read ``pipeline.json`` (defaults where it is absent)."""
+        path = models_dir / "pipeline.json"
+        if not path.is_file():
+            return cls()
+        try:
+            values = json.loads(path.read_text())
+            return cls(**values)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise LungCTError(path, f"is not a valid pipeline settings file ({exc})") from None
+
+    def save(self, models_dir: Path) -> None:
+        """Write ``pipeline.json``."""
+        write_json_atomic(models_dir / "pipeline.json", self.__dict__)
+
+
+@dataclass
+class Detector:
+    """The trained stages, loaded once, applied to any number of scans."""
+
+    unet_model: Any
+    unet_plan: Any
+    fpr: Any | None
+    config: PipelineConfig
+    models_dir: Path
+
+    @classmethod
+    def load(cls, models_dir: str | os.PathLike) -> Detector:
+        """Load ``unet/`` and (if present) ``fpr/`` from a models folder, in Keras safe mode."""
+        from unet_candidates import load_unet
+
+        models_dir = Path(models_dir)
+        if not models_dir.is_dir():
+            raise LungCTError(models_dir, "models folder does not exist")
+        if not (models_dir / "unet").is_dir():
+            raise LungCTError(models_dir, "has no unet/ model folder (see `integration demo`)")
+        unet_model, unet_plan = load_unet(models_dir / "unet")
+        fpr = None
+        if (models_dir / "fpr").is_dir():
+            from fp_reduction_3dcnn.predict import open_model
+
+            fpr = open_model(models_dir / "fpr")
+        return cls(unet_model, unet_plan, fpr, PipelineConfig.load(models_dir), models_dir)
+
+
+@dataclass
+class DetectionResult:
+    """What :func:`detect` found, and how long each stage took."""
+
+    seriesuid: str
+    detections: list[Detection]
+    candidates: int
+    timings: dict[str, float] = field(default_factory=dict)
+    peak_rss_mb: float = 0.0
+
+    @property
+    def suspicion(self) -> float:
+        """Scan-level suspicion score (the most probable nodule)."""
+        return suspicion_score(self.detections)
+
+
+def to_cache_grid(scan: Scan, plan: PreprocessPlan | None = None) -> CachedScan:
+    """The scan on the cache grid (1 mm, world-aligned) with its lung mask, in memory."""
+    plan = plan or PreprocessPlan()
+    volume, geometry = resample_array(
+        scan.array,
+        scan.geometry,
+        plan.spacing,
+        plan.image_interpolation,
+        default_value=AIR_HU,
+        align_to_world=plan.align_to_world,
+    )
+    volume = volume.astype(np.int16, copy=False)
+    lung = segment_lungs_array(volume, geometry)
+    if not lung.any():
+        segment_lungs(Scan(volume, geometry, scan.seriesuid, source=scan.source))  # raises
+    meta = {"seriesuid": scan.seriesuid, "source": scan.source, "fold": None}
+    return CachedScan(scan.seriesuid, volume, lung, geometry, meta)
+
+
+def score_candidates(detector: Detector, cached: CachedScan, centres: np.ndarray) -> np.ndarray:
+    """MGI-CNN probabilities of world points of one scan (TTA if the config says so)."""
+    from fp_reduction_3dcnn.augment import tta_predict
+    from fp_reduction_3dcnn.data import PatchCutter
+
+    trained = detector.fpr
+    cutter = PatchCutter(trained.plan, cache=None)
+    out = np.empty(len(centres), dtype=np.float64)
+
+    def predict(inputs: list[np.ndarray]) -> np.ndarray:
+        return np.asarray(trained.model.predict_on_batch(inputs)).reshape(-1)
+
+    step = detector.config.batch_size
+    for start in range(0, len(centres), step):
+        inputs = cutter.cut_scan(cached, centres[start : start + step])
+        out[start : start + step] = (
+            tta_predict(predict, inputs) if detector.config.tta else predict(inputs)
+        )
+    return out
+
+
+def detect(
+    scan_path: str | os.PathLike,
+    detector: Detector,
+    out_dir: str | os.PathLike,
+    report: bool = True,
+    allow_training_scans: bool = False,
+    log: Callable[[str], None] = print,
+) -> DetectionResult:
+    """Run every stage on one scan; write ``detections.csv``, ``summary.json`` and the report.
+
+    Raises:
+        LungCTError: unreadable scan, no lungs, broken model folders, or (unless
+            ``allow_training_scans``) a scan the MGI-CNN was trained on.
+    """
+    from unet_candidates import extract_candidates
+
+    out = Path(out_dir)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        timings[name] = round(now - t, 2)
+        t = now
+        log(f"[detect] {name}: {timings[name]:.1f} s")
+
+    scan = read_scan(scan_path)
+    lap("read")
+    if detector.fpr is not None and not allow_training_scans:
+        trained_on = set(getattr(detector.fpr.manifest, "train_series", []) or [])
+        if scan.seriesuid in trained_on:
+            raise LungCTError(
+                scan_path,
+                "this scan was in the MGI-CNN's training set; its scores would be optimistic "
+                "(pass --allow-training-scans to run anyway)",
+            )
+    cached = to_cache_grid(scan)
+    lap("resample + lung mask")
+    candidates = extract_candidates(cached, detector.unet_model, detector.unet_plan)
+    lap(f"U-Net candidates ({len(candidates)})")
+    centres = np.asarray([[c.coordX, c.coordY, c.coordZ] for c in candidates], dtype=np.float64)
+    if detector.fpr is not None and len(centres):
+        probs = score_candidates(detector, cached, centres)
+        lap("MGI-CNN scores")
+    else:
+        probs = np.asarray([c.probability for c in candidates], dtype=np.float64)
+    detections = [
+        Detection(float(x), float(y), float(z), float(p), float(c.diameter_mm))
+        for (x, y, z), p, c in zip(centres, probs, candidates, strict=True)
+    ]
+    detections.sort(key=lambda d: -d.probability)
+    write_csv_atomic(
+        out / "detections.csv",
+        DETECTION_COLUMNS,
+        ([scan.seriesuid, d.x, d.y, d.z, d.probability, d.diameter_mm] for d in detections),
+    )
+    if report:
+        lung_native = None
+        if scan.geometry == cached.geometry:
+            lung_native = cached.lung
+        write_report(
+            scan,
+            detections,
+            out,
+            lung=lung_native,
+            threshold=detector.config.threshold,
+            timings=timings,
+        )
+        lap("report")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = DetectionResult(scan.seriesuid, detections, len(candidates), timings, peak)
+    write_json_atomic(
+        out / "summary.json",
+        {
+            "seriesuid": scan.seriesuid,
+            "scan": str(scan_path),
+            "models": str(detector.models_dir),
+            "candidates": len(candidates),
+            "detections_above_threshold": sum(
+                d.probability >= detector.config.threshold for d in detections
+            ),
+            "threshold": detector.config.threshold,
+            "suspicion": result.suspicion,
+            "seconds": timings,
+            "total_seconds": round(sum(timings.values()), 2),
+            "peak_rss_mb": round(peak, 1),
+        },
+    )
+    return result

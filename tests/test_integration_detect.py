@@ -1,0 +1,103 @@
+"""End to end: `integration detect` on a small synthetic scan with tiny trained models."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fp_reduction_3dcnn.config import get_plan
+from fp_reduction_3dcnn.testing import make_tiny_dataset
+from fp_reduction_3dcnn.train import train as train_fpr
+from integration.__main__ import main
+from integration.pipeline import DETECTION_COLUMNS, PipelineConfig
+from lungct.cache import prepare_dataset
+from lungct.errors import LungCTError
+from lungct.io import read_scan, write_scan
+from lungct.preprocess import PreprocessPlan
+from unet_candidates.config import UNetPlan
+from unet_candidates.testing import phantom_chest, tiny_plan, write_tiny_luna
+from unet_candidates.train import train as train_unet
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    """A models folder: a tiny U-Net and a tiny MGI-CNN, each trained for a few steps."""
+    root = tmp_path_factory.mktemp("e2e")
+    data = write_tiny_luna(root / "data", scans_per_fold=1, folds=2)
+    cache = root / "cache"
+    prepare_dataset(
+        data, cache, PreprocessPlan(name="test4mm", spacing=(4.0, 4.0, 4.0)), workers=1,
+        progress=False,
+    )  # fmt: skip
+    models = root / "models"
+    train_unet(tiny_plan("2d"), data, cache, [0], [1], models / "unet", progress=False)
+    # A low threshold so the untrained-looking map still yields candidates to score.
+    plan = UNetPlan.load(models / "unet" / "plan.json")
+    replace(plan, threshold=1e-3, max_candidates=20).save(models / "unet" / "plan.json")
+    tiny = make_tiny_dataset(root / "fpr", n_scans=3)
+    fpr_plan = get_plan("default").replace(
+        stream_filters=(4, 4, 4),
+        stream_top_filters=4,
+        head_filters=4,
+        dense_units=(8,),
+        batch_size=8,
+        steps_per_epoch=2,
+        epochs=1,
+    )
+    train_fpr(fpr_plan, tiny["cache"], tiny["candidates"], [0, 1], [2], models / "fpr",
+              data_dir=tiny["data"], progress=False)  # fmt: skip
+    PipelineConfig(threshold=0.0).save(models)
+    return models
+
+
+def test_detect_writes_detections_and_report(models: Path, tmp_path: Path, capsys) -> None:
+    scan, _ = phantom_chest(nodules_zyx=((20, 40, 70),), seriesuid="9.8.7.6", seed=5)
+    scan_path = tmp_path / "9.8.7.6.mhd"
+    write_scan(scan, scan_path)
+    out = tmp_path / "detect"
+    code = main(["detect", "--scan", str(scan_path), "--models", str(models), "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    with open(out / "detections.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert tuple(rows[0]) == DETECTION_COLUMNS
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["candidates"] == len(rows) - 1
+    assert summary["peak_rss_mb"] > 0 and summary["total_seconds"] > 0
+    assert set(summary["seconds"]) >= {"read", "resample + lung mask"}
+    html = (out / "report.html").read_text()
+    assert "9.8.7.6" in html and "overview.png" in html
+    assert (out / "overview.png").read_bytes()[:4] == b"\x89PNG"
+    back = read_scan(scan_path)
+    for row in rows[1:]:
+        assert row[0] == "9.8.7.6"
+        world = np.asarray([float(v) for v in row[1:4]])
+        assert back.geometry.contains(back.world_to_voxel(world), margin=1.0)
+        assert 0.0 <= float(row[4]) <= 1.0 and float(row[5]) >= 0.0
+    assert len(rows) > 1, "the low U-Net threshold must leave candidates for the MGI-CNN"
+    assert any(k == "MGI-CNN scores" for k in summary["seconds"])
+    assert (out / "detection_01.png").exists()  # threshold 0: every detection gets crops
+
+
+def test_detect_errors_are_one_line(models: Path, tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "absent.mhd"
+    code = main(["detect", "--scan", str(missing), "--models", str(models), "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "absent.mhd: no such file" in err[0]
+    code = main(
+        ["detect", "--scan", str(missing), "--models", str(tmp_path), "--out", str(tmp_path)]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "has no unet/ model folder" in err[0]
+
+
+def test_pipeline_config_errors(tmp_path: Path) -> None:
+    (tmp_path / "pipeline.json").write_text('{"treshold": 0.5}')
+    with pytest.raises(LungCTError, match="pipeline.json"):
+        PipelineConfig.load(tmp_path)
