@@ -1,0 +1,134 @@
+"""The U-Nets and the Dice loss: build, serialise (safe mode), one training step; the plan."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from lungct.errors import LungCTError
+from unet_candidates.config import VARIANTS, UNetPlan, variant_plan
+from unet_candidates.model import DiceLoss, UNet2D, UNet3D
+from unet_candidates.testing import tiny_plan
+from unet_candidates.train import compile_model
+
+TINY = {
+    "2d": (
+        UNet2D,
+        {"filters": (4, 8), "bottleneck_filters": 8, "input_channels": 3},
+        (2, 16, 16, 3),
+    ),
+    "3d": (UNet3D, {"filters": (4, 8), "bottleneck_filters": 8}, (1, 8, 16, 16, 1)),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(TINY))
+def test_builds_symbolic_and_eager(variant: str) -> None:
+    cls, kwargs, shape = TINY[variant]
+    model = cls(**kwargs)
+    out = model(keras.ops.ones(shape))
+    assert tuple(out.shape) == (*shape[:-1], 1)
+    assert float(keras.ops.min(out)) >= 0.0 and float(keras.ops.max(out)) <= 1.0
+    assert model.size_multiple == 4
+    # Fully convolutional: another size divisible by 4 works too.
+    bigger = (1, *(s * 2 for s in shape[1:-1]), shape[-1])
+    assert tuple(model.predict_on_batch(np.zeros(bigger, np.float32)).shape) == (*bigger[:-1], 1)
+
+
+@pytest.mark.parametrize("variant", sorted(TINY))
+def test_serialisation_round_trip_safe_mode(variant: str, tmp_path: Path) -> None:
+    cls, kwargs, shape = TINY[variant]
+    model = compile_model(cls(**kwargs, dropout=0.1), tiny_plan(variant))
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert type(loaded) is cls
+    assert loaded.get_config() == model.get_config()
+    assert isinstance(loaded.loss, DiceLoss)
+    np.testing.assert_allclose(loaded.predict_on_batch(x), model.predict_on_batch(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", sorted(TINY))
+def test_one_training_step(variant: str) -> None:
+    plan = tiny_plan(variant)
+    model = compile_model(plan.build_model(), plan)
+    shape = TINY[variant][2]
+    rng = np.random.default_rng(0)
+    x = rng.random(shape, dtype=np.float32)
+    y = (rng.random((*shape[:-1], 1)) > 0.8).astype(np.float32)
+    before = [w.copy() for w in model.get_weights()]
+    logs = model.train_on_batch(x, y, return_dict=True)
+    assert np.isfinite(logs["loss"]) and 0.0 <= logs["loss"] <= 1.0
+    assert any(not np.allclose(a, b) for a, b in zip(before, model.get_weights(), strict=True))
+
+
+def test_dice_loss_values_and_config() -> None:
+    loss = DiceLoss(smooth=1.0)
+    ones = np.ones((1, 4, 4, 1), np.float32)
+    zeros = np.zeros_like(ones)
+    assert float(loss(ones, ones)) == pytest.approx(0.0)
+    # 16 missed voxels: 1 - (0 + 1) / (0.5 * 16 + 1)
+    assert float(loss(ones, zeros)) == pytest.approx(1.0 - 1.0 / 9.0)
+    assert float(loss(zeros, zeros)) == pytest.approx(0.0)  # empty batch: no division by zero
+    # Tversky: with fn_weight 0.8 a miss costs more than a false alarm.
+    recall_first = DiceLoss(smooth=1.0, fn_weight=0.8)
+    assert float(recall_first(ones, zeros)) > float(recall_first(zeros, ones))
+    # Targets above 1 (unsure findings) count neither way.
+    ignore = np.full_like(ones, 2.0)
+    assert float(loss(ignore, ones)) == pytest.approx(0.0)
+    half = np.concatenate([ones[:, :2], ignore[:, 2:]], axis=1)
+    assert float(loss(half, ones)) == pytest.approx(0.0)
+    again = DiceLoss.from_config(DiceLoss(smooth=5.0, fn_weight=0.7, bce_weight=0.5).get_config())
+    assert (again.smooth, again.fn_weight, again.bce_weight) == (5.0, 0.7, 0.5)
+    assert float(again(ones, ones * 0.5)) > float(
+        DiceLoss(smooth=5.0, fn_weight=0.7)(ones, ones * 0.5)
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Plans
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variant_plans_json_round_trip(variant: str, tmp_path: Path) -> None:
+    plan = variant_plan(variant)
+    plan.save(tmp_path / "plan.json")
+    assert UNetPlan.load(tmp_path / "plan.json") == plan
+    assert json.loads((tmp_path / "plan.json").read_text())["variant"] == variant
+
+
+def test_partial_plan_starts_from_its_variant(tmp_path: Path) -> None:
+    (tmp_path / "p.json").write_text('{"variant": "3d", "spacing": [1.5, 1.5, 1.5]}')
+    plan = UNetPlan.load(tmp_path / "p.json")
+    assert plan.variant == "3d" and plan.spacing == (1.5, 1.5, 1.5)
+    assert plan.filters == variant_plan("3d").filters
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ('{"variant": "2d", "spacnig": [1, 1, 1]}', "unknown plan keys"),
+        ('{"variant": "4d"}', "unknown variant"),
+        ('{"variant": "3d", "patch_size": [50, 48, 48]}', "sizes divisible by"),
+        ('{"variant": "2d", "patch_size": [2, 64, 64], "window_size": [2, 64, 64]}', "odd"),
+        ('{"threshold": 1.5}', "threshold"),
+        ('{"fn_weight": 1.0}', "fn_weight"),
+        ("{not json", "not valid JSON"),
+    ],
+)
+def test_bad_plans_are_clear_errors(tmp_path: Path, text: str, match: str) -> None:
+    path = tmp_path / "plan.json"
+    path.write_text(text)
+    with pytest.raises(LungCTError, match=match) as info:
+        UNetPlan.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_plan_file(tmp_path: Path) -> None:
+    with pytest.raises(LungCTError, match="plan file is missing"):
+        UNetPlan.load(tmp_path / "nope.json")

@@ -1,0 +1,137 @@
+"""Training from a tiny phantom cache: model folder, time budget, resume; then extraction."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lungct.cache import ScanCache, prepare_dataset
+from lungct.errors import LungCTError
+from lungct.io import read_scan
+from lungct.preprocess import PreprocessPlan
+from lungct.tables import read_results
+from unet_candidates.__main__ import main
+from unet_candidates.config import UNetPlan
+from unet_candidates.data import IGNORE, PatchSampler, build_scan_samples, sphere_target
+from unet_candidates.testing import tiny_plan, write_tiny_luna
+from unet_candidates.train import train
+
+
+@pytest.fixture(scope="module")
+def tiny_luna(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("luna")
+    data = write_tiny_luna(root / "data", scans_per_fold=1, folds=2)
+    cache = root / "cache"
+    plan = PreprocessPlan(name="test4mm", spacing=(4.0, 4.0, 4.0))
+    report = prepare_dataset(data, cache, plan, workers=1, progress=False)
+    assert not report["failed"]
+    return data, cache
+
+
+def test_sampler_targets_follow_the_nodules(tiny_luna) -> None:
+    data, cache_dir = tiny_luna
+    cache = ScanCache(cache_dir)
+    uid = cache.seriesuids()[0]
+    scan = cache.open(uid)
+    nodules = np.array([[float(v) for v in row[1:]] for row in _annotations(data) if row[0] == uid])
+    plan = tiny_plan("3d", nodule_fraction=1.0, vessel_fraction=0.0, max_offset_fraction=0.0)
+    samples = build_scan_samples(scan, nodules, plan)
+    assert len(samples.lung_points) > 0
+    sampler = PatchSampler(cache, [samples], plan, augment=False)
+    x, y = sampler.fixed_set(4)
+    assert x.shape == (4, 16, 16, 16, 1) and y.shape == x.shape
+    # A centred nodule: the target is a ball in the middle, and the image is bright there.
+    centre = y[:, 7:9, 7:9, 7:9]
+    assert centre.mean() == 1.0
+    assert x[y > 0].mean() > x[y == 0].mean() + 0.2
+    # 2-D: three slices in, the centre slice's disk out.
+    plan2 = tiny_plan("2d", nodule_fraction=1.0, vessel_fraction=0.0, max_offset_fraction=0.0)
+    x2, y2 = PatchSampler(cache, [samples], plan2, augment=True).fixed_set(2)
+    assert x2.shape == (2, 16, 16, 3) and y2.shape == (2, 16, 16, 1)
+    assert y2[:, 7:9, 7:9].min() == 1.0
+
+
+def test_excluded_findings_are_ignored_not_background(tiny_luna) -> None:
+    data, cache_dir = tiny_luna
+    cache = ScanCache(cache_dir)
+    uid = cache.seriesuids()[0]
+    nodules = np.array([[float(v) for v in row[1:]] for row in _annotations(data) if row[0] == uid])
+    unsure = nodules.copy()
+    unsure[:, 0] += 12.0  # a finding 12 mm beside the nodule, unknown size
+    unsure[:, 3] = -1.0
+    plan = tiny_plan("3d", nodule_fraction=1.0, vessel_fraction=0.0, max_offset_fraction=0.0)
+    samples = build_scan_samples(cache.open(uid), nodules, plan, excluded=unsure)
+    _, y = PatchSampler(cache, [samples], plan, augment=False).fixed_set(1)
+    assert set(np.unique(y)) == {0.0, 1.0, IGNORE}
+    assert y[0, 7:9, 7:9, 7:9].min() == 1.0  # the nodule wins where both overlap
+    assert y[0, 7:9, 7:9, 10:12].min() == IGNORE  # 12 mm along +x = 3 voxels
+
+
+def test_sphere_target_is_in_world_mm() -> None:
+    t = sphere_target((10.0, 0.0, 0.0), (5, 5, 5), (1.0, 1.0, 1.0), np.array([[11.0, 0, 0]]), [1.0])
+    assert t.sum() == 7  # the centre voxel and its 6 face neighbours
+    assert t[2, 2, 3] == 1 and t[2, 2, 1] == 0
+
+
+def _annotations(data: Path) -> list[list[str]]:
+    with (data / "annotations.csv").open() as f:
+        return list(csv.reader(f))[1:]
+
+
+def test_train_budget_resume_and_extract(tiny_luna, tmp_path: Path, capsys) -> None:
+    data, cache = tiny_luna
+    out = tmp_path / "model"
+    plan = tiny_plan("2d")
+    # A time budget of ~0 stops during the first epoch, which is still checkpointed.
+    summary = train(plan, data, cache, [0], [1], out, max_minutes=1e-6, progress=False)
+    assert summary["stopped_by_time"] and summary["epochs_done"] == 1
+    for name in ("plan.json", "manifest.json", "model.keras", "train_log.csv"):
+        assert (out / name).is_file(), name
+    assert UNetPlan.load(out / "plan.json") == plan
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["train_folds"] == [0] and manifest["val_folds"] == [1]
+    assert manifest["train_series"] == ["1.2.3.0.0"] and manifest["val_series"] == ["1.2.3.1.0"]
+
+    with pytest.raises(LungCTError, match="already holds a training run"):
+        train(plan, data, cache, [0], [1], out, progress=False)
+
+    # --resume continues with epoch 2 and appends to the log.
+    assert main(["train", "--data", str(data), "--cache", str(cache), "--folds", "0",
+                 "--val-folds", "1", "--out", str(out), "--resume", "--quiet"]) == 0  # fmt: skip
+    state = json.loads((out / "checkpoints" / "state.json").read_text())
+    assert state["epoch"] == 2
+    with (out / "train_log.csv").open() as f:
+        log = list(csv.DictReader(f))
+    assert [row["epoch"] for row in log] == ["1", "2"]
+    assert all(np.isfinite(float(row["loss"])) for row in log)
+    assert len(list((out / "checkpoints").glob("epoch_*.keras"))) == 2
+    capsys.readouterr()
+
+    # Extraction from the cache and from the scan file give the same kind of output.
+    csv_path = tmp_path / "cands" / "candidates.csv"
+    maps = tmp_path / "maps"
+    code = main(["extract", "--data", str(data), "--folds", "1", "--cache", str(cache),
+                 "--model", str(out), "--out", str(csv_path), "--prob-maps", str(maps),
+                 "--quiet"])  # fmt: skip
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["scans_done"] == 1 and summary["failed"] == {}
+    header = csv_path.read_text().splitlines()[0]
+    assert header == "seriesuid,coordX,coordY,coordZ,probability,diameter_mm"
+    read_results(csv_path)
+    assert UNetPlan.load(tmp_path / "cands" / "candidates.plan.json") == plan
+    assert (tmp_path / "cands" / "candidates.summary.json").is_file()
+    prob = read_scan(maps / "1.2.3.1.0_prob.mhd")
+    native = read_scan(data / "subset1" / "1.2.3.1.0.mhd")
+    assert prob.geometry == native.geometry
+
+    # An impossible threshold: a valid, header-only CSV.
+    scan_path = data / "subset1" / "1.2.3.1.0.mhd"
+    code = main(["extract", "--scan", str(scan_path), "--model", str(out),
+                 "--out", str(tmp_path / "none.csv"), "--threshold", "0.99999", "--quiet"])  # fmt: skip
+    assert code == 0
+    assert (tmp_path / "none.csv").read_text() == header + "\n"

@@ -1,0 +1,173 @@
+"""``python -m unet_candidates <verb>``: train, extract.
+
+Every verb has ``--help``. A bad input prints one line ``error: <file>: <problem>`` on stderr
+and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from lungct.errors import LungCTError
+
+
+def _quiet_tensorflow() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+
+def _plan_from_args(args: argparse.Namespace):
+    from unet_candidates.config import UNetPlan, variant_plan
+
+    if args.plan:
+        plan = UNetPlan.load(args.plan)
+        if args.variant and args.variant != plan.variant:
+            raise LungCTError(args.plan, f"plan is variant {plan.variant!r}, not {args.variant!r}")
+    else:
+        plan = variant_plan(args.variant or "2d")
+    overrides = {
+        "epochs": args.epochs,
+        "steps_per_epoch": args.steps_per_epoch,
+        "seed": args.seed,
+    }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides:
+        plan = UNetPlan.from_dict({**plan.to_dict(), **overrides})
+    return plan
+
+
+def _train(args: argparse.Namespace) -> int:
+    from lungct.tables import parse_folds
+    from unet_candidates.train import train
+
+    folds = parse_folds(args.folds)
+    val_folds = parse_folds(args.val_folds) if args.val_folds.strip() else []
+    explicit = args.plan or args.variant or args.epochs or args.steps_per_epoch or args.seed
+    plan = None if (args.resume and not explicit) else _plan_from_args(args)
+    summary = train(
+        plan,
+        args.data,
+        args.cache,
+        folds,
+        val_folds,
+        args.out,
+        annotations=args.annotations,
+        excluded=args.excluded,
+        resume=args.resume,
+        max_minutes=args.max_minutes,
+        progress=not args.quiet,
+        prepare_workers=args.workers,
+    )
+    print(json.dumps(summary))
+    return 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from unet_candidates.extract import extract_paths
+
+    if bool(args.scan) == bool(args.data):
+        raise LungCTError(None, "give either --data DIR --folds F or --scan PATH")
+    if args.data and not args.folds:
+        raise LungCTError(args.data, "--data needs --folds (e.g. --folds 9)")
+    summary = extract_paths(
+        model_dir=args.model,
+        out_csv=args.out,
+        data_dir=args.data,
+        folds=args.folds,
+        scans=args.scan,
+        cache_dir=args.cache,
+        prob_map_dir=args.prob_maps,
+        threshold=args.threshold,
+        max_candidates=args.max_candidates,
+        nms_radius_mm=args.nms_radius,
+        progress=not args.quiet,
+    )
+    for message in summary["failed"].values():
+        print(f"error: {message}", file=sys.stderr)
+    print(json.dumps({k: v for k, v in summary.items() if k != "scans"}))
+    if summary["failed"]:
+        return 2 if not summary["scans"] else 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser (exposed for tests and documentation)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m unet_candidates",
+        description="Stage 1 of the nodule detector: U-Net candidate extraction.",
+    )
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser(
+        "train",
+        help="train a 2-D or 3-D U-Net from the per-scan cache",
+        description="Train a candidate U-Net. Writes OUT/plan.json, manifest.json, model.keras, "
+        "train_log.csv and checkpoints/ (one per epoch; --resume continues).",
+    )
+    p.add_argument(
+        "--data", required=True, help="LUNA16-layout folder (subset0..9, annotations.csv)"
+    )
+    p.add_argument("--cache", required=True, help="per-scan cache (missing entries are prepared)")
+    p.add_argument("--folds", default="0-7", help="training subsets (default 0-7)")
+    p.add_argument("--val-folds", default="8", help="validation subsets (default 8; '' = none)")
+    p.add_argument("--out", required=True, help="model folder")
+    p.add_argument("--variant", choices=["2d", "3d"], help="named plan (default 2d)")
+    p.add_argument("--plan", help="plan JSON (a variant's defaults + any overridden fields)")
+    p.add_argument("--annotations", help="nodule table (default DATA/annotations.csv)")
+    p.add_argument(
+        "--excluded",
+        help="findings the loss ignores (default DATA/annotations_excluded.csv; '' = none)",
+    )
+    p.add_argument("--epochs", type=int, help="override the plan's epochs")
+    p.add_argument("--steps-per-epoch", type=int, help="override the plan's steps per epoch")
+    p.add_argument("--seed", type=int, help="override the plan's seed")
+    p.add_argument("--max-minutes", type=float, help="stop after this much training wall time")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--workers", type=int, default=2, help="processes preparing the cache")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser(
+        "extract",
+        help="write nodule candidates (CSV, world mm) of scans",
+        description="Extract candidates: seriesuid,coordX,coordY,coordZ,probability,diameter_mm. "
+        "Also writes OUT's resolved plan (<out>.plan.json) and a per-scan summary "
+        "(<out>.summary.json).",
+    )
+    p.add_argument("--data", help="LUNA16-layout folder (with --folds)")
+    p.add_argument("--folds", help="subsets of --data to process, e.g. 9 or 8-9")
+    p.add_argument("--cache", help="per-scan cache to read prepared scans from (optional)")
+    p.add_argument(
+        "--scan", action="append", help=".mhd/.nii(.gz) file or DICOM folder (repeatable)"
+    )
+    p.add_argument("--model", required=True, help="model folder (plan.json + model.keras)")
+    p.add_argument("--out", required=True, help="candidates CSV")
+    p.add_argument("--prob-maps", help="folder for <seriesuid>_prob.mhd probability maps")
+    p.add_argument("--threshold", type=float, help="override the plan's probability threshold")
+    p.add_argument("--max-candidates", type=int, help="override the per-scan cap (0 = none)")
+    p.add_argument("--nms-radius", type=float, help="override the NMS merge radius (mm)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_extract)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    _quiet_tensorflow()
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LungCTError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""The candidate stage's plan: every choice that shapes the data, the model and the candidates.
+
+A :class:`UNetPlan` is a frozen dataclass that round-trips through a plain JSON file the user
+can open in an editor (nnU-Net's "plans"). Variants are named entries of :data:`VARIANTS`; a
+plan file may start from a variant and override any field::
+
+    {"variant": "3d", "spacing": [1.5, 1.5, 1.5], "epochs": 40}
+
+Axis orders: ``spacing`` is world ``(x, y, z)`` mm like every :class:`lungct.Geometry`;
+``patch_size`` and ``window_size`` are numpy ``(z, y, x)`` voxels of the model grid.
+For the 2-D variant the first entry is the number of neighbouring slices fed as channels
+(the output is the centre slice); for the 3-D variant it is the block depth.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from lungct.errors import LungCTError
+from lungct.fileio import write_json_atomic
+from lungct.preprocess import WINDOWS, PreprocessPlan
+
+PLAN_FILE = "plan.json"
+
+
+@dataclass(frozen=True)
+class UNetPlan:
+    """Everything a candidate run depends on, except paths.
+
+    Args:
+        name: label of the plan (shows up in model folders and logs).
+        variant: ``"2d"`` (axial slices, neighbouring slices as channels) or ``"3d"`` (blocks).
+        spacing: model grid ``(x, y, z)`` mm; scans and the 1 mm cache are resampled to it on a
+            world-aligned grid.
+        hu_window: HU range mapped to [0, 1] (clipped outside).
+        filters: encoder widths, one per level (depth = number of entries).
+        bottleneck_filters: width of the lowest level.
+        convs_per_block: convolutions per level.
+        batch_norm: batch normalisation after each convolution.
+        dropout: dropout at the bottleneck.
+        output_prior: initial output probability (the last layer's bias), see the models.
+        patch_size: training patch ``(z, y, x)`` voxels (2-D: ``(slices, h, w)``).
+        window_size: extraction window ``(z, y, x)`` voxels (2-D: ``(slices, h, w)``).
+        window_overlap: fraction of a window shared with its neighbour along each axis.
+        window_batch: windows predicted per batch at extraction.
+        target_margin_mm: added to each nodule's radius to make its target sphere / disk.
+        min_target_radius_mm: smallest target radius (3 mm nodules still get a visible blob).
+        max_target_radius_mm: largest target radius. Dice over a batch weighs each nodule by
+            its target volume; without a cap a 20 mm nodule counts 300 times a 3 mm one and
+            the network learns to ignore small nodules. The candidate needs the centre, not
+            the outline.
+        batch_size: training patches per step.
+        nodule_fraction: share of patches containing a nodule (random offset inside the patch).
+        vessel_fraction: share of hard negatives centred on bright lung voxels (vessels, walls).
+        max_offset_fraction: a nodule's centre lies within this fraction of the patch's half
+            size from the patch centre.
+        flip: random flips along every axis; rot90: random 90-degree rotations in the axial
+            plane; intensity_jitter: +- scale and shift of the [0, 1] intensities;
+            noise_std: Gaussian noise added to the [0, 1] intensities.
+        optimizer: ``"adam"`` or ``"sgd_nesterov"`` (the seed: SGD Nesterov, lr 1e-3).
+        learning_rate: initial learning rate (cosine decay to 5 % over the run's budget).
+        dice_smooth: smoothing term of the Dice loss; fn_weight: Tversky weight of false
+            negatives (0.5 = Dice, the seed; more = recall first); bce_weight: weight of an
+            added BCE term.
+        epochs, steps_per_epoch: training length (``--max-minutes`` may stop it earlier).
+        val_patches: fixed validation patches drawn once from the validation folds.
+        buffer_size: patches held in the shuffle buffer (bounds training memory).
+        seed: random seed of sampling, augmentation and initialisation.
+        threshold: probability above which voxels form candidate components.
+        lung_dilation_mm: the probability map is kept inside the lung mask dilated this much.
+        min_component_voxels: smaller components are dropped.
+        nms_radius_mm: marks closer than this are merged (the most probable is kept).
+        max_candidates: most candidates kept per scan (most probable first; 0 = no cap).
+    """
+
+    name: str = "unet2d"
+    variant: str = "2d"
+    # Model grid and input.
+    spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)
+    hu_window: tuple[float, float] = WINDOWS["mgicnn"]
+    # Network.
+    filters: tuple[int, ...] = (32, 64, 96, 128, 128)
+    bottleneck_filters: int = 128
+    convs_per_block: int = 2
+    batch_norm: bool = True
+    dropout: float = 0.0
+    output_prior: float = 0.01
+    # Patches and windows.
+    patch_size: tuple[int, int, int] = (3, 64, 64)
+    window_size: tuple[int, int, int] = (3, 128, 128)
+    window_overlap: float = 0.25
+    window_batch: int = 8
+    # Targets.
+    target_margin_mm: float = 1.0
+    min_target_radius_mm: float = 3.0
+    max_target_radius_mm: float = 5.0
+    # Sampling and augmentation.
+    batch_size: int = 16
+    nodule_fraction: float = 0.5
+    vessel_fraction: float = 0.3
+    max_offset_fraction: float = 0.6
+    flip: bool = True
+    rot90: bool = True
+    intensity_jitter: float = 0.05
+    noise_std: float = 0.01
+    # Optimisation.
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    dice_smooth: float = 1.0
+    fn_weight: float = 0.5
+    bce_weight: float = 0.0
+    epochs: int = 30
+    steps_per_epoch: int = 50
+    val_patches: int = 64
+    buffer_size: int = 256
+    seed: int = 0
+    # Candidates.
+    threshold: float = 0.5
+    lung_dilation_mm: float = 4.0
+    min_component_voxels: int = 1
+    nms_radius_mm: float = 8.0
+    max_candidates: int = 100
+    version: int = field(default=1)
+
+    def __post_init__(self) -> None:
+        for key, cast in (
+            ("spacing", float),
+            ("hu_window", float),
+            ("filters", int),
+            ("patch_size", int),
+            ("window_size", int),
+        ):
+            value = getattr(self, key)
+            if not isinstance(value, list | tuple):
+                raise LungCTError(None, f"plan {self.name!r}: {key} must be a list")
+            object.__setattr__(self, key, tuple(cast(v) for v in value))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`LungCTError` naming the first inconsistent field."""
+
+        def bad(problem: str) -> LungCTError:
+            return LungCTError(None, f"plan {self.name!r}: {problem}")
+
+        if self.variant not in ("2d", "3d"):
+            raise bad(f"variant must be '2d' or '3d', got {self.variant!r}")
+        if len(self.spacing) != 3 or min(self.spacing) <= 0:
+            raise bad("spacing must be 3 positive numbers (x, y, z mm)")
+        if len(self.hu_window) != 2 or self.hu_window[0] >= self.hu_window[1]:
+            raise bad(f"hu_window must be [low, high], got {list(self.hu_window)}")
+        if not self.filters or min(self.filters) < 1 or self.bottleneck_filters < 1:
+            raise bad("filters and bottleneck_filters must be positive")
+        multiple = 2 ** len(self.filters)
+        for key in ("patch_size", "window_size"):
+            size = getattr(self, key)
+            if len(size) != 3 or min(size) < 1:
+                raise bad(f"{key} must be 3 positive sizes (z, y, x)")
+            spatial = size[1:] if self.variant == "2d" else size
+            if any(s % multiple for s in spatial):
+                raise bad(
+                    f"{key} {list(size)}: the {len(self.filters)}-level U-Net needs "
+                    f"{'in-plane ' if self.variant == '2d' else ''}sizes divisible by {multiple}"
+                )
+        if self.variant == "2d":
+            if self.patch_size[0] % 2 == 0:
+                raise bad("2-D patch_size[0] (neighbouring slices) must be odd")
+            if self.window_size[0] != self.patch_size[0]:
+                raise bad("2-D window_size[0] must equal patch_size[0] (the input slices)")
+        if not 0.0 <= self.window_overlap < 1.0:
+            raise bad("window_overlap must be in [0, 1)")
+        if not 0.0 <= self.nodule_fraction <= 1.0 or not 0.0 <= self.vessel_fraction <= 1.0:
+            raise bad("nodule_fraction and vessel_fraction must be in [0, 1]")
+        if self.nodule_fraction + self.vessel_fraction > 1.0:
+            raise bad("nodule_fraction + vessel_fraction must not exceed 1")
+        if not 0.0 <= self.max_offset_fraction <= 1.0:
+            raise bad("max_offset_fraction must be in [0, 1]")
+        if self.optimizer not in ("adam", "sgd_nesterov"):
+            raise bad(f"optimizer must be 'adam' or 'sgd_nesterov', got {self.optimizer!r}")
+        if not 0.0 < self.threshold < 1.0:
+            raise bad("threshold must be in (0, 1)")
+        if not 0.0 < self.min_target_radius_mm <= self.max_target_radius_mm:
+            raise bad("need 0 < min_target_radius_mm <= max_target_radius_mm")
+        if not 0.0 < self.output_prior < 1.0:
+            raise bad("output_prior must be in (0, 1)")
+        for key in ("batch_size", "epochs", "steps_per_epoch", "window_batch", "buffer_size"):
+            if getattr(self, key) < 1:
+                raise bad(f"{key} must be >= 1")
+        if self.val_patches < 0 or self.max_candidates < 0 or self.min_component_voxels < 1:
+            raise bad("val_patches and max_candidates must be >= 0, min_component_voxels >= 1")
+        if self.learning_rate <= 0 or self.dice_smooth < 0 or self.bce_weight < 0:
+            raise bad("learning_rate must be > 0; dice_smooth and bce_weight >= 0")
+        if not 0.0 < self.fn_weight < 1.0:
+            raise bad("fn_weight must be in (0, 1)")
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def input_channels(self) -> int:
+        """Channels of the model input (neighbouring slices for 2-D, 1 for 3-D)."""
+        return self.patch_size[0] if self.variant == "2d" else 1
+
+    @property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        """The model grid spacing in numpy order."""
+        return (self.spacing[2], self.spacing[1], self.spacing[0])
+
+    @property
+    def preprocess(self) -> PreprocessPlan:
+        """The resampling/windowing part as a :class:`lungct.preprocess.PreprocessPlan`."""
+        return PreprocessPlan(
+            name=f"{self.name}_input",
+            spacing=self.spacing,
+            hu_window=self.hu_window,
+            output_range=(0.0, 1.0),
+            image_interpolation="linear",
+            align_to_world=True,
+        )
+
+    def build_model(self):
+        """A freshly initialised Keras model of this plan (not compiled)."""
+        from unet_candidates.model import UNet2D, UNet3D
+
+        cls = UNet2D if self.variant == "2d" else UNet3D
+        return cls(
+            filters=self.filters,
+            bottleneck_filters=self.bottleneck_filters,
+            input_channels=self.input_channels,
+            convs_per_block=self.convs_per_block,
+            batch_norm=self.batch_norm,
+            dropout=self.dropout,
+            output_prior=self.output_prior,
+            name=f"unet{self.variant}",
+        )
+
+    # ------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str | Path | None = None) -> UNetPlan:
+        """Build from JSON: start from ``d['variant']``'s defaults, then apply every other key.
+
+        Unknown keys are an error (a typo must not pass silently).
+        """
+        if not isinstance(d, dict):
+            raise LungCTError(source, "a plan must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise LungCTError(source, f"unknown plan keys {unknown}")
+        variant = d.get("variant", "2d")
+        try:
+            base = variant_plan(variant)
+            return replace(base, **d)
+        except LungCTError as exc:
+            raise LungCTError(source, exc.problem) from None
+        except (TypeError, ValueError) as exc:
+            raise LungCTError(source, f"bad plan value ({exc})") from None
+
+    def save(self, path: str | Path) -> None:
+        """Write the plan as indented JSON, atomically."""
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> UNetPlan:
+        """Read a plan written by :meth:`save` (or a hand-written partial one)."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise LungCTError(path, "plan file is missing") from None
+        except OSError as exc:
+            raise LungCTError(path, f"cannot be read ({exc.strerror})") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise LungCTError(path, f"is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        return cls.from_dict(data, source=path)
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    # The seed's 2-D design (encoder 32/64/96/128/128 + 128 bottleneck, Dice loss), fed three
+    # neighbouring 2 mm slices so a vessel crossing the slice looks different from a nodule.
+    "2d": {
+        "name": "unet2d",
+        "variant": "2d",
+    },
+    # The 3-D seed's design (sphere targets, 48^3 windows), made light enough for a CPU.
+    "3d": {
+        "name": "unet3d",
+        "variant": "3d",
+        "filters": (8, 16, 32, 64),
+        "bottleneck_filters": 64,
+        "patch_size": (48, 48, 48),
+        "window_size": (64, 64, 64),
+        "batch_size": 4,
+        "steps_per_epoch": 50,
+    },
+}
+"""Named plans; ``--variant NAME`` picks one, a ``--plan FILE`` may override any field."""
+
+
+def variant_plan(variant: str, **overrides: Any) -> UNetPlan:
+    """The default plan of a named variant, with optional field overrides."""
+    if variant not in VARIANTS:
+        raise LungCTError(None, f"unknown variant {variant!r} (choose from {sorted(VARIANTS)})")
+    values = {**VARIANTS[variant], **overrides}
+    return UNetPlan(**values)

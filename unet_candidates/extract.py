@@ -1,0 +1,549 @@
+"""Candidate extraction: scan -> model grid -> sliding-window probability map -> candidates.
+
+Steps for one scan:
+
+1. resample the scan (or a cached 1 mm volume) to the plan's spacing on a world-aligned grid,
+   window the HU to [0, 1], and get the lung mask (segmented, or resampled from the cache);
+2. slide the model over the lung bounding box: windows overlap by ``window_overlap`` and are
+   blended with Gaussian weights (centre pixels count most, as in nnU-Net), in batches;
+3. keep the probability inside the lung mask dilated by ``lung_dilation_mm``;
+4. :func:`unet_candidates.postprocess.candidates_from_probability` turns the map into marks.
+
+Optionally the probability map is written as ``.mhd`` on the scan's own grid (its original
+spacing and direction), so it overlays the CT in any viewer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from lungct.cache import CachedScan
+from lungct.errors import LungCTError
+from lungct.fileio import write_json_atomic
+from lungct.geometry import IDENTITY, Geometry
+from lungct.io import image_from_array, write_image
+from lungct.lungmask import segment_lungs
+from lungct.preprocess import apply_window, resample_array, resample_mask
+from lungct.scan import AIR_HU, Scan
+from unet_candidates.config import PLAN_FILE, UNetPlan
+from unet_candidates.postprocess import Candidate, candidates_from_probability
+
+MODEL_FILE = "model.keras"
+DENSE_HU = -500.0
+"""Tissue above this counts as dense when nodule diameters are estimated from the image."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Model folder
+# ----------------------------------------------------------------------------------------------
+
+
+def load_unet(model_dir: str | os.PathLike) -> tuple[Any, UNetPlan]:
+    """Load ``model.keras`` (``safe_mode=True``) and ``plan.json`` from a model folder.
+
+    Raises:
+        LungCTError: the folder, its plan or its weights are missing or unreadable, or the
+            weights do not fit the plan.
+    """
+    import keras
+
+    import unet_candidates.model  # noqa: F401  (registers the custom classes)
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise LungCTError(model_dir, "model folder does not exist")
+    plan_path = model_dir / PLAN_FILE
+    if not plan_path.is_file():
+        raise LungCTError(
+            model_dir,
+            f"no {PLAN_FILE} in the model folder (train one with `python -m unet_candidates "
+            "train`)",
+        )
+    plan = UNetPlan.load(plan_path)
+    weights = model_dir / MODEL_FILE
+    if not weights.is_file():
+        hint = ""
+        if any((model_dir / "checkpoints").glob("*.keras")):
+            hint = "; training did not finish: continue it with `train --resume`"
+        raise LungCTError(model_dir, f"no {MODEL_FILE} (the trained weights) in the folder{hint}")
+    try:
+        model = keras.saving.load_model(weights, safe_mode=True, compile=False)
+    except Exception as exc:  # Keras raises many types for a broken file
+        raise LungCTError(weights, f"cannot be loaded as a Keras model ({exc})") from None
+    channels = int(model.inputs[0].shape[-1])
+    if channels != plan.input_channels or len(model.inputs[0].shape) != (
+        4 if plan.variant == "2d" else 5
+    ):
+        raise LungCTError(
+            weights,
+            f"model input {tuple(model.inputs[0].shape)} does not fit the plan's "
+            f"{plan.variant} variant with {plan.input_channels} channel(s)",
+        )
+    return model, plan
+
+
+# ----------------------------------------------------------------------------------------------
+# Model input
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelInput:
+    """A scan on the model grid.
+
+    Attributes:
+        seriesuid: the series.
+        image: ``(z, y, x)`` float32 intensities in [0, 1] (the plan's HU window).
+        lung: ``(z, y, x)`` uint8 lung mask on the same grid.
+        geometry: the model grid (world-aligned, the plan's spacing).
+        source_geometry: the scan's own grid (for writing the probability map), if known.
+        source: path or name of the scan, for messages.
+    """
+
+    seriesuid: str
+    image: np.ndarray
+    lung: np.ndarray
+    geometry: Geometry
+    source_geometry: Geometry | None
+    source: str
+
+
+def _on_model_grid(geometry: Geometry, plan: UNetPlan) -> bool:
+    return np.allclose(geometry.spacing, plan.spacing) and np.allclose(geometry.direction, IDENTITY)
+
+
+def prepare_input(source: Scan | CachedScan, plan: UNetPlan) -> ModelInput:
+    """Resample a scan (own lung segmentation) or a cached scan (its mask) to the model grid.
+
+    Raises:
+        LungCTError: no lungs found.
+    """
+    if isinstance(source, CachedScan):
+        name = str(source.meta.get("source") or source.seriesuid)
+        if _on_model_grid(source.geometry, plan):
+            hu, geometry = np.asarray(source.volume), source.geometry
+            lung = np.asarray(source.lung)
+        else:
+            hu, geometry = resample_array(
+                source.volume, source.geometry, plan.spacing, "linear", AIR_HU, True
+            )
+            lung, _ = resample_mask(source.lung, source.geometry, plan.spacing, True)
+        if not lung.any():
+            # The cache's mask was segmented on the 1 mm grid; segmentation on the model grid
+            # samples the air gaps differently and sometimes succeeds where that one failed.
+            lung = segment_lungs(Scan(hu.astype(np.int16, copy=False), geometry, name, source=name))
+        source_geo = source.meta.get("source_geometry")
+        native = Geometry.from_dict(source_geo) if source_geo else source.geometry
+        image = apply_window(hu, plan.hu_window, (0.0, 1.0))
+        return ModelInput(source.seriesuid, image, lung.astype(np.uint8), geometry, native, name)
+    if not isinstance(source, Scan):
+        raise TypeError(f"expected a lungct Scan or CachedScan, got {type(source).__name__}")
+    name = source.source or source.seriesuid
+    if _on_model_grid(source.geometry, plan):
+        hu, geometry = source.array, source.geometry
+    else:
+        hu, geometry = resample_array(
+            source.array, source.geometry, plan.spacing, "linear", AIR_HU, True
+        )
+    model_scan = Scan(hu.astype(np.int16, copy=False), geometry, source.seriesuid, source=name)
+    lung = segment_lungs(model_scan)  # raises LungCTError "no lungs found"
+    image = apply_window(hu, plan.hu_window, (0.0, 1.0))
+    return ModelInput(source.seriesuid, image, lung, geometry, source.geometry, name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sliding windows
+# ----------------------------------------------------------------------------------------------
+
+
+def window_starts(length: int, window: int, overlap: float) -> np.ndarray:
+    """Start indices of windows covering ``[0, length)``, evenly spread, overlapping >= ``overlap``."""
+    if length <= window:
+        return np.zeros(1, np.int64)
+    step = max(1, int(window * (1.0 - overlap)))
+    n = int(np.ceil((length - window) / step)) + 1
+    return np.unique(np.round(np.linspace(0, length - window, n)).astype(np.int64))
+
+
+def gaussian_weights(size: tuple[int, ...], sigma_fraction: float = 0.125) -> np.ndarray:
+    """Separable Gaussian importance map (1 at the centre, >= 1e-3 at the edges)."""
+    w = np.ones((), np.float32)
+    for n in size:
+        x = (np.arange(n) - (n - 1) / 2.0) / max(n * sigma_fraction, 1e-6)
+        w = np.multiply.outer(w, np.exp(-0.5 * x * x).astype(np.float32))
+    return np.maximum(w / w.max(), 1e-3).astype(np.float32)
+
+
+def _ball(radius_zyx: np.ndarray) -> np.ndarray:
+    r = np.maximum(np.asarray(radius_zyx, float), 1e-6)
+    c = np.floor(r).astype(int)
+    zz, yy, xx = np.mgrid[-c[0] : c[0] + 1, -c[1] : c[1] + 1, -c[2] : c[2] + 1]
+    return (zz / r[0]) ** 2 + (yy / r[1]) ** 2 + (xx / r[2]) ** 2 <= 1.0 + 1e-9
+
+
+def search_region(data: ModelInput, plan: UNetPlan) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """The dilated lung mask and its bounding box grown to at least one window per axis.
+
+    Raises:
+        LungCTError: the scan is smaller than one window of the model.
+    """
+    shape = np.asarray(data.image.shape)
+    if plan.variant == "2d":
+        window = np.array([1, *plan.window_size[1:]])
+    else:
+        window = np.asarray(plan.window_size)
+    if np.any(shape < window):
+        mm = shape * np.asarray(plan.spacing_zyx)
+        need = window * np.asarray(plan.spacing_zyx)
+        raise LungCTError(
+            data.source,
+            f"scan is smaller than one window of the model: {shape.tolist()} voxels (z, y, x) "
+            f"= {np.round(mm).astype(int).tolist()} mm at the plan's spacing, window "
+            f"{window.tolist()} voxels = {np.round(need).astype(int).tolist()} mm",
+        )
+    lung = data.lung > 0
+    if plan.lung_dilation_mm > 0:
+        lung = ndimage.binary_dilation(
+            lung, structure=_ball(plan.lung_dilation_mm / np.asarray(plan.spacing_zyx))
+        )
+    idx = np.argwhere(lung)
+    lo, hi = idx.min(axis=0), idx.max(axis=0) + 1
+    # Grow to at least one window, centred on the lungs, kept inside the volume.
+    size = np.maximum(hi - lo, window)
+    lo = np.clip((lo + hi) // 2 - size // 2, 0, shape - size)
+    hi = lo + size
+    return lung, tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+
+
+def predict_probability_map(
+    model: Any,
+    data: ModelInput,
+    plan: UNetPlan,
+    progress: bool = False,
+) -> np.ndarray:
+    """Blend overlapping window predictions into a ``(z, y, x)`` float32 map (0 outside lungs)."""
+    lung, region = search_region(data, plan)
+    image = data.image[region]
+    if plan.variant == "2d":
+        prob = _predict_2d(model, data.image, region, plan, progress, data.seriesuid)
+    else:
+        prob = _predict_3d(model, image, plan, progress, data.seriesuid)
+    out = np.zeros(data.image.shape, np.float32)
+    out[region] = prob
+    out *= lung
+    return out
+
+
+def _run_batches(model, windows, make_input, plan, progress, desc, total):
+    """Yield (window, prediction) for windows, predicting ``window_batch`` at a time."""
+    batch = plan.window_batch
+    bar = tqdm(total=total, desc=desc, unit="win", disable=not progress, leave=False)
+    it = iter(windows)
+    while True:
+        chunk = list(itertools.islice(it, batch))
+        if not chunk:
+            break
+        x = np.stack([make_input(w) for w in chunk])
+        if len(chunk) < batch:  # a fixed batch shape avoids retracing the predict function
+            x = np.concatenate([x, np.zeros((batch - len(chunk), *x.shape[1:]), x.dtype)])
+        y = np.asarray(model.predict_on_batch(x))[..., 0]
+        yield from zip(chunk, y[: len(chunk)], strict=True)
+        bar.update(len(chunk))
+    bar.close()
+
+
+def _predict_3d(model, image, plan, progress, desc):
+    window = tuple(plan.window_size)
+    weights = gaussian_weights(window)
+    starts = [
+        window_starts(n, w, plan.window_overlap) for n, w in zip(image.shape, window, strict=True)
+    ]
+    acc = np.zeros(image.shape, np.float32)
+    wsum = np.zeros(image.shape, np.float32)
+    positions = list(itertools.product(*starts))
+
+    def make_input(p):
+        sl = tuple(slice(a, a + w) for a, w in zip(p, window, strict=True))
+        return image[sl][..., None]
+
+    for p, y in _run_batches(model, positions, make_input, plan, progress, desc, len(positions)):
+        sl = tuple(slice(a, a + w) for a, w in zip(p, window, strict=True))
+        acc[sl] += y * weights
+        wsum[sl] += weights
+    return acc / np.maximum(wsum, 1e-12)
+
+
+def _predict_2d(model, volume, region, plan, progress, desc):
+    channels = plan.window_size[0]
+    half = channels // 2
+    tile = tuple(plan.window_size[1:])
+    weights = gaussian_weights(tile)
+    zs = range(region[0].start, region[0].stop)
+    ys = window_starts(region[1].stop - region[1].start, tile[0], plan.window_overlap)
+    xs = window_starts(region[2].stop - region[2].start, tile[1], plan.window_overlap)
+    air = float(apply_window(np.float32(AIR_HU), plan.hu_window, (0.0, 1.0)))
+    padded = np.pad(volume, ((half, half), (0, 0), (0, 0)), constant_values=air)
+    y0, x0 = region[1].start, region[2].start
+    shape = (len(zs), region[1].stop - y0, region[2].stop - x0)
+    acc = np.zeros(shape, np.float32)
+    wsum = np.zeros(shape[1:], np.float32)
+    for ty in ys:
+        for tx in xs:
+            wsum[ty : ty + tile[0], tx : tx + tile[1]] += weights
+    positions = [(z, ty, tx) for z in zs for ty in ys for tx in xs]
+
+    def make_input(p):
+        z, ty, tx = p
+        block = padded[z : z + channels, y0 + ty : y0 + ty + tile[0], x0 + tx : x0 + tx + tile[1]]
+        return np.moveaxis(block, 0, -1)
+
+    z_first = region[0].start
+    for (z, ty, tx), y in _run_batches(
+        model, positions, make_input, plan, progress, desc, len(positions)
+    ):
+        acc[z - z_first, ty : ty + tile[0], tx : tx + tile[1]] += y * weights
+    return acc / np.maximum(wsum, 1e-12)[None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExtractionResult:
+    """Candidates of one scan, with the probability map they came from.
+
+    Attributes:
+        candidates: marks, most probable first.
+        probability: ``(z, y, x)`` float32 map on ``geometry``'s grid.
+        geometry: the model grid (world-aligned, the plan's spacing).
+        source_geometry: the scan's own grid, if known.
+        seconds: wall time of the extraction (preprocessing included).
+        timings: seconds per step (``prepare``: resampling and lung mask, ``predict``:
+            sliding windows, ``postprocess``: components and NMS).
+    """
+
+    candidates: list[Candidate]
+    probability: np.ndarray
+    geometry: Geometry
+    source_geometry: Geometry | None
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _as_scan(volume_or_scan, geometry, seriesuid) -> Scan | CachedScan:
+    if isinstance(volume_or_scan, Scan | CachedScan):
+        return volume_or_scan
+    if isinstance(volume_or_scan, np.ndarray):
+        if geometry is None:
+            raise TypeError("a bare HU array needs geometry=")
+        return Scan(
+            np.asarray(volume_or_scan).astype(np.int16, copy=False),
+            geometry,
+            seriesuid or "scan",
+        )
+    raise TypeError(
+        f"expected a Scan, CachedScan or (z, y, x) HU array, got {type(volume_or_scan).__name__}"
+    )
+
+
+def run_extraction(
+    volume_or_scan: Scan | CachedScan | np.ndarray,
+    model: Any,
+    plan: UNetPlan | None = None,
+    *,
+    geometry: Geometry | None = None,
+    seriesuid: str | None = None,
+    progress: bool = False,
+) -> ExtractionResult:
+    """Like :func:`extract_candidates`, also returning the probability map and timing."""
+    t0 = time.perf_counter()
+    if isinstance(model, str | os.PathLike):
+        model, saved_plan = load_unet(model)
+        plan = plan or saved_plan
+    if plan is None:
+        raise TypeError("pass the plan the model was trained with (or a model folder)")
+    source = _as_scan(volume_or_scan, geometry, seriesuid)
+    data = prepare_input(source, plan)
+    t1 = time.perf_counter()
+    prob = predict_probability_map(model, data, plan, progress=progress)
+    t2 = time.perf_counter()
+    candidates = candidates_from_probability(
+        prob,
+        data.geometry,
+        seriesuid or data.seriesuid,
+        threshold=plan.threshold,
+        min_component_voxels=plan.min_component_voxels,
+        nms_radius_mm=plan.nms_radius_mm,
+        max_candidates=plan.max_candidates,
+        dense=data.image > float(apply_window(np.float32(DENSE_HU), plan.hu_window, (0.0, 1.0))),
+    )
+    t3 = time.perf_counter()
+    timings = {"prepare": t1 - t0, "predict": t2 - t1, "postprocess": t3 - t2}
+    return ExtractionResult(candidates, prob, data.geometry, data.source_geometry, t3 - t0, timings)
+
+
+def extract_candidates(
+    volume_or_scan: Scan | CachedScan | np.ndarray,
+    model: Any,
+    plan: UNetPlan | None = None,
+    *,
+    geometry: Geometry | None = None,
+    seriesuid: str | None = None,
+    progress: bool = False,
+) -> list[Candidate]:
+    """Nodule candidates of one scan, most probable first (world mm).
+
+    Args:
+        volume_or_scan: a :class:`lungct.Scan` (any spacing/direction; lungs are segmented
+            here), a :class:`lungct.cache.CachedScan` (its lung mask is used), or a
+            ``(z, y, x)`` HU array with ``geometry``.
+        model: the Keras U-Net, or a model folder (then ``plan`` defaults to its plan).
+        plan: the plan the model was trained with (post-processing fields may be changed).
+        geometry: placement of a bare HU array.
+        seriesuid: name written in the rows (default: the scan's).
+        progress: show a progress bar over window batches.
+
+    Returns:
+        :class:`unet_candidates.postprocess.Candidate` rows
+        ``(seriesuid, coordX, coordY, coordZ, probability, diameter_mm)``.
+
+    Raises:
+        LungCTError: no lungs found, or the scan is smaller than one window.
+
+    Example:
+        >>> from lungct import read_scan
+        >>> model, plan = load_unet("models/unet2d")  # doctest: +SKIP
+        >>> rows = extract_candidates(read_scan("scan.mhd"), model, plan)  # doctest: +SKIP
+    """
+    return run_extraction(
+        volume_or_scan, model, plan, geometry=geometry, seriesuid=seriesuid, progress=progress
+    ).candidates
+
+
+def write_probability_map(result: ExtractionResult, path: str | os.PathLike) -> None:
+    """Write the map as float32 ``.mhd`` on the scan's own grid (or the model grid if unknown)."""
+    target = result.source_geometry or result.geometry
+    if target == result.geometry:
+        write_image(result.probability, result.geometry, path)
+        return
+    image = image_from_array(result.probability, result.geometry)
+    ref = sitk.Image(list(target.size), sitk.sitkFloat32)
+    ref.SetSpacing(target.spacing)
+    ref.SetOrigin(target.origin)
+    ref.SetDirection(target.direction)
+    out = sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    write_image(sitk.GetArrayViewFromImage(out), target, path)
+
+
+def with_overrides(plan: UNetPlan, **overrides: Any) -> UNetPlan:
+    """The plan with post-processing fields changed (``None`` values are ignored)."""
+    values = {k: v for k, v in overrides.items() if v is not None}
+    return replace(plan, **values) if values else plan
+
+
+def extract_paths(
+    model_dir: str | os.PathLike,
+    out_csv: str | os.PathLike,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    folds: str | Sequence[int] | None = None,
+    scans: Sequence[str | os.PathLike] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    prob_map_dir: str | os.PathLike | None = None,
+    threshold: float | None = None,
+    max_candidates: int | None = None,
+    nms_radius_mm: float | None = None,
+    progress: bool = True,
+) -> dict:
+    """Extract candidates of a dataset's folds or of scan files into one CSV (the CLI's work).
+
+    Writes ``out_csv`` (header-only when nothing is found), the resolved plan beside it as
+    ``<stem>.plan.json`` and a per-scan summary ``<stem>.summary.json``. A scan that fails
+    (no lungs, smaller than a window, unreadable) is reported in ``summary["failed"]`` and the
+    others go on; when every scan fails, no CSV is written.
+
+    Raises:
+        LungCTError: bad model folder, data folder or folds.
+    """
+    from lungct.cache import ScanCache, find_scans
+    from lungct.io import read_scan
+
+    model, plan = load_unet(model_dir)
+    plan = with_overrides(
+        plan, threshold=threshold, max_candidates=max_candidates, nms_radius_mm=nms_radius_mm
+    )
+    plan.validate()
+    jobs: list[tuple[str, Any]] = []
+    if data_dir is not None:
+        if isinstance(folds, str):
+            from lungct.tables import parse_folds
+
+            folds = parse_folds(folds)
+        cache = ScanCache(cache_dir) if cache_dir else None
+        for f in find_scans(data_dir, folds):
+            if cache is not None and cache.is_complete(f.seriesuid):
+                jobs.append((str(f.path), lambda uid=f.seriesuid: cache.open(uid)))
+            else:
+                jobs.append((str(f.path), lambda p=f.path: read_scan(p)))
+    for path in scans or ():
+        jobs.append((str(path), lambda p=path: read_scan(p)))
+
+    rows: list[Candidate] = []
+    per_scan: dict[str, dict] = {}
+    failed: dict[str, str] = {}
+    for name, load in tqdm(jobs, desc="extract", unit="scan", disable=not progress):
+        try:
+            result = run_extraction(load(), model, plan, progress=progress)
+        except LungCTError as exc:
+            failed[name] = str(exc)
+            continue
+        uid = result.candidates[0].seriesuid if result.candidates else _uid_of(name)
+        rows.extend(result.candidates)
+        per_scan[uid] = {
+            "source": name,
+            "candidates": len(result.candidates),
+            "seconds": round(result.seconds, 2),
+        }
+        if prob_map_dir is not None:
+            write_probability_map(result, Path(prob_map_dir) / f"{uid}_prob.mhd")
+    out_csv = Path(out_csv)
+    if per_scan:
+        from unet_candidates.postprocess import write_candidates_csv
+
+        write_candidates_csv(rows, out_csv)
+        stem = out_csv.with_suffix("")
+        plan.save(f"{stem}.plan.json")
+    summary = {
+        "out": str(out_csv) if per_scan else None,
+        "model": str(model_dir),
+        "scans_done": len(per_scan),
+        "candidates": len(rows),
+        "candidates_per_scan": round(len(rows) / len(per_scan), 2) if per_scan else 0.0,
+        "seconds_per_scan": (
+            round(float(np.mean([s["seconds"] for s in per_scan.values()])), 2) if per_scan else 0.0
+        ),
+        "failed": failed,
+        "scans": per_scan,
+    }
+    if per_scan:
+        write_json_atomic(f"{out_csv.with_suffix('')}.summary.json", summary)
+    return summary
+
+
+def _uid_of(name: str) -> str:
+    from lungct.io import series_uid_from_path
+
+    return series_uid_from_path(name)

@@ -1,0 +1,408 @@
+"""Training of the candidate U-Net from the per-scan cache, resumable, with a time budget.
+
+The model folder::
+
+    OUT/plan.json              the resolved plan (written first; a resumed run must match it)
+    OUT/manifest.json          data folder, cache, training/validation folds and series
+    OUT/model.keras            the best model so far (lowest validation loss; the last one
+                               when there is no validation fold)
+    OUT/train_log.csv          one row per epoch
+    OUT/checkpoints/epoch_NNN.keras + state.json   model + optimiser after each epoch
+
+``--resume`` reloads the newest checkpoint (optimiser state included) and continues with the
+next epoch; the learning rate follows a cosine over the planned steps or ``--max-minutes``,
+whichever ends first; epoch ``e`` always draws the same patches, so an
+interrupted run continues the stream it would have seen.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from lungct.cache import ScanCache, find_scans, prepare_dataset
+from lungct.errors import LungCTError
+from lungct.fileio import atomic_path, write_json_atomic, write_text_atomic
+from unet_candidates.config import PLAN_FILE, UNetPlan
+from unet_candidates.data import PatchSampler, ScanSamples, build_scan_samples
+from unet_candidates.extract import MODEL_FILE
+
+LOG_FILE = "train_log.csv"
+MANIFEST_FILE = "manifest.json"
+CHECKPOINT_DIR = "checkpoints"
+STATE_FILE = "state.json"
+LOG_COLUMNS = (
+    "epoch",
+    "steps",
+    "loss",
+    "val_loss",
+    "val_dice",
+    "learning_rate",
+    "epoch_seconds",
+    "samples_per_s",
+    "elapsed_s",
+)
+KEEP_CHECKPOINTS = 2
+
+
+def compile_model(model: Any, plan: UNetPlan) -> Any:
+    """Attach the plan's optimiser and Dice/Tversky loss (the learning rate is set per step)."""
+    import keras
+
+    from unet_candidates.model import DiceLoss
+
+    if plan.optimizer == "adam":
+        optimizer = keras.optimizers.Adam(learning_rate=plan.learning_rate)
+    else:
+        optimizer = keras.optimizers.SGD(
+            learning_rate=plan.learning_rate, momentum=0.9, nesterov=True
+        )
+    model.compile(
+        optimizer=optimizer,
+        loss=DiceLoss(
+            smooth=plan.dice_smooth, fn_weight=plan.fn_weight, bce_weight=plan.bce_weight
+        ),
+        jit_compile=False,
+    )
+    return model
+
+
+def cosine_learning_rate(plan: UNetPlan, progress: float) -> float:
+    """Cosine decay from ``plan.learning_rate`` to 5 % of it as ``progress`` goes 0 -> 1."""
+    progress = min(max(progress, 0.0), 1.0)
+    return plan.learning_rate * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def dice_score(y_true: np.ndarray, y_pred: np.ndarray, smooth: float = 1.0) -> float:
+    """Soft Dice of two arrays (pooled over everything; targets above 1 are left out)."""
+    valid = y_true <= 1.0
+    y_true, y_pred = y_true * valid, y_pred * valid
+    inter = float(np.sum(y_true * y_pred))
+    return (2.0 * inter + smooth) / (float(np.sum(y_true) + np.sum(y_pred)) + smooth)
+
+
+def _save_model(model: Any, path: Path) -> None:
+    with atomic_path(path, suffix=".keras") as tmp:
+        model.save(tmp)
+
+
+def _nodules_by_series(
+    annotations_path: Path, uids: Iterable[str], excluded: bool = False
+) -> dict[str, np.ndarray]:
+    from lungct.tables import read_annotations
+
+    table = read_annotations(annotations_path, allow_negative_diameter=excluded)
+    out = {}
+    for uid in uids:
+        rows = table.rows_in_series(uid)
+        out[uid] = np.column_stack([table.coords[rows], table.diameter_mm[rows]]).reshape(-1, 4)
+    return out
+
+
+class _Logger:
+    """``train_log.csv``, rewritten atomically after every epoch."""
+
+    def __init__(self, path: Path, resume: bool) -> None:
+        self.path = path
+        self.rows: list[dict] = []
+        if resume and path.is_file():
+            with path.open(newline="") as f:
+                self.rows = list(csv.DictReader(f))
+
+    def truncate(self, epochs: int) -> None:
+        self.rows = [r for r in self.rows if int(r["epoch"]) <= epochs]
+
+    def append(self, row: dict) -> None:
+        self.rows.append({k: row.get(k, "") for k in LOG_COLUMNS})
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_text_atomic(self.path, buf.getvalue())
+
+
+def _resolve_scans(
+    data_dir: Path, cache: ScanCache, folds: list[int], val_folds: list[int], workers: int
+) -> tuple[list[str], list[str], dict]:
+    scans = find_scans(data_dir, folds + val_folds)
+    missing = [s for s in scans if not cache.is_complete(s.seriesuid)]
+    report: dict = {"failed": {}}
+    if missing:
+        print(f"preparing {len(missing)} scan(s) into the cache {cache.root}", file=sys.stderr)
+        existing = cache.plan if (cache.root / "plan.json").is_file() else None
+        report = prepare_dataset(
+            data_dir, cache.root, existing, folds=folds + val_folds, workers=workers
+        )
+        for message in report["failed"].values():
+            print(f"warning: skipped: {message}", file=sys.stderr)
+    train_uids, val_uids = [], []
+    for s in scans:
+        if not cache.is_complete(s.seriesuid):
+            continue
+        (train_uids if s.fold in folds else val_uids).append(s.seriesuid)
+    if not train_uids:
+        raise LungCTError(data_dir, f"no usable training scan in folds {folds}")
+    return train_uids, val_uids, report
+
+
+def _samples(
+    cache: ScanCache,
+    uids: list[str],
+    nodules: dict[str, np.ndarray],
+    excluded: dict[str, np.ndarray],
+    plan: UNetPlan,
+    seed: int,
+    progress: bool,
+    desc: str,
+) -> list[ScanSamples]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for uid in tqdm(uids, desc=desc, unit="scan", disable=not progress, leave=False):
+        scan = cache.open(uid)
+        none = np.zeros((0, 4))
+        out.append(
+            build_scan_samples(
+                scan, nodules.get(uid, none), plan, rng=rng, excluded=excluded.get(uid, none)
+            )
+        )
+    return out
+
+
+def train(
+    plan: UNetPlan | None,
+    data_dir: str | os.PathLike,
+    cache_dir: str | os.PathLike,
+    folds: list[int],
+    val_folds: list[int],
+    out_dir: str | os.PathLike,
+    *,
+    annotations: str | os.PathLike | None = None,
+    excluded: str | os.PathLike | None = None,
+    resume: bool = False,
+    max_minutes: float | None = None,
+    progress: bool = True,
+    prepare_workers: int = 2,
+) -> dict:
+    """Train (or resume training) a candidate U-Net; return a summary dict.
+
+    Args:
+        plan: the plan (``None`` with ``resume``: the saved one).
+        data_dir: LUNA16-layout folder (``subsetN/*.mhd``, ``annotations.csv``).
+        cache_dir: per-scan cache; missing entries of the folds are prepared first.
+        folds: training subsets; val_folds: validation subsets (may be empty).
+        out_dir: the model folder.
+        annotations: nodule table (default ``data_dir/annotations.csv``).
+        excluded: findings the loss ignores (default ``data_dir/annotations_excluded.csv``
+            when it exists; ``""`` = none).
+        resume: continue from the newest checkpoint in ``out_dir``.
+        max_minutes: stop after the epoch during which this much wall time (all runs of this
+            folder together) has passed; the stopped epoch is validated and checkpointed.
+        progress: progress bars.
+        prepare_workers: processes for preparing missing cache entries.
+
+    Raises:
+        LungCTError: bad folds, missing data, a folder holding another run, a plan mismatch.
+    """
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    ckpt_dir = out_dir / CHECKPOINT_DIR
+    state_path = ckpt_dir / STATE_FILE
+    overlap = sorted(set(folds) & set(val_folds))
+    if overlap:
+        raise LungCTError(None, f"folds {overlap} are both training and validation folds")
+    if resume:
+        if not state_path.is_file():
+            raise LungCTError(out_dir, "nothing to resume: no checkpoints/state.json")
+        saved = UNetPlan.load(out_dir / PLAN_FILE)
+        if plan is not None and plan != saved:
+            raise LungCTError(
+                out_dir / PLAN_FILE, "the saved plan differs from the requested one; not resuming"
+            )
+        plan = saved
+        state = json.loads(state_path.read_text())
+    else:
+        if plan is None:
+            raise TypeError("plan is required for a new run")
+        if state_path.is_file() or (out_dir / MODEL_FILE).is_file():
+            raise LungCTError(
+                out_dir, "already holds a training run; use --resume or another --out folder"
+            )
+        state = {"epoch": 0, "elapsed_s": 0.0, "best_val_loss": None, "best_epoch": None}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan.save(out_dir / PLAN_FILE)
+
+    annotations = Path(annotations) if annotations else data_dir / "annotations.csv"
+    if not annotations.is_file():
+        raise LungCTError(annotations, "annotation table not found (pass --annotations)")
+    cache = ScanCache(cache_dir)
+    # Prepare missing cache entries before TensorFlow starts its threads (the preparation
+    # forks worker processes).
+    train_uids, val_uids, _ = _resolve_scans(data_dir, cache, folds, val_folds, prepare_workers)
+
+    import keras
+
+    import unet_candidates.model  # noqa: F401  (registers the custom classes)
+
+    nodules = _nodules_by_series(annotations, train_uids + val_uids)
+    if excluded is None and (data_dir / "annotations_excluded.csv").is_file():
+        excluded = data_dir / "annotations_excluded.csv"
+    ignored = {}
+    if excluded:
+        excluded = Path(excluded)
+        ignored = _nodules_by_series(excluded, train_uids + val_uids, excluded=True)
+    manifest = {
+        "plan": plan.name,
+        "variant": plan.variant,
+        "data_dir": str(data_dir.resolve()),
+        "cache_dir": str(Path(cache_dir).resolve()),
+        "annotations": str(annotations.resolve()),
+        "excluded": str(excluded.resolve()) if excluded else None,
+        "cache_plan": cache.plan.to_dict(),
+        "train_folds": list(folds),
+        "val_folds": list(val_folds),
+        "train_series": train_uids,
+        "val_series": val_uids,
+        "train_nodules": int(sum(len(nodules[u]) for u in train_uids)),
+        "val_nodules": int(sum(len(nodules[u]) for u in val_uids)),
+        "versions": {
+            "python": platform.python_version(),
+            "keras": keras.__version__,
+            "backend": keras.backend.backend(),
+        },
+    }
+    write_json_atomic(out_dir / MANIFEST_FILE, manifest)
+
+    train_samples = _samples(
+        cache, train_uids, nodules, ignored, plan, plan.seed, progress, "index"
+    )
+    sampler = PatchSampler(cache, train_samples, plan, augment=True, seed=plan.seed)
+    val_set = None
+    if val_uids and plan.val_patches > 0:
+        val_samples = _samples(
+            cache, val_uids, nodules, ignored, plan, plan.seed + 1, progress, "val"
+        )
+        if val_samples:
+            val_sampler = PatchSampler(cache, val_samples, plan, augment=False, seed=plan.seed + 1)
+            val_set = val_sampler.fixed_set(plan.val_patches)
+
+    keras.utils.set_random_seed(plan.seed + state["epoch"])
+    if resume:
+        ckpt = ckpt_dir / state["checkpoint"]
+        try:
+            model = keras.saving.load_model(ckpt, safe_mode=True)
+        except Exception as exc:
+            raise LungCTError(ckpt, f"checkpoint cannot be loaded ({exc})") from None
+    else:
+        model = compile_model(plan.build_model(), plan)
+
+    logger = _Logger(out_dir / LOG_FILE, resume)
+    logger.truncate(state["epoch"])
+    t_start = time.perf_counter()
+    elapsed0 = float(state["elapsed_s"])
+    stopped_by_time = False
+    first_step = True
+    total_steps = plan.epochs * plan.steps_per_epoch
+    lr = cosine_learning_rate(plan, state["epoch"] / plan.epochs)
+    for epoch in range(state["epoch"], plan.epochs):
+        t_epoch = time.perf_counter()
+        bar = keras.utils.Progbar(plan.steps_per_epoch, verbose=1 if progress else 0)
+        losses, steps, timed_samples, timed_seconds = [], 0, 0, 0.0
+        for x, y in sampler.batches(epoch):
+            # The learning rate follows a cosine over the run's budget: the planned steps, or
+            # --max-minutes when that ends first (a resumed run picks up where it was).
+            progress = (epoch * plan.steps_per_epoch + steps) / total_steps
+            if max_minutes:
+                elapsed = elapsed0 + time.perf_counter() - t_start
+                progress = max(progress, elapsed / (60.0 * max_minutes))
+            lr = cosine_learning_rate(plan, progress)
+            model.optimizer.learning_rate.assign(lr)
+            t_step = time.perf_counter()
+            logs = model.train_on_batch(x, y, return_dict=True)
+            dt = time.perf_counter() - t_step
+            if not first_step:  # the first step traces the graph
+                timed_samples += len(x)
+                timed_seconds += dt
+            first_step = False
+            losses.append(float(logs["loss"]))
+            steps += 1
+            bar.update(steps, values=[("loss", losses[-1])])
+            if max_minutes and elapsed0 + time.perf_counter() - t_start > 60.0 * max_minutes:
+                stopped_by_time = True
+                break
+        val_loss, val_dice = _validate(model, val_set, plan)
+        row = {
+            "epoch": epoch + 1,
+            "steps": steps,
+            "loss": f"{np.mean(losses):.5f}" if losses else "",
+            "val_loss": "" if val_loss is None else f"{val_loss:.5f}",
+            "val_dice": "" if val_dice is None else f"{val_dice:.5f}",
+            "learning_rate": f"{lr:.3g}",
+            "epoch_seconds": f"{time.perf_counter() - t_epoch:.1f}",
+            "samples_per_s": f"{timed_samples / timed_seconds:.2f}" if timed_seconds else "",
+            "elapsed_s": f"{elapsed0 + time.perf_counter() - t_start:.1f}",
+        }
+        logger.append(row)
+        name = f"epoch_{epoch + 1:03d}.keras"
+        _save_model(model, ckpt_dir / name)
+        best = state["best_val_loss"]
+        improved = val_loss is None or best is None or val_loss < best
+        if improved:
+            _save_model(model, out_dir / MODEL_FILE)
+            state.update(best_val_loss=val_loss, best_epoch=epoch + 1)
+        state.update(
+            epoch=epoch + 1,
+            checkpoint=name,
+            elapsed_s=round(elapsed0 + time.perf_counter() - t_start, 1),
+        )
+        write_json_atomic(state_path, state)
+        for old in sorted(ckpt_dir.glob("epoch_*.keras"))[:-KEEP_CHECKPOINTS]:
+            old.unlink()
+        if progress:
+            print(
+                f"epoch {epoch + 1}/{plan.epochs}: loss {row['loss']} val_loss {row['val_loss']} "
+                f"val_dice {row['val_dice']} ({row['samples_per_s']} samples/s)"
+                + (" *" if improved else ""),
+                file=sys.stderr,
+            )
+        if stopped_by_time:
+            break
+    summary = {
+        "epochs_done": state["epoch"],
+        "epochs_planned": plan.epochs,
+        "stopped_by_time": stopped_by_time,
+        "best_epoch": state["best_epoch"],
+        "best_val_loss": state["best_val_loss"],
+        "elapsed_s": state["elapsed_s"],
+        "train_scans": len(train_samples),
+        "train_nodules": manifest["train_nodules"],
+        "model": str(out_dir / MODEL_FILE),
+    }
+    manifest["training"] = summary
+    write_json_atomic(out_dir / MANIFEST_FILE, manifest)
+    return summary
+
+
+def _validate(model, val_set, plan: UNetPlan) -> tuple[float | None, float | None]:
+    if val_set is None:
+        return None, None
+    x, y = val_set
+    pred = np.concatenate(
+        [
+            np.asarray(model.predict_on_batch(x[i : i + plan.batch_size]))
+            for i in range(0, len(x), plan.batch_size)
+        ]
+    )
+    soft = dice_score(y, pred, plan.dice_smooth)
+    hard = dice_score(y, (pred > plan.threshold).astype(np.float32), plan.dice_smooth)
+    return 1.0 - soft, hard
