@@ -1,0 +1,226 @@
+"""``python -m fp_reduction_3dcnn <verb>``: train, predict, gradcam, params, plan.
+
+Every verb has ``--help``. A bad input prints one line ``error: <file>: <problem>`` on stderr
+and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from lungct.errors import LungCTError
+
+# TensorFlow's C++ start-up chatter is not for command-line users (set it to 0 to see it).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+PAPER_PARAMS = 9_472_000
+
+
+def _plan(args: argparse.Namespace):
+    from fp_reduction_3dcnn.config import get_plan
+
+    return get_plan(
+        args.plan,
+        variant=getattr(args, "variant", None),
+        integration=getattr(args, "integration", None),
+        conv=getattr(args, "conv", None),
+        resize=getattr(args, "resize", None),
+        epochs=getattr(args, "epochs", None),
+        steps_per_epoch=getattr(args, "steps_per_epoch", None),
+        batch_size=getattr(args, "batch_size", None),
+        seed=getattr(args, "seed", None),
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    from lungct.tables import parse_folds
+
+    plan = _plan(args)
+    from fp_reduction_3dcnn.train import train
+
+    summary = train(
+        plan,
+        cache_dir=args.cache,
+        candidates=args.candidates,
+        folds=parse_folds(args.folds),
+        val_folds=parse_folds(args.val_folds) if args.val_folds else [],
+        test_folds=parse_folds(args.test_folds) if args.test_folds else [],
+        out_dir=args.out,
+        data_dir=args.data,
+        annotations=args.annotations,
+        excluded=args.excluded,
+        resume=args.resume,
+        max_minutes=args.max_minutes,
+        keep_checkpoints=args.keep_checkpoints,
+        progress=not args.quiet,
+    )
+    print(json.dumps(summary))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from fp_reduction_3dcnn.predict import predict
+    from lungct.tables import parse_folds
+
+    summary = predict(
+        args.model,
+        args.cache,
+        args.candidates,
+        args.out,
+        tta=args.tta,
+        tta_z=args.tta_z,
+        folds=parse_folds(args.folds) if args.folds else None,
+        data_dir=args.data,
+        allow_train_folds=args.allow_train_folds,
+        checkpoint=args.checkpoint,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    print(json.dumps(summary))
+    return 0
+
+
+def _gradcam(args: argparse.Namespace) -> int:
+    from fp_reduction_3dcnn.gradcam import gradcam_figure, open_scan_for_cam
+    from fp_reduction_3dcnn.predict import open_model
+
+    trained = open_model(args.model, args.checkpoint)
+    if not os.path.exists(args.scan):
+        raise LungCTError(args.scan, "scan not found")
+    scan = open_scan_for_cam(args.scan, trained.plan.cut_spacing)
+    print(json.dumps(gradcam_figure(trained, scan, args.world, args.out)))
+    return 0
+
+
+def _params(args: argparse.Namespace) -> int:
+    from fp_reduction_3dcnn.config import VARIANTS
+    from fp_reduction_3dcnn.model import MGICNN
+
+    base = _plan(args)
+    rows = []
+    for variant in VARIANTS if args.variant is None else [args.variant]:
+        plan = base.replace(variant=variant)
+        count = MGICNN.from_plan(plan).count_params()
+        rows.append(
+            {
+                "plan": plan.name,
+                "variant": variant,
+                "integration": plan.integration,
+                "conv": plan.conv,
+                "params": count,
+                "vs_paper": round(count / PAPER_PARAMS, 3),
+            }
+        )
+    for row in rows:
+        print(json.dumps(row))
+    return 0
+
+
+def _show_plan(args: argparse.Namespace) -> int:
+    print(json.dumps(_plan(args).to_dict(), indent=2))
+    return 0
+
+
+def _add_plan_args(p: argparse.ArgumentParser, training: bool = False) -> None:
+    from fp_reduction_3dcnn.config import CONV_MODES, INTEGRATIONS, RESIZE_MODES, VARIANTS
+
+    p.add_argument(
+        "--plan", default="default", help="named plan (default, default_3d, paper, code) or JSON"
+    )
+    p.add_argument("--variant", choices=VARIANTS, help="network variant (default: the plan's)")
+    p.add_argument("--integration", choices=INTEGRATIONS, help="stream integration")
+    p.add_argument("--conv", choices=CONV_MODES, help="2.5d (slices as channels) or 3d")
+    if training:
+        p.add_argument("--resize", choices=RESIZE_MODES, help="nearest (paper) or cubic (code)")
+        p.add_argument("--epochs", type=int, help="epochs (plan default 40)")
+        p.add_argument("--steps-per-epoch", type=int, help="steps per epoch (0 = all negatives)")
+        p.add_argument("--batch-size", type=int, help="batch size (plan default 128)")
+        p.add_argument("--seed", type=int, help="seed for weights and sampling")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser (exposed for tests and documentation)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m fp_reduction_3dcnn",
+        description="MGI-CNN false-positive reduction: train, predict, Grad-CAM.",
+    )
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("train", help="train on some folds, monitor on others")
+    p.add_argument("--data", help="LUNA16-layout folder (subset0..9); defines the folds")
+    p.add_argument("--cache", required=True, help="per-scan cache (python -m lungct prepare)")
+    p.add_argument(
+        "--candidates", required=True, help="candidates CSV (with class, or see --annotations)"
+    )
+    p.add_argument("--annotations", help="label candidates by the hit rule against this table")
+    p.add_argument(
+        "--excluded",
+        help="annotations_excluded.csv: leave negatives on irrelevant findings out of training",
+    )
+    p.add_argument("--folds", required=True, help="training folds, e.g. 0-7")
+    p.add_argument("--val-folds", help="validation folds, e.g. 8")
+    p.add_argument("--test-folds", help="folds declared held out (checked, recorded)")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--max-minutes", type=float, help="stop and save after this much wall time")
+    p.add_argument("--keep-checkpoints", type=int, default=0, help="keep the newest N (0 = all)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_plan_args(p, training=True)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("predict", help="score candidates; write a LUNA16 submission CSV")
+    p.add_argument("--cache", required=True, help="per-scan cache holding the scans")
+    p.add_argument("--candidates", required=True, help="candidates CSV")
+    p.add_argument("--model", required=True, help="model folder written by train")
+    p.add_argument("--out", required=True, help="submission CSV to write")
+    p.add_argument("--tta", action="store_true", help="average over 4 rotations x flip (8)")
+    p.add_argument("--tta-z", action="store_true", help="also over z flips (16 passes)")
+    p.add_argument("--folds", help="score only these folds, e.g. 9")
+    p.add_argument("--data", help="LUNA16-layout folder to take folds from (default: cache)")
+    p.add_argument(
+        "--allow-train-folds", action="store_true", help="score the model's own training folds"
+    )
+    p.add_argument("--checkpoint", help="checkpoint name (e.g. epoch_010) instead of model.keras")
+    p.add_argument("--batch-size", type=int, default=256, help="candidates per forward pass")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("gradcam", help="PNG of the Grad-CAM heat map of one candidate")
+    p.add_argument("--scan", required=True, help="scan file (.mhd, ...) or a cache entry folder")
+    p.add_argument(
+        "--world", required=True, type=float, nargs=3, metavar=("X", "Y", "Z"), help="world mm"
+    )
+    p.add_argument("--model", required=True, help="model folder written by train")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--checkpoint", help="checkpoint name instead of model.keras")
+    p.set_defaults(func=_gradcam)
+
+    p = sub.add_parser("params", help="parameter count of each variant (vs the paper's 9,472,000)")
+    _add_plan_args(p)
+    p.set_defaults(func=_params)
+
+    p = sub.add_parser("plan", help="print a plan as JSON (to edit and pass with --plan)")
+    _add_plan_args(p, training=True)
+    p.set_defaults(func=_show_plan)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LungCTError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
