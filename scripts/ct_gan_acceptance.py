@@ -94,7 +94,7 @@ def inject_held_out(args, injector: Path, out: Path) -> list[dict]:
             r = table.rows_in_series(s.seriesuid)
             avoid += np.column_stack([table.coords[r], table.diameter_mm[r]]).tolist()
         avoid = np.asarray(avoid).reshape(-1, 4)
-        n_jp = round(args.per_scan * args.juxtapleural_fraction)
+        n_jp = int(rng.binomial(args.per_scan, args.juxtapleural_fraction))
         sites = [
             (p, True)
             for p in choose_sites(
@@ -201,6 +201,27 @@ def unet_recall(
             "candidates_per_scan": round(per_scan, 1)}  # fmt: skip
 
 
+def same_site_cubes(args, injector: Path, remover: Path, info: list[dict], plan) -> np.ndarray:
+    """Replace each real nodule by an injected one at the same place: remove, then inject.
+
+    The fake cube then has the real nodule's own context, so a classifier can only tell the two
+    apart by the nodule (and by traces of the pasting), not by where the site is.
+    """
+    inj = CubeTamperer.from_dir(injector, seed=args.seed + 3)
+    rem = CubeTamperer.from_dir(remover, seed=args.seed + 4)
+    cubes = []
+    scans: dict[str, object] = {}
+    for item in info:
+        if item["path"] not in scans:
+            scans = {item["path"]: read_scan(item["path"])}
+        scan = scans[item["path"]]
+        cleaned = rem.remove(scan, item["center"])
+        tampered, nodule = inj.inject(cleaned, item["center"])
+        centre = nodule.center if nodule.diameter_mm > 0 else item["center"]
+        cubes.append(cut_cube(tampered.array, tampered.geometry, centre, plan.cube_size))
+    return np.asarray(cubes, dtype=np.float32)
+
+
 def removal_check(args, remover: Path, real_info: list[dict], plan) -> tuple[dict, list]:
     tamperer = CubeTamperer.from_dir(remover, seed=args.seed + 2)
     before, after, examples = [], [], []
@@ -213,8 +234,8 @@ def removal_check(args, remover: Path, real_info: list[dict], plan) -> tuple[dic
         a = cut_cube(new.array, new.geometry, info["center"], plan.cube_size)
         before.append(float(b[c - r : c + r, c - r : c + r, c - r : c + r].mean()))
         after.append(float(a[c - r : c + r, c - r : c + r, c - r : c + r].mean()))
-        if len(examples) < 4:
-            examples.append((scan, new, info["center"]))
+        if len(examples) < 6:
+            examples.append((scan, new, info["center"], info["diameter_mm"]))
     before, after = np.asarray(before), np.asarray(after)
     return {
         "n": len(before),
@@ -236,7 +257,7 @@ def figure(path: Path, injector: Path, test_real: np.ndarray, inj_examples, rem_
 
     tamperer = CubeTamperer.from_dir(injector)
     plan = tamperer.plan
-    rows = min(4, len(test_real), len(inj_examples), len(rem_examples))
+    rows = min(6, len(test_real), len(inj_examples), len(rem_examples))
     titles = [
         "condition",
         "generated",
@@ -248,20 +269,21 @@ def figure(path: Path, injector: Path, test_real: np.ndarray, inj_examples, rem_
     ]
     fig, axes = plt.subplots(rows, 7, figsize=(14, 2.1 * rows + 0.6), squeeze=False)
     hole = plan.hole_slice
-    view = 48
+    view = 40
     for r in range(rows):
         real = test_real[r]
         cond = real.copy()
         cond[hole, hole, hole] = tamperer.normaliser.inverse(np.zeros(1))[0]
         gen = tamperer.generate(real)
         slices = [cond, gen, real]
-        for scan_pair in (inj_examples[r], rem_examples[r]):
-            old, new, centre = scan_pair
+        radii = [0.0, 0.0, 0.0]
+        for old, new, centre, diameter in (inj_examples[r], rem_examples[r]):
             slices += [
                 cut_cube(old.array, old.geometry, centre, view),
                 cut_cube(new.array, new.geometry, centre, view),
             ]
-        for col, cube in enumerate(slices):
+            radii += [diameter / 2 + 3, diameter / 2 + 3]
+        for col, (cube, radius) in enumerate(zip(slices, radii, strict=True)):
             ax = axes[r, col]
             ax.imshow(
                 cube[cube.shape[0] // 2],
@@ -269,13 +291,19 @@ def figure(path: Path, injector: Path, test_real: np.ndarray, inj_examples, rem_
                 vmin=WINDOWS["lung"][0],
                 vmax=WINDOWS["lung"][1],
             )
+            if radius:
+                c = (cube.shape[1] - 1) / 2
+                ax.add_patch(plt.Circle((c, c), radius, fill=False, ec="#ff3b30", lw=1.0))
+            if col == 4:
+                ax.set_xlabel(f"{inj_examples[r][3]:.1f} mm", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(titles[col], fontsize=9)
     fig.suptitle(
-        "CT-GAN on held-out synthetic scans: injector cubes (32 mm) | injection in a scan (48 mm) | "
-        "removal of a real nodule (48 mm); axial middle slices, lung window",
+        "CT-GAN on held-out synthetic scans: injector on real nodule cubes (32 mm) | the first "
+        "injection in each scan (40 mm, estimated diameter) | removal of a real nodule (40 mm); "
+        "axial middle slices, lung window",
         fontsize=9,
     )
     fig.tight_layout()
@@ -336,7 +364,7 @@ def main() -> None:
     train_rows = augmented_rows(aug)
 
     log("cutting cubes")
-    train_real, _ = real_cubes(args, parse_folds(args.train_folds), plan)
+    train_real, train_info = real_cubes(args, parse_folds(args.train_folds), plan)
     test_real, test_info = real_cubes(args, parse_folds(args.test_folds), plan)
     train_fake = fake_cubes(aug, train_rows, plan)
     test_fake = fake_cubes(held, test_rows, plan)
@@ -350,6 +378,18 @@ def main() -> None:
     )
     results["realism"] = realism_auc(train_real, train_fake, test_real, test_fake, seed=args.seed)
     log(f"realism: {json.dumps(results['realism'])}")
+
+    log("same-site realism: real nodules replaced by injected ones (remove, then inject)")
+    same_train = same_site_cubes(args, injector, remover, train_info, plan)
+    same_test = same_site_cubes(args, injector, remover, test_info, plan)
+    np.savez_compressed(
+        work / "cubes.npz", train_real=train_real, train_fake=train_fake, test_real=test_real,
+        test_fake=test_fake, same_train=same_train, same_test=same_test,
+    )  # fmt: skip
+    results["realism_same_site"] = realism_auc(
+        train_real, same_train, test_real, same_test, seed=args.seed
+    )
+    log(f"realism (same sites): {json.dumps(results['realism_same_site'])}")
 
     log("removal check on held-out real nodules")
     results["removal"], rem_examples = removal_check(args, remover, test_info, plan)
@@ -371,10 +411,10 @@ def main() -> None:
         by_uid: dict = {}
         for r in test_rows:
             by_uid.setdefault(r["seriesuid"], r)
-        for uid, r in list(by_uid.items())[:4]:
+        for uid, r in list(by_uid.items())[:6]:
             old = read_scan(next(Path(args.data).glob(f"subset{r['fold']}/{r['source']}.mhd")))
             new = read_scan(held / f"subset{r['fold']}" / f"{uid}.mhd")
-            inj_examples.append((old, new, r["center"]))
+            inj_examples.append((old, new, r["center"], r["diameter_mm"]))
         figure(Path(args.figure), injector, test_real, inj_examples, rem_examples)
         log(f"figure: {args.figure}")
     write_json_atomic(work / "acceptance.json", results)
