@@ -306,7 +306,7 @@ def figure(path: Path, injector: Path, test_real: np.ndarray, inj_examples, rem_
         "axial middle slices, lung window",
         fontsize=9,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.965))
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
