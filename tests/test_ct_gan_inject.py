@@ -217,3 +217,22 @@ def test_automatic_sites_follow_the_rules() -> None:
         lo = np.maximum(idx - 6, 0)
         near = scan.array[lo[0] : idx[0] + 7, lo[1] : idx[1] + 7, lo[2] : idx[2] + 7]
         assert near.max() > -300, "a juxtapleural site has chest wall within ~6 mm"
+
+
+def test_injection_into_the_real_lidc_scan(real_data, normaliser) -> None:
+    """The real LIDC-IDRI-0002 MetaImage (0.68 x 0.68 x 1.25 mm, 512 x 512 x 261)."""
+    from conftest import MHD_0002
+    from lungct.io import read_scan
+
+    scan = read_scan(MHD_0002)
+    site = (-80.0, -20.0, -180.0)  # right lung
+    z, y, x = scan.geometry.world_to_index(site)
+    assert scan.array[z, y, x] < -600
+    new, nodule = CubeTamperer(ball_generator(normaliser), normaliser, PLAN).inject(scan, site)
+    assert new.array[z, y, x] > -300
+    assert nodule.diameter_mm == pytest.approx(8.0, rel=0.3)
+    region = cube_region(scan.geometry, site, 32)
+    changed = np.argwhere(new.array != scan.array)
+    lo = [s.start for s in region.slices]
+    hi = [s.stop for s in region.slices]
+    assert np.all(changed >= lo) and np.all(changed < hi)
