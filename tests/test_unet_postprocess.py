@@ -72,13 +72,17 @@ def test_nms_merges_close_marks_keeps_far_ones() -> None:
     prob[5, 10, 5] = 0.6  # x=5
     prob[5, 10, 9] = 0.9  # x=9: 4 mm away -> merged into this one
     prob[5, 10, 30] = 0.7  # 21 mm away -> kept
-    rows = candidates_from_probability(prob, geo, "s", threshold=0.5, nms_radius_mm=6)
+    rows = candidates_from_probability(
+        prob, geo, "s", threshold=0.5, nms_radius_mm=6, score_sigma_voxels=0
+    )
     assert [r.coordX for r in rows] == [9.0, 30.0]
     assert [r.probability for r in rows] == pytest.approx([0.9, 0.7])
-    rows = candidates_from_probability(prob, geo, "s", threshold=0.5, nms_radius_mm=0)
+    rows = candidates_from_probability(
+        prob, geo, "s", threshold=0.5, nms_radius_mm=0, score_sigma_voxels=0
+    )
     assert len(rows) == 3
     rows = candidates_from_probability(
-        prob, geo, "s", threshold=0.5, nms_radius_mm=0, max_candidates=2
+        prob, geo, "s", threshold=0.5, nms_radius_mm=0, max_candidates=2, score_sigma_voxels=0
     )
     assert [r.probability for r in rows] == pytest.approx([0.9, 0.7])
 
@@ -113,7 +117,7 @@ def test_csv_round_trip(tmp_path: Path) -> None:
     geo = Geometry((8, 8, 8), (1, 1, 1), (10, 20, 30))
     prob = np.zeros(geo.shape_zyx, np.float32)
     prob[1, 2, 3] = 0.75
-    rows = candidates_from_probability(prob, geo, "1.2.3")
+    rows = candidates_from_probability(prob, geo, "1.2.3", score_sigma_voxels=0)
     write_candidates_csv(rows, tmp_path / "c.csv")
     table = read_results(tmp_path / "c.csv")
     assert table.uids == ["1.2.3"]

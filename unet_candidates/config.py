@@ -74,6 +74,8 @@ class UNetPlan:
         min_component_voxels: smaller components are dropped.
         nms_radius_mm: marks closer than this are merged (the most probable is kept).
         max_candidates: most candidates kept per scan (most probable first; 0 = no cap).
+        score_sigma_voxels: a mark's probability is its component's peak of the map smoothed
+            by a Gaussian of this sigma (voxels; 0 = the raw peak).
     """
 
     name: str = "unet2d"
@@ -123,6 +125,7 @@ class UNetPlan:
     min_component_voxels: int = 1
     nms_radius_mm: float = 8.0
     max_candidates: int = 100
+    score_sigma_voxels: float = 1.0
     version: int = field(default=1)
 
     def __post_init__(self) -> None:

@@ -388,6 +388,7 @@ def run_extraction(
         min_component_voxels=plan.min_component_voxels,
         nms_radius_mm=plan.nms_radius_mm,
         max_candidates=plan.max_candidates,
+        score_sigma_voxels=plan.score_sigma_voxels,
         dense=data.image > float(apply_window(np.float32(DENSE_HU), plan.hu_window, (0.0, 1.0))),
     )
     t3 = time.perf_counter()

@@ -5,7 +5,8 @@ component -> world ``(x, y, z)`` mm through the map's :class:`lungct.Geometry` (
 *and* direction) -> volumetric non-maximum suppression (marks closer than a radius merge into the
 most probable one) -> at most ``max_candidates`` marks, most probable first.
 
-Each mark carries the component's peak probability and an estimated diameter: twice the radius
+Each mark carries the component's peak of the (lightly smoothed) probability and an estimated
+diameter: twice the radius
 of the largest ball of dense tissue around the centre when the image is given (see
 :func:`estimate_diameters`), else the diameter of the sphere with the component's volume.
 """
@@ -43,6 +44,7 @@ def components_to_marks(
     geometry: Geometry,
     threshold: float = 0.5,
     min_component_voxels: int = 1,
+    score_sigma_voxels: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Connected components of ``probability > threshold`` as marks.
 
@@ -51,9 +53,13 @@ def components_to_marks(
         geometry: where the map lies in the world (any direction).
         threshold: voxels strictly above it form components.
         min_component_voxels: smaller components are dropped.
+        score_sigma_voxels: each mark's score is the component's peak of the map smoothed by
+            a Gaussian of this sigma (0 = the raw peak). A Dice-trained network saturates at
+            1.0 on many blobs; smoothing ranks a solid blob above a one-voxel spike and
+            breaks the ties, which matters when the list is cut to the most probable marks.
 
     Returns:
-        ``(world_xyz (N, 3), peak_probability (N,), diameter_mm (N,))``, unsorted.
+        ``(world_xyz (N, 3), score (N,), diameter_mm (N,))``, unsorted.
     """
     if probability.shape != geometry.shape_zyx:
         raise ValueError(
@@ -72,7 +78,12 @@ def components_to_marks(
         return np.zeros((0, 3)), np.zeros(0), np.zeros(0)
     weights = np.where(mask, probability, 0.0).astype(np.float64)
     centres = np.asarray(ndimage.center_of_mass(weights, labels, index), dtype=np.float64)
-    peaks = np.asarray(ndimage.maximum(probability, labels, index), dtype=np.float64)
+    scored = (
+        ndimage.gaussian_filter(probability.astype(np.float32), score_sigma_voxels)
+        if score_sigma_voxels > 0
+        else probability
+    )
+    peaks = np.asarray(ndimage.maximum(scored, labels, index), dtype=np.float64)
     world = geometry.voxel_to_world(centres.reshape(-1, 3)).reshape(-1, 3)
     voxel_mm3 = float(np.prod(geometry.spacing))
     diameters = np.cbrt(6.0 * counts * voxel_mm3 / np.pi)
@@ -152,6 +163,7 @@ def candidates_from_probability(
     nms_radius_mm: float = 8.0,
     max_candidates: int = 0,
     dense: np.ndarray | None = None,
+    score_sigma_voxels: float = 1.0,
 ) -> list[Candidate]:
     """Candidate marks of one scan's probability map, most probable first.
 
@@ -163,6 +175,8 @@ def candidates_from_probability(
         min_component_voxels: smaller components are dropped.
         nms_radius_mm: marks closer than this merge into the most probable one.
         max_candidates: keep at most this many (0 = all).
+        score_sigma_voxels: smoothing of the map before each component's peak is taken as
+            its probability (see :func:`components_to_marks`; 0 = raw peak).
         dense: optional boolean map of dense tissue on the same grid; when given, diameters
             come from :func:`estimate_diameters` instead of the component volume (the
             training targets are capped spheres, so component size saturates).
@@ -170,11 +184,11 @@ def candidates_from_probability(
     Example:
         >>> geo = Geometry((8, 8, 8), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
         >>> p = np.zeros((8, 8, 8), np.float32); p[2, 3, 4] = 0.9
-        >>> candidates_from_probability(p, geo, "s")[0][1:4]
-        (4.0, 3.0, 2.0)
+        >>> candidates_from_probability(p, geo, "s", score_sigma_voxels=0)[0][1:5]
+        (4.0, 3.0, 2.0, 0.8999999761581421)
     """
     world, peaks, diameters = components_to_marks(
-        probability, geometry, threshold, min_component_voxels
+        probability, geometry, threshold, min_component_voxels, score_sigma_voxels
     )
     keep = non_maximum_suppression(world, peaks, nms_radius_mm)
     if max_candidates > 0:
