@@ -15,8 +15,10 @@ Memory is set by the buffer, never by the dataset.
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,3 +161,57 @@ class PatchQueue:
             del scan
         while buffer:
             yield buffer.pop(0 if rng is None else int(rng.integers(len(buffer))))
+
+
+_END = object()
+
+
+def prefetch(items: Iterable[Any], depth: int = 4) -> Iterator[Any]:
+    """Yield ``items`` in order while a background thread produces up to ``depth`` ahead.
+
+    Cutting and augmenting patches (NumPy, SciPy, memory-mapped reads) then overlaps with the
+    training step (TensorFlow), both of which release the GIL for most of their work. Memory
+    stays bounded by ``depth`` items. An exception in the producer is raised here, at the
+    position it happened; leaving the loop early stops the producer.
+
+    Example:
+        >>> list(prefetch(range(5), depth=2))
+        [0, 1, 2, 3, 4]
+    """
+    if depth < 1:
+        yield from items
+        return
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((_END, None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            put((_END, exc))
+
+    worker = threading.Thread(target=produce, name="prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, error = buffer.get()
+            if item is _END:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        worker.join(timeout=5.0)

@@ -147,3 +147,38 @@ def test_patch_queue_buffer_is_bounded_and_complete(prepared) -> None:
     assert sorted(seen) == sorted((r.seriesuid, r.label) for r in reqs)
     second = [(r.seriesuid, r.label) for _, r in queue]
     assert second != seen  # a new epoch shuffles anew
+
+
+def test_prefetch_keeps_order_raises_in_place_and_stops_early() -> None:
+    import threading
+
+    from lungct.patches import prefetch
+
+    assert list(prefetch(iter(range(50)), depth=3)) == list(range(50))
+
+    def broken():
+        yield 1
+        yield 2
+        raise ValueError("bad patch")
+
+    got = []
+    with pytest.raises(ValueError, match="bad patch"):
+        for item in prefetch(broken(), depth=2):
+            got.append(item)
+    assert got == [1, 2]
+
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    before = threading.active_count()
+    for item in prefetch(endless(), depth=2):
+        if item == 3:
+            break
+    assert threading.active_count() == before  # the producer thread has ended
+    assert len(produced) <= 3 + 1 + 2 + 1  # no more than depth ahead of the consumer

@@ -204,3 +204,14 @@ def test_diameter_from_dense_tissue_ignores_attached_wall() -> None:
     # A ground-glass centre (not dense) keeps the component estimate.
     (faint,) = candidates_from_probability(prob, geo, "s", dense=np.zeros_like(dense))
     assert faint.diameter_mm == plain.diameter_mm
+
+
+def test_score_prefers_solid_blob_over_one_voxel_spike() -> None:
+    geo = Geometry((30, 10, 10), (1.0, 1.0, 1.0), (0, 0, 0))
+    prob = np.zeros(geo.shape_zyx, np.float32)
+    prob[5, 5, 5] = 1.0  # a spike
+    prob[4:7, 4:7, 19:22] = 0.95  # a solid blob
+    rows = candidates_from_probability(prob, geo, "s", nms_radius_mm=0)
+    assert [r.coordX for r in rows] == [20.0, 5.0]
+    raw = candidates_from_probability(prob, geo, "s", nms_radius_mm=0, score_sigma_voxels=0)
+    assert [r.coordX for r in raw] == [5.0, 20.0]

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from lungct.errors import LungCTError
+from unet_candidates.config import VARIANTS
 
 
 def _quiet_tensorflow() -> None:
@@ -25,7 +26,7 @@ def _plan_from_args(args: argparse.Namespace):
 
     if args.plan:
         plan = UNetPlan.load(args.plan)
-        if args.variant and args.variant != plan.variant:
+        if args.variant and variant_plan(args.variant).variant != plan.variant:
             raise LungCTError(args.plan, f"plan is variant {plan.variant!r}, not {args.variant!r}")
     else:
         plan = variant_plan(args.variant or "2d")
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", default="0-7", help="training subsets (default 0-7)")
     p.add_argument("--val-folds", default="8", help="validation subsets (default 8; '' = none)")
     p.add_argument("--out", required=True, help="model folder")
-    p.add_argument("--variant", choices=["2d", "3d"], help="named plan (default 2d)")
+    p.add_argument("--variant", choices=sorted(VARIANTS), help="named plan (default 2d)")
     p.add_argument("--plan", help="plan JSON (a variant's defaults + any overridden fields)")
     p.add_argument("--annotations", help="nodule table (default DATA/annotations.csv)")
     p.add_argument(

@@ -4,8 +4,8 @@ The model folder::
 
     OUT/plan.json              the resolved plan (written first; a resumed run must match it)
     OUT/manifest.json          data folder, cache, training/validation folds and series
-    OUT/model.keras            the best model so far (lowest validation loss; the last one
-                               when there is no validation fold)
+    OUT/model.keras            the model after the last finished epoch (the validation
+                               loss of each epoch is in the log, its best in the manifest)
     OUT/train_log.csv          one row per epoch
     OUT/checkpoints/epoch_NNN.keras + state.json   model + optimiser after each epoch
 
@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from lungct.cache import ScanCache, find_scans, prepare_dataset
 from lungct.errors import LungCTError
 from lungct.fileio import atomic_path, write_json_atomic, write_text_atomic
+from lungct.patches import prefetch
 from unet_candidates.config import PLAN_FILE, UNetPlan
 from unet_candidates.data import PatchSampler, ScanSamples, build_scan_samples
 from unet_candidates.extract import MODEL_FILE
@@ -318,14 +319,14 @@ def train(
         t_epoch = time.perf_counter()
         bar = keras.utils.Progbar(plan.steps_per_epoch, verbose=1 if progress else 0)
         losses, steps, timed_samples, timed_seconds = [], 0, 0, 0.0
-        for x, y in sampler.batches(epoch):
+        for x, y in prefetch(sampler.batches(epoch), depth=4):
             # The learning rate follows a cosine over the run's budget: the planned steps, or
             # --max-minutes when that ends first (a resumed run picks up where it was).
-            progress = (epoch * plan.steps_per_epoch + steps) / total_steps
+            done = (epoch * plan.steps_per_epoch + steps) / total_steps
             if max_minutes:
                 elapsed = elapsed0 + time.perf_counter() - t_start
-                progress = max(progress, elapsed / (60.0 * max_minutes))
-            lr = cosine_learning_rate(plan, progress)
+                done = max(done, elapsed / (60.0 * max_minutes))
+            lr = cosine_learning_rate(plan, done)
             model.optimizer.learning_rate.assign(lr)
             t_step = time.perf_counter()
             logs = model.train_on_batch(x, y, return_dict=True)
@@ -355,10 +356,14 @@ def train(
         logger.append(row)
         name = f"epoch_{epoch + 1:03d}.keras"
         _save_model(model, ckpt_dir / name)
+        # The model is the last epoch's: the learning rate has decayed along a cosine to the
+        # end of the budget, and on a few dozen validation patches the loss is too noisy to
+        # pick an epoch by (picking by it cost 13 points of sensitivity in a 10-minute run).
+        # The best validation epoch is recorded for the record.
+        _save_model(model, out_dir / MODEL_FILE)
         best = state["best_val_loss"]
-        improved = val_loss is None or best is None or val_loss < best
+        improved = val_loss is not None and (best is None or val_loss < best)
         if improved:
-            _save_model(model, out_dir / MODEL_FILE)
             state.update(best_val_loss=val_loss, best_epoch=epoch + 1)
         state.update(
             epoch=epoch + 1,
