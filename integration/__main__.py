@@ -4,6 +4,9 @@ Verbs:
     evaluate   the exact LUNA16 evaluation of a results CSV (FROC, CPM, bootstrap interval).
     detect     the whole detector on one scan: detections CSV and an HTML report.
     demo       every stage on a synthetic mini-LUNA it generates; summary.json and figures.
+    crossval   every stage per test subset, then the pooled folds evaluated once.
+    ablate     named configurations (a grid JSON): one CPM table and one FROC figure.
+    export     the U-Net and MGI-CNN of a models folder as SavedModel or ONNX.
 
 Bad input ends with one line ``error: <message>`` on stderr and exit status 2.
 """
@@ -13,8 +16,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from lungct.errors import LungCTError
+
+if TYPE_CHECKING:
+    from integration.stages import StageSettings
 
 
 def _non_negative_int(text: str) -> int:
@@ -213,6 +220,225 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_demo)
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be > 0")
+    return value
+
+
+def _settings_from_args(args: argparse.Namespace) -> StageSettings:
+    """Stage settings: ``--settings FILE`` (JSON), then the explicit flags on top."""
+    import json
+
+    from integration.stages import StageSettings
+
+    values: dict = {}
+    if args.settings:
+        try:
+            with open(args.settings) as handle:
+                values = json.load(handle)
+        except FileNotFoundError:
+            raise LungCTError(args.settings, "settings file not found") from None
+        except json.JSONDecodeError as exc:
+            raise LungCTError(args.settings, f"is not valid JSON ({exc.msg})") from None
+    settings = StageSettings.from_dict(values, source=args.settings)
+    return settings.replace(
+        unet_variant=args.unet_variant,
+        unet_minutes=args.unet_minutes,
+        gan_minutes=args.gan_minutes,
+        fpr_minutes=args.fpr_minutes,
+        fpr_plan=args.fpr_plan,
+        gan=False if args.no_gan else None,
+        tta=True if args.tta else None,
+    )
+
+
+def _add_stage_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--settings",
+        help="JSON file of stage settings (the keys of an ablation config, e.g. "
+        '{"unet_minutes": 1, "fpr_overrides": {"epochs": 2}}); the flags below override it',
+    )
+    p.add_argument(
+        "--unet-variant", choices=("2d", "2d-seed", "3d"), help="U-Net variant (default 2d)"
+    )
+    p.add_argument("--unet-minutes", type=_positive_float, help="U-Net budget per fold (3)")
+    p.add_argument("--gan-minutes", type=_positive_float, help="CT-GAN budget per fold (2)")
+    p.add_argument("--fpr-minutes", type=_positive_float, help="MGI-CNN budget per fold (4)")
+    p.add_argument("--no-gan", action="store_true", help="skip the CT-GAN augmentation")
+    p.add_argument(
+        "--fpr-plan", help="MGI-CNN plan: default, default_adam, default_3d, paper, code or a JSON"
+    )
+    p.add_argument("--tta", action="store_true", help="test-time augmentation of the scores")
+
+
+def _run_crossval(args: argparse.Namespace) -> int:
+    _quiet_tensorflow()
+    from integration.crossval import CrossvalConfig, run_crossval
+    from lungct.tables import parse_folds
+
+    folds = tuple(parse_folds(args.folds)) if args.folds else None
+    config = CrossvalConfig(
+        folds=folds,
+        settings=_settings_from_args(args),
+        bootstrap=args.bootstrap,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
+    summary = run_crossval(args.data, args.cache, args.out, config)
+    ci = summary["cpm_ci95"]
+    print(
+        f"cross-validated CPM {summary['cpm']:.4f}"
+        + (f" (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci else "")
+        + f" over {len(summary['folds'])} folds, {summary['scans']} scans, "
+        f"{summary['detected']}/{summary['nodules']} nodules detected"
+    )
+    print(f"summary: {args.out}/summary.json; FROC: {summary['figures']['froc']}")
+    return 0
+
+
+def _add_crossval(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "crossval",
+        help="cross-validate every stage over the LUNA16 subsets; pooled FROC/CPM",
+        description=(
+            "For each test fold k: train the U-Net and the MGI-CNN on the other subsets but one "
+            "(the validation fold: the subset before k, k-1 mod 10), the CT-GAN on the training "
+            "subsets only; extract and score the candidates of subset k (OUT/fold<k>/"
+            "submission.csv, manifest.json with the train/val/test series). Then the folds are "
+            "pooled and evaluated once: OUT/evaluation (metrics.json, froc.png), per_fold.csv, "
+            "summary.json. Rerunning the same --out resumes: finished folds are skipped, a "
+            "half-done fold continues from its checkpoints."
+        ),
+    )
+    p.add_argument("--data", required=True, help="LUNA16-layout folder (subsetK/*.mhd + tables)")
+    p.add_argument("--cache", required=True, help="per-scan cache (prepared when missing)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--folds", help="test folds to run, e.g. 0-9 or 3,7 (default: every subset with scans)"
+    )
+    _add_stage_options(p)
+    p.add_argument(
+        "--bootstrap",
+        type=_non_negative_int,
+        default=1000,
+        help="bootstrap resamples of the pooled evaluation (default 1000)",
+    )
+    p.add_argument("--workers", type=int, default=2, help="processes for cache preparation (2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_crossval)
+
+
+def _run_ablate(args: argparse.Namespace) -> int:
+    _quiet_tensorflow()
+    from integration.ablate import run_ablation
+    from integration.stages import Split
+    from lungct.tables import parse_folds
+
+    split = Split(
+        tuple(parse_folds(args.train_folds)),
+        tuple(parse_folds(args.val_folds)) if args.val_folds else (),
+        tuple(parse_folds(args.test_folds)),
+    )
+    only = [n.strip() for n in args.configs.split(",") if n.strip()] if args.configs else None
+    results = run_ablation(
+        args.data,
+        args.out,
+        args.grid,
+        cache_dir=args.cache,
+        split=split,
+        bootstrap=args.bootstrap,
+        only=only,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
+    for r in results:
+        ci = r["metrics"].get("cpm_ci95")
+        print(
+            f"{r['name']}: CPM {r['metrics']['cpm']:.4f}"
+            + (f" (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci else "")
+        )
+    print(
+        f"table: {args.out}/ablation.md, {args.out}/ablation.csv; FROC: {args.out}/ablation_froc.png"
+    )
+    return 0
+
+
+def _add_ablate(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "ablate",
+        help="run the named configurations of a grid; CPM table and one FROC figure",
+        description=(
+            'A grid JSON {"base": {...}, "configs": {"name": {overrides}}} names configurations '
+            "(keys: unet_variant, gan, fpr, fpr_plan, fpr_variant, integration, tta, "
+            "unet_minutes, gan_minutes, fpr_minutes, ...). All use the same folds; trained "
+            "stages are shared between configs that agree on their settings (OUT/stages). "
+            "Writes OUT/ablation.md and .csv (CPM, 95%% CI, sensitivity at 1/8..8 FPs/scan) and "
+            "OUT/ablation_froc.png. Rerunning resumes: evaluated configs are skipped."
+        ),
+    )
+    p.add_argument("--data", required=True, help="LUNA16-layout folder (subsetK/*.mhd + tables)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--grid",
+        default="default",
+        help="grid JSON, or a grid shipped in integration/data: default (every ablation, the "
+        "default) or quick (5 configs, ~10 min on the 20-scan synthetic set)",
+    )
+    p.add_argument("--cache", help="per-scan cache (default OUT/cache; prepared when missing)")
+    p.add_argument("--configs", help="run only these configs (comma-separated names)")
+    p.add_argument("--train-folds", default="0-6", help="training folds (default 0-6)")
+    p.add_argument("--val-folds", default="7", help="validation folds (default 7)")
+    p.add_argument("--test-folds", default="8-9", help="test folds (default 8-9)")
+    p.add_argument(
+        "--bootstrap",
+        type=_non_negative_int,
+        default=1000,
+        help="bootstrap resamples per config (default 1000)",
+    )
+    p.add_argument("--workers", type=int, default=2, help="processes for cache preparation (2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_ablate)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    _quiet_tensorflow()
+    from integration.export import export_models
+
+    manifest = export_models(args.models, args.out, args.format)
+    for name, info in manifest["models"].items():
+        shapes = ", ".join(f"{i['name']} {i['shape']}" for i in info["inputs"])
+        print(f"{name}: {args.out}/{info['path']} (inputs: {shapes})")
+    print(f"manifest: {args.out}/export_manifest.json")
+    return 0
+
+
+def _add_export(subparsers: argparse._SubParsersAction) -> None:
+    from integration.export import FORMATS
+
+    p = subparsers.add_parser(
+        "export",
+        help="export the U-Net and the MGI-CNN of a models folder (SavedModel or ONNX)",
+        description=(
+            "Load MODELS/unet and MODELS/fpr (Keras safe mode) and export their forward passes "
+            "for deployment: TensorFlow SavedModel (OUT/unet/saved_model, OUT/fpr/saved_model) "
+            "or ONNX (OUT/unet/model.onnx, ...; needs the tf2onnx and onnx packages). The plan "
+            "JSONs are copied beside them and OUT/export_manifest.json lists every model's "
+            "input and output names and shapes."
+        ),
+    )
+    p.add_argument("--models", required=True, help="models folder (unet/, fpr/, pipeline.json)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--format", choices=FORMATS, default="saved_model", help="saved_model (default) or onnx"
+    )
+    p.set_defaults(func=_run_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, one subcommand per verb."""
     parser = argparse.ArgumentParser(
@@ -222,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(subparsers)
     _add_detect(subparsers)
     _add_demo(subparsers)
+    _add_crossval(subparsers)
+    _add_ablate(subparsers)
+    _add_export(subparsers)
     return parser
 
 

@@ -9,21 +9,30 @@ The demo generates its data, so it needs nothing downloaded::
 Folds: the LUNA16 subsets. By default the detector trains on subsets 0-6, validates on 7 and is
 tested on 8-9; the CT-GAN only ever sees 0-6. Every stage writes its usual files, so each
 can be opened or rerun by hand; ``DIR/models`` is a models folder for ``integration detect``.
-``DIR/summary.json`` holds the headline numbers and the seconds each stage took.
+``DIR/summary.json`` holds the headline numbers and the seconds each stage took. The stage
+sequence itself lives in :mod:`integration.stages`, shared with ``crossval`` and ``ablate``.
 """
 
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
+from integration.stages import (
+    Split,
+    StageClock,
+    StagePaths,
+    StageRun,
+    StageSettings,
+    fold_uids,
+    run_candidate_stage,
+    run_fpr_stage,
+    write_series,
+)
 from lungct.errors import LungCTError
 from lungct.fileio import write_json_atomic
-from lungct.tables import read_seriesuids, write_csv_atomic
+from lungct.tables import read_seriesuids
 
 
 @dataclass
@@ -52,57 +61,32 @@ class DemoConfig:
         """Every fold the demo touches."""
         return self.train_folds + self.val_folds + self.test_folds
 
+    def stage_settings(self) -> StageSettings:
+        """The settings of the trained stages (:mod:`integration.stages`)."""
+        return StageSettings(
+            unet_variant=self.unet_variant,
+            unet_minutes=self.unet_minutes,
+            gan=self.gan,
+            gan_minutes=self.gan_minutes,
+            gan_per_scan=self.gan_per_scan,
+            fpr_plan=self.fpr_plan,
+            fpr_minutes=self.fpr_minutes,
+            tta=self.tta,
+        )
 
-@dataclass
-class StageClock:
-    """Seconds per stage, printed as they finish."""
-
-    seconds: dict[str, float] = field(default_factory=dict)
-    log: Callable[[str], None] = print
-
-    def run(self, name: str, fn: Callable[[], Any]) -> Any:
-        """Run one stage, timing it."""
-        self.log(f"[demo] {name} ...")
-        t0 = time.perf_counter()
-        result = fn()
-        self.seconds[name] = round(time.perf_counter() - t0, 1)
-        self.log(f"[demo] {name}: {self.seconds[name]:.1f} s")
-        return result
-
-
-def _fold_uids(data_dir: Path, folds: tuple[int, ...]) -> list[str]:
-    from lungct.cache import find_scans
-
-    return [s.seriesuid for s in find_scans(data_dir, folds)]
-
-
-def _merge_candidates(paths: list[Path], out: Path) -> Path:
-    """One candidates table from several (same columns)."""
-    from lungct.tables import read_candidates
-
-    rows: list[list[Any]] = []
-    for path in paths:
-        table = read_candidates(path)
-        for i in range(len(table)):
-            rows.append([table.uid_of(i), *table.coords[i].tolist(), int(table.label[i])])
-    write_csv_atomic(out, ("seriesuid", "coordX", "coordY", "coordZ", "class"), rows)
-    return out
+    @property
+    def split(self) -> Split:
+        """The folds as a :class:`Split`."""
+        return Split(self.train_folds, self.val_folds, self.test_folds)
 
 
 def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None) -> dict:
     """Run the whole suite on a synthetic mini-LUNA in ``out_dir``; return the summary."""
-    from ct_gan_augment.augment import augment_dataset
-    from ct_gan_augment.train import train_gan
-    from fp_reduction_3dcnn.config import get_plan as fpr_plan
-    from fp_reduction_3dcnn.predict import predict as fpr_predict
-    from fp_reduction_3dcnn.train import train as fpr_train
-    from integration.evaluation import evaluate_files, write_outputs
+    from integration.evaluation import write_outputs
     from integration.pipeline import Detector, PipelineConfig, detect
+    from integration.stages import evaluate_submission
     from lungct.cache import prepare_dataset
     from lungct.synth import generate_dataset
-    from unet_candidates.config import variant_plan
-    from unet_candidates.extract import extract_paths
-    from unet_candidates.train import train as unet_train
 
     config = config or DemoConfig()
     out = Path(out_dir)
@@ -119,108 +103,35 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None) -> di
         "prepare",
         lambda: prepare_dataset(data, cache, workers=config.workers, progress=True),
     )
+    # The demo always extracts and scores again (cheap); trained models are kept.
+    run = StageRun(
+        data=data,
+        cache=cache,
+        split=config.split,
+        settings=config.stage_settings(),
+        paths=StagePaths.single_run(out, models),
+        clock=clock,
+        workers=config.workers,
+        reuse=False,
+    )
 
     # Stage 1: U-Net candidates.
-    unet_dir = models / "unet"
-    if not (unet_dir / "model.keras").is_file():
-        clock.run(
-            "train U-Net",
-            lambda: unet_train(
-                variant_plan(config.unet_variant),
-                data,
-                cache,
-                list(config.train_folds),
-                list(config.val_folds),
-                unet_dir,
-                resume=(unet_dir / "checkpoints" / "state.json").is_file(),
-                max_minutes=config.unet_minutes,
-            ),
-        )
-    test_candidates = out / "candidates_test.csv"
-    clock.run(
-        "extract candidates",
-        lambda: extract_paths(
-            unet_dir, test_candidates, data_dir=data, folds=list(config.test_folds), cache_dir=cache
-        ),
-    )
-    test_uids = _fold_uids(data, config.test_folds)
-    test_series = out / "seriesuids_test.csv"
-    test_series.write_text("".join(f"{u}\n" for u in test_uids))
+    test_candidates = run_candidate_stage(run)
+    test_uids = fold_uids(data, config.test_folds)
+    test_series = write_series(out / "seriesuids_test.csv", test_uids)
     stage1 = clock.run(
         "evaluate candidates",
-        lambda: evaluate_files(
-            data / "annotations.csv",
-            data / "annotations_excluded.csv",
-            test_series,
-            test_candidates,
-            cap=False,
-            label="U-Net candidates",
+        lambda: evaluate_submission(
+            data, test_series, test_candidates, bootstrap=0, label="U-Net candidates", cap=False
         ),
     )
 
-    # CT-GAN: trained and applied inside the training folds only.
-    fpr_sources = [data / "candidates.csv"]
-    if config.gan:
-        gan_dir = models / "gan"
-        if not (gan_dir / "generator.keras").is_file():
-            clock.run(
-                "train CT-GAN",
-                lambda: train_gan(
-                    data,
-                    cache,
-                    config.train_folds,
-                    "injector",
-                    gan_dir,
-                    resume=any((gan_dir / "checkpoints").glob("*")),
-                    max_seconds=60.0 * config.gan_minutes,
-                ),
-            )
-        augmented = out / "augmented"
-        clock.run(
-            "augment training folds",
-            lambda: augment_dataset(
-                data, gan_dir, augmented, config.train_folds, config.gan_per_scan, cache_dir=cache
-            ),
-        )
-        clock.run(
-            "prepare augmented",
-            lambda: prepare_dataset(augmented, cache, workers=config.workers, progress=True),
-        )
-        fpr_sources.append(augmented / "candidates.csv")
-    train_candidates = _merge_candidates(fpr_sources, out / "candidates_train.csv")
-
-    # Stage 2: MGI-CNN false-positive reduction.
-    fpr_dir = models / "fpr"
-    if not (fpr_dir / "model.keras").is_file():
-        clock.run(
-            "train MGI-CNN",
-            lambda: fpr_train(
-                fpr_plan(config.fpr_plan),
-                cache,
-                train_candidates,
-                list(config.train_folds),
-                list(config.val_folds),
-                fpr_dir,
-                test_folds=list(config.test_folds),
-                resume=(fpr_dir / "checkpoints").is_dir(),
-                max_minutes=config.fpr_minutes,
-            ),
-        )
-    submission = out / "submission.csv"
-    clock.run(
-        "score candidates",
-        lambda: fpr_predict(fpr_dir, cache, test_candidates, submission, tta=config.tta),
-    )
+    # CT-GAN (trained and applied inside the training folds only), then stage 2: MGI-CNN.
+    submission = run_fpr_stage(run, test_candidates)
     result = clock.run(
         "evaluate",
-        lambda: evaluate_files(
-            data / "annotations.csv",
-            data / "annotations_excluded.csv",
-            test_series,
-            submission,
-            bootstrap=config.bootstrap,
-            seed=0,
-            label="U-Net + MGI-CNN",
+        lambda: evaluate_submission(
+            data, test_series, submission, bootstrap=config.bootstrap, label="U-Net + MGI-CNN"
         ),
     )
     write_outputs(result, out / "evaluation")

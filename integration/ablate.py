@@ -1,0 +1,512 @@
+"""``python -m integration ablate``: named configurations of the detector, one table, one FROC.
+
+A grid is a JSON file::
+
+    {"description": "...",
+     "base":    {"unet_variant": "2d", "gan": true, "fpr_variant": "mgi", ...},
+     "configs": {"full": {}, "no_gan": {"gan": false}, "unet_alone": {"fpr": false}, ...}}
+
+Every config is ``base`` with its own overrides; the keys are those of
+:class:`integration.stages.StageSettings` (``unet_variant``, ``gan``, ``fpr``, ``fpr_plan``,
+``fpr_variant``, ``integration``, ``tta``, the minute budgets, plan overrides...). The grid
+shipped with the package (``integration/data/default_grid.json``, used when ``--grid`` is not
+given) covers: with / without CT-GAN augmentation; the MGI-CNN against its ablations (ri, lr,
+zoom_in, zoom_out); sum / concat / conv1x1 stream integration; the 2-D and the 3-D U-Net; the
+U-Net alone (no false-positive reduction); with / without test-time augmentation. A second
+shipped grid, ``quick`` (``--grid quick``), runs five of them with short budgets.
+
+All configs use the same folds (default: train 0-6, validate 7, test 8-9, as the demo), and
+trained stages are shared, each keyed by the settings that shape it:
+
+* U-Net: its plan (variant + overrides), budget and folds; its test candidates go with it, so
+  "U-Net alone" costs nothing more;
+* CT-GAN: its plan, budget, nodules per scan and training folds (the augmented scans and their
+  cache overlay go with it);
+* MGI-CNN: its plan (variant, integration...), budget, folds and the CT-GAN key. TTA is not
+  part of it: a config that differs only in ``tta`` rescores with the same model.
+
+``OUT/stages/<key>/key.json`` says what made each shared stage. A config whose
+``OUT/configs/<name>/result.json`` matches its settings, stages, folds and bootstrap is not run
+again (resumable). Outputs: ``OUT/ablation.md`` and ``OUT/ablation.csv`` (CPM with its 95%
+bootstrap interval and the sensitivities at 1/8 .. 8 FPs per scan) and ``OUT/ablation_froc.png``
+(every config's FROC on one figure).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from integration.stages import (
+    Split,
+    StageClock,
+    StagePaths,
+    StageRun,
+    StageSettings,
+    evaluate_submission,
+    fold_uids,
+    prepare_cache,
+    run_candidate_stage,
+    run_fpr_stage,
+    write_series,
+)
+from lungct.errors import LungCTError
+from lungct.fileio import write_json_atomic, write_text_atomic
+from lungct.tables import write_csv_atomic
+
+DEFAULT_SPLIT = Split(train=(0, 1, 2, 3, 4, 5, 6), val=(7,), test=(8, 9))
+"""The folds every config uses unless told otherwise (the demo's)."""
+GRID_KEYS = ("description", "base", "configs")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+def default_grid_path(name: str = "default") -> Path:
+    """A grid shipped with the package: ``default`` (every ablation) or ``quick`` (5 configs)."""
+    return Path(str(resources.files("integration") / "data" / f"{name}_grid.json"))
+
+
+@dataclass
+class AblationConfig:
+    """One named configuration of a grid."""
+
+    name: str
+    settings: StageSettings
+    overrides: dict[str, Any]
+
+
+@dataclass
+class Grid:
+    """A parsed grid file."""
+
+    configs: list[AblationConfig]
+    description: str = ""
+    source: str | None = None
+
+
+def load_grid(path: str | os.PathLike | None = None) -> Grid:
+    """Read and check a grid file: a path, or the name of a shipped grid (``default`` when
+    ``None``; ``quick``).
+
+    Raises:
+        LungCTError: unreadable JSON, unknown keys, bad values, bad config names, no configs.
+    """
+    if path is None:
+        path = default_grid_path()
+    elif not Path(path).exists() and re.fullmatch(r"[a-z_]+", str(path)):
+        path = default_grid_path(str(path))
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LungCTError(path, "grid file not found") from None
+    except json.JSONDecodeError as exc:
+        raise LungCTError(path, f"is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise LungCTError(path, "a grid must be a JSON object")
+    unknown = sorted(set(data) - set(GRID_KEYS))
+    if unknown:
+        raise LungCTError(path, f"unknown grid keys {unknown} (known: {', '.join(GRID_KEYS)})")
+    base = data.get("base", {})
+    configs = data.get("configs")
+    if not isinstance(configs, dict) or not configs:
+        raise LungCTError(path, "the grid needs a non-empty 'configs' object")
+    if not isinstance(base, dict):
+        raise LungCTError(path, "'base' must be a JSON object")
+    StageSettings.from_dict(base, source=f"{path}: base")
+    out = []
+    for name, overrides in configs.items():
+        if not _NAME.match(name):
+            raise LungCTError(path, f"config name {name!r}: use letters, digits and _ . + -")
+        if not isinstance(overrides, dict):
+            raise LungCTError(path, f"config {name!r} must be a JSON object")
+        settings = StageSettings.from_dict({**base, **overrides}, source=f"{path}: config {name}")
+        out.append(AblationConfig(name, settings, overrides))
+    return Grid(out, str(data.get("description", "")), str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage keys: which trained stages two configs share
+# ----------------------------------------------------------------------------------------------
+
+
+def _digest(content: dict[str, Any]) -> str:
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def stage_keys(settings: StageSettings, split: Split) -> dict[str, tuple[str, dict[str, Any]]]:
+    """``{"unet": (name, content), "gan": ..., "fpr": ...}`` for one config (``gan`` / ``fpr``
+    absent when off). ``content`` is everything that shapes the stage; ``name`` is readable and
+    ends with a hash of ``content``, so two configs share a stage exactly when they agree."""
+    keys: dict[str, tuple[str, dict[str, Any]]] = {}
+    unet = {
+        "plan": settings.unet_plan().to_dict(),
+        "minutes": settings.unet_minutes,
+        "train": list(split.train),
+        "val": list(split.val),
+        "test": list(split.test),
+    }
+    keys["unet"] = (f"unet-{settings.unet_variant}-{_digest(unet)}", unet)
+    gan_name = None
+    if settings.fpr and settings.gan:
+        gan = {
+            "plan": settings.gan_plan_resolved().to_dict(),
+            "minutes": settings.gan_minutes,
+            "per_scan": settings.gan_per_scan,
+            "train": list(split.train),
+        }
+        gan_name = f"gan-{_digest(gan)}"
+        keys["gan"] = (gan_name, gan)
+    if settings.fpr:
+        plan = settings.fpr_plan_resolved()
+        fpr = {
+            "plan": plan.to_dict(),
+            "minutes": settings.fpr_minutes,
+            "gan": gan_name,
+            "train": list(split.train),
+            "val": list(split.val),
+            "test": list(split.test),
+        }
+        keys["fpr"] = (
+            f"fpr-{plan.variant}-{plan.integration}-{'gan' if gan_name else 'nogan'}-"
+            f"{_digest(fpr)}",
+            fpr,
+        )
+    return keys
+
+
+def config_paths(out: Path, name: str, keys: dict[str, tuple[str, dict[str, Any]]]) -> StagePaths:
+    """Where one config's (shared) stages live."""
+    stages = out / "stages"
+    unet = stages / keys["unet"][0]
+    gan = stages / keys["gan"][0] if "gan" in keys else stages / "no-gan"
+    fpr = stages / keys["fpr"][0] if "fpr" in keys else stages / "no-fpr"
+    return StagePaths(
+        unet=unet / "model",
+        test_candidates=unet / "candidates_test.csv",
+        gan=gan / "model",
+        augmented=gan / "augmented",
+        fpr_cache=gan / "cache" if "gan" in keys else None,
+        train_candidates=fpr / "candidates_train.csv",
+        fpr=fpr / "model",
+        submission=out / "configs" / name / "submission.csv",
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _record(
+    config: AblationConfig, split: Split, bootstrap: int
+) -> tuple[dict[str, tuple[str, dict[str, Any]]], dict[str, Any]]:
+    keys = stage_keys(config.settings, split)
+    record = {
+        "name": config.name,
+        "settings": config.settings.to_dict(),
+        "stages": {stage: name for stage, (name, _) in keys.items()},
+        "split": split.to_dict(),
+        "bootstrap": bootstrap,
+    }
+    return keys, record
+
+
+def _finished(
+    config: AblationConfig, out: Path, split: Split, bootstrap: int
+) -> dict[str, Any] | None:
+    """The config's ``result.json`` if it was evaluated with these very settings, else None."""
+    _, record = _record(config, split, bootstrap)
+    previous = _read_json(out / "configs" / config.name / "result.json")
+    if previous and "metrics" in previous and all(previous.get(k) == v for k, v in record.items()):
+        return previous
+    return None
+
+
+def run_config(
+    config: AblationConfig,
+    data: Path,
+    cache: Path,
+    out: Path,
+    split: Split,
+    bootstrap: int,
+    workers: int = 2,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run (or resume, or skip) one config; return its ``result.json`` content."""
+    from integration.evaluation import write_outputs
+
+    keys, record = _record(config, split, bootstrap)
+    config_dir = out / "configs" / config.name
+    previous = _finished(config, out, split, bootstrap)
+    if previous is not None:
+        log(f"[ablate] {config.name}: already evaluated, skipped")
+        return previous
+    for name, content in keys.values():
+        write_json_atomic(out / "stages" / name / "key.json", content)
+    paths = config_paths(out, config.name, keys)
+    # What this config wrote before was made with other settings (e.g. another tta): redo it.
+    paths.submission.unlink(missing_ok=True)
+    clock = StageClock(log=log, prefix=f"ablate {config.name}")
+    run = StageRun(
+        data=data,
+        cache=cache,
+        split=split,
+        settings=config.settings,
+        paths=paths,
+        clock=clock,
+        workers=workers,
+        progress=progress,
+    )
+    test_candidates = run_candidate_stage(run)
+    if config.settings.fpr:
+        submission = run_fpr_stage(run, test_candidates)
+    else:  # the candidate stage alone: the U-Net's probabilities are the scores
+        submission = paths.submission
+        write_text_atomic(submission, test_candidates.read_text())
+    series = write_series(config_dir / "seriesuids.csv", fold_uids(data, split.test))
+    result = clock.run(
+        "evaluate",
+        lambda: evaluate_submission(data, series, submission, bootstrap, label=config.name),
+    )
+    metrics = write_outputs(result, config_dir / "evaluation")
+    record.update(metrics=metrics, seconds=clock.seconds, overrides=config.overrides)
+    if "fpr" in keys:
+        plan = keys["fpr"][1]["plan"]
+        record["fpr_network"] = {k: plan[k] for k in ("variant", "integration", "conv")}
+    write_json_atomic(config_dir / "result.json", record)
+    return record
+
+
+def run_ablation(
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    grid: Grid | str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    split: Split = DEFAULT_SPLIT,
+    bootstrap: int = 1000,
+    only: Sequence[str] | None = None,
+    workers: int = 2,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Run every config of a grid (or those named in ``only``) and write the table and figure.
+
+    Returns:
+        The configs' ``result.json`` contents, in grid order.
+
+    Raises:
+        LungCTError: a missing data folder, a bad grid, an unknown name in ``only``, folds
+            without scans, a stage's error.
+    """
+    data, out = Path(data_dir), Path(out_dir)
+    if not data.is_dir():
+        raise LungCTError(data, "dataset folder does not exist")
+    if not isinstance(grid, Grid):
+        grid = load_grid(grid)
+    configs = grid.configs
+    if only:
+        names = [c.name for c in configs]
+        missing = [n for n in only if n not in names]
+        if missing:
+            raise LungCTError(
+                grid.source, f"no config named {missing[0]!r} (configs: {', '.join(names)})"
+            )
+        configs = [c for c in configs if c.name in set(only)]
+    cache = Path(cache_dir) if cache_dir is not None else out / "cache"
+    fold_uids(data, split.train + split.val + split.test)  # folds without scans stop here
+    previous = _read_json(out / "ablation_config.json")
+    if previous and previous.get("data") != str(data.resolve()):
+        # The shared stages are keyed by settings, not by data: never mix two datasets.
+        raise LungCTError(
+            out, f"holds an ablation of {previous.get('data')}; use another --out for this --data"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(
+        out / "ablation_config.json",
+        {
+            "grid": grid.source,
+            "description": grid.description,
+            "data": str(data.resolve()),
+            "cache": str(cache.resolve()),
+            "split": split.to_dict(),
+            "bootstrap": bootstrap,
+            "configs": {c.name: c.settings.to_dict() for c in configs},
+        },
+    )
+    shared = _sharing(configs, split)
+    log(
+        f"[ablate] {len(configs)} configs share {shared['unet']} U-Net, {shared['gan']} CT-GAN "
+        f"and {shared['fpr']} MGI-CNN trainings; folds train "
+        f"{','.join(map(str, split.train))} / val {','.join(map(str, split.val))} / test "
+        f"{','.join(map(str, split.test))}"
+    )
+    prepare_cache(data, cache, workers=workers, progress=progress)
+    done: dict[str, dict[str, Any]] = {}
+    for i, config in enumerate(configs, start=1):
+        log(f"[ablate] config {i}/{len(configs)}: {config.name}")
+        done[config.name] = run_config(
+            config, data, cache, out, split, bootstrap, workers, progress, log
+        )
+    # The table holds every config of the grid evaluated so far with the same settings.
+    results = []
+    for config in grid.configs:
+        result = done.get(config.name) or _finished(config, out, split, bootstrap)
+        if result is not None:
+            results.append(result)
+    write_table(results, out)
+    plot_ablation(results, out, out / "ablation_froc.png")
+    return results
+
+
+def _sharing(configs: Sequence[AblationConfig], split: Split) -> dict[str, int]:
+    distinct: dict[str, set[str]] = {"unet": set(), "gan": set(), "fpr": set()}
+    for c in configs:
+        for stage, (name, _) in stage_keys(c.settings, split).items():
+            distinct[stage].add(name)
+    return {k: len(v) for k, v in distinct.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Table and figure
+# ----------------------------------------------------------------------------------------------
+
+RATE_LABELS = ("1/8", "1/4", "1/2", "1", "2", "4", "8")
+
+
+def _network(result: dict[str, Any]) -> dict[str, str]:
+    """The MGI-CNN's resolved variant / integration / conv (empty without one)."""
+    settings = result["settings"]
+    found = result.get("fpr_network") or {}
+    return {
+        "variant": found.get("variant") or settings["fpr_variant"] or "",
+        "integration": found.get("integration") or settings["integration"] or "",
+        "conv": found.get("conv", ""),
+    }
+
+
+def _describe(result: dict[str, Any]) -> dict[str, str]:
+    settings = result["settings"]
+    if settings["fpr"]:
+        net = _network(result)
+        fpr = f"{net['variant']}/{net['integration']}"
+        if net["conv"] and net["conv"] != "2.5d":
+            fpr += f" {net['conv']}"
+        if settings["fpr_plan"] != "default":
+            fpr += f" ({settings['fpr_plan']})"
+        tta = "yes" if settings["tta"] else "no"
+        gan = "yes" if settings["gan"] else "no"
+    else:
+        fpr, tta, gan = "none (U-Net scores)", "-", "-"
+    return {"unet": settings["unet_variant"], "gan": gan, "fpr": fpr, "tta": tta}
+
+
+def write_table(results: Sequence[dict[str, Any]], out: Path) -> tuple[Path, Path]:
+    """``ablation.csv`` and ``ablation.md``: CPM [95% CI] and the seven sensitivities."""
+    from integration.evaluation import FP_RATE_KEYS
+
+    header = (
+        "config", "cpm", "cpm_ci95_lower", "cpm_ci95_upper",
+        *(f"sens_{k}" for k in FP_RATE_KEYS),
+        "nodules", "detected", "scans", "unet_variant", "gan", "fpr", "fpr_plan", "fpr_variant",
+        "integration", "tta", "unet_stage", "gan_stage", "fpr_stage",
+    )  # fmt: skip
+    rows = []
+    lines = [
+        "| config | CPM [95% CI] | " + " | ".join(RATE_LABELS) + " | U-Net | CT-GAN | "
+        "FP reduction | TTA |",
+        "|---|---|" + "---|" * len(RATE_LABELS) + "---|---|---|---|",
+    ]
+    for r in results:
+        m, s, stages = r["metrics"], r["settings"], r["stages"]
+        ci = m.get("cpm_ci95") or [None, None]
+        sens = [m["sensitivity"][k] for k in FP_RATE_KEYS]
+        net = _network(r) if s["fpr"] else {"variant": "", "integration": ""}
+        rows.append(
+            [
+                r["name"], m["cpm"], ci[0] if ci[0] is not None else "",
+                ci[1] if ci[1] is not None else "", *sens, m["nodules"], m["detected"],
+                m["scans"], s["unet_variant"], s["gan"], s["fpr"], s["fpr_plan"],
+                net["variant"], net["integration"], s["tta"], stages.get("unet", ""),
+                stages.get("gan", ""), stages.get("fpr", ""),
+            ]
+        )  # fmt: skip
+        d = _describe(r)
+        cpm = f"{m['cpm']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci[0] is not None else "")
+        lines.append(
+            f"| {r['name']} | {cpm} | "
+            + " | ".join(f"{v:.3f}" for v in sens)
+            + f" | {d['unet']} | {d['gan']} | {d['fpr']} | {d['tta']} |"
+        )
+    csv_path, md_path = out / "ablation.csv", out / "ablation.md"
+    write_csv_atomic(csv_path, header, rows)
+    first = results[0]
+    intro = (
+        f"Ablation: CPM and sensitivity at 1/8 .. 8 false positives per scan on test folds "
+        f"{','.join(map(str, first['split']['test']))} (trained on "
+        f"{','.join(map(str, first['split']['train']))}, validated on "
+        f"{','.join(map(str, first['split']['val']))}); 95% bootstrap interval over scans "
+        f"({first['bootstrap']} resamples).\n\n"
+    )
+    write_text_atomic(md_path, intro + "\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def _read_curve_csv(path: Path) -> dict[str, np.ndarray]:
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+        names = reader.fieldnames or []
+    return {name: np.asarray([r[name] for r in rows], dtype=np.float64) for name in names}
+
+
+def load_curve(result: dict[str, Any], out: Path) -> Any:
+    """The FROC (and bootstrap band) of one evaluated config, from its evaluation folder."""
+    from integration.evaluation import FrocCurve
+
+    folder = out / "configs" / result["name"] / "evaluation"
+    froc = _read_curve_csv(folder / "froc.csv")
+    curve = FrocCurve(
+        fps=froc["fps_per_scan"],
+        sens=froc["sensitivity"],
+        label=result["name"],
+        cpm=result["metrics"]["cpm"],
+    )
+    ci = result["metrics"].get("cpm_ci95")
+    band = folder / "froc_bootstrap.csv"
+    if ci and band.is_file():
+        b = _read_curve_csv(band)
+        curve.band_fps, curve.band_mean = b["fps_per_scan"], b["sensitivity_mean"]
+        curve.band_lower, curve.band_upper = b["sensitivity_lower"], b["sensitivity_upper"]
+        curve.cpm_ci = (ci[0], ci[1])
+    return curve
+
+
+def plot_ablation(results: Sequence[dict[str, Any]], out: Path, path: Path) -> Path:
+    """One figure with every config's FROC (bands only when there are at most three)."""
+    from integration.evaluation import plot_froc
+
+    curves = [load_curve(r, out) for r in results]
+    if len(curves) > 3:  # a dozen overlapping bands hide the curves
+        for c in curves:
+            c.band_fps = c.band_lower = c.band_upper = c.band_mean = None
+    plot_froc(curves, path, title="FROC - ablation")
+    return path

@@ -1,0 +1,661 @@
+"""The stage sequence every integration command runs: U-Net candidates, CT-GAN, MGI-CNN scores.
+
+One run of the detector on one split of the LUNA16 subsets::
+
+    train U-Net (train folds, validated on the val folds) -> extract candidates (test folds)
+    [-> train CT-GAN (train folds only) -> augment the train folds -> prepare them]
+    -> train MGI-CNN (train folds + their augmented copies) -> score the test candidates
+
+``integration demo`` runs it once, ``integration crossval`` once per test fold and
+``integration ablate`` once per configuration, with the trained stages shared between the
+configurations that agree on them. Everything a stage needs to know is in
+:class:`StageSettings` (a JSON-ready dataclass: the keys of an ablation grid) and
+:class:`Split`; where each stage writes is :class:`StagePaths`, so the callers choose the
+layout (one models folder for the demo, one per fold, one per stage key).
+
+Resuming: a stage whose folder holds a finished model is skipped, a half-trained one continues
+from its checkpoint (each trainer's own ``resume``); with ``reuse`` a candidates or submission
+CSV newer than the model that made it is kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lungct.errors import LungCTError
+from lungct.fileio import write_json_atomic, write_text_atomic
+from lungct.tables import FOLD_COUNT, write_csv_atomic
+
+DONE_MARKER = "integration_done.json"
+"""Written into a stage's model folder when its training function has returned."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageSettings:
+    """Everything that shapes the trained stages of one run (the keys of an ablation config).
+
+    Args:
+        unet_variant: ``2d`` or ``3d`` (:data:`unet_candidates.VARIANTS`).
+        unet_minutes: U-Net training budget in minutes (all sessions together).
+        unet_overrides: U-Net plan fields to change (e.g. ``{"epochs": 5}``).
+        gan: augment the training folds with CT-GAN-injected nodules.
+        gan_minutes: CT-GAN training budget in minutes (per session).
+        gan_per_scan: nodules injected into each augmented copy.
+        gan_plan: named CT-GAN plan or ``plan.json`` path.
+        gan_overrides: CT-GAN plan fields to change.
+        fpr: score the candidates with the MGI-CNN; ``False`` submits the U-Net's own
+            probabilities (the candidate stage alone).
+        fpr_plan: named MGI-CNN plan (:data:`fp_reduction_3dcnn.config.PLANS`) or a path.
+        fpr_variant: ``mgi``, ``zoom_in``, ``zoom_out``, ``ri`` or ``lr`` (``None``: the plan's).
+        integration: ``sum``, ``concat`` or ``conv1x1`` (``None``: the plan's).
+        fpr_minutes: MGI-CNN training budget in minutes.
+        fpr_overrides: MGI-CNN plan fields to change.
+        tta: average the MGI-CNN's scores over the 8 axial symmetries.
+    """
+
+    unet_variant: str = "2d"
+    unet_minutes: float = 3.0
+    unet_overrides: dict[str, Any] = field(default_factory=dict)
+    gan: bool = True
+    gan_minutes: float = 2.0
+    gan_per_scan: int = 2
+    gan_plan: str = "default"
+    gan_overrides: dict[str, Any] = field(default_factory=dict)
+    fpr: bool = True
+    fpr_plan: str = "default"
+    fpr_variant: str | None = None
+    integration: str | None = None
+    fpr_minutes: float = 4.0
+    fpr_overrides: dict[str, Any] = field(default_factory=dict)
+    tta: bool = False
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str | None = None) -> StageSettings:
+        """Settings from JSON values; an unknown key or a wrong type is a :class:`LungCTError`."""
+        if not isinstance(values, dict):
+            raise LungCTError(source, "settings must be a JSON object")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise LungCTError(
+                source, f"unknown settings {unknown} (known: {', '.join(sorted(known))})"
+            )
+        defaults = cls()
+        clean: dict[str, Any] = {}
+        for key, value in values.items():
+            default = getattr(defaults, key)
+            if value is None and default is None:  # optional names: the plan's own
+                clean[key] = None
+                continue
+            expected = str if default is None else type(default)
+            is_bool = isinstance(value, bool)
+            if expected is float and isinstance(value, int | float) and not is_bool:
+                value = float(value)  # 3 and 3.0 are one budget (and one stage key)
+            elif not isinstance(value, expected) or (is_bool and expected is not bool):
+                raise LungCTError(
+                    source, f"setting {key!r} must be a {expected.__name__}, not {value!r}"
+                )
+            clean[key] = value
+        settings = cls(**{**dataclasses.asdict(defaults), **clean})
+        settings.check(source)
+        return settings
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> StageSettings:
+        """A copy with some settings changed (``None`` values are ignored)."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        return StageSettings.from_dict({**self.to_dict(), **changes})
+
+    def check(self, source: str | None = None) -> None:
+        """Refuse impossible budgets and names that no plan knows (before any training)."""
+        for key in ("unet_minutes", "gan_minutes", "fpr_minutes"):
+            if getattr(self, key) <= 0:
+                raise LungCTError(source, f"setting {key!r} must be > 0")
+        if self.gan_per_scan < 1:
+            raise LungCTError(source, "setting 'gan_per_scan' must be >= 1")
+        self.unet_plan()
+        if self.fpr:
+            self.fpr_plan_resolved()
+
+    def unet_plan(self) -> Any:
+        """The U-Net plan of these settings."""
+        from unet_candidates.config import variant_plan
+
+        try:
+            return variant_plan(self.unet_variant, **self.unet_overrides)
+        except TypeError as exc:
+            raise LungCTError(None, f"bad unet_overrides ({exc})") from None
+
+    def gan_plan_resolved(self) -> Any:
+        """The CT-GAN plan of these settings (imports Keras)."""
+        from ct_gan_augment.config import get_plan
+
+        return get_plan(self.gan_plan, **self.gan_overrides)
+
+    def fpr_plan_resolved(self) -> Any:
+        """The MGI-CNN plan of these settings."""
+        from fp_reduction_3dcnn.config import get_plan
+
+        changes = dict(self.fpr_overrides)
+        if self.fpr_variant is not None:
+            changes["variant"] = self.fpr_variant
+        if self.integration is not None:
+            changes["integration"] = self.integration
+        return get_plan(self.fpr_plan, **changes)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which LUNA16 subsets train, validate and test one run.
+
+    The CT-GAN, the U-Net and the MGI-CNN fit only the ``train`` folds; ``val`` only monitors
+    the U-Net and the MGI-CNN; ``test`` is scored and evaluated, nothing else.
+    """
+
+    train: tuple[int, ...]
+    val: tuple[int, ...]
+    test: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        for role in ("train", "val", "test"):
+            object.__setattr__(self, role, tuple(int(f) for f in getattr(self, role)))
+        if not self.train or not self.test:
+            raise LungCTError(None, "a split needs at least one training and one test fold")
+        roles = {"training": self.train, "validation": self.val, "test": self.test}
+        names = list(roles)
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                both = sorted(set(roles[a]) & set(roles[b]))
+                if both:
+                    raise LungCTError(None, f"folds {both} are both {a} and {b} folds")
+        bad = [f for f in self.train + self.val + self.test if not 0 <= f < FOLD_COUNT]
+        if bad:
+            raise LungCTError(None, f"folds {bad} are outside 0..{FOLD_COUNT - 1}")
+
+    def to_dict(self) -> dict[str, list[int]]:
+        """Plain-JSON form."""
+        return {"train": list(self.train), "val": list(self.val), "test": list(self.test)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Where each stage writes
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StagePaths:
+    """Output locations of one run's stages.
+
+    Args:
+        unet: U-Net model folder.
+        test_candidates: U-Net candidates of the test folds (CSV).
+        gan: CT-GAN injector folder.
+        augmented: augmented copies of the training folds (LUNA16 layout).
+        fpr_cache: the cache the MGI-CNN reads: the dataset's own cache, or an overlay of it
+            holding this run's augmented scans (:func:`overlay_cache`), so two runs whose
+            CT-GANs differ never share an augmented scan of the same name.
+        train_candidates: labelled candidates the MGI-CNN trains on (CSV).
+        fpr: MGI-CNN model folder.
+        submission: scored test candidates (LUNA16 results CSV).
+    """
+
+    unet: Path
+    test_candidates: Path
+    gan: Path
+    augmented: Path
+    fpr_cache: Path | None
+    train_candidates: Path
+    fpr: Path
+    submission: Path
+
+    @classmethod
+    def single_run(cls, out: Path, models: Path, fpr_cache: Path | None = None) -> StagePaths:
+        """The demo's layout: ``models/{unet,gan,fpr}`` and the tables in ``out``."""
+        return cls(
+            unet=models / "unet",
+            test_candidates=out / "candidates_test.csv",
+            gan=models / "gan",
+            augmented=out / "augmented",
+            fpr_cache=fpr_cache,
+            train_candidates=out / "candidates_train.csv",
+            fpr=models / "fpr",
+            submission=out / "submission.csv",
+        )
+
+
+@dataclass
+class StageClock:
+    """Seconds per stage, printed as they finish."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    log: Callable[[str], None] = print
+    prefix: str = "demo"
+
+    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        """Run one stage, timing it."""
+        self.log(f"[{self.prefix}] {name} ...")
+        t0 = time.perf_counter()
+        result = fn()
+        self.seconds[name] = round(time.perf_counter() - t0, 1)
+        self.log(f"[{self.prefix}] {name}: {self.seconds[name]:.1f} s")
+        return result
+
+
+@dataclass
+class StageRun:
+    """One run: the data, the split, the settings and where the stages write.
+
+    Args:
+        data: LUNA16-layout folder (``subsetK/*.mhd``, ``annotations.csv``,
+            ``annotations_excluded.csv``, ``candidates.csv``).
+        cache: its per-scan cache (prepared with :func:`prepare_cache`).
+        split: the folds.
+        settings: the stage settings.
+        paths: the output locations.
+        clock: times and logs the stages.
+        candidates: labelled candidates the MGI-CNN trains on (default ``data/candidates.csv``).
+        workers: processes for cache preparation.
+        progress: progress bars.
+        reuse: keep a candidates / submission CSV that is newer than its model.
+    """
+
+    data: Path
+    cache: Path
+    split: Split
+    settings: StageSettings
+    paths: StagePaths
+    clock: StageClock = field(default_factory=StageClock)
+    candidates: Path | None = None
+    workers: int = 2
+    progress: bool = True
+    reuse: bool = True
+
+    @property
+    def fpr_cache(self) -> Path:
+        """The cache the MGI-CNN trains and predicts from."""
+        return self.paths.fpr_cache or self.cache
+
+
+@dataclass
+class StageOutputs:
+    """What one run produced."""
+
+    test_candidates: Path
+    submission: Path
+    test_series: list[str]
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def fold_uids(data_dir: str | os.PathLike, folds: Sequence[int]) -> list[str]:
+    """Series UIDs of the scans in the given subsets of a dataset, in file order."""
+    from lungct.cache import find_scans
+
+    return [s.seriesuid for s in find_scans(data_dir, folds)]
+
+
+def write_series(path: str | os.PathLike, uids: Sequence[str]) -> Path:
+    """Write a series list (one UID a line, no header), atomically."""
+    write_text_atomic(path, "".join(f"{u}\n" for u in uids))
+    return Path(path)
+
+
+def merge_candidates(paths: Sequence[Path], out: Path) -> Path:
+    """One labelled candidates table from several (same columns), atomically."""
+    from lungct.tables import read_candidates
+
+    rows: list[list[Any]] = []
+    for path in paths:
+        table = read_candidates(path)
+        for i in range(len(table)):
+            rows.append([table.uid_of(i), *table.coords[i].tolist(), int(table.label[i])])
+    write_csv_atomic(out, ("seriesuid", "coordX", "coordY", "coordZ", "class"), rows)
+    return out
+
+
+def merge_results(paths: Sequence[Path], out: Path) -> Path:
+    """One LUNA16 results table (``seriesuid,coordX,coordY,coordZ,probability``) from several."""
+    from lungct.tables import RESULT_COLUMNS, read_results
+
+    rows: list[list[Any]] = []
+    for path in paths:
+        table = read_results(path)
+        for i in range(len(table)):
+            uid = table.uids[table.series_index[i]]
+            rows.append([uid, *table.coords[i].tolist(), float(table.probability[i])])
+    write_csv_atomic(out, RESULT_COLUMNS, rows)
+    return out
+
+
+def prepare_cache(
+    data: str | os.PathLike, cache: str | os.PathLike, workers: int = 2, progress: bool = True
+) -> dict:
+    """Prepare (or complete) the cache of a dataset; an existing cache keeps its own plan.
+
+    Raises:
+        LungCTError: missing data folder, no scans, or scans that could not be prepared.
+    """
+    from lungct.cache import ScanCache, prepare_dataset
+
+    data, cache = Path(data), Path(cache)
+    if not data.is_dir():
+        raise LungCTError(data, "dataset folder does not exist")
+    plan = ScanCache(cache).plan if (cache / "plan.json").is_file() else None
+    report = prepare_dataset(data, cache, plan, workers=workers, progress=progress)
+    if report["failed"]:
+        uid, problem = next(iter(report["failed"].items()))
+        raise LungCTError(
+            cache, f"{len(report['failed'])} scans could not be prepared (e.g. {uid}: {problem})"
+        )
+    return report
+
+
+def overlay_cache(base: str | os.PathLike, overlay: str | os.PathLike) -> Path:
+    """A cache folder that shows every complete entry of ``base`` (symbolic links) and can take
+    entries of its own (augmented scans) without touching ``base``.
+
+    Raises:
+        LungCTError: ``base`` has no plan, or the links cannot be made.
+    """
+    base, overlay = Path(base).resolve(), Path(overlay)
+    plan = base / "plan.json"
+    if not plan.is_file():
+        raise LungCTError(base, "not a prepared cache (no plan.json)")
+    overlay.mkdir(parents=True, exist_ok=True)
+    if not (overlay / "plan.json").is_file():
+        write_text_atomic(overlay / "plan.json", plan.read_text())
+    for meta in sorted(base.glob("*/meta.json")):
+        link = overlay / meta.parent.name
+        if link.is_symlink() or link.exists():
+            continue
+        try:
+            link.symlink_to(meta.parent, target_is_directory=True)
+        except OSError as exc:
+            raise LungCTError(
+                link, f"cannot link the cache entry ({exc.strerror or exc})"
+            ) from None
+    return overlay
+
+
+def stage_done(model_dir: Path, stage: str = "") -> bool:
+    """Whether a stage's training has finished in this folder: its training function returned
+    here (:data:`DONE_MARKER`), or the folder carries the trainer's own end-of-training sign
+    (a U-Net manifest with its ``training`` summary; an MGI-CNN ``model.keras``, which is only
+    written at the end). A CT-GAN writes ``generator.keras`` at every checkpoint, so only the
+    marker counts for it."""
+    if (model_dir / DONE_MARKER).is_file():
+        return True
+    if stage == "unet" and (model_dir / "manifest.json").is_file():
+        try:
+            return "training" in json.loads((model_dir / "manifest.json").read_text())
+        except json.JSONDecodeError:
+            return False
+    if stage == "fpr":
+        return (model_dir / "model.keras").is_file()
+    return False
+
+
+def _mark_done(model_dir: Path, summary: Any) -> None:
+    write_json_atomic(model_dir / DONE_MARKER, {"summary": _jsonable(summary)})
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        return json.loads(json.dumps(value, default=str))
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _fresh(output: Path, model_dir: Path) -> bool:
+    """``output`` exists and is at least as new as the model it was made with."""
+    model = model_dir / "model.keras"
+    return output.is_file() and model.is_file() and output.stat().st_mtime >= model.stat().st_mtime
+
+
+def excluded_table(data: Path) -> Path | None:
+    """``data/annotations_excluded.csv`` when it exists."""
+    path = data / "annotations_excluded.csv"
+    return path if path.is_file() else None
+
+
+def evaluate_submission(
+    data: Path,
+    series: Path,
+    submission: Path,
+    bootstrap: int = 1000,
+    label: str | None = None,
+    cap: bool = True,
+) -> Any:
+    """The exact LUNA16 evaluation of a submission on the listed series (seed 0)."""
+    from integration.evaluation import evaluate_files
+
+    return evaluate_files(
+        data / "annotations.csv",
+        excluded_table(data),
+        series,
+        submission,
+        cap=cap,
+        bootstrap=bootstrap,
+        seed=0,
+        label=label,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The stages
+# ----------------------------------------------------------------------------------------------
+
+
+def train_unet_stage(run: StageRun) -> Path:
+    """Train (or resume, or skip) the U-Net of the run; return its model folder."""
+    from unet_candidates.train import train as unet_train
+
+    unet_dir = run.paths.unet
+    if stage_done(unet_dir, "unet"):
+        return unet_dir
+    summary = run.clock.run(
+        "train U-Net",
+        lambda: unet_train(
+            run.settings.unet_plan(),
+            run.data,
+            run.cache,
+            list(run.split.train),
+            list(run.split.val),
+            unet_dir,
+            resume=(unet_dir / "checkpoints" / "state.json").is_file(),
+            max_minutes=run.settings.unet_minutes,
+            progress=run.progress,
+        ),
+    )
+    _mark_done(unet_dir, summary)
+    return unet_dir
+
+
+def run_candidate_stage(run: StageRun) -> Path:
+    """Train the U-Net (if needed) and extract the candidates of the test folds; return the CSV.
+
+    Raises:
+        LungCTError: every test scan failed in extraction (nothing to score).
+    """
+    from unet_candidates.extract import extract_paths
+
+    unet_dir = train_unet_stage(run)
+    out = run.paths.test_candidates
+    if run.reuse and _fresh(out, unet_dir):
+        return out
+    summary = run.clock.run(
+        "extract candidates",
+        lambda: extract_paths(
+            unet_dir,
+            out,
+            data_dir=run.data,
+            folds=list(run.split.test),
+            cache_dir=run.cache,
+            progress=run.progress,
+        ),
+    )
+    if summary["out"] is None:
+        scan, problem = next(iter(summary["failed"].items()), ("?", "?"))
+        raise LungCTError(
+            unet_dir, f"candidate extraction failed on every test scan (e.g. {scan}: {problem})"
+        )
+    return out
+
+
+def train_gan_stage(run: StageRun) -> Path:
+    """Train (or resume, or skip) the CT-GAN injector on the training folds only."""
+    from ct_gan_augment.train import train_gan
+
+    gan_dir = run.paths.gan
+    if stage_done(gan_dir, "gan"):
+        return gan_dir
+    plan = run.settings.gan_plan_resolved()
+    summary = run.clock.run(
+        "train CT-GAN",
+        lambda: train_gan(
+            run.data,
+            run.cache,
+            run.split.train,
+            "injector",
+            gan_dir,
+            plan=plan,
+            resume=(gan_dir / "plan.json").is_file(),
+            max_seconds=60.0 * run.settings.gan_minutes,
+            progress=run.progress,
+        ),
+    )
+    _mark_done(gan_dir, summary)
+    return gan_dir
+
+
+def augment_stage(run: StageRun) -> Path:
+    """Augment the training folds with the run's CT-GAN and prepare the new scans into the
+    MGI-CNN's cache; return the labelled candidates of the augmented scans."""
+    from ct_gan_augment.augment import augment_dataset
+    from lungct.cache import ScanCache, prepare_dataset
+
+    gan_dir = train_gan_stage(run)
+    augmented = run.paths.augmented
+    run.clock.run(
+        "augment training folds",
+        lambda: augment_dataset(
+            run.data,
+            gan_dir,
+            augmented,
+            run.split.train,
+            run.settings.gan_per_scan,
+            cache_dir=run.cache,
+            progress=run.progress,
+        ),
+    )
+    if run.paths.fpr_cache is not None:
+        overlay_cache(run.cache, run.paths.fpr_cache)
+    plan = ScanCache(run.cache).plan
+    report = run.clock.run(
+        "prepare augmented",
+        lambda: prepare_dataset(
+            augmented, run.fpr_cache, plan, workers=run.workers, progress=run.progress
+        ),
+    )
+    if report["failed"]:
+        uid, problem = next(iter(report["failed"].items()))
+        raise LungCTError(augmented, f"augmented scan {uid} could not be prepared ({problem})")
+    return augmented / "candidates.csv"
+
+
+def train_fpr_stage(run: StageRun) -> Path:
+    """Train (or resume, or skip) the MGI-CNN on the training folds (+ augmented copies)."""
+    from fp_reduction_3dcnn.train import latest_checkpoint
+    from fp_reduction_3dcnn.train import train as fpr_train
+
+    fpr_dir = run.paths.fpr
+    if stage_done(fpr_dir, "fpr"):
+        return fpr_dir
+    candidates = run.candidates or run.data / "candidates.csv"
+    if not candidates.is_file():
+        raise LungCTError(
+            candidates, "labelled training candidates not found (the MGI-CNN trains on them)"
+        )
+    sources = [candidates]
+    if run.settings.gan:
+        sources.append(augment_stage(run))
+    elif run.paths.fpr_cache is not None:
+        overlay_cache(run.cache, run.paths.fpr_cache)
+    train_candidates = merge_candidates(sources, run.paths.train_candidates)
+    resume = (fpr_dir / "manifest.json").is_file() or latest_checkpoint(fpr_dir) is not None
+    summary = run.clock.run(
+        "train MGI-CNN",
+        lambda: fpr_train(
+            run.settings.fpr_plan_resolved(),
+            run.fpr_cache,
+            train_candidates,
+            list(run.split.train),
+            list(run.split.val),
+            fpr_dir,
+            test_folds=list(run.split.test),
+            resume=resume,
+            max_minutes=run.settings.fpr_minutes,
+            progress=run.progress,
+        ),
+    )
+    _mark_done(fpr_dir, summary)
+    return fpr_dir
+
+
+def run_fpr_stage(run: StageRun, test_candidates: Path) -> Path:
+    """Train the MGI-CNN (after the CT-GAN augmentation when the settings ask for it) and score
+    the test candidates; return the submission CSV."""
+    from fp_reduction_3dcnn.predict import predict as fpr_predict
+
+    fpr_dir = train_fpr_stage(run)
+    if run.paths.fpr_cache is not None:
+        overlay_cache(run.cache, run.paths.fpr_cache)
+    out = run.paths.submission
+    if (
+        run.reuse
+        and _fresh(out, fpr_dir)
+        and out.stat().st_mtime >= test_candidates.stat().st_mtime
+    ):
+        return out
+    run.clock.run(
+        "score candidates",
+        lambda: fpr_predict(
+            fpr_dir,
+            run.fpr_cache,
+            test_candidates,
+            out,
+            tta=run.settings.tta,
+            progress=run.progress,
+        ),
+    )
+    return out
+
+
+def run_stages(run: StageRun) -> StageOutputs:
+    """Every stage of one run: candidates, then (unless ``settings.fpr`` is off) the CT-GAN
+    augmentation and the MGI-CNN; return the test candidates, the submission and the test
+    series. Without the MGI-CNN the submission is the U-Net's candidates file itself."""
+    test_candidates = run_candidate_stage(run)
+    if run.settings.fpr:
+        submission = run_fpr_stage(run, test_candidates)
+    else:
+        submission = test_candidates
+    return StageOutputs(test_candidates, submission, fold_uids(run.data, run.split.test))

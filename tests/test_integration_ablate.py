@@ -1,0 +1,244 @@
+"""`integration ablate`: grid parsing, stage sharing between configs, table, figure, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from integration.__main__ import main
+from integration.ablate import DEFAULT_SPLIT, load_grid, stage_keys
+from integration.stages import StageSettings
+from integration.testing import tiny_settings
+from lungct.cache import prepare_dataset
+from lungct.errors import LungCTError
+from lungct.preprocess import PreprocessPlan
+from lungct.synth import generate_dataset
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def test_default_grid_covers_the_ablations() -> None:
+    grid = load_grid()
+    by_name = {c.name: c.settings for c in grid.configs}
+    settings = list(by_name.values())
+    assert {s.gan for s in settings if s.fpr} == {True, False}
+    assert {s.fpr_variant for s in settings if s.fpr} == {"mgi", "ri", "lr", "zoom_in", "zoom_out"}
+    assert {s.integration for s in settings if s.fpr} == {"sum", "concat", "conv1x1"}
+    assert {s.unet_variant for s in settings} == {"2d", "3d"}
+    assert any(not s.fpr for s in settings)
+    assert {s.tta for s in settings if s.fpr} == {True, False}
+    # Shared trainings: the U-Net per variant, one CT-GAN, one MGI-CNN per network / GAN choice.
+    keys = {name: stage_keys(s, DEFAULT_SPLIT) for name, s in by_name.items()}
+    distinct = {
+        stage: {k[stage][0] for k in keys.values() if stage in k}
+        for stage in ("unet", "gan", "fpr")
+    }
+    assert {k: len(v) for k, v in distinct.items()} == {"unet": 2, "gan": 1, "fpr": 8}
+    assert keys["tta"]["fpr"] == keys["full"]["fpr"]  # TTA rescores the same model
+    assert keys["unet3d"]["fpr"] == keys["full"]["fpr"]  # the MGI-CNN does not see the U-Net
+    assert keys["unet_alone"]["unet"] == keys["full"]["unet"] and "fpr" not in keys["unet_alone"]
+    assert keys["no_gan"]["fpr"] != keys["full"]["fpr"]
+
+
+def test_grid_errors(tmp_path: Path) -> None:
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps({"configs": {"a": {"fpr_variant": "mgi", "tta": "yes"}}}))
+    with pytest.raises(LungCTError, match="config a: setting 'tta' must be a bool"):
+        load_grid(path)
+    path.write_text(json.dumps({"configs": {"a": {"fpr_varaint": "ri"}}}))
+    with pytest.raises(LungCTError, match=r"unknown settings \['fpr_varaint'\]"):
+        load_grid(path)
+    path.write_text(json.dumps({"configs": {"a": {"fpr_variant": "rx"}}}))
+    with pytest.raises(LungCTError, match="variant must be one of"):
+        load_grid(path)
+    path.write_text(json.dumps({"configs": {"a/b": {}}}))
+    with pytest.raises(LungCTError, match="config name"):
+        load_grid(path)
+    path.write_text(json.dumps({"base": {}, "configs": {}}))
+    with pytest.raises(LungCTError, match="non-empty 'configs'"):
+        load_grid(path)
+    with pytest.raises(LungCTError, match="must be > 0"):
+        StageSettings.from_dict({"fpr_minutes": 0})
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> dict[str, Path]:
+    """Four small synthetic scans (subsets 0-3) and their cache on a 2 mm grid."""
+    root = tmp_path_factory.mktemp("ablate")
+    data = root / "data"
+    generate_dataset(data, 4, 0, "small", progress=False, workers=1)
+    prepare_dataset(
+        data, root / "cache", PreprocessPlan(name="test2mm", spacing=(2.0, 2.0, 2.0)),
+        workers=1, progress=False,
+    )  # fmt: skip
+    return {"root": root, "data": data, "cache": root / "cache"}
+
+
+def _ablate(dataset: dict[str, Path], out: Path, grid: Path, *extra: str) -> list[str]:
+    return [
+        "ablate", "--data", str(dataset["data"]), "--cache", str(dataset["cache"]),
+        "--out", str(out), "--grid", str(grid), "--train-folds", "0-1", "--val-folds", "2",
+        "--test-folds", "3", "--bootstrap", "20", "--workers", "1", "--quiet", *extra,
+    ]  # fmt: skip
+
+
+def test_ablate_shares_stages_and_writes_table(dataset: dict[str, Path], capsys) -> None:
+    root = dataset["root"]
+    grid = root / "grid.json"
+    grid.write_text(
+        json.dumps(
+            {
+                "description": "tiny",
+                "base": tiny_settings(),
+                "configs": {
+                    "mgi": {},
+                    "mgi_tta": {"tta": True},
+                    "unet_alone": {"fpr": False},
+                    "ri_no_gan": {"fpr_variant": "ri", "gan": False},
+                },
+            }
+        )
+    )
+    out = root / "out"
+    assert main(_ablate(dataset, out, grid)) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "4 configs share 1 U-Net, 1 CT-GAN and 2 MGI-CNN trainings" in printed
+    # Each shared stage trained once: one U-Net, one CT-GAN, two MGI-CNNs.
+    assert printed.count("train U-Net ...") == 1
+    assert printed.count("train CT-GAN ...") == 1
+    assert printed.count("train MGI-CNN ...") == 2
+    assert printed.count("extract candidates ...") == 1
+    stages = sorted(p.name for p in (out / "stages").iterdir())
+    assert [s.split("-")[0] for s in stages] == ["fpr", "fpr", "gan", "unet"]
+    results = {
+        name: json.loads((out / "configs" / name / "result.json").read_text())
+        for name in ("mgi", "mgi_tta", "unet_alone", "ri_no_gan")
+    }
+    assert results["mgi_tta"]["stages"] == results["mgi"]["stages"]
+    assert results["unet_alone"]["stages"] == {"unet": results["mgi"]["stages"]["unet"]}
+    assert "gan" not in results["ri_no_gan"]["stages"]
+    # U-Net alone: the U-Net's candidates are the submission.
+    candidates = out / "stages" / results["mgi"]["stages"]["unet"] / "candidates_test.csv"
+    submission = out / "configs" / "unet_alone" / "submission.csv"
+    assert submission.read_text() == candidates.read_text()
+
+    with open(out / "ablation.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["config"] for r in rows] == ["mgi", "mgi_tta", "unet_alone", "ri_no_gan"]
+    for r in rows:
+        assert 0.0 <= float(r["cpm"]) <= 1.0
+        assert float(r["cpm_ci95_lower"]) <= float(r["cpm_ci95_upper"])
+        assert all(f"sens_{k}" in r for k in ("0.125", "0.25", "0.5", "1", "2", "4", "8"))
+        assert r["scans"] == "1"
+        assert float(r["cpm"]) == pytest.approx(results[r["config"]]["metrics"]["cpm"])
+    table = (out / "ablation.md").read_text()
+    assert "| config | CPM [95% CI] | 1/8 | 1/4 | 1/2 | 1 | 2 | 4 | 8 |" in table
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + 4
+    assert "none (U-Net scores)" in table
+    assert (out / "ablation_froc.png").read_bytes()[:4] == b"\x89PNG"
+
+    # Rerun: every config is skipped, nothing is trained again, the table is rewritten.
+    stamp = (out / "configs" / "mgi" / "result.json").stat().st_mtime_ns
+    assert main(_ablate(dataset, out, grid)) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert printed.count("already evaluated, skipped") == 4 and " ..." not in printed
+    assert (out / "configs" / "mgi" / "result.json").stat().st_mtime_ns == stamp
+    with open(out / "ablation.csv", newline="") as handle:
+        assert [r["cpm"] for r in csv.DictReader(handle)] == [r["cpm"] for r in rows]
+
+    # A changed config is run again (its MGI-CNN is shared, only scoring is redone).
+    data = json.loads(grid.read_text())
+    data["configs"]["mgi_tta"]["tta"] = False
+    data["configs"]["mgi_tta"]["fpr_minutes"] = 1
+    grid.write_text(json.dumps(data))
+    assert main(_ablate(dataset, out, grid, "--configs", "mgi_tta")) == 0
+    printed = capsys.readouterr().out
+    assert "already evaluated" not in printed and "] train " not in printed
+    assert "score candidates ..." in printed and "extract candidates" not in printed
+    with open(out / "ablation.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == 4  # the other configs are still listed
+
+
+def test_ablate_errors_are_one_line(dataset: dict[str, Path], tmp_path: Path, capsys) -> None:
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"configs": {"a": {}}}))
+    argv = _ablate(dataset, tmp_path / "o", grid, "--configs", "b")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no config named 'b'" in err[0]
+    argv = _ablate(dataset, tmp_path / "o", grid)
+    argv[argv.index("--data") + 1] = str(tmp_path / "absent")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "dataset folder does not exist" in err[0]
+    argv = _ablate(dataset, tmp_path / "o", grid)
+    argv[argv.index("--test-folds") + 1] = "1"
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "both training and test folds" in err[0]
+
+
+def test_table_and_figure_carry_each_configs_numbers(tmp_path: Path) -> None:
+    from integration.ablate import plot_ablation, write_table
+    from integration.evaluation import evaluate_files, write_outputs
+
+    uids = [f"1.2.{i}" for i in range(8)]
+    (tmp_path / "ann.csv").write_text(
+        "seriesuid,coordX,coordY,coordZ,diameter_mm\n" + "".join(f"{u},0,0,0,10\n" for u in uids)
+    )
+    (tmp_path / "series.csv").write_text("".join(f"{u}\n" for u in uids))
+    results = []
+    for name, hits, tta in (("strong", 7, True), ("weak", 3, False)):
+        lines = ["seriesuid,coordX,coordY,coordZ,probability"]
+        for i, u in enumerate(uids):
+            if i < hits:
+                lines.append(f"{u},1,0,0,{0.9 - 0.01 * i}")  # on the nodule
+            lines.append(f"{u},50,50,50,{0.5 + 0.03 * i}")  # a false positive in every scan
+        (tmp_path / f"{name}.csv").write_text("\n".join(lines) + "\n")
+        result = evaluate_files(
+            tmp_path / "ann.csv", None, tmp_path / "series.csv", tmp_path / f"{name}.csv",
+            bootstrap=30, label=name,
+        )  # fmt: skip
+        metrics = write_outputs(result, tmp_path / "configs" / name / "evaluation")
+        settings = StageSettings(tta=tta, fpr_variant="ri" if name == "weak" else None)
+        results.append(
+            {
+                "name": name, "settings": settings.to_dict(), "metrics": metrics,
+                "stages": {"unet": "u", "fpr": f"f-{name}"}, "split": DEFAULT_SPLIT.to_dict(),
+                "bootstrap": 30,
+                "fpr_network": {"variant": "ri" if name == "weak" else "mgi",
+                                "integration": "sum", "conv": "2.5d"},
+            }
+        )  # fmt: skip
+    csv_path, md_path = write_table(results, tmp_path)
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    strong, weak = (r["metrics"] for r in results)
+    assert strong["cpm"] > weak["cpm"] > 0
+    for row, metrics in zip(rows, (strong, weak), strict=True):
+        assert float(row["cpm"]) == pytest.approx(metrics["cpm"])
+        assert float(row["cpm_ci95_lower"]) == pytest.approx(metrics["cpm_ci95"][0])
+        assert float(row["sens_8"]) == pytest.approx(metrics["sensitivity"]["8"])
+    assert [r["fpr_variant"] for r in rows] == ["mgi", "ri"]
+    table = md_path.read_text().splitlines()
+    lo, hi = strong["cpm_ci95"]
+    assert table[-2].startswith(f"| strong | {strong['cpm']:.3f} [{lo:.3f}, {hi:.3f}] |")
+    assert "| mgi/sum | yes |" in table[-2] and "| ri/sum | no |" in table[-1]
+    figure = plot_ablation(results, tmp_path, tmp_path / "froc.png")
+    assert figure.read_bytes()[:4] == b"\x89PNG" and figure.stat().st_size > 10_000
+
+
+def test_shipped_grids_are_package_data() -> None:
+    import tomllib
+
+    from integration.ablate import default_grid_path
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert "data/*.json" in pyproject["tool"]["setuptools"]["package-data"]["integration"]
+    for name in ("default", "quick"):
+        assert default_grid_path(name).is_file()
+    quick = load_grid("quick")
+    assert len(quick.configs) >= 4 and quick.source == str(default_grid_path("quick"))
