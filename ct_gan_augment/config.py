@@ -23,12 +23,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lungct.errors import LungCTError
-from lungct.fileio import write_json_atomic
+from lungct.plans import JSONPlan
 
 KINDS = ("injector", "remover")
 """What a model is trained on: nodule cubes (injector) or healthy lung cubes (remover)."""
@@ -40,14 +40,8 @@ def _tuple(value: Any) -> Any:
     return value
 
 
-def _to_json(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_to_json(v) for v in value]
-    return value
-
-
 @dataclass(frozen=True)
-class GANPlan:
+class GANPlan(JSONPlan):
     """Everything that shapes a CT-GAN injector or remover.
 
     Args:
@@ -242,49 +236,6 @@ class GANPlan:
     def max_diameter_mm(self) -> float:
         """Largest nodule diameter the injector trains on."""
         return self.max_nodule_diameter_mm or self.hole_size * self.cut_spacing_mm
-
-    # --- JSON -----------------------------------------------------------------------------
-
-    def to_dict(self) -> dict:
-        """Plain-JSON form."""
-        return {k: _to_json(v) for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict, source: str | Path | None = None) -> GANPlan:
-        """Inverse of :meth:`to_dict`; an unknown key is an error (a typo must not pass)."""
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise LungCTError(source, f"unknown plan keys {unknown}")
-        try:
-            return cls(**d)
-        except (TypeError, ValueError) as exc:
-            raise LungCTError(source, f"bad plan: {exc}") from None
-
-    def save(self, path: str | Path) -> None:
-        """Write the plan as JSON, atomically."""
-        write_json_atomic(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | Path) -> GANPlan:
-        """Read a plan written by :meth:`save`."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise LungCTError(path, "plan file not found") from None
-        except json.JSONDecodeError as exc:
-            raise LungCTError(path, f"is not valid JSON ({exc.msg}, line {exc.lineno})") from None
-        if not isinstance(data, dict):
-            raise LungCTError(path, "a plan must be a JSON object")
-        return cls.from_dict(data, source=path)
-
-    def replace(self, **changes: Any) -> GANPlan:
-        """A copy with some fields changed (``None`` values are ignored)."""
-        changes = {k: v for k, v in changes.items() if v is not None}
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise LungCTError(None, f"unknown plan keys {unknown}")
-        return dataclasses.replace(self, **changes)
 
 
 _AS_PUBLISHED = {

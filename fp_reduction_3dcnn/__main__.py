@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from lungct.cli import run_command
 from lungct.errors import LungCTError
 
 # TensorFlow's C++ start-up chatter is not for command-line users (set it to 0 to see it).
@@ -211,15 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except LungCTError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

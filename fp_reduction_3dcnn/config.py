@@ -25,14 +25,12 @@ slices last), so an axial rotation acts on axes 1 and 2.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lungct.errors import LungCTError
-from lungct.fileio import write_json_atomic
+from lungct.plans import JSONPlan
 from lungct.preprocess import WINDOWS
 
 VARIANTS = ("mgi", "zoom_in", "zoom_out", "ri", "lr")
@@ -54,14 +52,8 @@ def _tuple(value: Any) -> tuple:
     return tuple(_tuple(v) if isinstance(v, list | tuple) else v for v in value)
 
 
-def _to_json(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_to_json(v) for v in value]
-    return value
-
-
 @dataclass(frozen=True)
-class FPRPlan:
+class FPRPlan(JSONPlan):
     """Everything that shapes an MGI-CNN false-positive reducer.
 
     Args:
@@ -201,49 +193,6 @@ class FPRPlan:
         """Shape of one network input, ``(y, x, z)``."""
         x, y, z = self.input_size
         return (y, x, z)
-
-    # --- JSON ---------------------------------------------------------------------------------
-
-    def to_dict(self) -> dict:
-        """Plain-JSON form."""
-        return {k: _to_json(v) for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict, source: str | Path | None = None) -> FPRPlan:
-        """Inverse of :meth:`to_dict`; an unknown key is an error (a typo must not pass)."""
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise LungCTError(source, f"unknown plan keys {unknown}")
-        try:
-            return cls(**d)
-        except (TypeError, ValueError) as exc:
-            raise LungCTError(source, f"bad plan: {exc}") from None
-
-    def save(self, path: str | Path) -> None:
-        """Write the plan as JSON, atomically."""
-        write_json_atomic(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | Path) -> FPRPlan:
-        """Read a plan written by :meth:`save`."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise LungCTError(path, "plan file not found") from None
-        except json.JSONDecodeError as exc:
-            raise LungCTError(path, f"is not valid JSON ({exc.msg}, line {exc.lineno})") from None
-        if not isinstance(data, dict):
-            raise LungCTError(path, "a plan must be a JSON object")
-        return cls.from_dict(data, source=path)
-
-    def replace(self, **changes: Any) -> FPRPlan:
-        """A copy with some fields changed (``None`` values are ignored)."""
-        changes = {k: v for k, v in changes.items() if v is not None}
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise LungCTError(None, f"unknown plan keys {unknown}")
-        return dataclasses.replace(self, **changes)
 
 
 _PAPER_WIDTHS = {

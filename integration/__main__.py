@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from lungct.cli import run_command
 from lungct.errors import LungCTError
 
 if TYPE_CHECKING:
@@ -455,13 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except LungCTError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    """Entry point; returns the exit status."""
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

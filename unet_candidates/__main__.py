@@ -8,17 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 
+from lungct.cli import quiet_tensorflow, run_command
 from lungct.errors import LungCTError
 from unet_candidates.config import VARIANTS
-
-
-def _quiet_tensorflow() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 
 def _plan_from_args(args: argparse.Namespace):
@@ -158,16 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
-    _quiet_tensorflow()
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except LungCTError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    quiet_tensorflow()
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,37 @@
+"""The one way every command of the suite runs: ``python -m <package> VERB ...``.
+
+A :class:`~lungct.errors.LungCTError` (bad input: the file and the problem) ends the command
+with that one line on stderr and exit status 2, never a traceback; Ctrl-C ends it with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from lungct.errors import LungCTError
+
+
+def quiet_tensorflow() -> None:
+    """Pick the TensorFlow backend and silence its C++ start-up chatter (before it is imported)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+
+def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the verb's ``func(args)``; returns the exit status.
+
+    Every sub-parser sets ``func`` with ``set_defaults``; its return value (``None`` = 0) is
+    the exit status.
+    """
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LungCTError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,71 @@
+"""A plan is a frozen dataclass that round-trips through a JSON file a person can edit.
+
+:class:`JSONPlan` gives a plan dataclass its JSON form (tuples as lists), strict loading (an
+unknown key is an error: a typo must not silently fall back to a default), atomic saving and
+checked copies. The stages' plans (the MGI-CNN's, the CT-GAN's) inherit it; their
+``__post_init__`` does the value checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+from lungct.errors import LungCTError
+from lungct.fileio import write_json_atomic
+
+P = TypeVar("P", bound="JSONPlan")
+
+
+def to_json_value(value: Any) -> Any:
+    """Tuples (nested too) become lists; everything else is already JSON."""
+    if isinstance(value, tuple):
+        return [to_json_value(v) for v in value]
+    return value
+
+
+class JSONPlan:
+    """JSON round trip for a (frozen) dataclass plan."""
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form."""
+        return {k: to_json_value(v) for k, v in dataclasses.asdict(self).items()}  # type: ignore[arg-type]
+
+    @classmethod
+    def from_dict(cls: type[P], d: dict, source: str | Path | None = None) -> P:
+        """Inverse of :meth:`to_dict`; an unknown key is an error (a typo must not pass)."""
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+        if unknown:
+            raise LungCTError(source, f"unknown plan keys {unknown}")
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as exc:
+            raise LungCTError(source, f"bad plan: {exc}") from None
+
+    def save(self, path: str | Path) -> None:
+        """Write the plan as JSON, atomically."""
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls: type[P], path: str | Path) -> P:
+        """Read a plan written by :meth:`save` (or by hand)."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise LungCTError(path, "plan file not found") from None
+        except json.JSONDecodeError as exc:
+            raise LungCTError(path, f"is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        if not isinstance(data, dict):
+            raise LungCTError(path, "a plan must be a JSON object")
+        return cls.from_dict(data, source=path)
+
+    def replace(self: P, **changes: Any) -> P:
+        """A copy with some fields changed (``None`` values are ignored)."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})  # type: ignore[arg-type]
+        if unknown:
+            raise LungCTError(None, f"unknown plan keys {unknown}")
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
