@@ -319,7 +319,7 @@ def train(
         t_epoch = time.perf_counter()
         bar = keras.utils.Progbar(plan.steps_per_epoch, verbose=1 if progress else 0)
         losses, steps, timed_samples, timed_seconds = [], 0, 0, 0.0
-        for x, y in prefetch(sampler.batches(epoch), depth=4):
+        for x, y in prefetch(sampler.batches(epoch), depth=plan.prefetch_batches):
             # The learning rate follows a cosine over the run's budget: the planned steps, or
             # --max-minutes when that ends first (a resumed run picks up where it was).
             done = (epoch * plan.steps_per_epoch + steps) / total_steps
