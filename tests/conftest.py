@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lungct.testing import chest_phantom_hu
+
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -32,16 +34,7 @@ def phantom_hu(shape_zyx=(24, 40, 48), nodule_zyx=(12, 20, 14), radius_vox=3.0) 
     """A small chest-like phantom: air outside, soft-tissue body, two lungs, one solid nodule."""
     nz, ny, nx = shape_zyx
     z, y, x = np.mgrid[0:nz, 0:ny, 0:nx].astype(np.float32)
-    hu = np.full(shape_zyx, -1000.0, np.float32)
-    body = ((y - ny / 2) / (0.45 * ny)) ** 2 + ((x - nx / 2) / (0.47 * nx)) ** 2 <= 1
-    hu[body] = 40.0
-    for cx in (0.3 * nx, 0.7 * nx):
-        lung = (
-            ((y - ny / 2) / (0.3 * ny)) ** 2
-            + ((x - cx) / (0.15 * nx)) ** 2
-            + ((z - nz / 2) / (0.45 * nz)) ** 2
-        ) <= 1
-        hu[lung] = -850.0
+    hu = chest_phantom_hu(shape_zyx)
     dz, dy, dx = (z - nodule_zyx[0]), (y - nodule_zyx[1]), (x - nodule_zyx[2])
     hu[dz**2 + dy**2 + dx**2 <= radius_vox**2] = 30.0
     return hu.astype(np.int16)

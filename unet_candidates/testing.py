@@ -15,6 +15,7 @@ import numpy as np
 from lungct.geometry import Geometry
 from lungct.io import write_scan
 from lungct.scan import Scan
+from lungct.testing import chest_phantom_hu
 from unet_candidates.config import UNetPlan, variant_plan
 
 
@@ -57,16 +58,7 @@ def phantom_chest(
     """
     nz, ny, nx = shape_zyx
     z, y, x = np.mgrid[0:nz, 0:ny, 0:nx].astype(np.float32)
-    hu = np.full(shape_zyx, -1000.0, np.float32)
-    body = ((y - ny / 2) / (0.45 * ny)) ** 2 + ((x - nx / 2) / (0.47 * nx)) ** 2 <= 1
-    hu[body] = 40.0
-    for cx in (0.3 * nx, 0.7 * nx):
-        lung = (
-            ((y - ny / 2) / (0.3 * ny)) ** 2
-            + ((x - cx) / (0.15 * nx)) ** 2
-            + ((z - nz / 2) / (0.45 * nz)) ** 2
-        ) <= 1
-        hu[lung] = -850.0
+    hu = chest_phantom_hu(shape_zyx)
     geometry = Geometry(shape_zyx[::-1], spacing, origin)
     rows = []
     for cz, cy, cx in nodules_zyx:
