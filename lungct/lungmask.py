@@ -5,6 +5,8 @@ Steps, on a coarse working grid (default 2 mm) for speed, then mapped back to th
 1. air = HU below ``threshold`` (-350 HU by default; padding is already air);
 2. drop air components that touch the in-plane border (outside the body, the table, the
    scanner's circle) - the z ends do not count, because a scan may cut through the lungs;
+   when that leaves no lung (a wall thinned by resampling joins a lung to the outside air),
+   the air is eroded by one, then two voxels to break the leak and the lungs grown back;
 3. keep the lung components: the largest air pocket, and the second one when it is big enough
    (lungs joined at the anterior junction come as one component, separate lungs as two);
    bowel gas and small pockets are dropped;
@@ -40,6 +42,7 @@ class LungMaskParams:
     max_hole_cm2: float = 20.0
     min_lung_ml: float = 100.0
     second_lung_fraction: float = 0.1
+    max_leak_erosion: int = 2
 
 
 def _disk(radius_vox: float) -> np.ndarray:
@@ -53,6 +56,27 @@ def _ball(radii_zyx: tuple[float, float, float]) -> np.ndarray:
     cz, cy, cx = (int(np.floor(r)) for r in (rz, ry, rx))
     zz, yy, xx = np.mgrid[-cz : cz + 1, -cy : cy + 1, -cx : cx + 1]
     return (zz / rz) ** 2 + (yy / ry) ** 2 + (xx / rx) ** 2 <= 1.0 + 1e-9
+
+
+def _lung_components(air: np.ndarray, voxel_ml: float, params: LungMaskParams) -> np.ndarray:
+    """The one or two lung-sized air components of ``air`` not touching the in-plane border."""
+    labels, n = ndimage.label(air)
+    if n == 0:
+        return np.zeros(air.shape, bool)
+    border = np.zeros_like(air)
+    border[:, 0, :] = border[:, -1, :] = True
+    border[:, :, 0] = border[:, :, -1] = True
+    outside = np.unique(labels[border & air])
+    sizes = np.bincount(labels.ravel(), minlength=n + 1).astype(np.float64)
+    sizes[0] = 0
+    sizes[outside] = 0
+    order = np.argsort(sizes)[::-1]
+    keep = []
+    if sizes[order[0]] * voxel_ml >= params.min_lung_ml:
+        keep.append(order[0])
+        if n > 1 and sizes[order[1]] >= params.second_lung_fraction * sizes[order[0]]:
+            keep.append(order[1])
+    return np.isin(labels, keep) if keep else np.zeros(air.shape, bool)
 
 
 def segment_lungs_array(
@@ -69,25 +93,18 @@ def segment_lungs_array(
     voxel_ml = sx * sy * sz / 1000.0
 
     air = coarse < params.threshold_hu
-    labels, n = ndimage.label(air)
-    if n == 0:
+    lung = _lung_components(air, voxel_ml, params)
+    # A wall thinned by resampling can join the lungs to the air outside the body; then the
+    # lungs are dropped with it. Break such leaks by eroding the air, pick the lungs there,
+    # and grow them back inside the air (at most the eroded depth).
+    for depth in range(1, params.max_leak_erosion + 1):
+        if lung.any():
+            break
+        eroded = ndimage.binary_erosion(air, iterations=depth, border_value=1)
+        core = _lung_components(eroded, voxel_ml, params)
+        lung = ndimage.binary_dilation(core, iterations=depth, mask=air) if core.any() else core
+    if not lung.any():
         return np.zeros(hu.shape, np.uint8)
-    border = np.zeros_like(air)
-    border[:, 0, :] = border[:, -1, :] = True
-    border[:, :, 0] = border[:, :, -1] = True
-    outside = np.unique(labels[border & air])
-    sizes = np.bincount(labels.ravel(), minlength=n + 1).astype(np.float64)
-    sizes[0] = 0
-    sizes[outside] = 0
-    order = np.argsort(sizes)[::-1]
-    keep = []
-    if sizes[order[0]] * voxel_ml >= params.min_lung_ml:
-        keep.append(order[0])
-        if n > 1 and sizes[order[1]] >= params.second_lung_fraction * sizes[order[0]]:
-            keep.append(order[1])
-    if not keep:
-        return np.zeros(hu.shape, np.uint8)
-    lung = np.isin(labels, keep)
 
     # Close and fill per axial slice: pad so the closing cannot stick to the array edge.
     radius = params.closing_radius_mm / min(sx, sy)

@@ -13,8 +13,9 @@ from lungct.__main__ import main
 from lungct.errors import LungCTError
 from lungct.geometry import Geometry
 from lungct.io import read_scan
-from lungct.lungmask import lung_volume_ml, segment_lungs
+from lungct.lungmask import LungMaskParams, lung_volume_ml, segment_lungs
 from lungct.scan import Scan
+from lungct.testing import chest_phantom_hu
 
 
 @pytest.mark.parametrize("path", [DICOM_0001, MHD_0002], ids=["lidc0001_dicom", "lidc0002_mhd"])
@@ -63,3 +64,19 @@ def test_no_lungs_is_a_clear_error() -> None:
     scan = Scan(solid, Geometry((32, 32, 20), (1, 1, 1), (0, 0, 0)), "water", source="water.mhd")
     with pytest.raises(LungCTError, match="water.mhd: no lungs found"):
         segment_lungs(scan)
+
+
+def test_lungs_leaking_to_outside_air_are_still_found() -> None:
+    """A wall thinned by resampling can open a channel from a lung to the air outside."""
+    hu = chest_phantom_hu((40, 80, 96))
+    geometry = Geometry((96, 80, 40), (2.0, 2.0, 2.0), (0, 0, 0))
+    sealed = segment_lungs(Scan(hu.copy(), geometry, "sealed"))
+    hu[18:20, 40, :16] = -1000.0  # left lung -> outside, 1 voxel wide, 2 slices
+    hu[18:20, 40, 80:] = -1000.0  # right lung -> outside
+    scan = Scan(hu, geometry, "leaky", source="leaky.mhd")
+    with pytest.raises(LungCTError, match="leaky.mhd: no lungs found"):
+        segment_lungs(scan, LungMaskParams(max_leak_erosion=0))
+    mask = segment_lungs(scan)
+    assert mask[20, 40, 29] == 1 and mask[20, 40, 67] == 1  # both lungs
+    assert mask[:, :3, :].sum() == 0 and mask[:, :, :3].sum() == 0  # not the outside air
+    assert np.logical_xor(mask, sealed).sum() < 0.02 * sealed.sum()  # as if it were sealed
