@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from lungct.io import write_scan
 from lungct.scan import Scan
 from unet_candidates import extract_candidates, load_unet, run_extraction
 from unet_candidates.__main__ import main
+from unet_candidates.extract import _predict_flipped
 from unet_candidates.testing import phantom_chest, tiny_plan
 from unet_candidates.train import compile_model
 
@@ -131,3 +133,21 @@ def test_every_verb_has_help(capsys) -> None:
             main([verb, "--help"])
         assert info.value.code == 0
         assert "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("variant", ["2d", "3d"])
+def test_test_time_flips_make_predictions_mirror_symmetric(variant: str) -> None:
+    """Averaged over x, y and xy flips, a mirrored window gives the mirrored prediction."""
+    plan = tiny_plan(variant)
+    model = plan.build_model()
+    shape = (2, 16, 16, 3) if variant == "2d" else (2, 8, 16, 16, 1)
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    for axis in (-2, -3):  # x, y of the window; the prediction has no channel axis
+        plain = _predict_flipped(model, x, 0)
+        mirrored = _predict_flipped(model, np.flip(x, axis), 0)
+        assert np.abs(np.flip(plain, axis + 1) - mirrored).max() > 1e-4  # not symmetric
+        tta = _predict_flipped(model, x, 3)
+        mirrored = _predict_flipped(model, np.flip(x, axis), 3)
+        np.testing.assert_allclose(np.flip(tta, axis + 1), mirrored, atol=1e-6)
+    with pytest.raises(LungCTError, match="test_time_flips"):
+        replace(plan, test_time_flips=4).validate()

@@ -80,6 +80,7 @@ def _extract(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         max_candidates=args.max_candidates,
         nms_radius_mm=args.nms_radius,
+        test_time_flips=args.test_time_flips,
         progress=not args.quiet,
     )
     for message in summary["failed"].values():
@@ -146,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="override the plan's probability threshold")
     p.add_argument("--max-candidates", type=int, help="override the per-scan cap (0 = none)")
     p.add_argument("--nms-radius", type=float, help="override the NMS merge radius (mm)")
+    p.add_argument(
+        "--test-time-flips",
+        type=int,
+        choices=(0, 1, 2, 3),
+        help="override the plan's in-plane flips averaged at extraction (each one more pass)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_extract)
     return parser

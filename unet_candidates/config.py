@@ -78,6 +78,8 @@ class UNetPlan:
         min_component_voxels: smaller components are dropped.
         nms_radius_mm: marks closer than this are merged (the most probable is kept).
         max_candidates: most candidates kept per scan (most probable first; 0 = no cap).
+        test_time_flips: in-plane flips averaged with the plain prediction at extraction
+            (0 = none, 1 = x, 2 = x and y, 3 = x, y and both); each costs one more pass.
         score_sigma_voxels: a mark's probability is its component's peak of the map smoothed
             by a Gaussian of this sigma (voxels; 0 = the raw peak).
     """
@@ -127,6 +129,7 @@ class UNetPlan:
     # Candidates.
     threshold: float = 0.5
     lung_dilation_mm: float = 4.0
+    test_time_flips: int = 0
     min_component_voxels: int = 1
     nms_radius_mm: float = 8.0
     max_candidates: int = 50
@@ -196,6 +199,8 @@ class UNetPlan:
         for key in ("batch_size", "epochs", "steps_per_epoch", "window_batch", "buffer_size"):
             if getattr(self, key) < 1:
                 raise bad(f"{key} must be >= 1")
+        if not 0 <= self.test_time_flips <= 3:
+            raise bad("test_time_flips must be 0, 1, 2 or 3")
         if self.prefetch_batches < 0:
             raise bad("prefetch_batches must be >= 0")
         if self.val_patches < 0 or self.max_candidates < 0 or self.min_component_voxels < 1:

@@ -257,10 +257,26 @@ def _run_batches(model, windows, make_input, plan, progress, desc, total):
         x = np.stack([make_input(w) for w in chunk])
         if len(chunk) < batch:  # a fixed batch shape avoids retracing the predict function
             x = np.concatenate([x, np.zeros((batch - len(chunk), *x.shape[1:]), x.dtype)])
-        y = np.asarray(model.predict_on_batch(x))[..., 0]
+        y = _predict_flipped(model, x, plan.test_time_flips)
         yield from zip(chunk, y[: len(chunk)], strict=True)
         bar.update(len(chunk))
     bar.close()
+
+
+IN_PLANE_FLIPS = ((), (-2,), (-3,), (-3, -2))
+"""Flips of a channels-last batch along x, y, both (the axial plane, for 2-D and 3-D input)."""
+
+
+def _predict_flipped(model: Any, x: np.ndarray, flips: int) -> np.ndarray:
+    """Mean prediction (channel 0) over the batch and its first ``flips`` in-plane flips."""
+    total = None
+    for axes in IN_PLANE_FLIPS[: flips + 1]:
+        xf = np.flip(x, axis=axes) if axes else x
+        y = np.asarray(model.predict_on_batch(np.ascontiguousarray(xf)))[..., 0]
+        # The prediction has lost the channel axis: image axis a < -1 is axis a + 1 there.
+        y = np.flip(y, axis=tuple(a + 1 for a in axes)) if axes else y
+        total = y if total is None else total + y
+    return total / (flips + 1)
 
 
 def _predict_3d(model, image, plan, progress, desc):
@@ -467,6 +483,7 @@ def extract_paths(
     threshold: float | None = None,
     max_candidates: int | None = None,
     nms_radius_mm: float | None = None,
+    test_time_flips: int | None = None,
     progress: bool = True,
 ) -> dict:
     """Extract candidates of a dataset's folds or of scan files into one CSV (the CLI's work).
@@ -484,7 +501,11 @@ def extract_paths(
 
     model, plan = load_unet(model_dir)
     plan = with_overrides(
-        plan, threshold=threshold, max_candidates=max_candidates, nms_radius_mm=nms_radius_mm
+        plan,
+        threshold=threshold,
+        max_candidates=max_candidates,
+        nms_radius_mm=nms_radius_mm,
+        test_time_flips=test_time_flips,
     )
     plan.validate()
     jobs: list[tuple[str, Any]] = []
