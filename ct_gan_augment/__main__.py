@@ -94,7 +94,7 @@ def _inject(args: argparse.Namespace) -> int:
             print(f"note: room for only {len(sites)} of {args.auto} sites", file=sys.stderr)
     rows = []
     for site in sites:
-        scan, nodule = tamperer.inject(scan, site)
+        scan, nodule = tamperer.inject(scan, site, args.diameter)
         if nodule.diameter_mm > 0:
             rows.append([scan.seriesuid, *nodule.center, nodule.diameter_mm])
         else:
@@ -175,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--world", nargs=3, type=float, metavar=("X", "Y", "Z"), help="site, mm")
     where.add_argument("--auto", type=int, metavar="N", help="choose N sites in the lung")
     p.add_argument("--juxtapleural", action="store_true", help="automatic sites at the pleura")
+    p.add_argument(
+        "--diameter",
+        type=float,
+        metavar="MM",
+        help="size of the injected nodule(s) (models with a size channel; default: drawn from "
+        "the training nodules' sizes)",
+    )
     p.add_argument("--annotations", help="nodules to stay away from (--auto)")
     p.add_argument("--excluded", help="excluded findings to stay away from (--auto)")
     p.add_argument("--out", required=True, help="tampered scan (.mhd ...)")

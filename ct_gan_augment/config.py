@@ -7,7 +7,9 @@ Named plans (:data:`PLANS`, section 4 of ``docs/methods.md``):
 
 * ``default`` - narrow networks (``gf = df = 8``) that train on two CPU cores in minutes; the
   paper's 16^3 hole, least squares + 100 x L1, Adam 2e-4 (beta1 0.5) for G and 5e-5 for D; the L1
-  term weighs the hole 4x the context; 10 % of the cubes shifted.
+  term weighs the hole 4x the context; 10 % of the cubes shifted; the injector's condition has
+  a second channel, a ball of the nodule's diameter (``size_channel``: minutes of training
+  without it in-paint the average of all sizes, a faint blur).
 * ``paper`` - the published widths ``gf = df = 100`` (G ~162.6 M parameters), 16^3 hole (the
   paper's figure), D learning rate 1e-6.
 * ``code`` - the authors' code: 20^3 hole (indices 6..26), ``gf = df = 100``, D learning rate 1e-6
@@ -79,6 +81,11 @@ class GANPlan(JSONPlan):
         rotate: random rotation about the z axis (paper: 59 rotations in 6 degree steps).
         flip_axes: numpy axes ``(z, y, x)`` flipped at random (paper: y and x).
         hist_bins: bins of the histogram equalisation (paper 10,000).
+        size_channel: the injector's condition gets a second channel, a ball of the nodule's
+            diameter at its centre (1 inside, 0 outside); injection then takes a diameter (or
+            draws one of the training nodules'). Not in the paper: without it the generator
+            must guess the size from the context alone and, trained for minutes, in-paints
+            the average of all sizes - a faint blur. The remover never has it.
         min_nodule_diameter_mm: smallest annotated nodule used by the injector.
         max_nodule_diameter_mm: largest one; ``0`` = ``hole_size * cut_spacing_mm``.
         healthy_per_scan: healthy cubes cut from each training scan for the remover.
@@ -138,6 +145,7 @@ class GANPlan(JSONPlan):
     shift_probability: float = 0.1
     rotate: bool = True
     flip_axes: tuple[int, ...] = (1, 2)
+    size_channel: bool = True
     hist_bins: int = 10000
     min_nodule_diameter_mm: float = 3.0
     max_nodule_diameter_mm: float = 0.0
@@ -232,6 +240,17 @@ class GANPlan(JSONPlan):
         """Edge of the cube in millimetres."""
         return self.cube_size * self.cut_spacing_mm
 
+    @classmethod
+    def from_dict(cls, d: dict, source: str | Path | None = None) -> GANPlan:
+        """As :meth:`JSONPlan.from_dict`; a plan saved before ``size_channel`` existed had none."""
+        if isinstance(d, dict) and "size_channel" not in d:
+            d = {**d, "size_channel": False}
+        return super().from_dict(d, source)
+
+    def condition_channels(self, kind: str) -> int:
+        """Channels of a ``kind`` model's condition: the cube, and for a sized injector the ball."""
+        return 2 if self.size_channel and kind == "injector" else 1
+
     @property
     def max_diameter_mm(self) -> float:
         """Largest nodule diameter the injector trains on."""
@@ -246,6 +265,7 @@ _AS_PUBLISHED = {
     "shift_probability": 4 / 67,
     "despeckle_hu": 0.0,
     "local_floor_percentile": 0.0,
+    "size_channel": False,
 }
 _CODE_ONLY = {"hole_size": 20, "real_label": 0.0, "fake_label": 1.0}
 

@@ -109,6 +109,11 @@ class TrainingCubes:
 
     def augment(self, index: int, rng: np.random.Generator) -> np.ndarray:
         """One augmented training cube (float32 HU) from base cube ``index``."""
+        return self._augment(index, rng)[0]
+
+    def _augment(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """An augmented cube and where its source point (the nodule) went: ``(z, y, x)``
+        voxels from the cube's centre."""
         plan = self.plan
         zz, yy, xx = self._grid
         angle = rng.uniform(0.0, 2.0 * np.pi) if plan.rotate else 0.0
@@ -127,15 +132,36 @@ class TrainingCubes:
         cube = ndimage.map_coordinates(
             self.base[index].astype(np.float32), coords, order=1, mode="nearest"
         )
+        # The output voxel that samples the base centre: rotate the shift back.
+        point = np.array(
+            [-shift[0], -cos * shift[1] - sin * shift[2], sin * shift[1] - cos * shift[2]],
+            dtype=np.float64,
+        )
         for axis in plan.flip_axes:
             if rng.random() < 0.5:
                 cube = np.flip(cube, axis)
-        return np.ascontiguousarray(cube, dtype=np.float32)
+                point[axis] = -point[axis]
+        return np.ascontiguousarray(cube, dtype=np.float32), point
 
     def sample(self, rng: np.random.Generator, count: int) -> np.ndarray:
         """``(count, c, c, c)`` augmented cubes from base cubes drawn with replacement."""
+        return self.sample_sized(rng, count)[0]
+
+    def sample_sized(
+        self, rng: np.random.Generator, count: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As :meth:`sample`, with each cube's source diameter (mm; 0 if unknown) and source
+        point (``(count, 3)`` ``z, y, x`` voxels from the centre) for the size channel."""
         picks = rng.integers(0, len(self), size=count)
-        return np.stack([self.augment(int(i), rng) for i in picks])
+        out = [self._augment(int(i), rng) for i in picks]
+        diameters = np.array(
+            [getattr(self.sources[int(i)], "diameter_mm", 0.0) for i in picks], np.float64
+        )
+        return np.stack([c for c, _ in out]), diameters, np.stack([p for _, p in out])
+
+    def diameters(self) -> list[float]:
+        """Diameters (mm) of the source nodules, as the size channel was trained on."""
+        return [round(float(getattr(s, "diameter_mm", 0.0)), 2) for s in self.sources]
 
     # --- building ---------------------------------------------------------------------------
 
@@ -242,3 +268,28 @@ class TrainingCubes:
             )
             raise LungCTError(cache_dir, f"{what} in the cached scans of folds {folds}")
         return cls(np.stack(base), sources, plan)
+
+
+def size_ball(
+    diameters_mm: np.ndarray, centres_vox: np.ndarray | None, plan: GANPlan
+) -> np.ndarray:
+    """The size channel: ``(n, c, c, c)`` float32, 1 inside a ball of each diameter.
+
+    Args:
+        diameters_mm: ``(n,)`` nodule diameters.
+        centres_vox: ``(n, 3)`` ball centres, ``(z, y, x)`` voxels from the cube's centre
+            (``None`` = the centre).
+        plan: cube size and voxel size.
+    """
+    d = np.asarray(diameters_mm, np.float64).reshape(-1)
+    centres = np.zeros((len(d), 3)) if centres_vox is None else np.asarray(centres_vox, float)
+    c = plan.cube_size
+    g = np.arange(c, dtype=np.float64) - (c - 1) / 2.0
+    radius = d / 2.0 / plan.cut_spacing_mm
+    out = np.zeros((len(d), c, c, c), np.float32)
+    for i, ((z, y, x), r) in enumerate(zip(centres, radius, strict=True)):
+        dist2 = (
+            (g[:, None, None] - z) ** 2 + (g[None, :, None] - y) ** 2 + (g[None, None, :] - x) ** 2
+        )
+        out[i][dist2 <= r * r] = 1.0
+    return out

@@ -24,6 +24,7 @@ class PatchDiscriminator(keras.Model):
         kernel_size: convolution kernel edge (4).
         leaky_alpha: LeakyReLU slope (0.2).
         bn_momentum: batch-norm momentum (0.8).
+        condition_channels: channels of the condition (as the generator's input).
         **kwargs: passed to :class:`keras.Model`.
 
     Example:
@@ -44,6 +45,7 @@ class PatchDiscriminator(keras.Model):
         kernel_size: int = 4,
         leaky_alpha: float = 0.2,
         bn_momentum: float = 0.8,
+        condition_channels: int = 1,
         **kwargs,
     ) -> None:
         if cube_size % (2**levels):
@@ -52,7 +54,7 @@ class PatchDiscriminator(keras.Model):
         # === Functional Model ===
         shape = (cube_size, cube_size, cube_size, 1)
         cube = keras.Input(shape, name="cube")
-        condition = keras.Input(shape, name="condition")
+        condition = keras.Input((*shape[:3], int(condition_channels)), name="condition")
         x = keras.layers.Concatenate(name="pair")([cube, condition])
         for level in range(levels):
             x = apply_down_block(
@@ -76,6 +78,7 @@ class PatchDiscriminator(keras.Model):
         self.kernel_size = kernel_size
         self.leaky_alpha = leaky_alpha
         self.bn_momentum = bn_momentum
+        self.condition_channels = int(condition_channels)
 
     def get_config(self) -> dict:
         return {
@@ -87,6 +90,7 @@ class PatchDiscriminator(keras.Model):
             "kernel_size": self.kernel_size,
             "leaky_alpha": self.leaky_alpha,
             "bn_momentum": self.bn_momentum,
+            "condition_channels": self.condition_channels,
         }
 
     @classmethod

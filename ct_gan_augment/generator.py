@@ -13,7 +13,8 @@ from ct_gan_augment.blocks import apply_down_block, apply_up_block
 class InpaintingGenerator(keras.Model):
     """3-D U-Net generator of CT-GAN (pix2pix in 3-D) for ``(cube, cube, cube, 1)`` inputs.
 
-    The input is a normalised cube whose centre was set to 0 (the condition); the output
+    The input is a normalised cube whose centre was set to 0 (the condition), optionally with
+    more channels (a ball of the wanted nodule's size, see ``GANPlan.size_channel``); the output
     (tanh) is the whole cube with the centre in-painted. Encoder: Conv3D ``kernel_size``^3,
     stride 2, filters ``filters * (1, 2, 4, 8, 8, ...)``, LeakyReLU, batch norm except in the
     first block. Decoder: UpSampling3D + Conv3D + ReLU + dropout + batch norm + skip
@@ -27,6 +28,7 @@ class InpaintingGenerator(keras.Model):
         dropout: decoder dropout rate (0.5).
         leaky_alpha: LeakyReLU slope of the encoder (0.2).
         bn_momentum: batch-norm momentum (0.8 in the code).
+        condition_channels: channels of the condition (1 = the cube; 2 = cube + size ball).
         **kwargs: passed to :class:`keras.Model` (``name``, ``dtype``...).
 
     Example:
@@ -48,6 +50,7 @@ class InpaintingGenerator(keras.Model):
         dropout: float = 0.5,
         leaky_alpha: float = 0.2,
         bn_momentum: float = 0.8,
+        condition_channels: int = 1,
         **kwargs,
     ) -> None:
         depth = levels or int(math.log2(cube_size))
@@ -55,7 +58,9 @@ class InpaintingGenerator(keras.Model):
             raise ValueError(f"cube_size {cube_size} is not divisible by 2**levels = {2**depth}")
 
         # === Functional Model ===
-        condition = keras.Input((cube_size, cube_size, cube_size, 1), name="condition")
+        condition = keras.Input(
+            (cube_size, cube_size, cube_size, int(condition_channels)), name="condition"
+        )
         x = condition
         skips = []
         for level in range(depth):
@@ -93,6 +98,7 @@ class InpaintingGenerator(keras.Model):
         self.dropout = dropout
         self.leaky_alpha = leaky_alpha
         self.bn_momentum = bn_momentum
+        self.condition_channels = int(condition_channels)
 
     def get_config(self) -> dict:
         return {
@@ -105,6 +111,7 @@ class InpaintingGenerator(keras.Model):
             "dropout": self.dropout,
             "leaky_alpha": self.leaky_alpha,
             "bn_momentum": self.bn_momentum,
+            "condition_channels": self.condition_channels,
         }
 
     @classmethod

@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from ct_gan_augment.config import GANPlan
+from ct_gan_augment.data import size_ball
 from ct_gan_augment.injected_nodule import InjectedNodule
 from ct_gan_augment.manifest import ModelManifest
 from ct_gan_augment.model import GENERATOR_FILE, NORMALISER_FILE, PLAN_FILE, load_network
@@ -42,15 +43,35 @@ from lungct.scan import Scan
 GeneratorFn = Callable[[np.ndarray], np.ndarray]
 
 
+def make_condition(
+    normalised: np.ndarray,
+    plan: GANPlan,
+    diameters_mm: np.ndarray | None = None,
+    centres_vox: np.ndarray | None = None,
+) -> np.ndarray:
+    """The generator's input ``(n, c, c, c, C)`` for normalised cubes ``(n, c, c, c)``: each cube
+    with its centre zeroed, and with ``diameters_mm`` a second channel, the size ball
+    (:func:`ct_gan_augment.data.size_ball`, centred at ``centres_vox`` or the cube's centre)."""
+    condition = np.array(normalised, dtype=np.float32, copy=True)
+    hole = plan.hole_slice
+    condition[:, hole, hole, hole] = 0.0
+    channels = [condition]
+    if diameters_mm is not None:
+        channels.append(size_ball(diameters_mm, centres_vox, plan))
+    return np.stack(channels, axis=-1)
+
+
 def run_generator(generator: GeneratorFn, conditions: np.ndarray) -> np.ndarray:
-    """Generator outputs ``(n, c, c, c)`` (normalised) for conditions ``(n, c, c, c)``.
+    """Generator outputs ``(n, c, c, c)`` (normalised) for conditions ``(n, c, c, c[, C])``.
 
     A Keras generator runs in inference mode (batch-norm moving statistics, no dropout), as the
-    code's ``predict``; any other callable gets ``(1, c, c, c, 1)`` arrays one at a time.
+    code's ``predict``; any other callable gets ``(1, c, c, c, C)`` arrays one at a time.
     """
     import keras
 
-    x = np.asarray(conditions, dtype=np.float32)[..., None]
+    x = np.asarray(conditions, dtype=np.float32)
+    if x.ndim == 4:
+        x = x[..., None]
     if isinstance(generator, keras.Model):
         out = keras.ops.convert_to_numpy(generator(x, training=False))
         return np.asarray(out, dtype=np.float32)[..., 0]
@@ -78,7 +99,9 @@ class CubeTamperer:
         plan: the model's plan (cube and hole size, paste settings).
         kind: ``injector`` or ``remover`` (which of :meth:`inject` / :meth:`remove` is allowed;
             ``None`` allows both, for tests).
-        seed: seeds the noise touch-up.
+        seed: seeds the noise touch-up and the drawn sizes.
+        diameters_mm: sizes an injection without a given diameter draws from (the training
+            nodules'); without them, uniform over the plan's nodule size range.
 
     Example:
         >>> tamperer = CubeTamperer.from_dir("runs/injector")  # doctest: +SKIP
@@ -95,12 +118,19 @@ class CubeTamperer:
         plan: GANPlan,
         kind: str | None = None,
         seed: int | None = 0,
+        diameters_mm: Sequence[float] | None = None,
     ) -> None:
         self.generator = generator
         self.normaliser = normaliser
         self.plan = plan
         self.kind = kind
         self.rng = np.random.default_rng(seed)
+        self.diameters_mm = [float(d) for d in diameters_mm or () if d > 0]
+        shape = getattr(generator, "input_shape", None)
+        if shape is not None:
+            self.sized = int(shape[-1]) > 1
+        else:
+            self.sized = plan.condition_channels(kind or "injector") > 1
 
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike, seed: int | None = 0) -> CubeTamperer:
@@ -112,20 +142,39 @@ class CubeTamperer:
         normaliser = CubeNormaliser.load(model_dir / NORMALISER_FILE)
         manifest = ModelManifest.load(model_dir)
         generator = load_network(model_dir, GENERATOR_FILE)
-        return cls(generator, normaliser, plan, manifest.kind, seed)
+        return cls(generator, normaliser, plan, manifest.kind, seed, manifest.nodule_diameters_mm)
 
     # --- the cube -------------------------------------------------------------------------
 
-    def generate(self, cube_hu: np.ndarray) -> np.ndarray:
-        """In-paint the centre of one HU cube; returns the generated cube in HU (float32)."""
+    def generate(self, cube_hu: np.ndarray, diameter_mm: float | None = None) -> np.ndarray:
+        """In-paint the centre of one HU cube; returns the generated cube in HU (float32).
+
+        ``diameter_mm`` is the wanted nodule size for a model with a size channel (drawn when
+        ``None``, see :meth:`nodule_size`); a model without one ignores it.
+        """
         c = self.plan.cube_size
         if cube_hu.shape != (c, c, c):
             raise ValueError(f"cube must be {(c, c, c)}, got {cube_hu.shape}")
-        x = self.normaliser.transform(cube_hu)
-        hole = self.plan.hole_slice
-        x[hole, hole, hole] = 0.0
-        out = run_generator(self.generator, x[None])[0]
+        x = self.normaliser.transform(cube_hu)[None]
+        sizes = [self.nodule_size(diameter_mm)] if self.sized else None
+        out = run_generator(self.generator, make_condition(x, self.plan, sizes))[0]
         return generated_to_hu(out, cube_hu, self.normaliser, self.plan)
+
+    def nodule_size(self, diameter_mm: float | None = None) -> float:
+        """The size of the next injection: ``diameter_mm`` checked, or one drawn."""
+        plan = self.plan
+        if diameter_mm is None:
+            if self.diameters_mm:
+                return float(self.rng.choice(self.diameters_mm))
+            return float(self.rng.uniform(plan.min_nodule_diameter_mm, plan.max_diameter_mm))
+        largest = plan.hole_size * plan.cut_spacing_mm
+        if not 0 < diameter_mm <= largest:
+            raise LungCTError(
+                None,
+                f"nodule diameter {diameter_mm:g} mm is outside (0, {largest:g}] mm, the "
+                "in-painted hole of this model",
+            )
+        return float(diameter_mm)
 
     # --- scans ----------------------------------------------------------------------------
 
@@ -134,7 +183,9 @@ class CubeTamperer:
             verb = "inject" if wanted == "injector" else "remove"
             raise LungCTError(None, f"this model is a {self.kind}; {verb} needs a {wanted}")
 
-    def _tamper(self, scan: Scan, site: Sequence[float], mode: str) -> tuple[Scan, np.ndarray]:
+    def _tamper(
+        self, scan: Scan, site: Sequence[float], mode: str, diameter_mm: float | None = None
+    ) -> tuple[Scan, np.ndarray]:
         plan = self.plan
         site = np.asarray(site, dtype=np.float64).reshape(3)
         if not np.all(np.isfinite(site)):
@@ -146,7 +197,7 @@ class CubeTamperer:
                 f"site {np.round(site, 1).tolist()} mm is outside the scan",
             )
         clean = cut_cube(scan.array, scan.geometry, site, plan.cube_size, plan.cut_spacing_mm)
-        generated = self.generate(clean)
+        generated = self.generate(clean, diameter_mm)
         original = np.asarray(scan.array[region.slices], dtype=np.float32)
         values = resample_cube(generated, region)
         values += matched_noise(original, self.rng, plan.noise_scale)
@@ -164,10 +215,20 @@ class CubeTamperer:
         hu_max = max(int(scan.hu_max), int(array[region.slices].max()))
         return replace(scan, array=array, hu_max=hu_max), clean
 
-    def inject(self, scan: Scan, site: Sequence[float]) -> tuple[Scan, InjectedNodule]:
-        """A copy of ``scan`` with a nodule injected at ``site`` (world mm), and its annotation."""
+    def inject(
+        self, scan: Scan, site: Sequence[float], diameter_mm: float | None = None
+    ) -> tuple[Scan, InjectedNodule]:
+        """A copy of ``scan`` with a nodule injected at ``site`` (world mm), and its annotation.
+
+        ``diameter_mm``: the wanted size, for a model with a size channel (drawn from the
+        training nodules' sizes when ``None``); the annotation reports the size measured.
+        """
         self._check_kind("injector")
-        new, before = self._tamper(scan, site, "inject")
+        if diameter_mm is not None and not self.sized:
+            raise LungCTError(
+                None, "this injector has no size channel (plan size_channel false): no diameter"
+            )
+        new, before = self._tamper(scan, site, "inject", diameter_mm)
         return new, self.measure(before, new, site)
 
     def remove(self, scan: Scan, site: Sequence[float]) -> Scan:

@@ -54,6 +54,8 @@ class ModelManifest:
         cache_dir: the per-scan cache folder.
         annotations: the annotation table of the nodule cubes (injector).
         n_cubes: training cubes (before augmentation).
+        nodule_diameters_mm: diameters of the injector's training nodules; an injection
+            without a given size draws one of them (size channel, see ``GANPlan``).
         steps_done: training steps completed.
         train_seconds: wall time spent in training steps, all sessions together.
         final: last logged losses and discriminator accuracy.
@@ -75,6 +77,7 @@ class ModelManifest:
     cache_dir: str | None = None
     annotations: str | None = None
     n_cubes: int = 0
+    nodule_diameters_mm: list[float] = field(default_factory=list)
     steps_done: int = 0
     train_seconds: float = 0.0
     final: dict[str, Any] = field(default_factory=dict)

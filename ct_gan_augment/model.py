@@ -30,8 +30,8 @@ PLAN_FILE = "plan.json"
 NORMALISER_FILE = "normaliser.npz"
 
 
-def build_generator(plan: GANPlan) -> InpaintingGenerator:
-    """The plan's generator, freshly initialised."""
+def build_generator(plan: GANPlan, kind: str = "injector") -> InpaintingGenerator:
+    """The plan's generator for ``kind`` (injector or remover), freshly initialised."""
     return InpaintingGenerator(
         cube_size=plan.cube_size,
         filters=plan.gf,
@@ -40,12 +40,13 @@ def build_generator(plan: GANPlan) -> InpaintingGenerator:
         dropout=plan.dropout,
         leaky_alpha=plan.leaky_alpha,
         bn_momentum=plan.bn_momentum,
+        condition_channels=plan.condition_channels(kind),
         name="generator",
     )
 
 
-def build_discriminator(plan: GANPlan) -> PatchDiscriminator:
-    """The plan's discriminator, freshly initialised."""
+def build_discriminator(plan: GANPlan, kind: str = "injector") -> PatchDiscriminator:
+    """The plan's discriminator for ``kind``, freshly initialised."""
     return PatchDiscriminator(
         cube_size=plan.cube_size,
         filters=plan.df,
@@ -53,6 +54,7 @@ def build_discriminator(plan: GANPlan) -> PatchDiscriminator:
         kernel_size=plan.kernel_size,
         leaky_alpha=plan.leaky_alpha,
         bn_momentum=plan.bn_momentum,
+        condition_channels=plan.condition_channels(kind),
         name="discriminator",
     )
 

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from ct_gan_augment.config import GANPlan
 from ct_gan_augment.data import TrainingCubes
 from ct_gan_augment.grid import save_grid
-from ct_gan_augment.inject import generated_to_hu, run_generator
+from ct_gan_augment.inject import generated_to_hu, make_condition, run_generator
 from ct_gan_augment.manifest import ModelManifest, format_folds, library_versions
 from ct_gan_augment.model import (
     DISCRIMINATOR_FILE,
@@ -142,8 +142,9 @@ class GANTrainer:
         self.manifest = manifest
         self.progress = progress
         keras.utils.set_random_seed(plan.seed)
-        self.generator = build_generator(plan)
-        self.discriminator = build_discriminator(plan)
+        self.generator = build_generator(plan, manifest.kind)
+        self.discriminator = build_discriminator(plan, manifest.kind)
+        self.sized = plan.condition_channels(manifest.kind) > 1
         self.g_optimizer = keras.optimizers.Adam(plan.g_learning_rate, beta_1=plan.beta_1)
         self.d_optimizer = keras.optimizers.Adam(plan.d_learning_rate, beta_1=plan.beta_1)
         self.g_optimizer.build(self.generator.trainable_variables)
@@ -209,13 +210,12 @@ class GANTrainer:
         return step
 
     def make_batch(self) -> tuple[np.ndarray, np.ndarray]:
-        """One batch: ``(real, condition)`` normalised ``(B, c, c, c, 1)`` float32."""
-        cubes = self.cubes.sample(self.rng, self.plan.batch_size)
-        real = self.normaliser.transform(cubes)[..., None]
-        condition = real.copy()
-        hole = self.plan.hole_slice
-        condition[:, hole, hole, hole] = 0.0
-        return real, condition
+        """One batch: normalised ``real`` ``(B, c, c, c, 1)`` and ``condition``
+        ``(B, c, c, c, C)`` float32 (C = 2 with the size channel)."""
+        cubes, diameters, centres = self.cubes.sample_sized(self.rng, self.plan.batch_size)
+        real = self.normaliser.transform(cubes)
+        sizes = (diameters, centres) if self.sized else (None, None)
+        return real[..., None], make_condition(real, self.plan, *sizes)
 
     def train_step(self) -> dict[str, float]:
         """Run one step; return its losses and accuracies as floats."""
@@ -228,9 +228,8 @@ class GANTrainer:
     def write_grid(self) -> Path:
         """``grids/step_NNNNNN.png``: condition | generated | real for fixed training cubes."""
         real_hu = self.cubes.central(self.grid_indices)
-        x = self.normaliser.transform(real_hu)
-        hole = self.plan.hole_slice
-        x[:, hole, hole, hole] = 0.0
+        diameters = np.asarray(self.cubes.diameters())[self.grid_indices] if self.sized else None
+        x = make_condition(self.normaliser.transform(real_hu), self.plan, diameters)
         generated = run_generator(self.generator, x)
         # As pasted: clipped, de-normalised, overflow and underflow fixed, despeckled.
         generated_hu = np.stack(
@@ -242,7 +241,7 @@ class GANTrainer:
         path = self.model_dir / GRIDS / f"step_{self.step:06d}.png"
         save_grid(
             path,
-            [self.normaliser.inverse(x), generated_hu, real_hu],
+            [self.normaliser.inverse(x[..., 0]), generated_hu, real_hu],
             ["condition", "generated", "real"],
             suptitle=f"{self.manifest.kind}, step {self.step}",
         )
@@ -473,6 +472,7 @@ def train_gan(
             if annotations is not None
             else (None if data_dir is None else str(Path(data_dir) / "annotations.csv")),
             n_cubes=len(cubes),
+            nodule_diameters_mm=cubes.diameters() if kind == "injector" else [],
             versions=library_versions(),
         )
         manifest.save(model_dir)

@@ -216,7 +216,8 @@ def same_site_cubes(args, injector: Path, remover: Path, info: list[dict], plan)
             scans = {item["path"]: read_scan(item["path"])}
         scan = scans[item["path"]]
         cleaned = rem.remove(scan, item["center"])
-        tampered, nodule = inj.inject(cleaned, item["center"])
+        size = item["diameter_mm"] if inj.sized else None  # the same size, where one can be asked
+        tampered, nodule = inj.inject(cleaned, item["center"], size)
         centre = nodule.center if nodule.diameter_mm > 0 else item["center"]
         cubes.append(cut_cube(tampered.array, tampered.geometry, centre, plan.cube_size))
     return np.asarray(cubes, dtype=np.float32)
@@ -246,7 +247,9 @@ def removal_check(args, remover: Path, real_info: list[dict], plan) -> tuple[dic
     }, examples
 
 
-def figure(path: Path, injector: Path, test_real: np.ndarray, inj_examples, rem_examples) -> None:
+def figure(
+    path: Path, injector: Path, test_real: np.ndarray, test_info, inj_examples, rem_examples
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -274,7 +277,7 @@ def figure(path: Path, injector: Path, test_real: np.ndarray, inj_examples, rem_
         real = test_real[r]
         cond = real.copy()
         cond[hole, hole, hole] = tamperer.normaliser.inverse(np.zeros(1))[0]
-        gen = tamperer.generate(real)
+        gen = tamperer.generate(real, test_info[r]["diameter_mm"] if tamperer.sized else None)
         slices = [cond, gen, real]
         radii = [0.0, 0.0, 0.0]
         for old, new, centre, diameter in (inj_examples[r], rem_examples[r]):
@@ -415,7 +418,7 @@ def main() -> None:
             old = read_scan(next(Path(args.data).glob(f"subset{r['fold']}/{r['source']}.mhd")))
             new = read_scan(held / f"subset{r['fold']}" / f"{uid}.mhd")
             inj_examples.append((old, new, r["center"], r["diameter_mm"]))
-        figure(Path(args.figure), injector, test_real, inj_examples, rem_examples)
+        figure(Path(args.figure), injector, test_real, test_info, inj_examples, rem_examples)
         log(f"figure: {args.figure}")
     write_json_atomic(work / "acceptance.json", results)
     print(json.dumps(results, indent=2))

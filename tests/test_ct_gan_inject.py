@@ -236,3 +236,38 @@ def test_injection_into_the_real_lidc_scan(real_data, normaliser) -> None:
     lo = [s.start for s in region.slices]
     hi = [s.stop for s in region.slices]
     assert np.all(changed >= lo) and np.all(changed < hi)
+
+
+def size_generator(normaliser: CubeNormaliser):
+    """A stand-in sized injector: paints the condition's size ball as a solid nodule."""
+    inside, outside = normaliser.transform(np.array([TISSUE_HU, LUNG_HU]))
+    hole = PLAN.hole_slice
+
+    def generate(condition: np.ndarray) -> np.ndarray:
+        assert condition.shape[-1] == 2, "a sized injector gets the size ball as channel 2"
+        out = condition[..., :1].copy()
+        out[0, hole, hole, hole, 0] = outside
+        out[0, ..., 0][condition[0, ..., 1] > 0.5] = inside
+        return out
+
+    return generate
+
+
+@pytest.mark.parametrize("diameter", [6.0, 12.0])
+def test_sized_injection_has_the_asked_diameter(diameter, normaliser) -> None:
+    scan = world_phantom((0.7, 0.7, 1.25), noise=10.0)
+    tamperer = CubeTamperer(size_generator(normaliser), normaliser, PLAN, "injector", 0)
+    assert tamperer.sized
+    _, nodule = tamperer.inject(scan, (-28.0, 0.0, 0.0), diameter)
+    # Measured at half the added HU on a 1.25 mm slice grid: partial volume shrinks it a little.
+    assert nodule.diameter_mm == pytest.approx(diameter, rel=0.25)
+    # Without a size, one of the training sizes is drawn.
+    drawn = CubeTamperer(size_generator(normaliser), normaliser, PLAN, "injector", 0, [7.0])
+    assert drawn.inject(scan, (-28.0, 0.0, 0.0))[1].diameter_mm == pytest.approx(7.0, rel=0.2)
+    with pytest.raises(LungCTError, match="outside"):
+        tamperer.inject(scan, (-28.0, 0.0, 0.0), 40.0)
+    unsized = CubeTamperer(
+        ball_generator(normaliser), normaliser, PLAN.replace(size_channel=False), "injector"
+    )
+    with pytest.raises(LungCTError, match="no size channel"):
+        unsized.inject(scan, (-28.0, 0.0, 0.0), diameter)

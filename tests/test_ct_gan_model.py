@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ct_gan_augment.config import PLANS, GANPlan, get_plan, parse_plan_overrides
-from ct_gan_augment.data import TrainingCubes, base_shape
+from ct_gan_augment.data import CubeSource, TrainingCubes, base_shape, size_ball
 from ct_gan_augment.discriminator import PatchDiscriminator
 from ct_gan_augment.generator import InpaintingGenerator
 from ct_gan_augment.manifest import ModelManifest, format_folds
@@ -61,8 +61,8 @@ def test_unknown_plan_name() -> None:
 
 
 def test_networks_build_with_the_papers_shapes() -> None:
-    g = build_generator(TINY)
-    d = build_discriminator(TINY)
+    g = build_generator(TINY, "remover")
+    d = build_discriminator(TINY, "remover")
     assert tuple(g.output_shape) == (None, 16, 16, 16, 1)
     assert tuple(d.output_shape) == (None, 2, 2, 2, 1)
     x = np.random.default_rng(0).uniform(-0.5, 0.5, (2, 16, 16, 16, 1)).astype("float32")
@@ -71,11 +71,18 @@ def test_networks_build_with_the_papers_shapes() -> None:
     assert keras.ops.convert_to_numpy(d([y, x])).shape == (2, 2, 2, 2, 1)
     # 32^3 with 4 levels gives the code's 2x2x2 validity map.
     assert tuple(PatchDiscriminator(cube_size=32, filters=2).output_shape) == (None, 2, 2, 2, 1)
+    # The injector's condition has the size channel (the paper's plans do not).
+    assert tuple(build_generator(TINY, "injector").input_shape) == (None, 16, 16, 16, 2)
+    assert tuple(build_discriminator(TINY).input_shape[1]) == (None, 16, 16, 16, 2)
+    paper_like = TINY.replace(size_channel=False)
+    assert tuple(build_generator(paper_like, "injector").input_shape) == (None, 16, 16, 16, 1)
 
 
 def test_safe_mode_round_trip(tmp_path: Path) -> None:
-    x = np.random.default_rng(1).uniform(-0.5, 0.5, (1, 16, 16, 16, 1)).astype("float32")
-    for model, inputs in ((build_generator(TINY), x), (build_discriminator(TINY), [x, x])):
+    rng = np.random.default_rng(1)
+    x = rng.uniform(-0.5, 0.5, (1, 16, 16, 16, 1)).astype("float32")
+    c = rng.uniform(-0.5, 0.5, (1, 16, 16, 16, 2)).astype("float32")
+    for model, inputs in ((build_generator(TINY), c), (build_discriminator(TINY), [x, c])):
         path = tmp_path / f"{model.name}.keras"
         model.save(path)
         back = keras.saving.load_model(path, safe_mode=True)
@@ -123,6 +130,15 @@ def test_augmented_cubes_have_the_cube_size_and_keep_the_centre() -> None:
     # Shifts are at most max_shift_vox: the 3-voxel ball stays inside the central 8^3.
     assert np.all(batch[:, 4:12, 4:12, 4:12].max(axis=(1, 2, 3)) > 0)
     assert cubes.central().shape == (1, 16, 16, 16)
+    # The size ball follows the nodule through shifts, rotations and flips.
+    source = CubeSource("a", 0, 0.0, 0.0, 0.0, 7.0)
+    cubes = TrainingCubes(base, [source], TINY.replace(shift_probability=1.0))
+    batch, diameters, centres = cubes.sample_sized(np.random.default_rng(1), 12)
+    assert np.all(diameters == 7.0) and np.abs(centres).max() > 1.0
+    balls = size_ball(diameters, centres, TINY)
+    nodule = batch > -400.0
+    assert np.all(balls[nodule] == 1.0)  # every nodule voxel lies in its ball
+    assert np.all(balls.sum(axis=(1, 2, 3)) > nodule.sum(axis=(1, 2, 3)))
 
 
 def test_one_train_step_and_the_backend_guard(tmp_path: Path, monkeypatch) -> None:
@@ -145,6 +161,14 @@ def test_one_train_step_and_the_backend_guard(tmp_path: Path, monkeypatch) -> No
     monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
     with pytest.raises(LungCTError, match="TensorFlow backend"):
         require_tensorflow()
+
+
+def test_plans_saved_before_the_size_channel_load_without_it(tmp_path: Path) -> None:
+    data = TINY.to_dict()
+    del data["size_channel"]
+    (tmp_path / "plan.json").write_text(json.dumps(data))
+    assert GANPlan.load(tmp_path / "plan.json").size_channel is False
+    assert get_plan("default").size_channel and not get_plan("paper").size_channel
 
 
 def test_manifest_fold_guard(tmp_path: Path) -> None:
