@@ -8,7 +8,6 @@ reach the test fold of a cross-validation (section 4 of ``docs/methods.md``).
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from collections.abc import Iterable
@@ -18,7 +17,7 @@ from typing import Any
 
 from ct_gan_augment.config import KINDS
 from lungct.errors import LungCTError
-from lungct.fileio import write_json_atomic
+from lungct.fileio import read_json, write_json_atomic
 
 MANIFEST = "manifest.json"
 
@@ -133,14 +132,7 @@ class ModelManifest:
     def load(cls, model_dir: str | os.PathLike) -> ModelManifest:
         """Read ``manifest.json`` from a model folder."""
         path = Path(model_dir) / MANIFEST
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise LungCTError(
-                path, "model manifest not found (is this a CT-GAN model folder?)"
-            ) from None
-        except json.JSONDecodeError as exc:
-            raise LungCTError(path, f"is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        data = read_json(path, "model manifest not found (is this a CT-GAN model folder?)")
         data.pop("training_folds_text", None)
         known = set(cls.__dataclass_fields__) - {"path"}
         unknown = sorted(set(data) - known)

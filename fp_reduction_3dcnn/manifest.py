@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lungct.errors import LungCTError
-from lungct.fileio import write_json_atomic
+from lungct.fileio import read_json, write_json_atomic
 from lungct.tables import FOLD_COUNT
 
 MANIFEST_NAME = "manifest.json"
@@ -118,16 +117,12 @@ class FoldManifest:
                 nothing may be predicted with it).
         """
         path = Path(model_dir) / MANIFEST_NAME
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise LungCTError(
-                model_dir,
-                "no manifest.json: the model's training folds are unknown, so it cannot be "
-                "used to predict (train it with `python -m fp_reduction_3dcnn train`)",
-            ) from None
-        except json.JSONDecodeError as exc:
-            raise LungCTError(path, f"is not valid JSON ({exc.msg})") from None
+        data = read_json(
+            path,
+            "no manifest.json: the model's training folds are unknown, so it cannot be "
+            "used to predict (train it with `python -m fp_reduction_3dcnn train`)",
+            missing_where=model_dir,
+        )
         data.pop("held_out_folds", None)
         try:
             return cls(**data)

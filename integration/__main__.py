@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from lungct.cli import run_command
-from lungct.errors import LungCTError
+from lungct.fileio import read_json
 
 if TYPE_CHECKING:
     from integration.stages import StageSettings
@@ -233,19 +233,12 @@ def _positive_float(text: str) -> float:
 
 def _settings_from_args(args: argparse.Namespace) -> StageSettings:
     """Stage settings: ``--settings FILE`` (JSON), then the explicit flags on top."""
-    import json
 
     from integration.stages import StageSettings
 
     values: dict = {}
     if args.settings:
-        try:
-            with open(args.settings) as handle:
-                values = json.load(handle)
-        except FileNotFoundError:
-            raise LungCTError(args.settings, "settings file not found") from None
-        except json.JSONDecodeError as exc:
-            raise LungCTError(args.settings, f"is not valid JSON ({exc.msg})") from None
+        values = read_json(args.settings, "settings file not found")
     settings = StageSettings.from_dict(values, source=args.settings)
     return settings.replace(
         unet_variant=args.unet_variant,

@@ -61,7 +61,7 @@ from integration.stages import (
     write_series,
 )
 from lungct.errors import LungCTError
-from lungct.fileio import write_json_atomic, write_text_atomic
+from lungct.fileio import read_json, write_json_atomic, write_text_atomic
 from lungct.tables import write_csv_atomic
 
 DEFAULT_SPLIT = Split(train=(0, 1, 2, 3, 4, 5, 6), val=(7,), test=(8, 9))
@@ -105,12 +105,7 @@ def load_grid(path: str | os.PathLike | None = None) -> Grid:
     elif not Path(path).exists() and re.fullmatch(r"[a-z_]+", str(path)):
         path = default_grid_path(str(path))
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LungCTError(path, "grid file not found") from None
-    except json.JSONDecodeError as exc:
-        raise LungCTError(path, f"is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    data = read_json(path, "grid file not found")
     if not isinstance(data, dict):
         raise LungCTError(path, "a grid must be a JSON object")
     unknown = sorted(set(data) - set(GRID_KEYS))

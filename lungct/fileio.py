@@ -1,4 +1,5 @@
-"""Crash-safe writing: write to a temporary file beside the target, then rename over it."""
+"""Crash-safe writing (write to a temporary file beside the target, then rename over it), and
+reading JSON files with errors that name the file."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lungct.errors import LungCTError
 
 
 @contextlib.contextmanager
@@ -59,3 +62,24 @@ def save_npy_atomic(target: str | os.PathLike, array: np.ndarray) -> None:
     """Save one array as ``.npy`` (memory-mappable, no pickle) atomically."""
     with atomic_path(target, suffix=".npy") as tmp:
         np.save(tmp, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def read_json(
+    path: str | os.PathLike,
+    missing: str = "file not found",
+    missing_where: str | os.PathLike | None = None,
+) -> Any:
+    """Parse a JSON file. A missing, unreadable or malformed file is a :class:`LungCTError`
+    naming it (``missing`` is the message for a missing one, reported against
+    ``missing_where`` when given)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise LungCTError(path if missing_where is None else missing_where, missing) from None
+    except OSError as exc:
+        raise LungCTError(path, f"cannot be read ({exc.strerror})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise LungCTError(path, f"is not valid JSON ({exc.msg}, line {exc.lineno})") from None

@@ -9,12 +9,11 @@ checked copies. The stages' plans (the MGI-CNN's, the CT-GAN's) inherit it; thei
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, TypeVar
 
 from lungct.errors import LungCTError
-from lungct.fileio import write_json_atomic
+from lungct.fileio import read_json, write_json_atomic
 
 P = TypeVar("P", bound="JSONPlan")
 
@@ -52,12 +51,7 @@ class JSONPlan:
     def load(cls: type[P], path: str | Path) -> P:
         """Read a plan written by :meth:`save` (or by hand)."""
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise LungCTError(path, "plan file not found") from None
-        except json.JSONDecodeError as exc:
-            raise LungCTError(path, f"is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        data = read_json(path, "plan file not found")
         if not isinstance(data, dict):
             raise LungCTError(path, "a plan must be a JSON object")
         return cls.from_dict(data, source=path)

@@ -7,7 +7,6 @@ prediction can check it uses the same preprocessing as the training did.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from lungct.errors import LungCTError
-from lungct.fileio import write_json_atomic
+from lungct.fileio import read_json, write_json_atomic
 from lungct.geometry import Geometry
 from lungct.io import image_from_array
 from lungct.scan import AIR_HU, Scan
@@ -84,12 +83,7 @@ class PreprocessPlan:
     @classmethod
     def load(cls, path: str | Path) -> PreprocessPlan:
         """Read a plan written by :meth:`save`."""
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()), source=path)
-        except FileNotFoundError:
-            raise LungCTError(path, "preprocessing plan file is missing") from None
-        except json.JSONDecodeError as exc:
-            raise LungCTError(path, f"is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        return cls.from_dict(read_json(path, "preprocessing plan file is missing"), source=path)
 
 
 _INTERPOLATORS = {

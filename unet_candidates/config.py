@@ -14,13 +14,12 @@ For the 2-D variant the first entry is the number of neighbouring slices fed as 
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from lungct.errors import LungCTError
-from lungct.fileio import write_json_atomic
+from lungct.fileio import read_json, write_json_atomic
 from lungct.preprocess import WINDOWS, PreprocessPlan
 
 PLAN_FILE = "plan.json"
@@ -284,17 +283,7 @@ class UNetPlan:
     def load(cls, path: str | Path) -> UNetPlan:
         """Read a plan written by :meth:`save` (or a hand-written partial one)."""
         path = Path(path)
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise LungCTError(path, "plan file is missing") from None
-        except OSError as exc:
-            raise LungCTError(path, f"cannot be read ({exc.strerror})") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise LungCTError(path, f"is not valid JSON ({exc.msg}, line {exc.lineno})") from None
-        return cls.from_dict(data, source=path)
+        return cls.from_dict(read_json(path, "plan file is missing"), source=path)
 
 
 VARIANTS: dict[str, dict[str, Any]] = {
