@@ -9,6 +9,7 @@ start to finish on a few synthetic scans in a test. Their numbers mean nothing.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 TINY_SETTINGS: dict[str, Any] = {
@@ -73,3 +74,17 @@ def tiny_settings(**changes: Any) -> dict[str, Any]:
     settings = copy.deepcopy(TINY_SETTINGS)
     settings.update(changes)
     return settings
+
+
+def tiny_dataset(root: Path) -> dict[str, Path]:
+    """Four small synthetic scans (subsets 0-3) in ``root/data`` and their cache on a 2 mm grid
+    in ``root/cache``."""
+    from lungct.cache import prepare_dataset
+    from lungct.preprocess import PreprocessPlan
+    from lungct.synth import generate_dataset
+
+    data = root / "data"
+    generate_dataset(data, 4, 0, "small", progress=False, workers=1)
+    plan = PreprocessPlan(name="test2mm", spacing=(2.0, 2.0, 2.0))
+    prepare_dataset(data, root / "cache", plan, workers=1, progress=False)
+    return {"root": root, "data": data, "cache": root / "cache"}

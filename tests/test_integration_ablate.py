@@ -11,11 +11,8 @@ import pytest
 from integration.__main__ import main
 from integration.ablate import DEFAULT_SPLIT, load_grid, stage_keys
 from integration.stages import StageSettings
-from integration.testing import tiny_settings
-from lungct.cache import prepare_dataset
+from integration.testing import tiny_dataset, tiny_settings
 from lungct.errors import LungCTError
-from lungct.preprocess import PreprocessPlan
-from lungct.synth import generate_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -67,14 +64,7 @@ def test_grid_errors(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> dict[str, Path]:
     """Four small synthetic scans (subsets 0-3) and their cache on a 2 mm grid."""
-    root = tmp_path_factory.mktemp("ablate")
-    data = root / "data"
-    generate_dataset(data, 4, 0, "small", progress=False, workers=1)
-    prepare_dataset(
-        data, root / "cache", PreprocessPlan(name="test2mm", spacing=(2.0, 2.0, 2.0)),
-        workers=1, progress=False,
-    )  # fmt: skip
-    return {"root": root, "data": data, "cache": root / "cache"}
+    return tiny_dataset(tmp_path_factory.mktemp("ablate"))
 
 
 def _ablate(dataset: dict[str, Path], out: Path, grid: Path, *extra: str) -> list[str]:

@@ -11,11 +11,8 @@ import pytest
 from integration.__main__ import main
 from integration.crossval import check_no_leakage, fold_split, source_series, validation_fold
 from integration.stages import Split
-from integration.testing import tiny_settings
-from lungct.cache import prepare_dataset
+from integration.testing import tiny_dataset, tiny_settings
 from lungct.errors import LungCTError
-from lungct.preprocess import PreprocessPlan
-from lungct.synth import generate_dataset
 from lungct.tables import read_annotations, read_results
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -24,16 +21,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> dict[str, Path]:
     """Four small synthetic scans (subsets 0-3) and their cache on a 2 mm grid (fast)."""
-    root = tmp_path_factory.mktemp("crossval")
-    data = root / "data"
-    generate_dataset(data, 4, 0, "small", progress=False, workers=1)
-    prepare_dataset(
-        data, root / "cache", PreprocessPlan(name="test2mm", spacing=(2.0, 2.0, 2.0)),
-        workers=1, progress=False,
-    )  # fmt: skip
-    settings = root / "tiny.json"
-    settings.write_text(json.dumps(tiny_settings()))
-    return {"root": root, "data": data, "cache": root / "cache", "settings": settings}
+    paths = tiny_dataset(tmp_path_factory.mktemp("crossval"))
+    paths["settings"] = paths["root"] / "tiny.json"
+    paths["settings"].write_text(json.dumps(tiny_settings()))
+    return paths
 
 
 def _crossval(dataset: dict[str, Path], out: Path, folds: str, *extra: str) -> list[str]:
