@@ -89,6 +89,27 @@ def test_dice_loss_values_and_config() -> None:
     )
 
 
+def test_hard_negative_mining_weighs_the_hardest_background_only() -> None:
+    # One patch of 100 voxels: 4 nodule voxels predicted well, one background voxel that
+    # looks like a nodule (0.9) among 95 easy ones (0.01).
+    y = np.zeros((1, 10, 10, 1), np.float32)
+    y[0, :2, :2] = 1.0
+    p = np.full_like(y, 0.01)
+    p[0, :2, :2] = 0.9
+    p[0, 7, 7] = 0.9
+    bce = {0.9: -np.log(0.9), "hard": -np.log(0.1), 0.01: -np.log(0.99)}
+    tversky = float(DiceLoss(smooth=1.0, fn_weight=0.85)(y, p))
+    plain = float(DiceLoss(smooth=1.0, fn_weight=0.85, bce_weight=1.0)(y, p)) - tversky
+    assert plain == pytest.approx((4 * bce[0.9] + bce["hard"] + 95 * bce[0.01]) / 100, rel=1e-3)
+    # The 2 hardest background voxels (2 % of 100): the false alarm and one easy voxel.
+    mined = DiceLoss(smooth=1.0, fn_weight=0.85, bce_weight=1.0, hard_negative_fraction=0.02)
+    hard = float(mined(y, p)) - tversky
+    assert hard == pytest.approx((4 * bce[0.9] + bce["hard"] + bce[0.01]) / 6, rel=1e-3)
+    assert hard > 5 * plain  # the false alarm is no longer drowned in easy air
+    again = DiceLoss.from_config(mined.get_config())
+    assert again.hard_negative_fraction == 0.02
+
+
 # ----------------------------------------------------------------------------------------------
 # Plans
 # ----------------------------------------------------------------------------------------------
@@ -126,6 +147,7 @@ def test_partial_plan_starts_from_its_variant(tmp_path: Path) -> None:
         ('{"variant": "2d", "patch_size": [2, 64, 64], "window_size": [2, 64, 64]}', "odd"),
         ('{"threshold": 1.5}', "threshold"),
         ('{"fn_weight": 1.0}', "fn_weight"),
+        ('{"hard_negative_fraction": 1.5}', "hard_negative_fraction"),
         ("{not json", "not valid JSON"),
     ],
 )

@@ -63,7 +63,9 @@ class UNetPlan:
         learning_rate: initial learning rate (cosine decay to 5 % over the run's budget).
         dice_smooth: smoothing term of the Dice loss; fn_weight: Tversky weight of false
             negatives (0.5 = Dice, the seed; more = recall first); bce_weight: weight of an
-            added BCE term.
+            added BCE term; hard_negative_fraction: when above 0 the BCE covers the nodule
+            voxels and only this fraction of each patch's voxels among the background, the
+            hardest ones (0 = every voxel).
         epochs, steps_per_epoch: training length (``--max-minutes`` may stop it earlier).
         val_patches: fixed validation patches drawn once from the validation folds.
         buffer_size: patches held in the shuffle buffer (bounds training memory).
@@ -119,6 +121,7 @@ class UNetPlan:
     dice_smooth: float = 1.0
     fn_weight: float = 0.85
     bce_weight: float = 1.0
+    hard_negative_fraction: float = 0.0
     epochs: int = 100
     steps_per_epoch: int = 50
     val_patches: int = 64
@@ -206,6 +209,8 @@ class UNetPlan:
             raise bad("val_patches and max_candidates must be >= 0, min_component_voxels >= 1")
         if self.learning_rate <= 0 or self.dice_smooth < 0 or self.bce_weight < 0:
             raise bad("learning_rate must be > 0; dice_smooth and bce_weight >= 0")
+        if not 0.0 <= self.hard_negative_fraction <= 1.0:
+            raise bad("hard_negative_fraction must be in [0, 1]")
         if not 0.0 < self.fn_weight < 1.0:
             raise bad("fn_weight must be in (0, 1)")
 

@@ -73,7 +73,10 @@ def compile_model(model: Any, plan: UNetPlan) -> Any:
     model.compile(
         optimizer=optimizer,
         loss=DiceLoss(
-            smooth=plan.dice_smooth, fn_weight=plan.fn_weight, bce_weight=plan.bce_weight
+            smooth=plan.dice_smooth,
+            fn_weight=plan.fn_weight,
+            bce_weight=plan.bce_weight,
+            hard_negative_fraction=plan.hard_negative_fraction,
         ),
         jit_compile=False,
     )

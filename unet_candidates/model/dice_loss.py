@@ -26,6 +26,11 @@ class DiceLoss(keras.losses.Loss):
             patches want a smaller value, or empty batches dominate).
         fn_weight: weight ``b`` of false negatives (0.5 = Dice).
         bce_weight: weight of an added binary cross-entropy term (0 = none, the seed).
+        hard_negative_fraction: when above 0, the cross-entropy is taken over the target
+            voxels and only this fraction of each patch's voxels among its background: the
+            ones the network gets most wrong (online hard example mining). Averaged over the
+            whole patch, the background's cross-entropy is mostly easy air; a vessel that looks
+            like a nodule weighs no more than any of it.
         **kwargs: passed to :class:`keras.losses.Loss` (``name``...).
 
     Example:
@@ -41,13 +46,19 @@ class DiceLoss(keras.losses.Loss):
     """
 
     def __init__(
-        self, smooth: float = 1.0, fn_weight: float = 0.5, bce_weight: float = 0.0, **kwargs
+        self,
+        smooth: float = 1.0,
+        fn_weight: float = 0.5,
+        bce_weight: float = 0.0,
+        hard_negative_fraction: float = 0.0,
+        **kwargs,
     ) -> None:
         kwargs.setdefault("name", "dice_loss")
         super().__init__(**kwargs)
         self.smooth = float(smooth)
         self.fn_weight = float(fn_weight)
         self.bce_weight = float(bce_weight)
+        self.hard_negative_fraction = float(hard_negative_fraction)
 
     def call(self, y_true, y_pred):
         y_true = ops.cast(y_true, y_pred.dtype)
@@ -63,8 +74,26 @@ class DiceLoss(keras.losses.Loss):
         loss = 1.0 - (tp + self.smooth) / denominator
         if self.bce_weight > 0:
             bce = keras.losses.binary_crossentropy(y_true, y_pred)[..., None] * valid
-            loss = loss + self.bce_weight * ops.sum(bce) / ops.maximum(ops.sum(valid), 1.0)
+            if self.hard_negative_fraction > 0:
+                bce = self._hard_examples(bce, y_true)
+            else:
+                bce = ops.sum(bce) / ops.maximum(ops.sum(valid), 1.0)
+            loss = loss + self.bce_weight * bce
         return loss
+
+    def _hard_examples(self, bce, y_true):
+        """Mean cross-entropy over the target voxels and each patch's hardest background."""
+        voxels = 1
+        for size in bce.shape[1:]:
+            if size is None:
+                raise ValueError("hard negative mining needs patches of a known size")
+            voxels *= int(size)
+        k = max(1, round(self.hard_negative_fraction * voxels))
+        positive = ops.sum(bce * y_true)
+        background = ops.reshape(bce * (1.0 - y_true), (-1, voxels))
+        hardest = ops.sum(ops.top_k(background, k, sorted=False)[0])
+        count = ops.sum(y_true) + ops.cast(ops.shape(background)[0] * k, bce.dtype)
+        return (positive + hardest) / count
 
     def get_config(self) -> dict:
         return {
@@ -72,4 +101,5 @@ class DiceLoss(keras.losses.Loss):
             "smooth": self.smooth,
             "fn_weight": self.fn_weight,
             "bce_weight": self.bce_weight,
+            "hard_negative_fraction": self.hard_negative_fraction,
         }
