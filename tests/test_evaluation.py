@@ -313,10 +313,35 @@ def test_a_far_mark_never_raises_sensitivity(world, data) -> None:
     a, e, uids, marks = world
     extra = far(data.draw(st.sampled_from(uids)), data.draw(PROB))
     for cap in (True, 3):  # a cap of 3 also lets the new mark push marks out of a scan
+        if cap == 3 and _tie_at_the_cut([m[4] for m in marks if m[0] == extra[0]] + [extra[4]], 3):
+            continue  # the official cap then drops every tied mark: see the next test
         before = evaluate(a, e, uids, res(*marks), cap=cap)
         after = evaluate(a, e, uids, res(*marks, extra), cap=cap)
         assert (after.sensitivities <= before.sensitivities + 1e-12).all()
         assert after.cpm <= before.cpm + 1e-12
+
+
+def _tie_at_the_cut(probabilities: list[float], cap: int) -> bool:
+    ranked = sorted(probabilities, reverse=True)
+    return len(ranked) > cap and ranked[cap - 1] == ranked[cap]
+
+
+def test_the_official_cap_drops_every_mark_tied_at_the_cut() -> None:
+    # The official script keeps the marks strictly above the (cap + 1)th probability, so
+    # marks tied at the cut all go. A far false positive can then push three tied false
+    # positives out of their scan and *raise* the sensitivity at low FP rates (hypothesis
+    # found this case). The evaluation reproduces the official rule, quirk included.
+    nodules = ann(("s2", 0.0, 0.0, 0.0, 4.0))
+    uids = scans(3)
+    marks = [("s0", 0.0, 0.0, 0.0, 0.1)] * 3 + [("s2", 0.0, 0.0, 0.0, 0.1)]
+    before = evaluate(nodules, ann(), uids, res(*marks), cap=3)
+    after = evaluate(nodules, ann(), uids, res(*marks, far("s0", 0.1)), cap=3)
+    assert before.marks_dropped_by_cap == 0 and after.marks_dropped_by_cap == 4
+    np.testing.assert_allclose(before.sensitivities, [0.125, 0.25, 0.5, 1, 1, 1, 1])
+    np.testing.assert_allclose(after.sensitivities, 1.0)
+    # Without the cap the far mark only adds a false positive.
+    uncapped = evaluate(nodules, ann(), uids, res(*marks, far("s0", 0.1)), cap=False)
+    assert (uncapped.sensitivities <= before.sensitivities).all()
 
 
 # ----------------------------------------------------------------------------------------------
