@@ -56,6 +56,7 @@ from integration.stages import (
     evaluate_submission,
     fold_uids,
     prepare_cache,
+    read_json_or_empty,
     run_candidate_stage,
     run_fpr_stage,
     write_series,
@@ -203,13 +204,6 @@ def config_paths(out: Path, name: str, keys: dict[str, tuple[str, dict[str, Any]
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
 def _record(
     config: AblationConfig, split: Split, bootstrap: int
 ) -> tuple[dict[str, tuple[str, dict[str, Any]]], dict[str, Any]]:
@@ -229,7 +223,7 @@ def _finished(
 ) -> dict[str, Any] | None:
     """The config's ``result.json`` if it was evaluated with these very settings, else None."""
     _, record = _record(config, split, bootstrap)
-    previous = _read_json(out / "configs" / config.name / "result.json")
+    previous = read_json_or_empty(out / "configs" / config.name / "result.json")
     if previous and "metrics" in previous and all(previous.get(k) == v for k, v in record.items()):
         return previous
     return None
@@ -328,7 +322,7 @@ def run_ablation(
         configs = [c for c in configs if c.name in set(only)]
     cache = Path(cache_dir) if cache_dir is not None else out / "cache"
     fold_uids(data, split.train + split.val + split.test)  # folds without scans stop here
-    previous = _read_json(out / "ablation_config.json")
+    previous = read_json_or_empty(out / "ablation_config.json")
     if previous and previous.get("data") != str(data.resolve()):
         # The shared stages are keyed by settings, not by data: never mix two datasets.
         raise LungCTError(

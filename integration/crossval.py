@@ -38,7 +38,6 @@ Layout::
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import re
 import time
@@ -57,6 +56,7 @@ from integration.stages import (
     fold_uids,
     merge_results,
     prepare_cache,
+    read_json_or_empty,
     run_stages,
     write_series,
 )
@@ -152,23 +152,16 @@ def check_no_leakage(manifest: dict[str, Any], where: str | os.PathLike | None =
             )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
 def trained_series(paths: StagePaths) -> dict[str, dict[str, list[str]]]:
     """The series each trained model of a run recorded in its own manifest."""
     out: dict[str, dict[str, list[str]]] = {}
-    unet = _read_json(paths.unet / "manifest.json")
+    unet = read_json_or_empty(paths.unet / "manifest.json")
     if unet:
         out["U-Net"] = {"train": unet.get("train_series", []), "val": unet.get("val_series", [])}
-    gan = _read_json(paths.gan / "manifest.json")
+    gan = read_json_or_empty(paths.gan / "manifest.json")
     if gan:
         out["CT-GAN"] = {"train": gan.get("series", [])}
-    fpr = _read_json(paths.fpr / "manifest.json")
+    fpr = read_json_or_empty(paths.fpr / "manifest.json")
     if fpr:
         out["MGI-CNN"] = {"train": fpr.get("train_series", []), "val": fpr.get("val_series", [])}
     return out
@@ -185,7 +178,7 @@ def fold_paths(fold_dir: Path, gan: bool) -> StagePaths:
 def _check_config(out: Path, record: dict[str, Any]) -> None:
     path = out / "crossval_config.json"
     if path.is_file():
-        previous = _read_json(path)
+        previous = read_json_or_empty(path)
         for key in ("settings", "data"):
             if previous.get(key) != record[key]:
                 raise LungCTError(
@@ -310,9 +303,9 @@ def run_crossval(
         (k,) = split.test
         fold_dir = out / f"fold{k}"
         head = f"[crossval] fold {k} ({i}/{len(splits)})"
-        if (fold_dir / "submission.csv").is_file() and _read_json(fold_dir / "manifest.json").get(
-            "complete"
-        ):
+        if (fold_dir / "submission.csv").is_file() and read_json_or_empty(
+            fold_dir / "manifest.json"
+        ).get("complete"):
             log(f"{head}: submission exists, skipped")
             continue
         log(

@@ -37,6 +37,16 @@ DONE_MARKER = "integration_done.json"
 """Written into a stage's model folder when its training function has returned."""
 
 
+def read_json_or_empty(path: Path) -> dict[str, Any]:
+    """A bookkeeping JSON file of an earlier run (manifest, result, config), or ``{}`` when it is
+    missing, unreadable, broken or not a JSON object."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 # ----------------------------------------------------------------------------------------------
 # Settings
 # ----------------------------------------------------------------------------------------------
@@ -403,11 +413,8 @@ def stage_done(model_dir: Path, stage: str = "") -> bool:
     marker counts for it."""
     if (model_dir / DONE_MARKER).is_file():
         return True
-    if stage == "unet" and (model_dir / "manifest.json").is_file():
-        try:
-            return "training" in json.loads((model_dir / "manifest.json").read_text())
-        except json.JSONDecodeError:
-            return False
+    if stage == "unet":
+        return "training" in read_json_or_empty(model_dir / "manifest.json")
     if stage == "fpr":
         return (model_dir / "model.keras").is_file()
     return False

@@ -135,3 +135,8 @@ def test_train_budget_resume_and_extract(tiny_luna, tmp_path: Path, capsys) -> N
                  "--out", str(tmp_path / "none.csv"), "--threshold", "0.99999", "--quiet"])  # fmt: skip
     assert code == 0
     assert (tmp_path / "none.csv").read_text() == header + "\n"
+
+    # A broken resume state is an error naming the file, not a JSON traceback.
+    (out / "checkpoints" / "state.json").write_text("{broken")
+    with pytest.raises(LungCTError, match="state.json.*not valid JSON"):
+        train(None, data, cache, [0], [1], out, resume=True, progress=False)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 import platform
@@ -34,7 +33,7 @@ from tqdm.auto import tqdm
 
 from lungct.cache import ScanCache, find_scans, prepare_dataset
 from lungct.errors import LungCTError
-from lungct.fileio import atomic_path, write_json_atomic, write_text_atomic
+from lungct.fileio import atomic_path, read_json, write_json_atomic, write_text_atomic
 from lungct.patches import prefetch
 from unet_candidates.config import PLAN_FILE, UNetPlan
 from unet_candidates.data import PatchSampler, ScanSamples, build_scan_samples
@@ -234,7 +233,7 @@ def train(
                 out_dir / PLAN_FILE, "the saved plan differs from the requested one; not resuming"
             )
         plan = saved
-        state = json.loads(state_path.read_text())
+        state = read_json(state_path)
     else:
         if plan is None:
             raise TypeError("plan is required for a new run")
