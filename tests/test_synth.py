@@ -12,6 +12,8 @@ import pytest
 from lungct.io import read_scan
 from lungct.synth import generate_dataset, series_uid, synthesize_scan
 from lungct.synth.case import UID_PREFIX
+from lungct.synth.placement import LungMap
+from lungct.synth.render import BodyGrid
 from lungct.synth.shapes import (
     DIAMETERS_PATH,
     SHAPES_PATH,
@@ -227,6 +229,60 @@ def test_different_seed_differs():
         z, y, x = np.rint(n.voxel_zyx).astype(int)
         assert a.lung_mask[z, y, x] == 1
         assert np.allclose(a.scan.voxel_to_world(n.voxel_zyx), n.world)
+
+
+def _half_space_lung(spacing=(2.3, 2.3, 2.1), wall: int = 6) -> LungMap:
+    """Lungs = every voxel with x index >= ``wall``: a flat pleura at x = (wall - 0.5) voxels."""
+    lungs = np.zeros((20, 24, 30), np.uint8)
+    lungs[:, :, wall:] = 1
+    grid = BodyGrid.regular(np.zeros(3), spacing, lungs.shape)
+    return LungMap.build(lungs, grid)
+
+
+def test_pleural_distance_is_measured_to_the_surface_not_the_wall_voxel():
+    """Halfway between the last wall voxel and the first lung voxel is distance 0.
+
+    Measured to the wall voxel's centre instead, every distance is half a voxel (1.15 mm)
+    too long, and a small juxtapleural nodule ends up half inside the chest wall. The half
+    voxel is the mean of the three spacings, within 0.1 mm of the x spacing's half here.
+    """
+    lung = _half_space_lung()
+    surface_x = (6 - 0.5) * 2.3
+    pts = np.stack(
+        [np.linspace(surface_x - 3, surface_x + 8, 23), np.full(23, 25.0), np.full(23, 20.0)], 1
+    )
+    assert np.allclose(lung.surface_distance(pts), pts[:, 0] - surface_x, atol=0.1)
+    inside = lung.dist_at(pts)
+    assert np.all(inside[pts[:, 0] < surface_x] == 0)
+
+    rng = np.random.default_rng(0)
+    band = lung.random_points(rng, 200, 1.2, 1.6)
+    assert band.shape == (200, 3)
+    d = band[:, 0] - surface_x
+    assert d.min() >= 1.2 - 0.1 and d.max() <= 1.6 + 0.1
+    deep = lung.random_points(rng, 50, 10.0, 1e9)
+    assert deep.shape[0] == 50 and np.all(deep[:, 0] - surface_x >= 10.0 - 0.1)
+    assert lung.random_points(rng, 5, 100.0, 200.0).shape == (0, 3)  # no lung that deep
+
+
+def test_juxtapleural_nodules_abut_the_wall_from_inside_the_lung():
+    """Their centre is 0.6-0.85 radii inside the lung, so >= about 90 % of the ball is lung."""
+    rng = np.random.default_rng(0)
+    unit = rng.normal(size=(4000, 3))
+    unit *= (rng.random((4000, 1)) ** (1 / 3)) / np.linalg.norm(unit, axis=1, keepdims=True)
+    fractions = []
+    for index in range(12):
+        case = synthesize_scan(3, index, "small", n_nodules=4)
+        spacing_zyx = np.asarray(case.scan.geometry.spacing)[::-1]
+        for f in case.nodules:
+            if f.location != "juxtapleural":
+                continue
+            ball = np.rint(np.asarray(f.voxel_zyx) + unit * (0.5 * f.diameter_mm) / spacing_zyx)
+            ball = np.clip(ball.astype(int), 0, np.asarray(case.lung_mask.shape) - 1)
+            fractions.append(float(case.lung_mask[tuple(ball.T)].mean()))
+    assert len(fractions) >= 6
+    # Voxelised walls are not flat, so allow some slack below the flat-wall 0.90.
+    assert min(fractions) > 0.8, sorted(fractions)
 
 
 # === Background mode and CLI =====================================================================

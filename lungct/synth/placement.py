@@ -1,8 +1,8 @@
 """Where findings and candidates go: inside the lungs, against vessels, against the pleura.
 
 All positions are body-frame millimetres. The lung map is a :class:`LungMap`: the ground-truth
-labels on the scan grid plus a (possibly coarser) distance-to-pleura map, enough to say "this
-point is in the lung, this far from the chest wall".
+labels on the scan grid plus a (possibly coarser) signed distance to the lungs' surface, enough
+to say "this point is in the lung, this far from the chest wall".
 """
 
 from __future__ import annotations
@@ -20,11 +20,18 @@ from lungct.synth.shapes import load_shape_library, sample_diameter
 
 @dataclass
 class LungMap:
-    """Lung labels on the scan grid and the distance (mm) from each lung voxel to the pleura."""
+    """Lung labels on the scan grid and a signed distance (mm) to the pleura.
+
+    The distance is measured to the lung's surface, which lies halfway between a lung voxel
+    and its non-lung neighbour, not to the neighbour's centre: on 2.3 mm voxels the
+    difference is more than a millimetre, a third of a small nodule's radius. ``sdf`` holds it
+    on a grid strided to about 2 mm (positive inside the lungs, negative outside, near the
+    surface); between its samples it is interpolated linearly, which is exact for a flat wall.
+    """
 
     lungs: np.ndarray  # uint8 (z, y, x) on ``grid``
     grid: BodyGrid
-    dist: np.ndarray  # float32 on the strided grid below
+    sdf: np.ndarray  # float32 on the strided grid below
     stride: tuple[int, int, int]
 
     @classmethod
@@ -34,23 +41,32 @@ class LungMap:
         stride = tuple(max(1, round(target_mm / s)) for s in (sz, sy, sx))
         sub = lungs[:: stride[0], :: stride[1], :: stride[2]] > 0
         sampling = (sz * stride[0], sy * stride[1], sx * stride[2])
-        dist = np.zeros(sub.shape, dtype=np.float32)
+        half = 0.5 * float(np.mean(sampling))
+        sdf = np.full(sub.shape, -1e3, dtype=np.float32)
         nz = np.argwhere(sub)
         if nz.shape[0]:
-            # Only the lungs' bounding box (+1 voxel of background) needs the transform.
-            lo = np.maximum(nz.min(0) - 1, 0)
-            hi = np.minimum(nz.max(0) + 2, np.array(sub.shape))
+            # Only the lungs' bounding box (+2 voxels of background) needs the transforms.
+            lo = np.maximum(nz.min(0) - 2, 0)
+            hi = np.minimum(nz.max(0) + 3, np.array(sub.shape))
             box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
-            dist[box] = ndimage.distance_transform_edt(sub[box], sampling=sampling)
-        return cls(lungs=lungs, grid=grid, dist=dist, stride=stride)
+            inside = ndimage.distance_transform_edt(sub[box], sampling=sampling)
+            outside = ndimage.distance_transform_edt(~sub[box], sampling=sampling)
+            # A voxel centre's distance to the nearest voxel across the surface, less half a
+            # voxel: zero on the surface, halfway between the two centres.
+            sdf[box] = np.where(sub[box], inside - half, half - outside)
+        return cls(lungs=lungs, grid=grid, sdf=sdf, stride=stride)
 
     def __post_init__(self) -> None:
         # Lung voxels of the strided grid sorted by pleural distance: a distance band is then
         # a contiguous range, found by binary search instead of a full-volume scan per query.
-        flat = np.flatnonzero(self.dist > 0)
-        order = np.argsort(self.dist.reshape(-1)[flat], kind="stable")
+        flat = np.flatnonzero(self.sdf.reshape(-1) > 0)
+        order = np.argsort(self.sdf.reshape(-1)[flat], kind="stable")
         self._by_dist = flat[order]
-        self._dist_sorted = self.dist.reshape(-1)[self._by_dist]
+        self._dist_sorted = self.sdf.reshape(-1)[self._by_dist]
+        sx, sy, sz = self.grid.spacing
+        step = np.array([sz, sy, sx]) * np.array(self.stride)
+        # How far the surface distance can change within half a strided voxel.
+        self._slack = 0.5 * float(np.linalg.norm(step))
 
     def _index(self, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         idx = np.rint(self.grid.to_index(np.atleast_2d(pts))).astype(np.int64)
@@ -73,24 +89,40 @@ class LungMap:
         idx, ok = self._index(pts)
         return np.where(ok, self.lungs[idx[:, 0], idx[:, 1], idx[:, 2]], 0)
 
+    def surface_distance(self, pts: np.ndarray) -> np.ndarray:
+        """Signed distance (mm) from body-frame points to the lung surface (+ inside)."""
+        idx = self.grid.to_index(np.atleast_2d(pts)) / np.array(self.stride)
+        return ndimage.map_coordinates(self.sdf, idx.T, order=1, mode="nearest")
+
     def dist_at(self, pts: np.ndarray) -> np.ndarray:
         """Distance (mm) to the pleura at body-frame points (0 outside the lungs)."""
-        idx, ok = self._index(pts)
-        sidx = np.minimum(idx // np.array(self.stride), np.array(self.dist.shape) - 1)
-        d = self.dist[sidx[:, 0], sidx[:, 1], sidx[:, 2]]
-        return np.where(ok & (self.label_at(pts) > 0), d, 0.0)
+        d = np.maximum(self.surface_distance(pts), 0.0)
+        return np.where(self.label_at(pts) > 0, d, 0.0)
 
     def random_points(self, rng: np.random.Generator, n: int, lo: float, hi: float) -> np.ndarray:
         """Up to ``n`` random lung points whose pleural distance is in ``[lo, hi]`` mm."""
-        a, b = np.searchsorted(self._dist_sorted, [lo, hi], side="left")
-        b = max(b, int(np.searchsorted(self._dist_sorted, hi, side="right")))
-        if b <= a or n <= 0:
+        if n <= 0:
             return np.zeros((0, 3))
-        flat = self._by_dist[a + rng.integers(b - a, size=n)]
-        pick = np.stack(np.unravel_index(flat, self.dist.shape), axis=1)
-        idx = (pick + rng.uniform(-0.5, 0.5, pick.shape)) * np.array(self.stride)
-        pts = self.grid.to_body(idx)
-        return pts[self.label_at(pts) > 0]
+        # Voxels whose centre is within reach of the band, then points anywhere in them,
+        # kept when their own (interpolated) distance is in the band.
+        a = int(np.searchsorted(self._dist_sorted, lo - self._slack, side="left"))
+        b = int(np.searchsorted(self._dist_sorted, hi + self._slack, side="right"))
+        if b <= a:
+            return np.zeros((0, 3))
+        found: list[np.ndarray] = []
+        count = 0
+        for _ in range(12):
+            flat = self._by_dist[a + rng.integers(b - a, size=4 * n)]
+            pick = np.stack(np.unravel_index(flat, self.sdf.shape), axis=1)
+            idx = (pick + rng.uniform(-0.5, 0.5, pick.shape)) * np.array(self.stride)
+            pts = self.grid.to_body(idx)
+            d = self.surface_distance(pts)
+            pts = pts[(d >= lo) & (d <= hi) & (self.label_at(pts) > 0)]
+            found.append(pts[: n - count])
+            count += found[-1].shape[0]
+            if count >= n:
+                break
+        return np.concatenate(found)
 
 
 @dataclass
