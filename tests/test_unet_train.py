@@ -16,7 +16,13 @@ from lungct.preprocess import PreprocessPlan
 from lungct.tables import read_results
 from unet_candidates.__main__ import main
 from unet_candidates.config import UNetPlan
-from unet_candidates.data import IGNORE, PatchSampler, build_scan_samples, sphere_target
+from unet_candidates.data import (
+    IGNORE,
+    PatchSampler,
+    ScanSamples,
+    build_scan_samples,
+    sphere_target,
+)
 from unet_candidates.testing import tiny_plan, write_tiny_luna
 from unet_candidates.train import train
 
@@ -53,6 +59,20 @@ def test_sampler_targets_follow_the_nodules(tiny_luna) -> None:
     x2, y2 = PatchSampler(cache, [samples], plan2, augment=True).fixed_set(2)
     assert x2.shape == (2, 16, 16, 3) and y2.shape == (2, 16, 16, 1)
     assert y2[:, 7:9, 7:9].min() == 1.0
+
+
+def test_small_nodule_weight_draws_small_nodules_more_often() -> None:
+    """diameter^-1: a 4 mm nodule comes round 2.5 times as often as a 10 mm one; 0 = equally."""
+    lung = np.zeros((5, 3))
+    small = ScanSamples("a", np.array([[0.0, 0.0, 0.0, 4.0]]), lung, np.zeros((0, 3)))
+    large = ScanSamples("b", np.array([[0.0, 0.0, 0.0, 10.0]]), lung, np.zeros((0, 3)))
+    for weight, ratio in ((0.0, 1.0), (1.0, 2.5)):
+        plan = tiny_plan("3d", nodule_fraction=1.0, vessel_fraction=0.0, small_nodule_weight=weight)
+        sampler = PatchSampler(None, [small, large], plan, augment=False)
+        picks = [r.seriesuid for r in sampler.requests(6000, np.random.default_rng(0))]
+        assert picks.count("a") / picks.count("b") == pytest.approx(ratio, rel=0.1)
+    with pytest.raises(LungCTError, match="small_nodule_weight"):
+        tiny_plan("2d", small_nodule_weight=-1.0)
 
 
 def test_excluded_findings_are_ignored_not_background(tiny_luna) -> None:

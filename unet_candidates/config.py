@@ -56,6 +56,9 @@ class UNetPlan:
         vessel_fraction: share of hard negatives centred on bright lung voxels (vessels, walls).
         max_offset_fraction: a nodule's centre lies within this fraction of the patch's half
             size from the patch centre.
+        small_nodule_weight: nodule patches pick nodule *i* with probability proportional to
+            ``diameter_i ** -small_nodule_weight`` (0 = every nodule equally often; 1 = a 4 mm
+            nodule 2.5 times as often as a 10 mm one).
         flip: random flips along every axis; rot90: random 90-degree rotations in the axial
             plane; intensity_jitter: +- scale and shift of the [0, 1] intensities;
             noise_std: Gaussian noise added to the [0, 1] intensities.
@@ -111,6 +114,7 @@ class UNetPlan:
     nodule_fraction: float = 0.7
     vessel_fraction: float = 0.1
     max_offset_fraction: float = 0.6
+    small_nodule_weight: float = 0.0
     flip: bool = True
     rot90: bool = True
     intensity_jitter: float = 0.05
@@ -190,6 +194,8 @@ class UNetPlan:
             raise bad("nodule_fraction + vessel_fraction must not exceed 1")
         if not 0.0 <= self.max_offset_fraction <= 1.0:
             raise bad("max_offset_fraction must be in [0, 1]")
+        if not 0.0 <= self.small_nodule_weight <= 4.0:
+            raise bad("small_nodule_weight must be in [0, 4]")
         if self.optimizer not in ("adam", "sgd_nesterov"):
             raise bad(f"optimizer must be 'adam' or 'sgd_nesterov', got {self.optimizer!r}")
         if not 0.0 < self.threshold < 1.0:

@@ -198,6 +198,13 @@ class PatchSampler:
         self.augment = augment
         self.seed = seed
         self._nodule_refs = [(s.seriesuid, i) for s in samples for i in range(len(s.nodules))]
+        self._nodule_p = None
+        if self._nodule_refs and plan.small_nodule_weight > 0:
+            # Nodule i is drawn with probability ~ diameter^-k: small nodules, the ones the
+            # network misses, come round more often than the large, easy ones.
+            d = np.array([self.samples[u].nodules[i][3] for u, i in self._nodule_refs])
+            w = np.maximum(d, 3.0) ** -plan.small_nodule_weight
+            self._nodule_p = w / w.sum()
         self._lung_uids = [s.seriesuid for s in samples if len(s.lung_points)]
         self._vessel_uids = [s.seriesuid for s in samples if len(s.vessel_points)]
         if not self._lung_uids:
@@ -216,7 +223,11 @@ class PatchSampler:
         out = []
         for kind in kinds:
             if kind == 0:
-                uid, i = self._nodule_refs[int(rng.integers(len(self._nodule_refs)))]
+                if self._nodule_p is None:
+                    pick = int(rng.integers(len(self._nodule_refs)))
+                else:
+                    pick = int(rng.choice(len(self._nodule_refs), p=self._nodule_p))
+                uid, i = self._nodule_refs[pick]
                 x, y, z, d = self.samples[uid].nodules[i]
                 reach = plan.max_offset_fraction * half_mm  # (z, y, x)
                 if plan.variant == "2d":
