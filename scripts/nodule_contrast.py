@@ -42,7 +42,7 @@ def nodule_contrast(array: np.ndarray, centre_zyx: np.ndarray, spacing_zyx, diam
     dist = np.sqrt(
         sum(((g - v) * s) ** 2 for g, v, s in zip(grids, centre_zyx, spacing_zyx, strict=True))
     )
-    ball = dist <= max(radius, 1.2)  # at least the nearest voxel
+    ball = dist <= max(radius, float(dist.min()))  # at least the nearest voxel
     shell = (dist > radius + 2.0) & (dist < radius + 6.0) & (box < -500)
     if not ball.any() or not shell.any():
         return float("nan")
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             key = (s.seriesuid, round(float(world[0]), 2))
             cat, loc = labels.get(key, ("?", "?"))
             rows.append((con, d, cat, loc, misses.get(key, [])))
-    rows.sort(key=lambda r: r[0])
+    rows.sort(key=lambda r: (np.isnan(r[0]), r[0]))
     print(f"{len(rows)} nodules; least visible first (misses / lists):")
     for con, d, cat, loc, ms in rows[: args.lowest]:
         print(f"  {con:6.0f} HU  {d:4.1f} mm  {cat:12s} {loc:13s} missed {sum(ms)}/{len(ms)}")
