@@ -24,7 +24,7 @@ class LungMap:
 
     The distance is measured to the lung's surface, which lies halfway between a lung voxel
     and its non-lung neighbour, not to the neighbour's centre: on 2.3 mm voxels the
-    difference is more than a millimetre, a third of a small nodule's radius. ``sdf`` holds it
+    difference is over a millimetre, more than half the radius of a 4 mm nodule. ``sdf`` holds it
     on a grid strided to about 2 mm (positive inside the lungs, negative outside, near the
     surface); between its samples it is interpolated linearly, which is exact for a flat wall.
     """
