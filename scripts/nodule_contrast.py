@@ -18,19 +18,27 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
-import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from lungct.cache import find_scans
+from lungct.cli import run_command
+from lungct.errors import LungCTError
+from lungct.fileio import read_json
 from lungct.io import read_scan
 from lungct.tables import parse_folds, read_annotations
+
+NODULE_COLUMNS = ("seriesuid", "coordX", "detected")
 
 BANDS = (150.0, 250.0)
 
 
-def nodule_contrast(array: np.ndarray, centre_zyx: np.ndarray, spacing_zyx, diameter: float):
+def nodule_contrast(
+    array: np.ndarray, centre_zyx: np.ndarray, spacing_zyx: Sequence[float], diameter: float
+) -> float:
     """Mean HU inside the sphere minus the median HU of the lung shell 2-6 mm outside it."""
     radius = 0.5 * diameter
     reach = np.ceil((radius + 6.0) / np.asarray(spacing_zyx)).astype(int)
@@ -52,37 +60,56 @@ def nodule_contrast(array: np.ndarray, centre_zyx: np.ndarray, spacing_zyx, diam
 def _labels(data: Path) -> dict[tuple[str, float], tuple[str, str]]:
     out = {}
     for path in sorted((data / ".synth").glob("scan_*.json")):
-        rec = json.loads(path.read_text())
-        for row in rec.get("annotations", []):
-            out[(rec["seriesuid"], round(float(row[0]), 2))] = (str(row[4]), str(row[5]))
+        rec = read_json(path)
+        try:
+            for row in rec.get("annotations", []):
+                out[(rec["seriesuid"], round(float(row[0]), 2))] = (str(row[4]), str(row[5]))
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+            raise LungCTError(path, "is not a generator record (seriesuid, annotations)") from None
     return out
 
 
-def _misses(eval_dirs: list[Path]) -> dict[tuple[str, float], list[int]]:
-    out: dict[tuple[str, float], list[int]] = {}
-    for d in eval_dirs:
-        with open(d / "nodules.csv", newline="") as f:
-            for r in csv.DictReader(f):
-                key = (r["seriesuid"], round(float(r["coordX"]), 2))
-                out.setdefault(key, []).append(int(r["detected"] == "0"))
+def read_detections(eval_dir: Path) -> dict[tuple[str, float], int]:
+    """``{(seriesuid, coordX): 1 if missed else 0}`` from an evaluation's ``nodules.csv``."""
+    path = eval_dir / "nodules.csv"
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            lacking = [c for c in NODULE_COLUMNS if c not in (reader.fieldnames or [])]
+            if lacking:
+                raise LungCTError(path, f"lacks the columns {lacking}: not an evaluation's table")
+            out = {}
+            for line, r in enumerate(reader, start=2):
+                if r["detected"] not in ("0", "1"):
+                    raise LungCTError(path, f"line {line}: detected must be 0 or 1")
+                try:
+                    out[(r["seriesuid"], round(float(r["coordX"]), 2))] = int(r["detected"] == "0")
+                except ValueError:
+                    raise LungCTError(path, f"line {line}: coordX is not a number") from None
+    except FileNotFoundError:
+        raise LungCTError(
+            path, "file not found (give the folder `integration evaluate` wrote)"
+        ) from None
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, required=True, help="LUNA16-layout folder")
-    ap.add_argument("--folds", default="8,9", help="subsets to measure, e.g. 8,9")
-    ap.add_argument("--eval", type=Path, nargs="*", default=[], help="integration evaluate outputs")
-    ap.add_argument("--lowest", type=int, default=15, help="list this many least visible")
-    args = ap.parse_args(argv)
-
+def run(args: argparse.Namespace) -> int:
     table = read_annotations(args.data / "annotations.csv")
     labels = _labels(args.data)
-    misses = _misses(args.eval)
+    evaluations = [(d, read_detections(d)) for d in args.eval]
+    scans = [s for s in find_scans(args.data, parse_folds(args.folds)) if s.seriesuid in table.uids]
+    measured = {
+        (s.seriesuid, round(float(table.coords[i][0]), 2))
+        for s in scans
+        for i in table.rows_in_series(s.seriesuid)
+    }
+    for d, found in evaluations:
+        if not measured & found.keys():
+            raise LungCTError(
+                d / "nodules.csv", f"none of its nodules is in {args.data} subsets {args.folds}"
+            )
     rows = []
-    for s in find_scans(args.data, parse_folds(args.folds)):
-        if s.seriesuid not in table.uids:
-            continue
+    for s in tqdm(scans, desc="contrast", unit="scan", disable=args.quiet):
         scan = read_scan(s.path)
         spacing_zyx = np.asarray(scan.geometry.spacing)[::-1]
         for i in table.rows_in_series(s.seriesuid):
@@ -91,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             con = nodule_contrast(scan.array, scan.world_to_voxel(world), spacing_zyx, d)
             key = (s.seriesuid, round(float(world[0]), 2))
             cat, loc = labels.get(key, ("?", "?"))
-            rows.append((con, d, cat, loc, misses.get(key, [])))
+            misses = [found[key] for _, found in evaluations if key in found]
+            rows.append((con, d, cat, loc, misses))
     rows.sort(key=lambda r: (np.isnan(r[0]), r[0]))
     print(f"{len(rows)} nodules; least visible first (misses / lists):")
     for con, d, cat, loc, ms in rows[: args.lowest]:
@@ -105,6 +133,17 @@ def main(argv: list[str] | None = None) -> int:
             f"contrast {lo:>5.0f} to {hi:<5.0f} HU: {len(sel):3d} nodules, missed {n_miss}/{n_eval}"
         )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, required=True, help="LUNA16-layout folder")
+    ap.add_argument("--folds", default="8,9", help="subsets to measure, e.g. 8,9")
+    ap.add_argument("--eval", type=Path, nargs="*", default=[], help="integration evaluate outputs")
+    ap.add_argument("--lowest", type=int, default=15, help="list this many least visible")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.set_defaults(func=run)
+    return run_command(ap, argv)
 
 
 if __name__ == "__main__":
