@@ -34,7 +34,7 @@ from lungct.synth.trees import (
 SIZES = ("small", "full")
 UID_PREFIX = "1.3.6.1.4.1.14519.5.2.1.6279.6001."
 """The LIDC-IDRI / LUNA16 series UID root; synthetic suffixes are hashed from (seed, index)."""
-GENERATOR_VERSION = "3"
+GENERATOR_VERSION = "4"
 """Bump when the output for a given seed changes, so resumed runs do not mix versions."""
 
 DIRECTIONS = {

@@ -227,7 +227,7 @@ def plan_findings(
             listed = round(d, 6) if rng.random() < 0.5 else -1.0
         elif kind == "one reader":
             d = min(sample_diameter(rng), 12.0)
-            cat, reason, listed = pick_category(rng), "one reader", d
+            cat, reason, listed = pick_category(rng, "one reader"), "one reader", d
         elif kind == "calcified":
             d = rng.uniform(2.0, 5.0)
             cat, reason, listed = "calcified", "non-nodule", -1.0
