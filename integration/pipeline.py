@@ -13,7 +13,6 @@ grid as the per-scan cache), and both stages work on that one in-memory volume.
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import time
@@ -27,7 +26,7 @@ import numpy as np
 from integration.report import Detection, suspicion_score, write_report
 from lungct.cache import CachedScan
 from lungct.errors import LungCTError
-from lungct.fileio import write_json_atomic
+from lungct.fileio import read_json, write_json_atomic
 from lungct.io import read_scan
 from lungct.lungmask import segment_lungs, segment_lungs_array
 from lungct.preprocess import PreprocessPlan, resample_array
@@ -51,11 +50,33 @@ class PipelineConfig:
         path = models_dir / "pipeline.json"
         if not path.is_file():
             return cls()
-        try:
-            values = json.loads(path.read_text())
-            return cls(**values)
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise LungCTError(path, f"is not a valid pipeline settings file ({exc})") from None
+        values = read_json(path)
+        if not isinstance(values, dict):
+            raise LungCTError(path, "is not a valid pipeline settings file (not a JSON object)")
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise LungCTError(
+                path,
+                f"is not a valid pipeline settings file (unknown setting(s) {unknown}; "
+                f"known: {sorted(cls.__dataclass_fields__)})",
+            )
+        config = cls(**values)
+        problem = config.problem()
+        if problem:
+            raise LungCTError(path, f"is not a valid pipeline settings file ({problem})")
+        return config
+
+    def problem(self) -> str:
+        """What is wrong with the values, or '' (a string threshold would fail deep inside)."""
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+            return f"threshold must be a number in [0, 1], got {t!r}"
+        if not isinstance(self.tta, bool):
+            return f"tta must be true or false, got {self.tta!r}"
+        b = self.batch_size
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            return f"batch_size must be a positive integer, got {b!r}"
+        return ""
 
     def save(self, models_dir: Path) -> None:
         """Write ``pipeline.json``."""

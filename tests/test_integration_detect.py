@@ -97,7 +97,26 @@ def test_detect_errors_are_one_line(models: Path, tmp_path: Path, capsys) -> Non
     assert code == 2 and "has no unet/ model folder" in err[0]
 
 
-def test_pipeline_config_errors(tmp_path: Path) -> None:
-    (tmp_path / "pipeline.json").write_text('{"treshold": 0.5}')
-    with pytest.raises(LungCTError, match="pipeline.json"):
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('{"treshold": 0.5}', "unknown setting"),
+        ('{"threshold": "0.5"}', "threshold must be a number"),
+        ('{"threshold": 1.5}', "threshold must be a number"),
+        ('{"tta": "yes"}', "tta must be true or false"),
+        ('{"batch_size": 0}', "batch_size must be a positive integer"),
+        ("[0.5]", "not a JSON object"),
+        ('{"threshold": 0.5', "not valid JSON"),
+    ],
+)
+def test_pipeline_config_errors(tmp_path: Path, text: str, problem: str) -> None:
+    (tmp_path / "pipeline.json").write_text(text)
+    with pytest.raises(LungCTError, match="pipeline.json") as info:
         PipelineConfig.load(tmp_path)
+    assert problem in str(info.value)
+
+
+def test_pipeline_config_round_trip(tmp_path: Path) -> None:
+    assert PipelineConfig.load(tmp_path) == PipelineConfig()  # absent: the defaults
+    PipelineConfig(threshold=0.25, tta=True, batch_size=8).save(tmp_path)
+    assert PipelineConfig.load(tmp_path) == PipelineConfig(0.25, True, 8)
