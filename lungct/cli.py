@@ -1,7 +1,8 @@
 """The one way every command of the suite runs: ``python -m <package> VERB ...``.
 
 A :class:`~lungct.errors.LungCTError` (bad input: the file and the problem) ends the command
-with that one line on stderr and exit status 2, never a traceback; Ctrl-C ends it with 130.
+with that one line on stderr and exit status 2, never a traceback; so does an ``OSError`` (a full
+disk, a folder that cannot be written). Ctrl-C ends it with 130.
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = No
         return int(args.func(args) or 0)
     except LungCTError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # The machine, not the input: a full disk, a read-only or vanished folder. Say which
+        # file and what happened in one line, like bad input (the write was atomic, so nothing
+        # already written is damaged).
+        where = f"{os.fsdecode(exc.filename)}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

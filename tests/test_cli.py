@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 from conftest import DICOM_0001, LUNA_CSV, phantom_hu
 from lungct.__main__ import build_parser, main
+from lungct.cli import run_command
 from lungct.geometry import Geometry
 from lungct.io import write_scan
 from lungct.scan import Scan
@@ -99,3 +101,26 @@ def test_unknown_series_uid_is_named(tmp_path: Path) -> None:
     ann = _csv(tmp_path / "a.csv", "seriesuid,coordX,coordY,coordZ,diameter_mm", "7.7.7,1,2,3,5")
     with pytest.raises(LungCTError, match=r"a\.csv.*7\.7\.7"):
         read_annotations(ann, known_series={UID})
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (
+            OSError(28, "No space left on device", "/out/volume.npy"),
+            "error: /out/volume.npy: No space left on device",
+        ),
+        (OSError("Not enough free space to write 16795825 bytes"), "error: Not enough free space"),
+    ],
+)
+def test_os_errors_end_in_one_line(exc: OSError, expected: str, capsys) -> None:
+    """A full disk is not bad input, but it gets the same one-line error and status 2."""
+
+    def fail(args: argparse.Namespace) -> None:
+        raise exc
+
+    parser = argparse.ArgumentParser()
+    parser.set_defaults(func=fail)
+    assert run_command(parser, []) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(expected)
