@@ -76,7 +76,8 @@ Measured in the LIDC-IDRI annotation database on the LUNA16 scans by
 ``scripts/lidc_texture_mix.py`` (median LIDC texture rating of each nodule's readers):
 ``"nodule"`` is the mix of the 1187 nodules 3-4 readers marked (LUNA16's ``annotations.csv``),
 ``"one reader"`` that of the 1100 only 1-2 readers marked (in ``annotations_excluded.csv``).
-Ground glass is twice as common among the nodules readers disagreed on. Generator versions <= 3 drew every nodule from (0.70, 0.14, 0.16).
+Ground glass is twice as common among the nodules readers disagreed on. Generator versions
+<= 3 drew every nodule from (0.70, 0.14, 0.16).
 """
 
 
