@@ -78,17 +78,21 @@ class Annotation:
     id: int
     scan_id: int
     patient_id: str
+    series_uid: str
     pixel_spacing: float
     slice_spacing: float
     ratings: dict[str, int]
     contours: list[tuple[float, bool, np.ndarray]]  # (z mm, inclusion, (n, 2) x,y pixels)
 
 
-def texture_category(texture: int) -> int:
-    """LIDC texture rating -> 0 solid (4-5), 1 part-solid (3), 2 ground-glass (1-2)."""
+def texture_category(texture: float) -> int:
+    """LIDC texture rating -> 0 solid (4-5), 1 part-solid (3), 2 ground-glass (1-2).
+
+    A median over readers may fall between ratings: 3.5 is part-solid, 2.5 ground-glass.
+    """
     if texture >= 4:
         return 0
-    if texture == 3:
+    if texture >= 3:
         return 1
     return 2
 
@@ -97,9 +101,9 @@ def load_annotations(db: Path) -> list[Annotation]:
     """Every annotation with its contours, pixel spacing and slice spacing."""
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     scans = {
-        sid: (pid, float(ps), float(st))
-        for sid, pid, ps, st in con.execute(
-            "select id, patient_id, pixel_spacing, slice_thickness from scans"
+        sid: (pid, float(ps), float(st), uid)
+        for sid, pid, ps, st, uid in con.execute(
+            "select id, patient_id, pixel_spacing, slice_thickness, series_instance_uid from scans"
         )
     }
     # Slice *spacing* from the slice positions, not SliceThickness: they differ in LIDC.
@@ -107,7 +111,7 @@ def load_annotations(db: Path) -> list[Annotation]:
     for sid, val in con.execute("select scan_id, val from zvals"):
         zvals[sid].append(float(val))
     spacing = {}
-    for sid, (_, _, thickness) in scans.items():
+    for sid, (_, _, thickness, _) in scans.items():
         z = np.sort(np.asarray(zvals.get(sid, []), dtype=np.float64))
         d = np.diff(z)
         d = d[d > 1e-3]
@@ -127,12 +131,13 @@ def load_annotations(db: Path) -> list[Annotation]:
         aid, sid = row[0], row[1]
         if aid not in contours:
             continue
-        pid, ps, _ = scans[sid]
+        pid, ps, _, uid = scans[sid]
         out.append(
             Annotation(
                 id=aid,
                 scan_id=sid,
                 patient_id=pid,
+                series_uid=uid,
                 pixel_spacing=ps,
                 slice_spacing=spacing[sid],
                 ratings=dict(zip(RATINGS, (int(v) for v in row[2:]), strict=True)),

