@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -28,6 +30,14 @@ def real_data() -> Path:
     if not REAL.is_dir():
         pytest.skip(f"real LIDC-IDRI test data not found at {REAL} (../shared is absent)")
     return REAL
+
+
+def load_script(name: str) -> ModuleType:
+    """Import ``scripts/<name>.py`` (the maintainer scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def phantom_hu(shape_zyx=(24, 40, 48), nodule_zyx=(12, 20, 14), radius_vox=3.0) -> np.ndarray:

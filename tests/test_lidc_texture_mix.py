@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import load_script
 from lungct.synth.nodules import TEXTURE_MIX, pick_category
 from lungct.synth.shapes import CATEGORY_NAMES
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "lidc_texture_mix.py"
 
 
 @pytest.fixture(scope="module")
 def tm():
-    spec = importlib.util.spec_from_file_location("lidc_texture_mix", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("lidc_texture_mix")
 
 
 def test_texture_rating_categories(tm) -> None:

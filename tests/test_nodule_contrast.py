@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import load_script
 from lungct.errors import LungCTError
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "nodule_contrast.py"
 
 
 @pytest.fixture(scope="module")
 def nc():
-    spec = importlib.util.spec_from_file_location("nodule_contrast", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("nodule_contrast")
 
 
 def test_contrast_is_ball_mean_minus_lung_shell_median(nc) -> None:
