@@ -26,9 +26,10 @@ import numpy as np
 from integration.report import Detection, suspicion_score, write_report
 from lungct.cache import CachedScan
 from lungct.errors import LungCTError
-from lungct.fileio import read_json, write_json_atomic
+from lungct.fileio import write_json_atomic
 from lungct.io import read_scan
 from lungct.lungmask import segment_lungs, segment_lungs_array
+from lungct.plans import JSONPlan
 from lungct.preprocess import PreprocessPlan, resample_array
 from lungct.scan import AIR_HU, Scan
 from lungct.tables import write_csv_atomic
@@ -37,50 +38,32 @@ DETECTION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability", "
 
 
 @dataclass
-class PipelineConfig:
-    """Settings stored as ``pipeline.json`` in a models folder."""
+class PipelineConfig(JSONPlan):
+    """Settings stored as ``pipeline.json`` in a models folder (strict JSON, see JSONPlan)."""
 
     threshold: float = 0.5
     tta: bool = False
     batch_size: int = 256
 
-    @classmethod
-    def load(cls, models_dir: Path) -> PipelineConfig:
-        """Read ``pipeline.json`` (defaults where it is absent)."""
-        path = models_dir / "pipeline.json"
-        if not path.is_file():
-            return cls()
-        values = read_json(path)
-        if not isinstance(values, dict):
-            raise LungCTError(path, "is not a valid pipeline settings file (not a JSON object)")
-        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise LungCTError(
-                path,
-                f"is not a valid pipeline settings file (unknown setting(s) {unknown}; "
-                f"known: {sorted(cls.__dataclass_fields__)})",
-            )
-        config = cls(**values)
-        problem = config.problem()
-        if problem:
-            raise LungCTError(path, f"is not a valid pipeline settings file ({problem})")
-        return config
-
-    def problem(self) -> str:
-        """What is wrong with the values, or '' (a string threshold would fail deep inside)."""
-        t = self.threshold
+    def __post_init__(self) -> None:
+        # A string threshold ("0.5") would otherwise fail deep inside the detector.
+        t, b = self.threshold, self.batch_size
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
-            return f"threshold must be a number in [0, 1], got {t!r}"
+            raise ValueError(f"threshold must be a number in [0, 1], got {t!r}")
         if not isinstance(self.tta, bool):
-            return f"tta must be true or false, got {self.tta!r}"
-        b = self.batch_size
+            raise ValueError(f"tta must be true or false, got {self.tta!r}")
         if isinstance(b, bool) or not isinstance(b, int) or b < 1:
-            return f"batch_size must be a positive integer, got {b!r}"
-        return ""
+            raise ValueError(f"batch_size must be a positive integer, got {b!r}")
 
-    def save(self, models_dir: Path) -> None:
-        """Write ``pipeline.json``."""
-        write_json_atomic(models_dir / "pipeline.json", self.__dict__)
+    @classmethod
+    def load(cls, models_dir: str | os.PathLike) -> PipelineConfig:  # type: ignore[override]
+        """Read ``models_dir/pipeline.json`` (defaults where it is absent)."""
+        path = Path(models_dir) / "pipeline.json"
+        return super().load(path) if path.is_file() else cls()
+
+    def save(self, models_dir: str | os.PathLike) -> None:  # type: ignore[override]
+        """Write ``models_dir/pipeline.json``, atomically."""
+        super().save(Path(models_dir) / "pipeline.json")
 
 
 @dataclass

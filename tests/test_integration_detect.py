@@ -100,12 +100,12 @@ def test_detect_errors_are_one_line(models: Path, tmp_path: Path, capsys) -> Non
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
-        ('{"treshold": 0.5}', "unknown setting"),
+        ('{"treshold": 0.5}', "unknown plan keys ['treshold']"),
         ('{"threshold": "0.5"}', "threshold must be a number"),
         ('{"threshold": 1.5}', "threshold must be a number"),
         ('{"tta": "yes"}', "tta must be true or false"),
         ('{"batch_size": 0}', "batch_size must be a positive integer"),
-        ("[0.5]", "not a JSON object"),
+        ("[0.5]", "must be a JSON object"),
         ('{"threshold": 0.5', "not valid JSON"),
     ],
 )
