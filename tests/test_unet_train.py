@@ -11,6 +11,7 @@ import pytest
 
 from lungct.cache import ScanCache, prepare_dataset
 from lungct.errors import LungCTError
+from lungct.geometry import Geometry
 from lungct.io import read_scan
 from lungct.preprocess import PreprocessPlan
 from lungct.tables import read_results
@@ -21,6 +22,8 @@ from unet_candidates.data import (
     PatchSampler,
     ScanSamples,
     build_scan_samples,
+    faintness,
+    nodule_mean_hu,
     sphere_target,
 )
 from unet_candidates.testing import tiny_plan, write_tiny_luna
@@ -73,6 +76,40 @@ def test_small_nodule_weight_draws_small_nodules_more_often() -> None:
         assert picks.count("a") / picks.count("b") == pytest.approx(ratio, rel=0.1)
     with pytest.raises(LungCTError, match="small_nodule_weight"):
         tiny_plan("2d", small_nodule_weight=-1.0)
+
+
+def test_nodule_mean_hu_measures_the_sphere_on_any_grid() -> None:
+    """A -100 HU ball of 8 mm in -850 HU lung; anisotropic voxels and a flipped axis."""
+    geo = Geometry((40, 30, 20), (0.5, 0.8, 1.5), (10.0, -20.0, 30.0), (-1, 0, 0, 0, 1, 0, 0, 0, 1))
+    centre = geo.voxel_to_world(np.array([[10.0, 15.0, 20.0]]))[0]
+    zz, yy, xx = np.indices(geo.shape_zyx)
+    r = np.sqrt(((zz - 10) * 1.5) ** 2 + ((yy - 15) * 0.8) ** 2 + ((xx - 20) * 0.5) ** 2)
+    volume = np.where(r <= 4.0, -100, -850).astype(np.int16)
+    nodules = np.array([[*centre, 8.0], [*centre, 16.0], [500.0, 500.0, 500.0, 6.0]])
+    hu = nodule_mean_hu(volume, geo, nodules)
+    assert hu[0] == pytest.approx(-100.0, abs=15)  # the ball alone (edge voxels aside)
+    assert hu[1] == pytest.approx(-850 + 750 / 8, abs=40)  # an eighth of the 16 mm sphere
+    assert np.isnan(hu[2])  # outside the volume
+    assert faintness(np.array([-100.0, -450.0, -550.0, -650.0, -800.0, np.nan])) == (
+        pytest.approx([0.0, 0.0, 0.5, 1.0, 1.0, 0.0])
+    )
+
+
+def test_faint_nodule_weight_draws_ground_glass_more_often() -> None:
+    """1 + 3 * faintness: a -700 HU nodule four times as often as a -200 HU one; 0 = equally."""
+    lung = np.zeros((5, 3))
+    nodule = np.array([[0.0, 0.0, 0.0, 6.0]])
+    faint = ScanSamples("a", nodule, lung, np.zeros((0, 3)), nodule_hu=np.array([-700.0]))
+    solid = ScanSamples("b", nodule, lung, np.zeros((0, 3)), nodule_hu=np.array([-200.0]))
+    unmeasured = ScanSamples("c", nodule, lung, np.zeros((0, 3)))
+    for weight, ratio in ((0.0, 1.0), (3.0, 4.0)):
+        plan = tiny_plan("3d", nodule_fraction=1.0, vessel_fraction=0.0, faint_nodule_weight=weight)
+        sampler = PatchSampler(None, [faint, solid, unmeasured], plan, augment=False)
+        picks = [r.seriesuid for r in sampler.requests(9000, np.random.default_rng(0))]
+        assert picks.count("a") / picks.count("b") == pytest.approx(ratio, rel=0.1)
+        assert picks.count("c") / picks.count("b") == pytest.approx(1.0, rel=0.1)
+    with pytest.raises(LungCTError, match="faint_nodule_weight"):
+        tiny_plan("2d", faint_nodule_weight=-1.0)
 
 
 def test_excluded_findings_are_ignored_not_background(tiny_luna) -> None:

@@ -59,6 +59,10 @@ class UNetPlan:
         small_nodule_weight: nodule patches pick nodule *i* with probability proportional to
             ``diameter_i ** -small_nodule_weight`` (0 = every nodule equally often; 1 = a 4 mm
             nodule 2.5 times as often as a 10 mm one).
+        faint_nodule_weight: nodule patches pick nodule *i* with probability proportional to
+            ``1 + faint_nodule_weight * f_i``, ``f_i`` its faintness: 0 for a mean HU inside
+            its sphere of -450 or more (solid), rising linearly to 1 at -650 or less (ground
+            glass). 0 = every nodule equally often. Multiplies ``small_nodule_weight``'s factor.
         flip: random flips along every axis; rot90: random 90-degree rotations in the axial
             plane; intensity_jitter: +- scale and shift of the [0, 1] intensities;
             noise_std: Gaussian noise added to the [0, 1] intensities.
@@ -115,6 +119,7 @@ class UNetPlan:
     vessel_fraction: float = 0.1
     max_offset_fraction: float = 0.6
     small_nodule_weight: float = 0.0
+    faint_nodule_weight: float = 0.0
     flip: bool = True
     rot90: bool = True
     intensity_jitter: float = 0.05
@@ -196,6 +201,8 @@ class UNetPlan:
             raise bad("max_offset_fraction must be in [0, 1]")
         if not 0.0 <= self.small_nodule_weight <= 4.0:
             raise bad("small_nodule_weight must be in [0, 4]")
+        if not 0.0 <= self.faint_nodule_weight <= 20.0:
+            raise bad("faint_nodule_weight must be in [0, 20]")
         if self.optimizer not in ("adam", "sgd_nesterov"):
             raise bad(f"optimizer must be 'adam' or 'sgd_nesterov', got {self.optimizer!r}")
         if not 0.0 < self.threshold < 1.0:

@@ -60,6 +60,8 @@ class ScanSamples:
         excluded: ``(E, 4)`` ``x, y, z, diameter_mm`` of findings the loss ignores (LUNA16's
             annotations_excluded.csv: nodules < 3 mm, nodules of one or two readers,
             non-nodules; a negative diameter means unknown).
+        nodule_hu: ``(N,)`` mean HU inside each nodule's sphere (:func:`nodule_mean_hu`);
+            empty when not measured (then every nodule counts as solid).
     """
 
     seriesuid: str
@@ -67,6 +69,51 @@ class ScanSamples:
     lung_points: np.ndarray
     vessel_points: np.ndarray
     excluded: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+    nodule_hu: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+
+SOLID_MEAN_HU = -450.0
+"""A nodule whose mean HU (over its sphere) is at least this counts as solid: faintness 0."""
+
+GROUND_GLASS_MEAN_HU = -650.0
+"""A nodule whose mean HU is at most this counts as faint ground glass: faintness 1."""
+
+
+def nodule_mean_hu(volume: np.ndarray, geometry: Geometry, nodules: np.ndarray) -> np.ndarray:
+    """Mean HU inside each nodule's sphere (radius diameter / 2, at least one voxel).
+
+    Reads a small block around each nodule, so a memory-mapped cached volume is not loaded
+    whole. A nodule outside the volume gets ``nan``.
+    """
+    nodules = np.asarray(nodules, np.float64).reshape(-1, 4)
+    out = np.full(len(nodules), np.nan)
+    spacing = np.asarray(geometry.spacing, np.float64)[::-1]  # z, y, x
+    shape = np.asarray(volume.shape)
+    for i, (x, y, z, d) in enumerate(nodules):
+        radius = max(d / 2.0, float(spacing.max()))
+        c = geometry.world_to_voxel((x, y, z))
+        reach = np.ceil(radius / spacing).astype(int)
+        lo = np.maximum(np.floor(c).astype(int) - reach, 0)
+        hi = np.minimum(np.ceil(c).astype(int) + reach + 1, shape)
+        if np.any(hi <= lo):
+            continue
+        block = np.asarray(volume[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]], np.float64)
+        zz, yy, xx = np.ogrid[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+        r2 = (
+            ((zz - c[0]) * spacing[0]) ** 2
+            + ((yy - c[1]) * spacing[1]) ** 2
+            + ((xx - c[2]) * spacing[2]) ** 2
+        )
+        inside = r2 <= radius * radius
+        if inside.any():
+            out[i] = float(block[inside].mean())
+    return out
+
+
+def faintness(mean_hu: np.ndarray) -> np.ndarray:
+    """0 for solid nodules, 1 for faint ground glass, linear between (``nan`` -> 0)."""
+    hu = np.nan_to_num(np.asarray(mean_hu, np.float64), nan=SOLID_MEAN_HU)
+    return np.clip((SOLID_MEAN_HU - hu) / (SOLID_MEAN_HU - GROUND_GLASS_MEAN_HU), 0.0, 1.0)
 
 
 def target_radius_mm(diameter_mm: np.ndarray | float, plan: UNetPlan) -> np.ndarray:
@@ -131,6 +178,7 @@ def build_scan_samples(
     empty cached lung mask is segmented again on that grid.
     """
     rng = rng or np.random.default_rng(0)
+    nodule_hu = nodule_mean_hu(scan.volume, scan.geometry, nodules)
     stride = 2
     volume = np.asarray(scan.volume[::stride, ::stride, ::stride])
     lung = np.asarray(scan.lung[::stride, ::stride, ::stride]) > 0
@@ -165,6 +213,7 @@ def build_scan_samples(
         lung_points,
         vessel_points[:points],
         np.zeros((0, 4)) if excluded is None else np.asarray(excluded, np.float64).reshape(-1, 4),
+        nodule_hu,
     )
 
 
@@ -199,11 +248,18 @@ class PatchSampler:
         self.seed = seed
         self._nodule_refs = [(s.seriesuid, i) for s in samples for i in range(len(s.nodules))]
         self._nodule_p = None
-        if self._nodule_refs and plan.small_nodule_weight > 0:
-            # Nodule i is drawn with probability ~ diameter^-k: small nodules, the ones the
-            # network misses, come round more often than the large, easy ones.
+        if self._nodule_refs and (plan.small_nodule_weight > 0 or plan.faint_nodule_weight > 0):
+            # Small and faint nodules, the ones the network misses, come round more often than
+            # the large, solid, easy ones: diameter^-k times 1 + k' * faintness.
             d = np.array([self.samples[u].nodules[i][3] for u, i in self._nodule_refs])
+            hu = np.array(
+                [
+                    self.samples[u].nodule_hu[i] if len(self.samples[u].nodule_hu) else np.nan
+                    for u, i in self._nodule_refs
+                ]
+            )
             w = np.maximum(d, 3.0) ** -plan.small_nodule_weight
+            w = w * (1.0 + plan.faint_nodule_weight * faintness(hu))
             self._nodule_p = w / w.sum()
         self._lung_uids = [s.seriesuid for s in samples if len(s.lung_points)]
         self._vessel_uids = [s.seriesuid for s in samples if len(s.vessel_points)]
