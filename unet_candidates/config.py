@@ -313,8 +313,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # scan against 83-84 with plain BCE (two seeds each), and ranked them far better.
     # Extraction averages the plain and the x-flipped prediction and keeps components above
     # 0.3 (averaging two passes lowers the peaks of the nodules one pass is unsure of): on a
-    # fresh 178-nodule set this kept 170 and 4 more of the first pass's 167 and 169 in the top
-    # 50 per scan, at twice the prediction time (README, stage one).
+    # fresh 178-nodule set this kept 170 and 171 in the top 50 per scan (seeds 0, 1) against
+    # one pass's 167 and 169, at 1.8x the prediction time (README, stage one).
     "2d": {
         "name": "unet2d",
         "variant": "2d",
