@@ -18,6 +18,7 @@ from typing import Any
 from ct_gan_augment.config import KINDS
 from lungct.errors import LungCTError
 from lungct.fileio import read_json, write_json_atomic
+from lungct.modeldir import strip_seal
 
 MANIFEST = "manifest.json"
 
@@ -133,6 +134,7 @@ class ModelManifest:
         """Read ``manifest.json`` from a model folder."""
         path = Path(model_dir) / MANIFEST
         data = read_json(path, "model manifest not found (is this a CT-GAN model folder?)")
+        data = strip_seal(data)
         data.pop("training_folds_text", None)
         known = set(cls.__dataclass_fields__) - {"path"}
         unknown = sorted(set(data) - known)

@@ -23,6 +23,7 @@ from ct_gan_augment.config import GANPlan
 from ct_gan_augment.discriminator import PatchDiscriminator
 from ct_gan_augment.generator import InpaintingGenerator
 from lungct.errors import LungCTError
+from lungct.modeldir import verify_model_dir
 
 GENERATOR_FILE = "generator.keras"
 DISCRIMINATOR_FILE = "discriminator.keras"
@@ -64,6 +65,7 @@ def load_network(model_dir: str | os.PathLike, which: str = GENERATOR_FILE) -> k
     path = Path(model_dir) / which
     if not path.is_file():
         raise LungCTError(path, "model file not found (train first, or wait for a checkpoint)")
+    verify_model_dir(model_dir)
     try:
         return keras.saving.load_model(path, safe_mode=True, compile=False)
     except (OSError, ValueError, TypeError) as exc:

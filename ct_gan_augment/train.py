@@ -48,6 +48,7 @@ from ct_gan_augment.model import (
 from ct_gan_augment.normaliser import CubeNormaliser
 from lungct.errors import LungCTError
 from lungct.fileio import atomic_path, write_json_atomic
+from lungct.modeldir import seal_model_dir
 from lungct.tables import write_csv_atomic
 
 LOG_COLUMNS = (
@@ -482,4 +483,13 @@ def train_gan(
         if checkpoint is not None:
             trainer.restore(checkpoint)
     summary = trainer.fit(max_seconds=max_seconds)
+    seal_model_dir(
+        model_dir,
+        "gan",
+        train_seconds=trainer.train_seconds,
+        data_dir=data_dir,
+        seeds={"plan": plan.seed},
+        steps=trainer.step,
+        extra={"kind": kind},
+    )
     return {"model_dir": str(model_dir), "kind": kind, "n_cubes": len(cubes), **summary}

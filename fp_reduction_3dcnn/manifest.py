@@ -11,7 +11,6 @@ training-set scores on purpose).
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,18 +18,10 @@ from pathlib import Path
 
 from lungct.errors import LungCTError
 from lungct.fileio import read_json, write_json_atomic
+from lungct.modeldir import strip_seal
 from lungct.tables import FOLD_COUNT
 
 MANIFEST_NAME = "manifest.json"
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_split(
@@ -123,6 +114,7 @@ class FoldManifest:
             "used to predict (train it with `python -m fp_reduction_3dcnn train`)",
             missing_where=model_dir,
         )
+        data = strip_seal(data)
         data.pop("held_out_folds", None)
         try:
             return cls(**data)

@@ -31,6 +31,7 @@ from fp_reduction_3dcnn.manifest import FoldManifest
 from fp_reduction_3dcnn.train import load_keras
 from lungct.cache import ScanCache
 from lungct.errors import LungCTError
+from lungct.modeldir import verify_model_dir
 from lungct.tables import RESULT_COLUMNS, CandidateTable, folds_from_layout, write_csv_atomic
 
 
@@ -63,6 +64,7 @@ def open_model(model_dir: str | os.PathLike, checkpoint: str | None = None) -> T
         path = model_dir / "model.keras"
     if not path.is_file():
         raise LungCTError(path, "model file not found (has training finished?)")
+    verify_model_dir(model_dir, check_files=not checkpoint)
     return TrainedModel(load_keras(path, compile=False), plan, manifest, model_dir)
 
 

@@ -37,12 +37,13 @@ from fp_reduction_3dcnn.data import (
     rows_in_folds,
     series_folds,
 )
-from fp_reduction_3dcnn.manifest import FoldManifest, check_split, file_sha256
+from fp_reduction_3dcnn.manifest import FoldManifest, check_split
 from fp_reduction_3dcnn.model import MGICNN, compile_model
 from fp_reduction_3dcnn.sampler import BalancedBatchSampler, validation_rows
 from lungct.cache import ScanCache
 from lungct.errors import LungCTError
 from lungct.fileio import atomic_path, write_text_atomic
+from lungct.modeldir import file_sha256, seal_model_dir
 from lungct.tables import CandidateTable, folds_from_layout
 
 LOG_COLUMNS = (
@@ -365,6 +366,15 @@ def train(
             break
     save_model_atomic(model, out / "model.keras")
     manifest.save(out)
+    seal_model_dir(
+        out,
+        "fpr",
+        train_seconds=sum(float(r.get("seconds") or 0.0) for r in log),
+        data_dir=data_dir,
+        seeds={"plan": plan.seed},
+        steps=sum(int(r.get("steps") or 0) for r in log),
+        extra={"epochs": manifest.epochs_done, "stopped_by_time": stopped_early},
+    )
     return {
         "out": str(out),
         "epochs_done": manifest.epochs_done,

@@ -17,6 +17,40 @@ from lungct.fileio import read_json, write_json_atomic
 
 P = TypeVar("P", bound="JSONPlan")
 
+PLAN_FORMAT = 1
+"""Version of the plan files this suite writes; ``plan_format`` in a plan file."""
+PLAN_FORMAT_KEY = "plan_format"
+
+
+def with_plan_format(d: dict) -> dict:
+    """A plan's JSON form as saved: the format version first, then the plan's fields."""
+    return {PLAN_FORMAT_KEY: PLAN_FORMAT, **d}
+
+
+def pop_plan_format(d: dict, source: str | Path | None = None) -> dict:
+    """The plan fields of a loaded plan file, after checking its format version.
+
+    A plan without ``plan_format`` (hand-written, or from before plans carried it) is read as
+    the current format. A newer format is refused: its fields may mean something this version
+    does not know, and guessing would train or detect with the wrong settings.
+
+    Raises:
+        LungCTError: a format that is not an integer, or newer than :data:`PLAN_FORMAT`.
+    """
+    if not isinstance(d, dict) or PLAN_FORMAT_KEY not in d:
+        return d
+    d = dict(d)
+    fmt = d.pop(PLAN_FORMAT_KEY)
+    if isinstance(fmt, bool) or not isinstance(fmt, int):
+        raise LungCTError(source, f"{PLAN_FORMAT_KEY} must be an integer, got {fmt!r}")
+    if fmt > PLAN_FORMAT:
+        raise LungCTError(
+            source,
+            f"plan written by a newer version of the suite ({PLAN_FORMAT_KEY} {fmt}; this "
+            f"version reads up to {PLAN_FORMAT}): upgrade the suite to use it",
+        )
+    return d
+
 
 def to_json_value(value: Any) -> Any:
     """Tuples (nested too) become lists; everything else is already JSON."""
@@ -35,6 +69,7 @@ class JSONPlan:
     @classmethod
     def from_dict(cls: type[P], d: dict, source: str | Path | None = None) -> P:
         """Inverse of :meth:`to_dict`; an unknown key is an error (a typo must not pass)."""
+        d = pop_plan_format(d, source)
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
         if unknown:
             raise LungCTError(source, f"unknown plan keys {unknown}")
@@ -44,8 +79,8 @@ class JSONPlan:
             raise LungCTError(source, f"bad plan: {exc}") from None
 
     def save(self, path: str | Path) -> None:
-        """Write the plan as JSON, atomically."""
-        write_json_atomic(path, self.to_dict())
+        """Write the plan as JSON (with its format version), atomically."""
+        write_json_atomic(path, with_plan_format(self.to_dict()))
 
     @classmethod
     def load(cls: type[P], path: str | Path) -> P:

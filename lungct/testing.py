@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 
 
@@ -23,3 +26,18 @@ def chest_phantom_hu(shape_zyx: tuple[int, int, int]) -> np.ndarray:
         ) <= 1
         hu[lung] = -850.0
     return hu
+
+
+def seal_hand_made_model(model_dir: str | os.PathLike, stage: str) -> dict:
+    """Seal a model folder a test built by hand (an untrained model saved with ``save``).
+
+    Trainers seal their folders themselves; a hand-made folder needs a manifest first, and
+    its provenance says it was never trained.
+    """
+    from lungct.fileio import write_json_atomic
+    from lungct.modeldir import MANIFEST_NAME, seal_model_dir
+
+    manifest = Path(model_dir) / MANIFEST_NAME
+    if not manifest.is_file():
+        write_json_atomic(manifest, {"note": "built by a test, never trained"})
+    return seal_model_dir(model_dir, stage, train_seconds=0.0)

@@ -12,6 +12,7 @@ from fp_reduction_3dcnn.config import get_plan
 from fp_reduction_3dcnn.model import MGICNN
 from integration.__main__ import main
 from integration.pipeline import PipelineConfig
+from lungct.testing import seal_hand_made_model
 from unet_candidates.testing import tiny_plan
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -39,6 +40,8 @@ def models(tmp_path_factory) -> Path:
     (root / "fpr").mkdir()
     fpr_plan.save(root / "fpr" / "plan.json")
     MGICNN.from_plan(fpr_plan).save(root / "fpr" / "model.keras")
+    seal_hand_made_model(root / "unet", "unet")
+    seal_hand_made_model(root / "fpr", "fpr")
     PipelineConfig(threshold=0.3).save(root)
     return root
 

@@ -12,6 +12,7 @@ from lungct.errors import LungCTError
 from lungct.geometry import Geometry
 from lungct.io import write_scan
 from lungct.scan import Scan
+from lungct.testing import seal_hand_made_model
 from unet_candidates import extract_candidates, load_unet, run_extraction
 from unet_candidates.__main__ import main
 from unet_candidates.extract import _predict_flipped
@@ -27,6 +28,7 @@ def model_dir(tmp_path_factory) -> Path:
     model = compile_model(plan.build_model(), plan)
     model.save(out / "model.keras")
     plan.save(out / "plan.json")
+    seal_hand_made_model(out, "unet")
     return out
 
 
@@ -46,11 +48,17 @@ def test_model_folder_errors(tmp_path: Path, model_dir: Path) -> None:
     with pytest.raises(LungCTError, match="--resume"):
         load_unet(empty)
     (empty / "model.keras").write_bytes(b"not a zip file")
+    with pytest.raises(LungCTError, match="no manifest.json"):
+        load_unet(empty)
+    seal_hand_made_model(empty, "unet")
     with pytest.raises(LungCTError, match="cannot be loaded as a Keras model"):
         load_unet(empty)
     # Weights of a 3-D model with a 2-D plan.
     (empty / "model.keras").write_bytes((model_dir / "model.keras").read_bytes())
     tiny_plan("2d").save(empty / "plan.json")
+    with pytest.raises(LungCTError, match="sha256 mismatch"):
+        load_unet(empty)
+    seal_hand_made_model(empty, "unet")
     with pytest.raises(LungCTError, match="does not fit the plan"):
         load_unet(empty)
 

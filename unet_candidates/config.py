@@ -20,6 +20,7 @@ from typing import Any
 
 from lungct.errors import LungCTError
 from lungct.fileio import read_json, write_json_atomic
+from lungct.plans import pop_plan_format, with_plan_format
 from lungct.preprocess import WINDOWS, PreprocessPlan
 
 PLAN_FILE = "plan.json"
@@ -279,6 +280,7 @@ class UNetPlan:
         """
         if not isinstance(d, dict):
             raise LungCTError(source, "a plan must be a JSON object")
+        d = pop_plan_format(d, source)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -294,8 +296,8 @@ class UNetPlan:
             raise LungCTError(source, f"bad plan value ({exc})") from None
 
     def save(self, path: str | Path) -> None:
-        """Write the plan as indented JSON, atomically."""
-        write_json_atomic(path, self.to_dict())
+        """Write the plan as indented JSON (with its format version), atomically."""
+        write_json_atomic(path, with_plan_format(self.to_dict()))
 
     @classmethod
     def load(cls, path: str | Path) -> UNetPlan:

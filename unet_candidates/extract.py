@@ -34,6 +34,7 @@ from lungct.fileio import write_json_atomic
 from lungct.geometry import IDENTITY, Geometry
 from lungct.io import image_from_array, write_image
 from lungct.lungmask import segment_lungs
+from lungct.modeldir import verify_model_dir
 from lungct.preprocess import apply_window, resample_array, resample_mask
 from lungct.scan import AIR_HU, Scan
 from unet_candidates.config import PLAN_FILE, UNetPlan
@@ -77,6 +78,7 @@ def load_unet(model_dir: str | os.PathLike) -> tuple[Any, UNetPlan]:
         if any((model_dir / "checkpoints").glob("*.keras")):
             hint = "; training did not finish: continue it with `train --resume`"
         raise LungCTError(model_dir, f"no {MODEL_FILE} (the trained weights) in the folder{hint}")
+    verify_model_dir(model_dir)
     try:
         model = keras.saving.load_model(weights, safe_mode=True, compile=False)
     except Exception as exc:  # Keras raises many types for a broken file

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from lungct.cache import ScanCache, find_scans, prepare_dataset
 from lungct.errors import LungCTError
 from lungct.fileio import atomic_path, read_json, write_json_atomic, write_text_atomic
+from lungct.modeldir import seal_model_dir
 from lungct.patches import prefetch
 from unet_candidates.config import PLAN_FILE, UNetPlan
 from unet_candidates.data import PatchSampler, ScanSamples, build_scan_samples
@@ -397,6 +398,15 @@ def train(
     }
     manifest["training"] = summary
     write_json_atomic(out_dir / MANIFEST_FILE, manifest)
+    seal_model_dir(
+        out_dir,
+        "unet",
+        train_seconds=state["elapsed_s"],
+        data_dir=data_dir,
+        seeds={"plan": plan.seed},
+        steps=state["epoch"] * plan.steps_per_epoch,
+        extra={"epochs": state["epoch"], "stopped_by_time": stopped_by_time},
+    )
     return summary
 
 
