@@ -7,6 +7,7 @@ Verbs:
     crossval   every stage per test subset, then the pooled folds evaluated once.
     ablate     named configurations (a grid JSON): one CPM table and one FROC figure.
     export     the U-Net and MGI-CNN of a models folder as SavedModel or ONNX.
+    modelset   describe a folder of trained stages as a model set (modelset.json, card).
 
 Bad input ends with one line ``error: <message>`` on stderr and exit status 2.
 """
@@ -131,6 +132,9 @@ def _run_detect(args: argparse.Namespace) -> int:
         report=not args.no_report,
         allow_training_scans=args.allow_training_scans,
     )
+    warning = detector.model_set.warning() if detector.model_set else None
+    if warning:  # after the run, so a bad input still ends in exactly one line
+        print(f"warning: {warning}", file=sys.stderr)
     print(
         f"{result.seriesuid}: {len(result.detections)} detections from {result.candidates} "
         f"candidates; suspicion {result.suspicion:.3f}; "
@@ -150,7 +154,11 @@ def _add_detect(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--scan", required=True, help=".mhd/.mha/.nii(.gz) or a DICOM series folder")
-    p.add_argument("--models", required=True, help="models folder (unet/, fpr/, pipeline.json)")
+    p.add_argument(
+        "--models",
+        help="model set folder (modelset.json, unet/, fpr/, pipeline.json); default: the set "
+        "shipped with the suite",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--threshold", type=float, help="report crops at or above this probability")
     p.add_argument("--tta", action="store_true", help="test-time augmentation of the scores")
@@ -433,6 +441,58 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_export)
 
 
+def _run_modelset(args: argparse.Namespace) -> int:
+    from integration.modelset import MODEL_CARD_FILE, MODELSET_FILE, write_model_set
+
+    def text(path: str | None) -> str:
+        if path is None:
+            return ""
+        from pathlib import Path
+
+        try:
+            return Path(path).read_text()
+        except OSError as exc:
+            from lungct.errors import LungCTError
+
+            raise LungCTError(path, f"cannot be read ({exc.strerror})") from None
+
+    model_set = write_model_set(
+        args.models,
+        name=args.name,
+        version=args.version,
+        description=args.description,
+        performance=text(args.performance),
+        limitations=text(args.limitations),
+    )
+    print(
+        f"{model_set.name}: stages {', '.join(model_set.stages)}; trained "
+        f"{model_set.train_seconds / 3600:.2f} h on {model_set.trained_on}"
+        + ("; demo-grade" if model_set.demo_grade else "")
+    )
+    print(f"wrote {args.models}/{MODELSET_FILE} and {args.models}/{MODEL_CARD_FILE}")
+    return 0
+
+
+def _add_modelset(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "modelset",
+        help="describe a folder of trained stages as a model set for `detect --models`",
+        description=(
+            "Check the sealed stage folders in --models (unet/ required, fpr/ optional: each "
+            "trained to its end, so its manifest holds a sha256 per file) and write "
+            "modelset.json and MODEL_CARD.md (intended use, training data and time from the "
+            "manifests, the measured numbers you pass with --performance)."
+        ),
+    )
+    p.add_argument("--models", required=True, help="folder holding unet/ (and fpr/)")
+    p.add_argument("--name", required=True, help="name of the set")
+    p.add_argument("--version", default="", help="version of the set")
+    p.add_argument("--description", default="", help="one paragraph for the card")
+    p.add_argument("--performance", help="Markdown file of measured numbers for the card")
+    p.add_argument("--limitations", help="Markdown file of known limitations for the card")
+    p.set_defaults(func=_run_modelset)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, one subcommand per verb."""
     parser = argparse.ArgumentParser(
@@ -445,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_crossval(subparsers)
     _add_ablate(subparsers)
     _add_export(subparsers)
+    _add_modelset(subparsers)
     return parser
 
 

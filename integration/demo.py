@@ -83,6 +83,7 @@ class DemoConfig:
 def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None) -> dict:
     """Run the whole suite on a synthetic mini-LUNA in ``out_dir``; return the summary."""
     from integration.evaluation import write_outputs
+    from integration.modelset import write_model_set
     from integration.pipeline import Detector, PipelineConfig, detect
     from integration.stages import evaluate_submission
     from lungct.cache import prepare_dataset
@@ -138,6 +139,18 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None) -> di
 
     # One held-out scan through the deployable pipeline.
     PipelineConfig(threshold=0.5, tta=config.tta).save(models)
+    write_model_set(
+        models,
+        name="demo",
+        description=(
+            f"Trained by `integration demo` on {config.scans} small synthetic scans in a few "
+            "minutes per stage: a set for seeing the suite work, not for reading scans."
+        ),
+        performance=(
+            "See the demo's `summary.json` and `evaluation/metrics.json` (its own held-out "
+            "subsets of the synthetic data)."
+        ),
+    )
     report_scan = sorted((data / f"subset{config.test_folds[0]}").glob("*.mhd"))[0]
     clock.run(
         "detect report",

@@ -1,11 +1,15 @@
 """The whole detector on one scan: preprocess, lung mask, U-Net candidates, MGI-CNN scores.
 
-``python -m integration detect --scan PATH --models DIR --out DIR`` runs it. A models folder is::
+``python -m integration detect --scan PATH [--models DIR] --out DIR`` runs it. A models folder
+is a model set (:mod:`integration.modelset`)::
 
-    DIR/unet/        a U-Net model folder (python -m unet_candidates train)
-    DIR/fpr/         an MGI-CNN model folder (python -m fp_reduction_3dcnn train); optional:
-                     without it the U-Net's probabilities are the scores
+    DIR/modelset.json  name, version, the stages it holds
+    DIR/unet/        a sealed U-Net model folder (python -m unet_candidates train)
+    DIR/fpr/         a sealed MGI-CNN model folder (python -m fp_reduction_3dcnn train); a set
+                     may leave it out: then the U-Net's probabilities are the scores
     DIR/pipeline.json  {"threshold": 0.5, "tta": false} (optional; report threshold and TTA)
+
+Without ``--models`` the set shipped with the suite is used.
 
 The scan is resampled once to the 1 mm world-aligned grid the stages were trained on (the same
 grid as the per-scan cache), and both stages work on that one in-memory volume.
@@ -23,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from integration.modelset import MODELSET_FILE, SHIPPED_MODELS, ModelSet, read_model_set
 from integration.report import Detection, suspicion_score, write_report
 from lungct.cache import CachedScan
 from lungct.errors import LungCTError
@@ -68,31 +73,45 @@ class PipelineConfig(JSONPlan):
 
 @dataclass
 class Detector:
-    """The trained stages, loaded once, applied to any number of scans."""
+    """The trained stages of a model set, loaded once, applied to any number of scans."""
 
     unet_model: Any
     unet_plan: Any
     fpr: Any | None
     config: PipelineConfig
     models_dir: Path
+    model_set: ModelSet | None = None
 
     @classmethod
-    def load(cls, models_dir: str | os.PathLike) -> Detector:
-        """Load ``unet/`` and (if present) ``fpr/`` from a models folder, in Keras safe mode."""
+    def load(cls, models_dir: str | os.PathLike | None = None) -> Detector:
+        """Load a model set (default: the shipped one) in Keras safe mode.
+
+        Every stage's seal is checked first (:func:`integration.modelset.read_model_set`).
+
+        Raises:
+            LungCTError: no such folder, no shipped set installed, not a model set, a
+                listed stage missing, a changed file, a format newer than this version.
+        """
         from unet_candidates import load_unet
 
-        models_dir = Path(models_dir)
-        if not models_dir.is_dir():
-            raise LungCTError(models_dir, "models folder does not exist")
-        if not (models_dir / "unet").is_dir():
-            raise LungCTError(models_dir, "has no unet/ model folder (see `integration demo`)")
+        if models_dir is None:
+            models_dir = SHIPPED_MODELS
+            if not (models_dir / MODELSET_FILE).is_file():
+                raise LungCTError(
+                    models_dir,
+                    "no shipped model set in this installation; pass --models DIR (a set "
+                    "trained with `python -m integration train-models` or `integration demo`)",
+                )
+        model_set = read_model_set(models_dir)
+        models_dir = model_set.root
         unet_model, unet_plan = load_unet(models_dir / "unet")
         fpr = None
-        if (models_dir / "fpr").is_dir():
+        if "fpr" in model_set.stages:
             from fp_reduction_3dcnn.predict import open_model
 
             fpr = open_model(models_dir / "fpr")
-        return cls(unet_model, unet_plan, fpr, PipelineConfig.load(models_dir), models_dir)
+        config = PipelineConfig.load(models_dir)
+        return cls(unet_model, unet_plan, fpr, config, models_dir, model_set)
 
 
 @dataclass
@@ -219,6 +238,8 @@ def detect(
             lung=lung_native,
             threshold=detector.config.threshold,
             timings=timings,
+            model_set=detector.model_set.summary() if detector.model_set else None,
+            warning=detector.model_set.warning() if detector.model_set else None,
         )
         lap("report")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -229,6 +250,7 @@ def detect(
             "seriesuid": scan.seriesuid,
             "scan": str(scan_path),
             "models": str(detector.models_dir),
+            "model_set": detector.model_set.summary() if detector.model_set else None,
             "candidates": len(candidates),
             "detections_above_threshold": sum(
                 d.probability >= detector.config.threshold for d in detections

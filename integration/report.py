@@ -129,6 +129,24 @@ def _overview(
     _save(fig, path)
 
 
+def _banner(warning: str | None) -> str:
+    if not warning:
+        return ""
+    return f'<p class="banner" role="alert">{html.escape(warning)}</p>\n'
+
+
+def _model_line(model_set: dict | None) -> str:
+    if not model_set:
+        return ""
+    version = f" {model_set['version']}" if model_set.get("version") else ""
+    return (
+        f'<p class="note">Models: <b>{html.escape(str(model_set["name"]) + version)}</b> '
+        f"({html.escape(', '.join(model_set['stages']))}), trained "
+        f"{model_set['train_hours']:g} h on {html.escape(model_set['trained_on'])}. "
+        "Research and teaching software, not a medical device.</p>\n"
+    )
+
+
 def write_report(
     scan: Scan,
     detections: Sequence[Detection],
@@ -137,11 +155,15 @@ def write_report(
     threshold: float = 0.5,
     max_crops: int = 20,
     timings: dict[str, float] | None = None,
+    model_set: dict | None = None,
+    warning: str | None = None,
 ) -> Path:
     """Write ``report.html`` and its figures into ``out_dir``; return the page's path.
 
     Detections are shown most probable first; crops are drawn for those at or above
     ``threshold`` (at most ``max_crops``), and every detection is listed in the table.
+    ``model_set`` (:meth:`integration.modelset.ModelSet.summary`) names the models that made
+    the marks; ``warning`` is shown as a banner at the top (a demo-grade model set).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -180,9 +202,11 @@ td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
 .score {{ font-size: 1.4em; }}
 figure {{ margin: 1em 0; }} img {{ max-width: 100%; }}
 .note {{ color: #666; font-size: 0.9em; }}
+.banner {{ background: #fde2e1; border: 2px solid #c0392b; color: #7b241c; padding: 0.8em 1em;
+  font-weight: bold; }}
 </style></head><body>
-<h1>Nodule detection report</h1>
-<p>Series <code>{html.escape(scan.seriesuid)}</code>; size {list(scan.geometry.size)} voxels,
+{_banner(warning)}<h1>Nodule detection report</h1>
+{_model_line(model_set)}<p>Series <code>{html.escape(scan.seriesuid)}</code>; size {list(scan.geometry.size)} voxels,
 spacing {[round(s, 3) for s in scan.spacing]} mm.</p>
 <p class="score">Scan-level suspicion (most probable nodule):
 <b>{suspicion_score(ranked):.3f}</b></p>

@@ -14,11 +14,13 @@ from fp_reduction_3dcnn.config import get_plan
 from fp_reduction_3dcnn.testing import make_tiny_dataset
 from fp_reduction_3dcnn.train import train as train_fpr
 from integration.__main__ import main
+from integration.modelset import write_model_set
 from integration.pipeline import DETECTION_COLUMNS, PipelineConfig
 from lungct.cache import prepare_dataset
 from lungct.errors import LungCTError
 from lungct.io import read_scan, write_scan
 from lungct.preprocess import PreprocessPlan
+from lungct.testing import seal_hand_made_model
 from unet_candidates.config import UNetPlan
 from unet_candidates.testing import phantom_chest, tiny_plan, write_tiny_luna
 from unet_candidates.train import train as train_unet
@@ -41,6 +43,7 @@ def models(tmp_path_factory) -> Path:
     # A low threshold so the untrained-looking map still yields candidates to score.
     plan = UNetPlan.load(models / "unet" / "plan.json")
     replace(plan, threshold=1e-3, max_candidates=20).save(models / "unet" / "plan.json")
+    seal_hand_made_model(models / "unet", "unet")  # the plan changed after training
     tiny = make_tiny_dataset(root / "fpr", n_scans=3)
     fpr_plan = get_plan("default").replace(
         stream_filters=(4, 4, 4),
@@ -54,6 +57,7 @@ def models(tmp_path_factory) -> Path:
     train_fpr(fpr_plan, tiny["cache"], tiny["candidates"], [0, 1], [2], models / "fpr",
               data_dir=tiny["data"], progress=False)  # fmt: skip
     PipelineConfig(threshold=0.0).save(models)
+    write_model_set(models, name="test set", version="0")
     return models
 
 
@@ -83,6 +87,12 @@ def test_detect_writes_detections_and_report(models: Path, tmp_path: Path, capsy
     assert len(rows) > 1, "the low U-Net threshold must leave candidates for the MGI-CNN"
     assert any(k == "MGI-CNN scores" for k in summary["seconds"])
     assert (out / "detection_01.png").exists()  # threshold 0: every detection gets crops
+    # The set is named, and a training of seconds is flagged as demo-grade everywhere.
+    assert summary["model_set"]["name"] == "test set" and summary["model_set"]["demo_grade"]
+    assert summary["model_set"]["stages"] == ["unet", "fpr"]
+    assert 'class="banner"' in html and "demo-grade training" in html and "test set 0" in html
+    err = capsys.readouterr().err
+    assert "warning: model set 'test set' is a demo-grade training" in err
 
 
 def test_detect_errors_are_one_line(models: Path, tmp_path: Path, capsys) -> None:
@@ -94,7 +104,65 @@ def test_detect_errors_are_one_line(models: Path, tmp_path: Path, capsys) -> Non
         ["detect", "--scan", str(missing), "--models", str(tmp_path), "--out", str(tmp_path)]
     )
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and "has no unet/ model folder" in err[0]
+    assert code == 2 and "no modelset.json: not a model set" in err[0]
+
+
+def _detect_refuses(models: Path, tmp_path: Path, capsys, problem: str) -> None:
+    """detect stops in one line naming the problem, before writing anything."""
+    out = tmp_path / "never_written"
+    code = main(["detect", "--scan", "x.mhd", "--models", str(models), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: ") and problem in err[0], err
+    assert not out.exists()
+
+
+def test_broken_model_sets_are_refused(models: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    from lungct.modeldir import seal_model_dir
+
+    broken = tmp_path / "set"
+    shutil.copytree(models, broken)
+    weights = broken / "unet" / "model.keras"
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    _detect_refuses(broken, tmp_path, capsys, "model.keras: file changed since the model was")
+    weights.write_bytes(original)
+
+    plan_path = broken / "unet" / "plan.json"
+    plan_text = plan_path.read_text()
+    plan_path.write_text(plan_text.replace('"plan_format": 1', '"plan_format": 2'))
+    seal_model_dir(broken / "unet", "unet", 1.0)  # as a newer suite would have sealed it
+    _detect_refuses(broken, tmp_path, capsys, "plan written by a newer version of the suite")
+    plan_path.write_text(plan_text)
+    seal_model_dir(broken / "unet", "unet", 1.0)
+
+    manifest = broken / "fpr" / "manifest.json"
+    manifest_text = manifest.read_text()
+    manifest.unlink()
+    _detect_refuses(broken, tmp_path, capsys, "fpr: no manifest.json")
+    manifest.write_text(manifest_text)
+
+    set_file = broken / "modelset.json"
+    info = json.loads(set_file.read_text())
+    set_file.write_text(json.dumps({**info, "format": 2}))
+    _detect_refuses(broken, tmp_path, capsys, "newer version of the suite (model set format 2")
+    set_file.write_text(json.dumps(info))
+
+    shutil.rmtree(broken / "fpr")
+    _detect_refuses(broken, tmp_path, capsys, "lists a fpr/ stage but the folder has none")
+
+
+def test_detect_without_models_needs_a_shipped_set(tmp_path: Path, monkeypatch, capsys) -> None:
+    import integration.pipeline
+
+    monkeypatch.setattr(integration.pipeline, "SHIPPED_MODELS", tmp_path / "shipped_models")
+    out = tmp_path / "out"
+    code = main(["detect", "--scan", "x.mhd", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no shipped model set in this installation" in err[0]
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,256 @@
+"""A model set: the trained stages ``detect`` runs, with what they are and how they were made.
+
+A models folder is::
+
+    DIR/modelset.json   name, version, description, the stages it holds (format-versioned)
+    DIR/MODEL_CARD.md   intended use, training data, measured numbers, known limitations
+    DIR/pipeline.json   report threshold and TTA (optional, see PipelineConfig)
+    DIR/unet/           a sealed U-Net model folder (lungct.modeldir)
+    DIR/fpr/            a sealed MGI-CNN model folder
+
+:func:`read_model_set` checks all of it before a weight is loaded: the set's format, that every
+stage it lists is there, and each stage's seal (file checksums, manifest format). The suite's
+own set lives in :data:`SHIPPED_MODELS`; ``integration detect`` uses it when no ``--models``
+is given. ``python -m integration modelset`` writes ``modelset.json`` and the card for a folder
+of stages trained by hand.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lungct.errors import LungCTError
+from lungct.fileio import read_json, write_json_atomic, write_text_atomic
+from lungct.modeldir import is_demo_grade, verify_model_dir
+
+MODELSET_FILE = "modelset.json"
+MODEL_CARD_FILE = "MODEL_CARD.md"
+MODELSET_FORMAT = 1
+DETECTOR_STAGES = ("unet", "fpr")
+"""Stages the detector can run, in order; ``unet`` is required, ``fpr`` rescoring optional."""
+SHIPPED_MODELS = Path(__file__).resolve().parent / "shipped_models"
+"""The model set that ships with the suite (``integration detect`` without ``--models``)."""
+
+
+@dataclass
+class ModelSet:
+    """What :func:`read_model_set` found: the set's description and each stage's manifest."""
+
+    root: Path
+    name: str
+    version: str
+    description: str
+    stages: list[str]
+    manifests: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def demo_grade(self) -> bool:
+        """True when any stage was trained for minutes or on small synthetic data."""
+        return any(is_demo_grade(m) for m in self.manifests.values())
+
+    @property
+    def train_seconds(self) -> float:
+        """Training wall time of every stage together."""
+        return float(
+            sum(
+                (m.get("provenance") or {}).get("train_seconds") or 0.0
+                for m in self.manifests.values()
+            )
+        )
+
+    @property
+    def trained_on(self) -> str:
+        """The training data of every stage, in words (one phrase per distinct data set)."""
+        phrases: list[str] = []
+        for manifest in self.manifests.values():
+            phrase = data_phrase((manifest.get("provenance") or {}).get("data") or {})
+            if phrase not in phrases:
+                phrases.append(phrase)
+        return "; ".join(phrases)
+
+    def summary(self) -> dict[str, Any]:
+        """The set as ``summary.json`` and the report name it."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "path": str(self.root),
+            "stages": list(self.stages),
+            "trained_on": self.trained_on,
+            "train_hours": round(self.train_seconds / 3600.0, 2),
+            "demo_grade": self.demo_grade,
+        }
+
+    def warning(self) -> str | None:
+        """One line for stderr and the report when the set is demo-grade, else None."""
+        if not self.demo_grade:
+            return None
+        minutes = self.train_seconds / 60.0
+        return (
+            f"model set '{self.name}' is a demo-grade training ({minutes:.0f} min on "
+            f"{self.trained_on}): its marks are for learning the suite, not for reading scans"
+        )
+
+
+def data_phrase(data: dict) -> str:
+    """``{"kind": "synthetic", "size": "full", "scans": 120, ...}`` -> readable words."""
+    kind = data.get("kind")
+    if kind == "synthetic":
+        where = f" in the lungs of {data['background']}" if data.get("background") else ""
+        return (
+            f"{data.get('scans')} synthetic {data.get('size')} scans{where} (seed "
+            f"{data.get('seed')}, generator v{data.get('generator_version')})"
+        )
+    if kind == "LUNA16 layout":
+        scans = f"{data['scans']} scans of " if data.get("scans") is not None else ""
+        return f"{scans}the data folder '{data.get('name')}'"
+    return "unknown data"
+
+
+def read_model_set(models_dir: str | os.PathLike) -> ModelSet:
+    """Check a models folder (set format, stages present, every stage's seal) and describe it.
+
+    Raises:
+        LungCTError: no such folder, no ``modelset.json``, a newer format, a listed stage
+            missing, or a stage whose seal does not hold.
+    """
+    root = Path(models_dir)
+    if not root.is_dir():
+        raise LungCTError(root, "models folder does not exist")
+    path = root / MODELSET_FILE
+    info = read_json(
+        path,
+        f"no {MODELSET_FILE}: not a model set (describe a folder of trained stages with "
+        "`python -m integration modelset --models DIR --name NAME`)",
+        missing_where=root,
+    )
+    if not isinstance(info, dict):
+        raise LungCTError(path, "a model set description must be a JSON object")
+    fmt = info.get("format")
+    if isinstance(fmt, bool) or not isinstance(fmt, int):
+        raise LungCTError(path, f"format must be an integer, got {fmt!r}")
+    if fmt > MODELSET_FORMAT:
+        raise LungCTError(
+            path,
+            f"written by a newer version of the suite (model set format {fmt}; this version "
+            f"reads up to {MODELSET_FORMAT}): upgrade the suite to use this model set",
+        )
+    stages = info.get("stages")
+    if not isinstance(stages, list) or "unet" not in stages:
+        raise LungCTError(path, f"stages must be a list holding 'unet', got {stages!r}")
+    unknown = sorted(set(stages) - set(DETECTOR_STAGES))
+    if unknown:
+        raise LungCTError(path, f"unknown stages {unknown} (known: {list(DETECTOR_STAGES)})")
+    manifests = {}
+    for stage in stages:
+        if not (root / stage).is_dir():
+            raise LungCTError(root, f"the model set lists a {stage}/ stage but the folder has none")
+        manifests[stage] = verify_model_dir(root / stage)
+    return ModelSet(
+        root=root,
+        name=str(info.get("name") or root.name),
+        version=str(info.get("version") or ""),
+        description=str(info.get("description") or ""),
+        stages=list(stages),
+        manifests=manifests,
+    )
+
+
+def write_model_set(
+    models_dir: str | os.PathLike,
+    name: str,
+    version: str = "",
+    description: str = "",
+    performance: str = "",
+    limitations: str = "",
+) -> ModelSet:
+    """Describe a folder of trained (sealed) stages as a model set: ``modelset.json`` + card.
+
+    The stages are the detector stages present as folders (``unet/`` required). The card is
+    made from the stages' manifests; ``performance`` and ``limitations`` are Markdown written
+    into it as they are (measured numbers, with the data and command that gave them).
+
+    Raises:
+        LungCTError: no ``unet/``, or a stage whose seal does not hold.
+    """
+    root = Path(models_dir)
+    stages = [s for s in DETECTOR_STAGES if (root / s).is_dir()]
+    if "unet" not in stages:
+        raise LungCTError(root, "no unet/ model folder: a model set needs at least the U-Net")
+    info = {
+        "format": MODELSET_FORMAT,
+        "name": name,
+        "version": version,
+        "description": description,
+        "stages": stages,
+        "written": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+    for stage in stages:  # refuse to describe a set whose stages do not hold
+        verify_model_dir(root / stage)
+    write_json_atomic(root / MODELSET_FILE, info)
+    model_set = read_model_set(root)
+    write_text_atomic(root / MODEL_CARD_FILE, model_card(model_set, performance, limitations))
+    return model_set
+
+
+_STAGE_NAMES = {"unet": "U-Net candidates", "fpr": "MGI-CNN false-positive reduction"}
+
+
+def model_card(model_set: ModelSet, performance: str = "", limitations: str = "") -> str:
+    """``MODEL_CARD.md`` of a model set, from its stages' manifests."""
+    lines = [
+        f"# Model card: {model_set.name}" + (f" {model_set.version}" if model_set.version else ""),
+        "",
+        model_set.description or "A model set of the lung-nodule suite.",
+        "",
+        "## Intended use",
+        "",
+        "Research and teaching: detecting pulmonary-nodule candidates in chest CT to study and",
+        "compare methods. **Not a medical device**: not for diagnosis, screening or any",
+        "clinical decision.",
+        "",
+    ]
+    if model_set.demo_grade:
+        lines += [
+            "**Demo-grade training.** " + (model_set.warning() or ""),
+            "",
+        ]
+    lines += ["## Stages and training", ""]
+    lines += [
+        "| stage | plan | training data | folds | steps | wall time | hardware |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for stage in model_set.stages:
+        m = model_set.manifests[stage]
+        prov = m.get("provenance") or {}
+        hw = prov.get("hardware") or {}
+        gpus = ", ".join(hw.get("gpus") or []) or "no GPU"
+        folds = m.get("train_folds", m.get("training_folds", []))
+        lines.append(
+            f"| {_STAGE_NAMES.get(stage, stage)} | {m.get('plan', '')} | "
+            f"{data_phrase(prov.get('data') or {})} | {folds} | {prov.get('steps')} | "
+            f"{(prov.get('train_seconds') or 0) / 60:.0f} min | "
+            f"{hw.get('cpu_count')} CPU cores ({hw.get('processor') or hw.get('machine')}), "
+            f"{gpus} |"
+        )
+    versions = (model_set.manifests["unet"].get("provenance") or {}).get("versions") or {}
+    lines += [
+        "",
+        "Packages: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) + ".",
+        "Each stage folder's `manifest.json` holds its seeds, series, steps and a sha256 per",
+        "file; the suite checks them when it loads the set.",
+        "",
+        "## Measured performance",
+        "",
+        performance.strip() or "Not measured yet.",
+        "",
+        "## Known limitations",
+        "",
+        limitations.strip()
+        or "- Trained on synthetic data; its numbers on real scans are not established.",
+        "",
+    ]
+    return "\n".join(lines)
