@@ -299,14 +299,37 @@ def soft(sdf: np.ndarray, width: float) -> np.ndarray:
 # === Sampling ====================================================================================
 
 
+FOV_CENTRE_OFFSET = 0.0583
+"""Largest distance, as a fraction of the field of view, between the reconstruction centre and
+the pleural cavity's centre (``sample_acquisition`` puts the centre up to 0.03 FOV sideways and
+0.05 FOV behind the body centre: sqrt(0.03^2 + 0.05^2))."""
+SMALL_ADULT_HALF_WIDTH = 135.0
+"""A full-size body is shrunk to fit its field of view only down to this half-width (mm); in a
+smaller field of view it is cropped at the edges, as on real small-FOV reconstructions."""
+
+
 def sample_anatomy(rng: np.random.Generator, size: str, fov_mm: float) -> Anatomy:
-    """Draw one plausible adult chest that fits a reconstruction field of view of ``fov_mm``."""
+    """Draw one plausible adult chest for a reconstruction field of view of ``fov_mm``.
+
+    The body fits inside the field of view where an adult can (half-width <= 0.455 FOV). On
+    full-size scans with a small field of view (LUNA16 has them down to ~236 mm) the body is
+    cropped at the edges instead of shrunk to a child's, but the lungs always stay inside the
+    reconstruction circle with 5 mm to spare, wherever ``sample_acquisition`` puts its centre.
+    """
     small = size == "small"
     height = rng.uniform(165, 205) if small else rng.uniform(220, 268)
-    body_a = min(rng.uniform(148, 178) if not small else rng.uniform(135, 162), 0.455 * fov_mm)
-    body_b = body_a * rng.uniform(0.64, 0.74)
-    fat = rng.uniform(5, 22) * (body_a / 165)
+    body_a = rng.uniform(148, 178) if not small else rng.uniform(135, 162)
+    fits = 0.455 * fov_mm
+    body_a = min(body_a, fits if small else max(fits, SMALL_ADULT_HALF_WIDTH))
+    depth_ratio = rng.uniform(0.64, 0.74)
+    fat_per_165 = rng.uniform(5, 22)
     muscle = rng.uniform(5, 10)
+    if not small:
+        # cav_a = body_a * (1 - fat_per_165 / 165) - muscle - 11 (below) must not exceed this.
+        max_cav_a = (0.5 - FOV_CENTRE_OFFSET) * fov_mm - 5.0
+        body_a = min(body_a, (max_cav_a + muscle + 11.0) / (1.0 - fat_per_165 / 165))
+    body_b = body_a * depth_ratio
+    fat = fat_per_165 * (body_a / 165)
     wall = fat + muscle + 11.0  # ribs and intercostal muscle
     cav_a = body_a - wall
     cav_b = body_b - wall + 2.0

@@ -34,8 +34,9 @@ from lungct.synth.trees import (
 SIZES = ("small", "full")
 UID_PREFIX = "1.3.6.1.4.1.14519.5.2.1.6279.6001."
 """The LIDC-IDRI / LUNA16 series UID root; synthetic suffixes are hashed from (seed, index)."""
-GENERATOR_VERSION = "4"
-"""Bump when the output for a given seed changes, so resumed runs do not mix versions."""
+GENERATOR_VERSION = "5"
+"""Bump when the output for a given seed changes, so resumed runs do not mix versions.
+5: full-size spacing, slice spacing and z extent follow LUNA16's measured spread."""
 
 DIRECTIONS = {
     "identity": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
@@ -141,6 +142,32 @@ def case_rngs(
     return [np.random.default_rng(s) for s in ss.spawn(n)]
 
 
+# LUNA16's acquisitions, measured on its 888 scans by scripts/luna16_acquisition_mix.py (the
+# LIDC-IDRI database: pixel spacing from `scans`, slice spacing and z extent from the slice
+# positions in `zvals`). Full-size scans draw from them; tests re-measure and compare.
+LUNA16_QUANTILE_LEVELS = tuple(round(0.05 * k, 2) for k in range(21))
+LUNA16_PIXEL_SPACING_QUANTILES = (
+    0.460938, 0.556641, 0.585938, 0.60166, 0.619922, 0.625, 0.644531, 0.662109, 0.664062,
+    0.679981, 0.703125, 0.703125, 0.703125, 0.703125, 0.722656, 0.742188, 0.754297, 0.78125,
+    0.78125, 0.832617, 0.976562,
+)  # fmt: skip
+"""In-plane pixel spacing (mm) at the quantile levels 0, 0.05, ..., 1."""
+LUNA16_SLICE_SPACING_SCANS = {
+    0.45: 2, 0.5: 9, 0.625: 128, 0.7: 30, 0.75: 5, 1.0: 108, 1.25: 220, 1.8: 67, 2.0: 35, 2.5: 284,
+}  # fmt: skip
+"""Number of LUNA16 scans with each slice spacing (mm): the step between slice positions."""
+LUNA16_Z_EXTENT_QUANTILES = (
+    165.0, 260.0, 274.0, 282.57, 290.0, 296.25, 299.0, 302.5, 306.2, 311.25, 315.0, 320.0,
+    324.0, 329.55, 330.0, 333.75, 340.0, 345.98, 355.0, 367.0, 415.0,
+)  # fmt: skip
+"""First to last slice centre (mm) at the quantile levels 0, 0.05, ..., 1."""
+MAX_SLICES_FULL = 700
+"""Cap on a full-size scan's slices (LUNA16: 95-764), so memory stays under ~4 GB; only the
+rare 0.45-0.5 mm scans with a long z extent reach it, and still cover the lungs."""
+MIN_LUNG_MARGIN_MM = 8.0
+"""Full-size scans extend at least this far above the lung apex and below the lung bases."""
+
+
 @dataclass(frozen=True)
 class Acquisition:
     """Scanner-side choices for one scan."""
@@ -158,25 +185,52 @@ class Acquisition:
     padding: int | None  # value outside the reconstruction circle, or None
 
 
+def _draw_quantiles(rng: np.random.Generator, quantiles: tuple[float, ...]) -> float:
+    """One draw from a distribution given by its quantiles at ``LUNA16_QUANTILE_LEVELS``
+    (inverse CDF, linear between the levels)."""
+    return float(np.interp(rng.random(), LUNA16_QUANTILE_LEVELS, quantiles))
+
+
+def sample_field_of_view(rng: np.random.Generator, size: str) -> float:
+    """Width (mm) of the reconstructed field of view; the pixel spacing is this / n_xy.
+
+    Full-size scans (512^2) take their pixel spacing from LUNA16's measured spread (0.46-0.98
+    mm, median 0.70), so the field of view is 236-500 mm.
+    """
+    if size == "small":
+        return float(rng.uniform(285, 345))
+    return 512 * _draw_quantiles(rng, LUNA16_PIXEL_SPACING_QUANTILES)
+
+
 def sample_acquisition(
     rng: np.random.Generator, size: str, index: int, height: float, fov: float
 ) -> Acquisition:
-    """Spacing, extent, origin, orientation, blur and noise of one scan."""
+    """Spacing, extent, origin, orientation, blur and noise of one scan.
+
+    Full-size scans take their slice spacing and z extent from LUNA16's measured mix (the
+    extent at least covers the lungs plus ``MIN_LUNG_MARGIN_MM`` above and below), so their
+    slice count follows too, up to ``MAX_SLICES_FULL``.
+    """
     small = size == "small"
     n_xy = 128 if small else 512
     sxy = fov / n_xy
     if small:
         sz = round(float(rng.uniform(2.0, 2.5)), 2)
         top, bottom = rng.uniform(6, 16), rng.uniform(6, 14)
+        cover = height + top + bottom
+        n_z = int(np.ceil(cover / sz)) + 1
     else:
-        sz = float(rng.choice([1.0, 1.25, 1.5, 2.0, 2.5], p=[0.08, 0.4, 0.07, 0.2, 0.25]))
-        top, bottom = rng.uniform(15, 45), rng.uniform(15, 40)
-    cover = height + top + bottom
-    n_z = int(np.ceil(cover / sz)) + 1
-    if not small and n_z > 300:
-        n_z = 300
-        spare = 300 * sz - height
-        top, bottom = spare * 0.55, spare * 0.45
+        steps = list(LUNA16_SLICE_SPACING_SCANS)
+        counts = np.array([LUNA16_SLICE_SPACING_SCANS[s] for s in steps], dtype=np.float64)
+        sz = float(steps[int(rng.choice(len(steps), p=counts / counts.sum()))])
+        extent = max(
+            _draw_quantiles(rng, LUNA16_Z_EXTENT_QUANTILES), height + 2 * MIN_LUNG_MARGIN_MM
+        )
+        n_z = min(int(np.ceil(extent / sz)) + 1, MAX_SLICES_FULL)
+        # What lies beyond the lungs and their margins (neck above, upper abdomen below) is
+        # split at random; >= 0 even at the cap (699 x 0.45 mm > 268 + 2 x 8 mm).
+        spare = (n_z - 1) * sz - height - 2 * MIN_LUNG_MARGIN_MM
+        bottom = MIN_LUNG_MARGIN_MM + spare * float(rng.uniform(0.35, 0.65))
     body_c = (rng.uniform(-25, 25), rng.uniform(-40, 10))
     # The reconstruction circle is centred a little behind the body (the couch is there).
     fov_c = (body_c[0] + rng.uniform(-0.03, 0.03) * fov, body_c[1] + rng.uniform(0.0, 0.05) * fov)
@@ -219,7 +273,8 @@ def synthesize_scan(
             always gives the same volume and tables.
         index: scan number within the data set.
         size: 'small' (128^2 in-plane, 2.2-2.7 mm pixels, ~70-110 slices of 2.0-2.5 mm; about a
-            second) or 'full' (512^2, 0.6-0.82 mm pixels, 150-300 slices of 1-2.5 mm).
+            second) or 'full' (512^2 with LUNA16's spread: 0.46-0.98 mm pixels, slices of
+            0.45-2.5 mm, ~100-700 of them; half a minute to a minute).
         n_nodules: force the number of nodules (default: 0-4, mostly 1-2).
 
     Returns:
@@ -229,7 +284,7 @@ def synthesize_scan(
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
     r_anat, r_acq, r_tree, r_tex, r_find, r_draw, r_cand, r_noise = case_rngs(seed, index, size)
     small = size == "small"
-    fov = float(r_acq.uniform(285, 345) if small else r_acq.uniform(310, 420))
+    fov = sample_field_of_view(r_acq, size)
     an = sample_anatomy(r_anat, size, fov)
     acq = sample_acquisition(r_acq, size, index, an.height, fov)
 
@@ -257,7 +312,7 @@ def synthesize_scan(
         r_cand, lung, vessels, airways, branch_pts, nodules, excluded, n_neg
     )
 
-    hu = _ct_blur_and_noise(vol.hu, acq, r_noise)
+    hu = _ct_blur_and_noise(vol.hu, acq, r_noise)  # in place: vol.hu is the blurred scan now
     array = _quantise(hu, grid, acq)
     del hu
     lungs = (vol.lungs > 0).astype(np.uint8)
@@ -492,32 +547,46 @@ def _tree_samples(
     return pack([0, 1]), pack([2]), bp
 
 
-def _ct_blur_and_noise(hu: np.ndarray, acq: Acquisition, rng: np.random.Generator) -> np.ndarray:
+def _ct_blur_and_noise(
+    hu: np.ndarray, acq: Acquisition, rng: np.random.Generator, slab: int = 16
+) -> np.ndarray:
     """Gaussian PSF (in-plane FWHM ~1-1.6 mm, slice profile ~ slice spacing) + CT-like noise.
 
     CT noise is correlated in-plane (filtered back-projection gives a band-pass noise power
     spectrum: grainy, not white), and nearly independent between slices; a difference of two
     in-plane Gaussians of white noise mimics that. Its std is set on the final result.
+
+    Works in place on ``hu`` (returned), and makes the noise ``slab`` slices at a time, so a
+    700-slice scan needs two full-size float32 volumes, not five. The noise filters are
+    in-plane and the generator fills slab after slab in order, so the values are exactly
+    those of one whole-volume draw.
     """
     sx, sy, _ = acq.spacing
     # The slice profile is ~ one slice spacing wide whatever the spacing: a fixed sigma in voxels.
     sigma = (0.42, max(acq.psf_mm / sy, 0.45), max(acq.psf_mm / sx, 0.45))
-    out = ndimage.gaussian_filter(hu, sigma, mode="nearest")
-    white = rng.standard_normal(hu.shape, dtype=np.float32)
-    # In-plane only: slices are reconstructed independently (a zero sigma skips that axis).
-    fine = ndimage.gaussian_filter(white, (0.0, 0.8, 0.8))
-    coarse = ndimage.gaussian_filter(white, (0.0, 2.0, 2.0))
-    del white
-    fine -= 0.55 * coarse
-    del coarse
-    fine *= acq.noise_hu / max(float(fine.std()), 1e-6)
-    out += fine
-    return out
+    ndimage.gaussian_filter(hu, sigma, mode="nearest", output=hu)
+    noise = np.empty_like(hu)
+    for k0 in range(0, hu.shape[0], slab):
+        white = rng.standard_normal((min(slab, hu.shape[0] - k0), *hu.shape[1:]), dtype=np.float32)
+        # In-plane only: slices are reconstructed independently (a zero sigma skips that axis).
+        fine = ndimage.gaussian_filter(white, (0.0, 0.8, 0.8))
+        coarse = ndimage.gaussian_filter(white, (0.0, 2.0, 2.0))
+        coarse *= 0.55
+        fine -= coarse
+        noise[k0 : k0 + fine.shape[0]] = fine
+    noise *= acq.noise_hu / max(float(noise.std()), 1e-6)
+    hu += noise
+    return hu
 
 
 def _quantise(hu: np.ndarray, grid: BodyGrid, acq: Acquisition) -> np.ndarray:
-    """int16 HU clipped like a scanner, with padding outside the reconstruction circle."""
-    out = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
+    """int16 HU clipped like a scanner, with padding outside the reconstruction circle.
+
+    Rounds and clips ``hu`` in place (it is not needed afterwards): one float32 volume less.
+    """
+    np.rint(hu, out=hu)
+    np.clip(hu, -1024, 3071, out=hu)
+    out = hu.astype(np.int16)
     if acq.padding is not None:
         # Reconstruction circle: centred on the field of view, diameter = FOV.
         n = acq.n_xy

@@ -30,8 +30,9 @@ def add_synth_parser(subparsers) -> argparse.ArgumentParser:
         choices=("small", "full"),
         default="small",
         help=(
-            "small: 128^2 at ~2.5 mm, ~1 s a scan (tests, demo); full: 512^2 at ~0.7 mm "
-            "(ignored with --background)"
+            "small: 128^2 at ~2.5 mm, ~1 s a scan (tests, demo); full: 512^2 with LUNA16's "
+            "spread of pixel spacing (0.46-0.98 mm) and slice spacing (0.45-2.5 mm, up to 700 "
+            "slices), 0.5-1.5 min and up to 2.6 GB a scan (ignored with --background)"
         ),
     )
     p.add_argument(

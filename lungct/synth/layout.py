@@ -150,7 +150,8 @@ def generate_dataset(
             or beyond ``n_scans`` are removed, so the folder always matches its tables.
         n_scans: number of scans.
         seed: data-set seed; scan ``i`` depends only on ``(seed, i)``.
-        size: 'small' (fast, for tests and demos) or 'full' (512^2 at ~0.7 mm).
+        size: 'small' (fast, for tests and demos) or 'full' (512^2, LUNA16's spread of pixel
+            and slice spacing).
         background: a real scan to put the nodules in (its anatomy and geometry are kept).
         progress: show a progress bar over scans.
         workers: processes (default ``min(2, cpu count)``; 1 = in this process).

@@ -1,6 +1,6 @@
 """Turning the analytic chest (:mod:`lungct.synth.anatomy`) into an HU volume, slab by slab.
 
-The volume is computed in slabs of a few slices so a 512x512x300 scan never needs more than
+The volume is computed in slabs of a few slices so a 512x512x700 scan never needs more than
 one full-size float32 array plus slab-sized temporaries. Thin tubular structures with thousands
 of segments (vessel and airway trees) are drawn separately by :func:`splat_tubes`.
 """
