@@ -215,6 +215,7 @@ def train(
     max_minutes: float | None = None,
     keep_checkpoints: int = 0,
     progress: bool = True,
+    provenance: dict | None = None,
 ) -> dict:
     """Train an MGI-CNN on the candidates of ``folds``; monitor on ``val_folds``.
 
@@ -235,6 +236,9 @@ def train(
         max_minutes: stop (and save) once this much wall time is spent.
         keep_checkpoints: keep only the newest N epoch checkpoints (0 = all).
         progress: show a progress bar.
+        provenance: what the caller knows of the training data, sealed into the manifest
+            (e.g. ``{"data": lungct.modeldir.describe_data(folder)}`` when the cache holds a
+            data set plus its augmented copies).
 
     Returns:
         A summary dict (epochs, final validation metrics, timings).
@@ -373,7 +377,11 @@ def train(
         data_dir=data_dir,
         seeds={"plan": plan.seed},
         steps=sum(int(r.get("steps") or 0) for r in log),
-        extra={"epochs": manifest.epochs_done, "stopped_by_time": stopped_early},
+        extra={
+            "epochs": manifest.epochs_done,
+            "stopped_by_time": stopped_early,
+            **(provenance or {}),
+        },
     )
     return {
         "out": str(out),

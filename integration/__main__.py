@@ -8,6 +8,8 @@ Verbs:
     ablate     named configurations (a grid JSON): one CPM table and one FROC figure.
     export     the U-Net and MGI-CNN of a models folder as SavedModel or ONNX.
     modelset   describe a folder of trained stages as a model set (modelset.json, card).
+    train-models     train a model set from nothing with one recipe (data, folds, budgets).
+    evaluate-models  measure a model set on a data set it never trained on (FROC, CPM, CI).
 
 Bad input ends with one line ``error: <message>`` on stderr and exit status 2.
 """
@@ -493,6 +495,92 @@ def _add_modelset(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_modelset)
 
 
+def _run_train_models(args: argparse.Namespace) -> int:
+    _quiet_tensorflow()
+    import json
+
+    from integration.recipe import Recipe, train_models
+
+    summary = train_models(Recipe.load(args.recipe), args.out, progress=not args.quiet)
+    held = summary["heldout"]
+    print(
+        f"model set: {args.out}/models ({summary['model_set']['name']}, trained "
+        f"{summary['model_set']['train_hours']:g} h); held-out subset check: CPM "
+        f"{held['cpm']:.3f} on {held['nodules']} nodules"
+    )
+    print(json.dumps({"seconds": summary["seconds"], "heldout": held}))
+    return 0
+
+
+def _add_train_models(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train-models",
+        help="train a model set from nothing with one recipe",
+        description=(
+            "Generate the recipe's synthetic data, prepare its cache, train the U-Net, the "
+            "CT-GAN (training folds), augment the training folds, train the MGI-CNN, check the "
+            "set on the recipe's held-out subset and write OUT/models as a model set "
+            "(modelset.json, MODEL_CARD.md, sealed stage folders). Rerunning the same command "
+            "resumes where it stopped. Uses a GPU when TensorFlow sees one."
+        ),
+    )
+    p.add_argument(
+        "--recipe",
+        default="suite-default",
+        help="a recipe shipped in integration/data/recipes (suite-default) or a JSON file",
+    )
+    p.add_argument("--out", required=True, help="output folder (data, cache, models, heldout)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_train_models)
+
+
+def _run_evaluate_models(args: argparse.Namespace) -> int:
+    _quiet_tensorflow()
+    from integration.evaluation import metrics_line
+    from integration.recipe import evaluate_model_set
+
+    result = evaluate_model_set(
+        args.models,
+        args.data,
+        args.cache,
+        args.out,
+        bootstrap=args.bootstrap,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
+    ci = result.bootstrap.cpm_ci if result.bootstrap is not None else None
+    print(
+        f"{result.label}: CPM {result.cpm:.4f}"
+        + (f" (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci is not None else "")
+        + f", {result.detected}/{result.nodules} nodules detected in {result.scans} scans"
+    )
+    print(metrics_line(result.to_json()))
+    return 0
+
+
+def _add_evaluate_models(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "evaluate-models",
+        help="measure a model set on a data set it never trained on",
+        description=(
+            "Candidates and MGI-CNN scores for every scan of --data (all subsets), then the "
+            "exact LUNA16 evaluation: OUT/candidates.csv, OUT/submission.csv, "
+            "OUT/evaluation (metrics.json with the CPM's bootstrap interval, froc.png). A scan "
+            "the set trained on is refused."
+        ),
+    )
+    p.add_argument("--models", required=True, help="model set folder")
+    p.add_argument("--data", required=True, help="LUNA16-layout folder to measure on")
+    p.add_argument("--cache", required=True, help="its per-scan cache (prepared when missing)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--bootstrap", type=_non_negative_int, default=1000, help="bootstrap resamples (1000)"
+    )
+    p.add_argument("--workers", type=int, default=2, help="processes for cache preparation (2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_evaluate_models)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, one subcommand per verb."""
     parser = argparse.ArgumentParser(
@@ -506,6 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ablate(subparsers)
     _add_export(subparsers)
     _add_modelset(subparsers)
+    _add_train_models(subparsers)
+    _add_evaluate_models(subparsers)
     return parser
 
 

@@ -592,6 +592,7 @@ def train_fpr_stage(run: StageRun) -> Path:
     """Train (or resume, or skip) the MGI-CNN on the training folds (+ augmented copies)."""
     from fp_reduction_3dcnn.train import latest_checkpoint
     from fp_reduction_3dcnn.train import train as fpr_train
+    from lungct.modeldir import describe_data
 
     fpr_dir = run.paths.fpr
     if stage_done(fpr_dir, "fpr"):
@@ -621,6 +622,10 @@ def train_fpr_stage(run: StageRun) -> Path:
             resume=resume,
             max_minutes=run.settings.fpr_minutes,
             progress=run.progress,
+            provenance={
+                "data": describe_data(run.data),
+                "ct_gan_copies_per_scan": run.settings.gan_per_scan if run.settings.gan else 0,
+            },
         ),
     )
     _mark_done(fpr_dir, summary)

@@ -1,0 +1,365 @@
+"""Train a model set from nothing with one recipe, and measure a model set on a data set.
+
+``python -m integration train-models --recipe NAME|FILE --out DIR`` runs a recipe: a JSON plan
+naming the data to generate, the folds, the cache grid and every stage's settings and budget
+(the keys of :class:`integration.stages.StageSettings`)::
+
+    {"name": "suite-default", "version": "1", "description": "...",
+     "data": {"scans": 100, "seed": 1000, "size": "full"},
+     "split": {"train": [0, 1, 2, 3, 4, 5, 6, 7], "val": [8], "test": [9]},
+     "preprocess": {},                       # lungct.preprocess.PreprocessPlan fields
+     "settings": {"unet_minutes": 40, ...},  # integration.stages.StageSettings
+     "bootstrap": 1000, "workers": 2}
+
+It writes ``DIR/data`` (the synthetic LUNA16 layout), ``DIR/cache``, ``DIR/models`` (the model
+set: ``modelset.json``, ``MODEL_CARD.md``, sealed ``unet/`` and ``fpr/``, and the CT-GAN that
+augmented the training folds in ``gan/``), ``DIR/heldout/`` (the test subset scored and
+evaluated: a check on data like the training data, not the set's measured performance) and
+``DIR/train_models.json`` (seconds per stage, the machine). Rerunning the same command resumes:
+generated scans, cache entries and finished stages are kept, a stage cut short continues from
+its checkpoints. Training uses a GPU when TensorFlow sees one.
+
+:func:`evaluate_model_set` measures a set on any LUNA16-layout data set it never trained on
+(candidates of every scan, MGI-CNN scores, the exact evaluation with a bootstrap interval).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from integration.modelset import MODEL_CARD_FILE, write_model_set
+from integration.stages import (
+    Split,
+    StageClock,
+    StagePaths,
+    StageRun,
+    StageSettings,
+    fold_uids,
+    read_json_or_empty,
+    run_candidate_stage,
+    run_fpr_stage,
+    write_series,
+)
+from lungct.errors import LungCTError
+from lungct.fileio import read_json, write_json_atomic
+from lungct.modeldir import hardware
+
+RECIPES_DIR = Path(__file__).resolve().parent / "data" / "recipes"
+RECIPE_FILE = "recipe.json"
+SYNTH_SIZES = ("small", "full")
+
+
+@dataclass
+class Recipe:
+    """A model set's training, from data generation to the last stage.
+
+    Args:
+        name, version, description: what the trained set is called (its ``modelset.json``).
+        data: ``{"scans": N, "seed": S, "size": "small"|"full"}``, the synthetic mini-LUNA
+            to generate (``lungct synth``).
+        split: ``{"train": [...], "val": [...], "test": [...]}`` LUNA16 subsets.
+        preprocess: :class:`lungct.preprocess.PreprocessPlan` fields of the cache (default:
+            the 1 mm grid every stage uses).
+        settings: :class:`integration.stages.StageSettings` keys (variants, plans, budgets).
+        bootstrap: bootstrap resamples of the held-out check.
+        workers: processes for data generation and cache preparation.
+    """
+
+    name: str
+    version: str = ""
+    description: str = ""
+    data: dict[str, Any] = field(default_factory=lambda: {"scans": 20, "seed": 0})
+    split: dict[str, list[int]] = field(
+        default_factory=lambda: {"train": [0, 1, 2, 3, 4, 5, 6, 7], "val": [8], "test": [9]}
+    )
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    bootstrap: int = 1000
+    workers: int = 2
+
+    @classmethod
+    def from_dict(cls, values: Any, source: str | os.PathLike | None = None) -> Recipe:
+        """A recipe from its JSON; unknown keys, wrong types and bad values are refused."""
+        if not isinstance(values, dict):
+            raise LungCTError(source, "a recipe must be a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise LungCTError(source, f"unknown recipe keys {unknown}")
+        if "name" not in values:
+            raise LungCTError(source, "a recipe needs a name")
+        try:
+            recipe = cls(**values)
+        except TypeError as exc:
+            raise LungCTError(source, f"bad recipe ({exc})") from None
+        recipe.check(source)
+        return recipe
+
+    @classmethod
+    def load(cls, name_or_path: str | os.PathLike) -> Recipe:
+        """A recipe shipped in ``integration/data/recipes`` (by name) or a JSON file."""
+        path = Path(name_or_path)
+        if not path.suffix and not path.exists():
+            path = RECIPES_DIR / f"{name_or_path}.json"
+            if not path.is_file():
+                known = sorted(p.stem for p in RECIPES_DIR.glob("*.json"))
+                raise LungCTError(
+                    None, f"no recipe named {name_or_path!r} (shipped: {', '.join(known)})"
+                )
+        return cls.from_dict(read_json(path, "recipe file not found"), source=path)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        return dataclasses.asdict(self)
+
+    def check(self, source: str | os.PathLike | None = None) -> None:
+        """Refuse a recipe that could not run, before anything is generated or trained."""
+        for key, kind in (("name", str), ("version", str), ("description", str)):
+            if not isinstance(getattr(self, key), kind):
+                raise LungCTError(source, f"recipe {key} must be a string")
+        data = self.data
+        if not isinstance(data, dict) or set(data) - {"scans", "seed", "size"}:
+            raise LungCTError(source, "recipe data must be {scans, seed, size}")
+        scans, seed = data.get("scans"), data.get("seed", 0)
+        if isinstance(scans, bool) or not isinstance(scans, int) or scans < 1:
+            raise LungCTError(source, f"data.scans must be a positive integer, got {scans!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise LungCTError(source, f"data.seed must be an integer, got {seed!r}")
+        if data.get("size", "full") not in SYNTH_SIZES:
+            raise LungCTError(source, f"data.size must be one of {SYNTH_SIZES}")
+        if isinstance(self.bootstrap, bool) or not isinstance(self.bootstrap, int):
+            raise LungCTError(source, "bootstrap must be an integer")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise LungCTError(source, "workers must be a positive integer")
+        self.split_()
+        self.stage_settings(source)
+        self.preprocess_plan(source)
+
+    def split_(self) -> Split:
+        """The folds as a :class:`Split`."""
+        if not isinstance(self.split, dict) or set(self.split) != {"train", "val", "test"}:
+            raise LungCTError(None, "recipe split must be {train, val, test}")
+        return Split(tuple(self.split["train"]), tuple(self.split["val"]), self.split["test"])
+
+    def stage_settings(self, source: str | os.PathLike | None = None) -> StageSettings:
+        """The stage settings of the recipe."""
+        return StageSettings.from_dict(
+            self.settings, source=None if source is None else str(source)
+        )
+
+    def preprocess_plan(self, source: str | os.PathLike | None = None) -> Any:
+        """The cache's preprocessing plan."""
+        from lungct.preprocess import PreprocessPlan
+
+        if not isinstance(self.preprocess, dict):
+            raise LungCTError(source, "recipe preprocess must be a JSON object")
+        return PreprocessPlan.from_dict(self.preprocess, source=source)
+
+
+def train_models(
+    recipe: Recipe, out_dir: str | os.PathLike, progress: bool = True
+) -> dict[str, Any]:
+    """Run a recipe into ``out_dir`` (resuming whatever an earlier run left); return a summary.
+
+    Raises:
+        LungCTError: a bad recipe, ``out_dir`` started with another recipe, a stage failing.
+    """
+    from integration.evaluation import write_outputs
+    from integration.pipeline import PipelineConfig
+    from integration.stages import evaluate_submission
+    from lungct.cache import prepare_dataset
+    from lungct.synth import generate_dataset
+
+    out = Path(out_dir)
+    saved = out / RECIPE_FILE
+    if saved.is_file():
+        previous = read_json(saved)
+        if previous != recipe.to_dict():
+            raise LungCTError(
+                saved,
+                "this folder was started with another recipe; rerun that one to resume it, or "
+                "use a new --out",
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(saved, recipe.to_dict())
+    data, cache, models = out / "data", out / "cache", out / "models"
+    log = _stderr_log if progress else _quiet
+    clock = StageClock(log=log, prefix="train-models")
+    spec = recipe.data
+    clock.run(
+        "synth",
+        lambda: generate_dataset(
+            data,
+            spec["scans"],
+            spec.get("seed", 0),
+            spec.get("size", "full"),
+            progress=progress,
+            workers=recipe.workers,
+        ),
+    )
+    report = clock.run(
+        "prepare",
+        lambda: prepare_dataset(
+            data, cache, recipe.preprocess_plan(), workers=recipe.workers, progress=progress
+        ),
+    )
+    if report["failed"]:
+        uid, problem = next(iter(report["failed"].items()))
+        raise LungCTError(data, f"scan {uid} could not be prepared ({problem})")
+    # After the worker processes: the line imports TensorFlow to find its GPUs.
+    log(f"[train-models] {recipe.name} {recipe.version}: {_devices_line()}")
+
+    split = recipe.split_()
+    settings = recipe.stage_settings()
+    run = StageRun(
+        data=data,
+        cache=cache,
+        split=split,
+        settings=settings,
+        paths=StagePaths.single_run(out / "heldout", models),
+        clock=clock,
+        workers=recipe.workers,
+        progress=progress,
+    )
+    test_candidates = run_candidate_stage(run)
+    submission = run_fpr_stage(run, test_candidates) if settings.fpr else test_candidates
+    test_series = write_series(out / "heldout" / "seriesuids.csv", fold_uids(data, split.test))
+    result = clock.run(
+        "evaluate held-out subset",
+        lambda: evaluate_submission(
+            data, test_series, submission, bootstrap=recipe.bootstrap, label=recipe.name
+        ),
+    )
+    metrics = write_outputs(result, out / "heldout" / "evaluation")
+    PipelineConfig(tta=settings.tta).save(models)
+    model_set = write_model_set(
+        models,
+        name=recipe.name,
+        version=recipe.version,
+        description=recipe.description,
+        performance=(
+            f"Held-out subset {list(split.test)} of the training data's own generator run "
+            f"(same seed, never trained on): CPM {result.cpm:.3f} on {result.nodules} nodules "
+            f"in {result.scans} scans. This is a check, not the set's measured performance: "
+            "see the results pages for fresh data sets."
+        ),
+    )
+    summary = {
+        "recipe": recipe.to_dict(),
+        "model_set": model_set.summary(),
+        "heldout": {
+            "cpm": metrics["cpm"],
+            "cpm_ci95": metrics.get("cpm_ci95"),
+            "nodules": metrics.get("nodules"),
+            "detected": metrics.get("detected"),
+        },
+        "seconds": clock.seconds,
+        "hardware": hardware(),
+    }
+    previous_seconds = read_json_or_empty(out / "train_models.json").get("runs", [])
+    summary["runs"] = [*previous_seconds, clock.seconds]
+    write_json_atomic(out / "train_models.json", summary)
+    log(f"[train-models] model set: {models} ({MODEL_CARD_FILE} beside it)")
+    return summary
+
+
+def evaluate_model_set(
+    models_dir: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    cache_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    bootstrap: int = 1000,
+    workers: int = 2,
+    label: str | None = None,
+    progress: bool = True,
+) -> Any:
+    """Measure a model set on a data set it never trained on; return the evaluation result.
+
+    Every scan of ``data_dir`` (all subsets) gets its candidates and MGI-CNN scores; the exact
+    LUNA16 evaluation then gives the FROC, the CPM and its bootstrap interval. A scan the set
+    trained on is refused (the fold numbers of a fresh data set mean nothing to the models, so
+    the check is by series UID).
+
+    Raises:
+        LungCTError: a broken set, a scan the set trained on, a failed extraction.
+    """
+    from fp_reduction_3dcnn.predict import predict as fpr_predict
+    from integration.evaluation import write_outputs
+    from integration.modelset import read_model_set
+    from integration.stages import evaluate_submission
+    from lungct.cache import prepare_dataset
+    from unet_candidates.extract import extract_paths
+
+    model_set = read_model_set(models_dir)
+    data, out = Path(data_dir), Path(out_dir)
+    uids = fold_uids(data, list(range(10)))
+    trained: set[str] = set()
+    for manifest in model_set.manifests.values():
+        trained |= set(manifest.get("train_series") or manifest.get("series") or [])
+    seen = sorted(trained & set(uids))
+    if seen:
+        raise LungCTError(
+            data, f"{len(seen)} scans were in the model set's training data (e.g. {seen[0]})"
+        )
+    report = prepare_dataset(data, cache_dir, workers=workers, progress=progress)
+    if report["failed"]:
+        uid, problem = next(iter(report["failed"].items()))
+        raise LungCTError(data, f"scan {uid} could not be prepared ({problem})")
+    out.mkdir(parents=True, exist_ok=True)
+    candidates = out / "candidates.csv"
+    summary = extract_paths(
+        model_set.root / "unet",
+        candidates,
+        data_dir=data,
+        folds=list(range(10)),
+        cache_dir=cache_dir,
+        progress=progress,
+    )
+    if summary["out"] is None or summary["failed"]:
+        scan, problem = next(iter(summary["failed"].items()), ("?", "?"))
+        raise LungCTError(data, f"candidate extraction failed on {scan}: {problem}")
+    submission = candidates
+    if "fpr" in model_set.stages:
+        submission = out / "submission.csv"
+        fpr_predict(
+            model_set.root / "fpr",
+            cache_dir,
+            candidates,
+            submission,
+            tta=model_set_tta(model_set.root),
+            allow_train_folds=True,  # checked above by series UID
+            progress=progress,
+        )
+    series = write_series(out / "seriesuids.csv", uids)
+    result = evaluate_submission(
+        data, series, submission, bootstrap=bootstrap, label=label or model_set.name
+    )
+    write_outputs(result, out / "evaluation")
+    return result
+
+
+def model_set_tta(models_dir: Path) -> bool:
+    """The set's own TTA setting (``pipeline.json``)."""
+    from integration.pipeline import PipelineConfig
+
+    return PipelineConfig.load(models_dir).tta
+
+
+def _devices_line() -> str:
+    info = hardware()
+    gpus = info["gpus"]
+    where = f"GPU {', '.join(gpus)}" if gpus else "no GPU found, training on the CPU"
+    return f"{info['cpu_count']} CPU cores, {where}"
+
+
+def _stderr_log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _quiet(message: str) -> None:
+    pass

@@ -1,0 +1,137 @@
+"""`integration train-models` and `evaluate-models` on a tiny recipe: the set, its seals,
+resuming, refusals, and detect with the trained set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from integration.__main__ import main
+from integration.modelset import read_model_set
+from integration.recipe import Recipe
+from integration.testing import tiny_settings
+from lungct.errors import LungCTError
+from lungct.modeldir import verify_model_dir
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def tiny_recipe(**changes) -> dict:
+    recipe = {
+        "name": "tiny",
+        "version": "0.1",
+        "description": "a test recipe",
+        "data": {"scans": 4, "seed": 0, "size": "small"},
+        "split": {"train": [0, 1], "val": [2], "test": [3]},
+        "preprocess": {"name": "test2mm", "spacing": [2.0, 2.0, 2.0]},
+        "settings": tiny_settings(),
+        "bootstrap": 10,
+        "workers": 1,
+    }
+    recipe.update(changes)
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("recipe")
+    recipe = root / "tiny.json"
+    recipe.write_text(json.dumps(tiny_recipe()))
+    out = root / "run"
+    assert main(["train-models", "--recipe", str(recipe), "--out", str(out), "--quiet"]) == 0
+    return {"root": root, "recipe": recipe, "out": out}
+
+
+def test_train_models_writes_a_sealed_model_set(trained: dict[str, Path], capsys) -> None:
+    models = trained["out"] / "models"
+    model_set = read_model_set(models)
+    assert model_set.name == "tiny" and model_set.version == "0.1"
+    assert model_set.stages == ["unet", "fpr"] and model_set.demo_grade
+    for stage in ("unet", "fpr", "gan"):
+        manifest = verify_model_dir(models / stage)
+        assert manifest["provenance"]["data"]["kind"] == "synthetic"
+        assert manifest["provenance"]["data"]["scans"] == 4
+    card = (models / "MODEL_CARD.md").read_text()
+    assert "Not a medical device" in card and "Demo-grade training" in card
+    assert "Held-out subset [3]" in card
+    summary = json.loads((trained["out"] / "train_models.json").read_text())
+    assert set(summary["seconds"]) >= {"synth", "prepare", "train U-Net", "train MGI-CNN"}
+    assert summary["heldout"]["nodules"] >= 0
+
+    # Rerunning resumes: nothing is trained again, the sealed weights stay as they were.
+    stamp = (models / "unet" / "model.keras").stat().st_mtime_ns
+    argv = ["train-models", "--recipe", str(trained["recipe"]), "--out", str(trained["out"])]
+    assert main([*argv, "--quiet"]) == 0
+    assert (models / "unet" / "model.keras").stat().st_mtime_ns == stamp
+    again = json.loads((trained["out"] / "train_models.json").read_text())
+    assert "train U-Net" not in again["seconds"] and len(again["runs"]) == 2
+    capsys.readouterr()
+
+    # Another recipe into the same folder is refused in one line.
+    other = trained["root"] / "other.json"
+    other.write_text(json.dumps(tiny_recipe(version="0.2")))
+    code = main(["train-models", "--recipe", str(other), "--out", str(trained["out"])])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "started with another recipe" in err[0]
+
+
+def test_evaluate_models_on_fresh_data_and_detect(trained: dict[str, Path], tmp_path, capsys):
+    from lungct.synth import generate_dataset
+
+    fresh = tmp_path / "fresh"
+    generate_dataset(fresh, 2, 77, "small", progress=False, workers=1)
+    out = tmp_path / "eval"
+    code = main([
+        "evaluate-models", "--models", str(trained["out"] / "models"), "--data", str(fresh),
+        "--cache", str(tmp_path / "cache"), "--out", str(out), "--bootstrap", "10",
+        "--workers", "1", "--quiet",
+    ])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
+    assert metrics["scans"] == 2 and "cpm_ci95" in metrics
+    assert (out / "submission.csv").is_file()
+
+    # The training data itself is refused: the set has seen it.
+    code = main([
+        "evaluate-models", "--models", str(trained["out"] / "models"),
+        "--data", str(trained["out"] / "data"), "--cache", str(trained["out"] / "cache"),
+        "--out", str(tmp_path / "eval2"), "--quiet",
+    ])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "were in the model set's training data" in err[0]
+
+    scan = sorted((fresh / "subset0").glob("*.mhd"))[0]
+    report = tmp_path / "detect"
+    code = main([
+        "detect", "--scan", str(scan), "--models", str(trained["out"] / "models"),
+        "--out", str(report),
+    ])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((report / "summary.json").read_text())["model_set"]["name"] == "tiny"
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"surprise": 1}, "unknown recipe keys ['surprise']"),
+        ({"data": {"scans": 0, "seed": 0}}, "data.scans must be a positive integer"),
+        ({"data": {"scans": 2, "size": "huge"}}, "data.size must be one of"),
+        ({"split": {"train": [0], "val": [0], "test": [1]}}, "both training and validation"),
+        ({"settings": {"unet_minutes": -1}}, "'unet_minutes' must be > 0"),
+        ({"preprocess": {"spacing": [1, 1]}}, "spacing must be 3 positive numbers"),
+        ({"workers": 0}, "workers must be a positive integer"),
+    ],
+)
+def test_bad_recipes_are_refused(change: dict, problem: str) -> None:
+    with pytest.raises(LungCTError) as info:
+        Recipe.from_dict(tiny_recipe(**change), source="r.json")
+    assert problem in str(info.value)
+
+
+def test_shipped_recipes_load() -> None:
+    recipe = Recipe.load("suite-default")
+    assert recipe.data["size"] == "full" and recipe.stage_settings().gan
+    with pytest.raises(LungCTError, match="no recipe named 'nope'"):
+        Recipe.load("nope")
