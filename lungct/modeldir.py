@@ -31,8 +31,9 @@ from lungct.fileio import read_json, write_json_atomic
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 SEAL_KEYS = ("format", "files", "provenance")
-DEMO_GRADE_SECONDS = 1800.0
-"""A model trained for less than this (wall seconds, all sittings together) is demo-grade."""
+DEMO_GRADE_SECONDS = 600.0
+"""A stage trained for less than this (wall seconds, all sittings together) is demo-grade:
+the demo trains each stage for 2-4 minutes."""
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
