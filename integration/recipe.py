@@ -104,7 +104,7 @@ class Recipe:
     def load(cls, name_or_path: str | os.PathLike) -> Recipe:
         """A recipe shipped in ``integration/data/recipes`` (by name) or a JSON file."""
         path = Path(name_or_path)
-        if not path.suffix and not path.exists():
+        if not path.suffix and not path.is_file():
             path = RECIPES_DIR / f"{name_or_path}.json"
             if not path.is_file():
                 known = sorted(p.stem for p in RECIPES_DIR.glob("*.json"))

@@ -130,7 +130,9 @@ def test_bad_recipes_are_refused(change: dict, problem: str) -> None:
     assert problem in str(info.value)
 
 
-def test_shipped_recipes_load() -> None:
+def test_shipped_recipes_load(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "suite-default").mkdir()  # an output folder of that name is not the recipe
     recipe = Recipe.load("suite-default")
     assert recipe.data["size"] == "full" and recipe.stage_settings().gan
     with pytest.raises(LungCTError, match="no recipe named 'nope'"):
