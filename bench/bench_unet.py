@@ -41,6 +41,7 @@ REAL_MHD = (
 
 
 def _untrained_model_dir(variant: str, root: Path) -> Path:
+    from lungct.testing import seal_hand_made_model
     from unet_candidates.config import variant_plan
     from unet_candidates.train import compile_model
 
@@ -49,6 +50,7 @@ def _untrained_model_dir(variant: str, root: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     compile_model(plan.build_model(), plan).save(out / "model.keras")
     plan.save(out / "plan.json")
+    seal_hand_made_model(out, "unet")
     return out
 
 
