@@ -289,7 +289,8 @@ def test_juxtapleural_nodules_abut_the_wall_from_inside_the_lung():
 
 
 def test_background_mode_and_cli(dataset: Path, tmp_path: Path):
-    """Nodules put into an existing scan keep its geometry; each index gets its own UID."""
+    """Nodules put into a (mirrored, cropped) copy of an existing scan keep its spacing and
+    direction; each index gets its own UID; the scan's own nodules come along."""
     pytest.importorskip("lungct.lungmask")
     from lungct.__main__ import main
 
@@ -299,16 +300,28 @@ def test_background_mode_and_cli(dataset: Path, tmp_path: Path):
     out = tmp_path / "bg"
     rc = main(
         ["synth", "--out", str(out), "--scans", "2", "--seed", "3", "--background",
-         str(background), "--workers", "1", "--quiet"]
+         str(background), "--background-annotations", str(dataset / "annotations.csv"),
+         "--background-excluded", str(dataset / "annotations_excluded.csv"),
+         "--workers", "1", "--quiet"]
     )  # fmt: skip
     assert rc == 0
     bg = read_scan(background)
+    n_real = len(read_annotations(dataset / "annotations.csv").rows_in_series(uid))
     uids = read_seriesuids(out / "seriesuids.csv")
     assert len(set(uids)) == 2 and uid not in uids
     ann = read_annotations(out / "annotations.csv")
     for k, u in enumerate(uids):
         scan = read_scan(out / f"subset{k}" / f"{u}.mhd")
-        assert scan.geometry == bg.geometry
+        assert scan.geometry.spacing == bg.geometry.spacing
+        assert scan.geometry.direction == bg.geometry.direction
+        assert scan.geometry.size[:2] == bg.geometry.size[:2]
+        assert 0.7 * bg.geometry.size[2] <= scan.geometry.size[2] <= bg.geometry.size[2]
+        record = json.loads((out / ".synth" / f"scan_{k:05d}.json").read_text())
+        assert (
+            sum(row[4] == "real" for row in record["annotations"]) == record["info"]["real_nodules"]
+        )
+        lost = sum(a["table"] == "annotations" for a in record["info"]["real_cropped_away"])
+        assert record["info"]["real_nodules"] == n_real - lost
         if u in ann.uids:
             for r in ann.rows_in_series(u):
                 assert scan.geometry.contains(scan.world_to_voxel(ann.coords[r]))

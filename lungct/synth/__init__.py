@@ -14,18 +14,23 @@ some flipped directions. Example::
     generate_dataset("out/synth", n_scans=20, seed=0)       # subset0..9, CSVs
 
 or ``python -m lungct synth --out DIR --scans N --seed S [--size small|full]
-[--background SCAN]``.
+[--background SCAN --background-annotations CSV --background-excluded CSV]``.
+
+Full-size scans follow LUNA16's measured spread of pixel spacing, slice spacing and z extent.
+On a real background each scan is a mirrored and/or z-cropped copy of it that keeps the real
+scan's own findings in its tables (:mod:`lungct.synth.background`).
 
 Nodule ``diameter_mm`` is the equivalent-sphere diameter of the drawn nodule. The shape library
 (``lungct/data/lidc_shapes.npz``) is derived from LIDC-IDRI (TCIA, CC BY 3.0); see
 ``lungct/data/lidc_shapes.md`` for attribution.
 """
 
-from lungct.synth.background import synthesize_on_background
+from lungct.synth.background import BackgroundFindings, synthesize_on_background
 from lungct.synth.case import Candidate, Finding, SyntheticCase, series_uid, synthesize_scan
 from lungct.synth.layout import generate_dataset
 
 __all__ = [
+    "BackgroundFindings",
     "Candidate",
     "Finding",
     "SyntheticCase",

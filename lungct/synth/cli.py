@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 
 def add_synth_parser(subparsers) -> argparse.ArgumentParser:
@@ -38,7 +39,34 @@ def add_synth_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--background",
         metavar="SCAN",
-        help="put the synthetic nodules into the lungs of this real scan instead",
+        help=(
+            "put the synthetic nodules into the lungs of this real scan instead; each output "
+            "scan is a copy of it, mirrored left-right (half of them) and cropped along z "
+            "(up to 30%% of the slices), with its own nodules; needs the scan's own findings "
+            "(the two tables below) or --background-has-no-findings"
+        ),
+    )
+    p.add_argument(
+        "--background-annotations",
+        metavar="CSV",
+        help=(
+            "LUNA16 annotations.csv holding the background's nodules: its rows for the "
+            "background's series go into the output annotations.csv (and class-1 candidates), "
+            "moved with the mirror and crop; nothing synthetic is put within 5 mm of them"
+        ),
+    )
+    p.add_argument(
+        "--background-excluded",
+        metavar="CSV",
+        help=(
+            "LUNA16 annotations_excluded.csv holding the background's other findings; its rows "
+            "go into the output annotations_excluded.csv (diameter -1 stays -1), moved likewise"
+        ),
+    )
+    p.add_argument(
+        "--background-has-no-findings",
+        action="store_true",
+        help="the background has no nodule or other finding (instead of the two tables)",
     )
     p.add_argument(
         "--workers",
@@ -67,7 +95,18 @@ def run_synth(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         workers=args.workers,
         lung_masks=args.lung_masks,
+        background_annotations=args.background_annotations,
+        background_excluded=args.background_excluded,
+        background_has_no_findings=args.background_has_no_findings,
     )
+    found = summary.get("background_findings")
+    if args.background_annotations and found and not found["nodules"] + found["excluded"]:
+        # A renamed file or a scan from another data set: its findings would go untaught.
+        print(
+            f"note: the background's series has no row in {args.background_annotations} or "
+            f"{args.background_excluded}",
+            file=sys.stderr,
+        )
     summary.pop("scans", None)
     print(json.dumps(summary))
     return 0

@@ -16,7 +16,8 @@
 Every scan is made from (seed, index) alone, so scans are generated in parallel worker
 processes (spawn-safe) and a rerun skips scans whose record matches; the CSVs are always
 rewritten whole from the records, in index order, so they are byte-identical however the work
-was split.
+was split. On a real background the tables also hold the background's own LUNA16 rows, moved
+with each scan's mirror and crop (:mod:`lungct.synth.background`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ from pathlib import Path
 from lungct.errors import LungCTError
 from lungct.fileio import write_json_atomic, write_text_atomic
 from lungct.io import write_image, write_scan
+from lungct.synth.background import (
+    BackgroundFindings,
+    read_background_findings,
+    synthesize_on_background,
+)
 from lungct.synth.case import GENERATOR_VERSION, SIZES, SyntheticCase, synthesize_scan
 from lungct.tables import ANNOTATION_COLUMNS, CANDIDATE_COLUMNS, write_csv_atomic
 
@@ -48,13 +54,18 @@ def _round(v: float) -> float:
     return round(float(v), 6)
 
 
-def _job_key(seed: int, index: int, size: str, background: str | None) -> dict:
+def _job_key(
+    seed: int, index: int, size: str, background: str | None, findings: BackgroundFindings | None
+) -> dict:
+    """What a scan's record must match to be kept on a rerun. The background's own findings
+    are keyed by content, so other tables (or rows) regenerate, a moved file does not."""
     return {
         "version": GENERATOR_VERSION,
         "seed": int(seed),
         "index": int(index),
         "size": size,
         "background": background,
+        "background_findings": None if findings is None else findings.digest(),
     }
 
 
@@ -83,19 +94,17 @@ def case_record(case: SyntheticCase, key: dict, out_dir: Path, mhd: Path) -> dic
 
 def _make_one(job: tuple) -> dict:
     """Worker: synthesise, write the scan (and mask), then its record. Top level: spawn-safe."""
-    out_dir, seed, index, size, background, lung_masks = job
+    out_dir, seed, index, size, background, findings, lung_masks = job
     out_dir = Path(out_dir)
     if background is None:
         case = synthesize_scan(seed, index, size)
     else:
-        from lungct.synth.background import synthesize_on_background
-
-        case = synthesize_on_background(background, seed, index)
+        case = synthesize_on_background(background, seed, index, findings)
     mhd = out_dir / f"subset{subset_of(index)}" / f"{case.seriesuid}.mhd"
     write_scan(case.scan, mhd)
     if lung_masks:
         write_image(case.lung_mask, case.scan.geometry, out_dir / "seg-lungs" / mhd.name)
-    key = _job_key(seed, index, size, background)
+    key = _job_key(seed, index, size, background, findings)
     record = case_record(case, key, out_dir, mhd)
     write_json_atomic(out_dir / RECORD_DIR / f"scan_{index:05d}.json", record)
     return record
@@ -141,6 +150,9 @@ def generate_dataset(
     progress: bool = True,
     workers: int | None = None,
     lung_masks: bool = False,
+    background_annotations: str | os.PathLike | None = None,
+    background_excluded: str | os.PathLike | None = None,
+    background_has_no_findings: bool = False,
 ) -> dict:
     """Write ``n_scans`` synthetic scans and the LUNA16 tables to ``out_dir``.
 
@@ -152,10 +164,16 @@ def generate_dataset(
         seed: data-set seed; scan ``i`` depends only on ``(seed, i)``.
         size: 'small' (fast, for tests and demos) or 'full' (512^2, LUNA16's spread of pixel
             and slice spacing).
-        background: a real scan to put the nodules in (its anatomy and geometry are kept).
+        background: a real scan to put the nodules in; each scan is a mirrored and/or
+            z-cropped copy of it (see :mod:`lungct.synth.background`).
         progress: show a progress bar over scans.
         workers: processes (default ``min(2, cpu count)``; 1 = in this process).
         lung_masks: also write the ground-truth lung masks to ``seg-lungs/``.
+        background_annotations, background_excluded: LUNA16 ``annotations.csv`` and
+            ``annotations_excluded.csv`` holding the background's own findings; their rows
+            for its series go into the output tables, moved with the scan. Required with a
+            background unless ``background_has_no_findings`` says there are none, so a real
+            nodule is never taught as a negative.
 
     Returns:
         A summary: counts of scans, nodules, excluded findings and candidates, skipped scans,
@@ -165,17 +183,43 @@ def generate_dataset(
         raise LungCTError(None, f"size must be one of {', '.join(SIZES)}, got {size!r}")
     if n_scans < 1:
         raise LungCTError(None, f"the number of scans must be >= 1, got {n_scans}")
-    if background is not None:
+    findings = None
+    tables = (background_annotations, background_excluded)
+    if background is None:
+        if any(t is not None for t in tables) or background_has_no_findings:
+            raise LungCTError(
+                None, "the background's findings (or that it has none) need a background scan"
+            )
+    else:
         background = str(Path(background).resolve())
         if not Path(background).exists():
             raise LungCTError(background, "background scan not found")
+        if background_has_no_findings and any(t is not None for t in tables):
+            raise LungCTError(
+                background, "it cannot both have no findings and have them in the tables given"
+            )
+        if all(t is not None for t in tables):
+            findings = read_background_findings(background, *tables)
+        elif any(t is not None for t in tables):
+            raise LungCTError(
+                None, "give both of the background's tables (annotations and excluded findings)"
+            )
+        elif background_has_no_findings:
+            findings = BackgroundFindings()
+        else:
+            raise LungCTError(
+                background,
+                "its own findings are unknown: give its LUNA16 annotations and excluded "
+                "findings (--background-annotations, --background-excluded), or say it has "
+                "none (--background-has-no-findings), so no real nodule is taught as a negative",
+            )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
     records: dict[int, dict] = {}
     for index, (path, rec) in _read_records(out).items():
-        key = _job_key(seed, index, size, background)
+        key = _job_key(seed, index, size, background, findings)
         if index < n_scans and all(rec.get(k) == v for k, v in key.items()) and _complete(out, rec):
             records[index] = rec
         else:
@@ -183,7 +227,7 @@ def generate_dataset(
             path.unlink(missing_ok=True)
     skipped = len(records)
     todo = [i for i in range(n_scans) if i not in records]
-    jobs = [(str(out), int(seed), i, size, background, lung_masks) for i in todo]
+    jobs = [(str(out), int(seed), i, size, background, findings, lung_masks) for i in todo]
 
     n_workers = min(workers or min(2, os.cpu_count() or 1), os.cpu_count() or 1, max(1, len(jobs)))
     bar = _progress(len(jobs), progress, initial_note=f"{skipped} done" if skipped else "")
@@ -210,6 +254,9 @@ def generate_dataset(
         "seed": int(seed),
         "size": size,
         "background": background,
+        "background_findings": None
+        if findings is None
+        else {"nodules": len(findings.nodules), "excluded": len(findings.excluded)},
         "generator_version": GENERATOR_VERSION,
         "n_scans": n_scans,
         "n_skipped": skipped,

@@ -153,6 +153,31 @@ class TubeSamples:
         return out
 
 
+@dataclass(frozen=True)
+class KeepOut:
+    """Balls that nothing new may be put on or near: a real scan's own findings.
+
+    A synthetic nodule there would overlap a real one, and a class-0 candidate there would
+    teach a real finding as a negative.
+
+    Attributes:
+        centres: ``(N, 3)`` body-frame mm.
+        radii: ``(N,)`` mm.
+        margin: clearance (mm) between a ball and anything new.
+    """
+
+    centres: np.ndarray
+    radii: np.ndarray
+    margin: float = 5.0
+
+    def clear_of(self, point: np.ndarray, radius: float = 0.0) -> bool:
+        """Whether a ball of ``radius`` at ``point`` keeps ``margin`` mm from every ball."""
+        if len(self.radii) == 0:
+            return True
+        d = np.linalg.norm(np.asarray(self.centres) - point, axis=1)
+        return bool(np.all(d >= np.asarray(self.radii) + radius + self.margin))
+
+
 def plan_findings(
     rng: np.random.Generator,
     lung: LungMap,
@@ -160,6 +185,7 @@ def plan_findings(
     airways: TubeSamples,
     n_nodules: int,
     n_excluded: int,
+    keep_out: KeepOut | None = None,
 ) -> tuple[list[PlannedFinding], list[PlannedFinding]]:
     """Choose the nodules (for annotations.csv) and the excluded findings of one scan.
 
@@ -167,11 +193,14 @@ def plan_findings(
     a 1-4 mm vessel) or juxtapleural (centre 0.6-0.85 radii from the pleura, so the nodule abuts
     the chest wall). Excluded findings are micronodules < 3 mm, nodules 'one reader saw', and
     non-nodules (calcified granulomas, linear scars), as in LUNA16's annotations_excluded.csv.
+    None of them is put within ``keep_out``'s margin of its balls.
     """
     lib = load_shape_library()
     placed: list[PlannedFinding] = []
 
     def far_from_others(c: np.ndarray, r: float) -> bool:
+        if keep_out is not None and not keep_out.clear_of(c, r):
+            return False
         return all(np.linalg.norm(c - p.centre) > r + 0.5 * p.diameter + 6.0 for p in placed)
 
     def place(d: float, location: str) -> np.ndarray | None:
@@ -309,13 +338,14 @@ def plan_candidates(
     nodules: list[PlannedFinding],
     excluded: list[PlannedFinding],
     n_negative: int,
+    keep_out: KeepOut | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Candidate positions (body mm), classes and sources for candidates.csv.
 
     Class 1: 1-4 per nodule, jittered within 0.5 radii of its centre. Class 0: real look-alikes
     -- vessel bifurcations, vessels running through the slice (round in axial view), vessels
     crossing each other, airway walls, the pleura, plain parenchyma and the excluded findings --
-    never within a nodule's radius (+1 mm).
+    never within a nodule's radius (+1 mm), nor within ``keep_out``'s margin of its balls.
     """
     pos, cls, src = [], [], []
     for f in nodules:
@@ -396,6 +426,7 @@ def plan_candidates(
         (p, s)
         for p, s in neg
         if all(np.linalg.norm(p - f.centre) >= 0.5 * f.diameter + 1.0 for f in nodules)
+        and (keep_out is None or keep_out.clear_of(p))
     ]
     for i in np.sort(rng.permutation(len(kept))[:n_negative]):
         pos.append(kept[i][0])
