@@ -536,6 +536,9 @@ def _add_train_models(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_evaluate_models(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
+    import json
+    from pathlib import Path
+
     from integration.evaluation import metrics_line
     from integration.recipe import evaluate_model_set
 
@@ -554,6 +557,13 @@ def _run_evaluate_models(args: argparse.Namespace) -> int:
         + (f" (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci is not None else "")
         + f", {result.detected}/{result.nodules} nodules detected in {result.scans} scans"
     )
+    small = json.loads((Path(args.out) / "evaluation" / "by_size.json").read_text())
+    for band, row in small.items():
+        if row["nodules"]:
+            print(
+                f"  {band}: {row['nodules']} nodules, sensitivity {row['1']:.3f} at 1 FP/scan, "
+                f"{row['4']:.3f} at 4, {row['any']:.3f} with any mark"
+            )
     print(metrics_line(result.to_json()))
     return 0
 

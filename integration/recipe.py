@@ -340,7 +340,49 @@ def evaluate_model_set(
         data, series, submission, bootstrap=bootstrap, label=label or model_set.name
     )
     write_outputs(result, out / "evaluation")
+    write_json_atomic(out / "evaluation" / "by_size.json", sensitivity_by_size(result))
     return result
+
+
+SIZE_BANDS_MM = ((0.0, 6.0), (6.0, 10.0), (10.0, float("inf")))
+"""Diameter bands of :func:`sensitivity_by_size`: small nodules are the hard ones."""
+
+
+def sensitivity_by_size(
+    result: Any, bands: tuple[tuple[float, float], ...] = SIZE_BANDS_MM
+) -> dict[str, Any]:
+    """Sensitivity per nodule diameter band, at the FROC's operating points.
+
+    For each rate of :data:`integration.evaluation.FP_RATES` the operating threshold is the
+    lowest one at which the whole FROC stays at or below that many false positives per scan;
+    a band's sensitivity there is the share of its nodules hit by a mark at or above it.
+    ``any`` counts a nodule hit by any mark (the top of the FROC).
+    """
+    import numpy as np
+
+    from integration.evaluation import FP_RATES
+
+    table = result.nodule_table
+    diameters = np.asarray(table.diameter_mm, dtype=float)
+    detected = np.asarray(table.detected, dtype=bool)
+    probability = np.where(detected, np.nan_to_num(np.asarray(table.probability, float)), -1.0)
+    fps, thresholds = np.asarray(result.froc_fps), np.asarray(result.froc_thresholds)
+    out: dict[str, Any] = {}
+    for lo, hi in bands:
+        name = f"{lo:g}-{hi:g} mm" if np.isfinite(hi) else f">= {lo:g} mm"
+        in_band = (diameters >= lo) & (diameters < hi)
+        n = int(in_band.sum())
+        row: dict[str, Any] = {"nodules": n, "any": _share(detected & in_band, n)}
+        for rate in FP_RATES:
+            ok = fps <= rate
+            threshold = float(thresholds[ok].min()) if ok.any() else float("inf")
+            row[f"{rate:g}"] = _share((probability >= threshold) & detected & in_band, n)
+        out[name] = row
+    return out
+
+
+def _share(mask: Any, n: int) -> float | None:
+    return round(float(mask.sum()) / n, 4) if n else None
 
 
 def model_set_tta(models_dir: Path) -> bool:

@@ -91,6 +91,8 @@ def test_evaluate_models_on_fresh_data_and_detect(trained: dict[str, Path], tmp_
     assert code == 0, capsys.readouterr().err
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
     assert metrics["scans"] == 2 and "cpm_ci95" in metrics
+    by_size = json.loads((out / "evaluation" / "by_size.json").read_text())
+    assert sum(row["nodules"] for row in by_size.values()) == metrics["nodules"]
     assert (out / "submission.csv").is_file()
 
     # The training data itself is refused: the set has seen it.
@@ -137,3 +139,28 @@ def test_shipped_recipes_load(tmp_path: Path, monkeypatch) -> None:
     assert recipe.data["size"] == "full" and recipe.stage_settings().gan
     with pytest.raises(LungCTError, match="no recipe named 'nope'"):
         Recipe.load("nope")
+
+
+def test_sensitivity_by_size_reads_the_froc_operating_points() -> None:
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from integration.recipe import sensitivity_by_size
+
+    table = SimpleNamespace(
+        diameter_mm=np.array([4.0, 5.0, 8.0, 12.0]),
+        detected=np.array([True, False, True, False]),
+        probability=np.array([0.9, np.nan, 0.4, np.nan]),
+    )
+    result = SimpleNamespace(
+        nodule_table=table,
+        froc_fps=np.array([0.0, 1.0, 5.0]),
+        froc_thresholds=np.array([np.inf, 0.8, 0.3]),
+    )
+    bands = sensitivity_by_size(result)
+    assert list(bands) == ["0-6 mm", "6-10 mm", ">= 10 mm"]
+    assert bands["0-6 mm"]["nodules"] == 2 and bands["0-6 mm"]["any"] == 0.5
+    assert bands["0-6 mm"]["0.5"] == 0.0  # only the infinite threshold stays under 0.5 FP
+    assert bands["0-6 mm"]["1"] == 0.5 and bands["6-10 mm"]["1"] == 0.0
+    assert bands["6-10 mm"]["8"] == 1.0 and bands[">= 10 mm"]["8"] == 0.0
