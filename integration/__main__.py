@@ -499,9 +499,19 @@ def _run_train_models(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
     import json
 
-    from integration.recipe import Recipe, train_models
+    from integration.recipe import BackgroundScan, Recipe, train_models
 
-    summary = train_models(Recipe.load(args.recipe), args.out, progress=not args.quiet)
+    background = None
+    if args.background:
+        background = BackgroundScan(
+            args.background,
+            args.background_annotations,
+            args.background_excluded,
+            args.background_has_no_findings,
+        )
+    summary = train_models(
+        Recipe.load(args.recipe), args.out, progress=not args.quiet, background=background
+    )
     held = summary["heldout"]
     print(
         f"model set: {args.out}/models ({summary['model_set']['name']}, trained "
@@ -530,6 +540,18 @@ def _add_train_models(subparsers: argparse._SubParsersAction) -> None:
         help="a recipe shipped in integration/data/recipes (suite-default) or a JSON file",
     )
     p.add_argument("--out", required=True, help="output folder (data, cache, models, heldout)")
+    p.add_argument(
+        "--background",
+        metavar="SCAN",
+        help="the real scan of the recipe's background part (its copies join the training folds)",
+    )
+    p.add_argument("--background-annotations", metavar="CSV", help="LUNA16 annotations.csv")
+    p.add_argument("--background-excluded", metavar="CSV", help="LUNA16 annotations_excluded.csv")
+    p.add_argument(
+        "--background-has-no-findings",
+        action="store_true",
+        help="the background scan has no finding (instead of the two tables)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_train_models)
 

@@ -98,12 +98,16 @@ class ModelSet:
 def data_phrase(data: dict) -> str:
     """``{"kind": "synthetic", "size": "full", "scans": 120, ...}`` -> readable words."""
     kind = data.get("kind")
+    if kind == "merged":
+        return " + ".join(data_phrase(part) for part in data.get("parts") or [])
     if kind == "synthetic":
-        where = f" in the lungs of {data['background']}" if data.get("background") else ""
-        return (
-            f"{data.get('scans')} synthetic {data.get('size')} scans{where} (seed "
-            f"{data.get('seed')}, generator v{data.get('generator_version')})"
-        )
+        made = f"seed {data.get('seed')}, generator v{data.get('generator_version')}"
+        if data.get("background"):
+            return (
+                f"{data.get('scans')} copies of the real scan {data['background']} with "
+                f"synthetic nodules in its lungs ({made})"
+            )
+        return f"{data.get('scans')} synthetic {data.get('size')} scans ({made})"
     if kind == "LUNA16 layout":
         scans = f"{data['scans']} scans of " if data.get("scans") is not None else ""
         return f"{scans}the data folder '{data.get('name')}'"

@@ -63,6 +63,10 @@ class Recipe:
         data: ``{"scans": N, "seed": S, "size": "small"|"full"}``, the synthetic mini-LUNA
             to generate (``lungct synth``).
         split: ``{"train": [...], "val": [...], "test": [...]}`` LUNA16 subsets.
+        background: ``{"scans": N, "seed": S}``: also N copies of a real scan with synthetic
+            nodules in its lungs (``lungct synth --background``; the scan and its own LUNA16
+            findings are given to :func:`train_models`, not named in the recipe). They join the
+            training folds only.
         preprocess: :class:`lungct.preprocess.PreprocessPlan` fields of the cache (default:
             the 1 mm grid every stage uses).
         settings: :class:`integration.stages.StageSettings` keys (variants, plans, budgets).
@@ -77,6 +81,7 @@ class Recipe:
     split: dict[str, list[int]] = field(
         default_factory=lambda: {"train": [0, 1, 2, 3, 4, 5, 6, 7], "val": [8], "test": [9]}
     )
+    background: dict[str, Any] | None = None
     preprocess: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     bootstrap: int = 1000
@@ -132,6 +137,14 @@ class Recipe:
             raise LungCTError(source, f"data.seed must be an integer, got {seed!r}")
         if data.get("size", "full") not in SYNTH_SIZES:
             raise LungCTError(source, f"data.size must be one of {SYNTH_SIZES}")
+        bg = self.background
+        if bg is not None:
+            if not isinstance(bg, dict) or set(bg) != {"scans", "seed"}:
+                raise LungCTError(source, "recipe background must be {scans, seed} or null")
+            if any(isinstance(v, bool) or not isinstance(v, int) for v in bg.values()):
+                raise LungCTError(source, "background scans and seed must be integers")
+            if bg["scans"] < 1:
+                raise LungCTError(source, "background.scans must be a positive integer")
         if isinstance(self.bootstrap, bool) or not isinstance(self.bootstrap, int):
             raise LungCTError(source, "bootstrap must be an integer")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
@@ -161,40 +174,81 @@ class Recipe:
         return PreprocessPlan.from_dict(self.preprocess, source=source)
 
 
+@dataclass(frozen=True)
+class BackgroundScan:
+    """The real scan of a recipe's background part, and where its own findings are listed.
+
+    Args:
+        scan: the real scan (any format ``lungct`` reads).
+        annotations, excluded: LUNA16 tables holding its nodules and other findings.
+        has_no_findings: the scan has none (instead of the two tables).
+    """
+
+    scan: str
+    annotations: str | None = None
+    excluded: str | None = None
+    has_no_findings: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form, paths resolved."""
+        return {
+            k: str(Path(v).resolve()) if isinstance(v, str) else v
+            for k, v in dataclasses.asdict(self).items()
+        }
+
+
 def train_models(
-    recipe: Recipe, out_dir: str | os.PathLike, progress: bool = True
+    recipe: Recipe,
+    out_dir: str | os.PathLike,
+    progress: bool = True,
+    background: BackgroundScan | None = None,
 ) -> dict[str, Any]:
     """Run a recipe into ``out_dir`` (resuming whatever an earlier run left); return a summary.
 
     Raises:
-        LungCTError: a bad recipe, ``out_dir`` started with another recipe, a stage failing.
+        LungCTError: a bad recipe, ``out_dir`` started with another recipe or background, a
+            background part without its scan (or a scan without the part), a stage failing.
     """
     from integration.evaluation import write_outputs
     from integration.pipeline import PipelineConfig
     from integration.stages import evaluate_submission
     from lungct.cache import prepare_dataset
     from lungct.synth import generate_dataset
+    from lungct.synth.layout import merge_layouts
 
     out = Path(out_dir)
     saved = out / RECIPE_FILE
     if saved.is_file():
-        previous = read_json(saved)
-        if previous != recipe.to_dict():
+        previous = Recipe.from_dict(read_json(saved), source=saved)  # defaults filled in
+        if previous.to_dict() != recipe.to_dict():
             raise LungCTError(
                 saved,
                 "this folder was started with another recipe; rerun that one to resume it, or "
                 "use a new --out",
             )
+    if (recipe.background is None) != (background is None):
+        raise LungCTError(
+            None,
+            "the recipe has a background part: give its real scan (--background SCAN and its "
+            "findings)"
+            if background is None
+            else "a background scan was given but the recipe has no background part",
+        )
+    used = out / "background.json"
+    if background is not None and used.is_file() and read_json(used) != background.to_dict():
+        raise LungCTError(used, "this folder was started with another background scan")
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(saved, recipe.to_dict())
     data, cache, models = out / "data", out / "cache", out / "models"
     log = _stderr_log if progress else _quiet
     clock = StageClock(log=log, prefix="train-models")
+
     spec = recipe.data
+    main_part = data if background is None else out / "parts" / "synthetic"
     clock.run(
         "synth",
         lambda: generate_dataset(
-            data,
+            main_part,
             spec["scans"],
             spec.get("seed", 0),
             spec.get("size", "full"),
@@ -202,6 +256,25 @@ def train_models(
             workers=recipe.workers,
         ),
     )
+    if background is not None:
+        write_json_atomic(used, background.to_dict())
+        bg_part = out / "parts" / "background"
+        bg = recipe.background or {}
+        clock.run(
+            "synth on the real background",
+            lambda: generate_dataset(
+                bg_part,
+                bg["scans"],
+                bg["seed"],
+                background=background.scan,
+                background_annotations=background.annotations,
+                background_excluded=background.excluded,
+                background_has_no_findings=background.has_no_findings,
+                progress=progress,
+                workers=recipe.workers,
+            ),
+        )
+        merge_layouts(data, [(main_part, None), (bg_part, list(recipe.split_().train))])
     report = clock.run(
         "prepare",
         lambda: prepare_dataset(

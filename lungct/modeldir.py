@@ -122,24 +122,33 @@ def describe_data(data_dir: str | os.PathLike | None) -> dict[str, Any]:
     if data_dir is None:
         return {"kind": "unknown"}
     root = Path(data_dir)
+    sources = root / "sources.json"
+    if sources.is_file():  # several generated data sets shown as one (lungct.synth.merge_layouts)
+        parts = read_json(sources).get("parts") or []
+        return {"kind": "merged", "parts": [_describe_synth(p["synth"]) for p in parts]}
     synth = root / "synth.json"
     if synth.is_file():
-        s = read_json(synth)
-        background = s.get("background")
-        return {
-            "kind": "synthetic",
-            "seed": s.get("seed"),
-            "size": s.get("size"),
-            "scans": s.get("n_scans"),
-            "nodules": s.get("n_annotations"),
-            "generator_version": s.get("generator_version"),
-            "background": Path(background).name if background else None,
-        }
+        return _describe_synth(read_json(synth))
     uids = root / "seriesuids.csv"
     scans = None
     if uids.is_file():
         scans = sum(1 for line in uids.read_text().splitlines() if line.strip())
     return {"kind": "LUNA16 layout", "name": root.name, "scans": scans}
+
+
+def _describe_synth(s: dict | None) -> dict[str, Any]:
+    if not s:
+        return {"kind": "unknown"}
+    background = s.get("background")
+    return {
+        "kind": "synthetic",
+        "seed": s.get("seed"),
+        "size": "real background" if background else s.get("size"),
+        "scans": s.get("n_scans"),
+        "nodules": s.get("n_annotations"),
+        "generator_version": s.get("generator_version"),
+        "background": Path(background).name if background else None,
+    }
 
 
 def seal_model_dir(
@@ -250,5 +259,6 @@ def is_demo_grade(manifest: dict) -> bool:
     data = prov.get("data") or {}
     seconds = prov.get("train_seconds")
     short = isinstance(seconds, (int, float)) and seconds < DEMO_GRADE_SECONDS
-    small = data.get("kind") == "synthetic" and data.get("size") == "small"
+    parts = data.get("parts") if data.get("kind") == "merged" else [data]
+    small = any(p.get("kind") == "synthetic" and p.get("size") == "small" for p in parts or [])
     return bool(short or small)

@@ -124,6 +124,8 @@ def test_evaluate_models_on_fresh_data_and_detect(trained: dict[str, Path], tmp_
         ({"settings": {"unet_minutes": -1}}, "'unet_minutes' must be > 0"),
         ({"preprocess": {"spacing": [1, 1]}}, "spacing must be 3 positive numbers"),
         ({"workers": 0}, "workers must be a positive integer"),
+        ({"background": {"scans": 0, "seed": 1}}, "background.scans must be a positive integer"),
+        ({"background": {"scans": 2}}, "recipe background must be {scans, seed} or null"),
     ],
 )
 def test_bad_recipes_are_refused(change: dict, problem: str) -> None:
@@ -164,3 +166,62 @@ def test_sensitivity_by_size_reads_the_froc_operating_points() -> None:
     assert bands["0-6 mm"]["0.5"] == 0.0  # only the infinite threshold stays under 0.5 FP
     assert bands["0-6 mm"]["1"] == 0.5 and bands["6-10 mm"]["1"] == 0.0
     assert bands["6-10 mm"]["8"] == 1.0 and bands[">= 10 mm"]["8"] == 0.0
+
+
+def test_modelset_command_describes_hand_trained_stages(trained: dict[str, Path], tmp_path, capsys):
+    import shutil
+
+    models = tmp_path / "models"
+    for stage in ("unet", "fpr"):
+        shutil.copytree(trained["out"] / "models" / stage, models / stage)
+    perf = tmp_path / "perf.md"
+    perf.write_text("| set | CPM |\n|---|---|\n| fresh | 0.123 |\n")
+    code = main([
+        "modelset", "--models", str(models), "--name", "mine", "--version", "2",
+        "--performance", str(perf),
+    ])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "mine: stages unet, fpr" in out and "demo-grade" in out
+    card = (models / "MODEL_CARD.md").read_text()
+    assert card.startswith("# Model card: mine 2") and "| fresh | 0.123 |" in card
+    assert json.loads((models / "modelset.json").read_text())["stages"] == ["unet", "fpr"]
+
+    code = main(["modelset", "--models", str(models), "--name", "x", "--performance", "nope.md"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "nope.md: cannot be read" in err[0]
+    shutil.rmtree(models / "unet")
+    code = main(["modelset", "--models", str(models), "--name", "x"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "a model set needs at least the U-Net" in err[0]
+
+
+def test_a_background_part_joins_the_training_folds(tmp_path: Path, capsys) -> None:
+    """The recipe's background copies are merged into the training folds, seals say so."""
+    from lungct.io import write_scan
+    from unet_candidates.testing import phantom_chest
+
+    scan, _ = phantom_chest(
+        shape_zyx=(40, 96, 112), nodules_zyx=(), spacing=(2.5, 2.5, 2.5), seriesuid="5.5.5"
+    )
+    background = tmp_path / "5.5.5.mhd"
+    write_scan(scan, background)
+    recipe = tmp_path / "bg.json"
+    recipe.write_text(json.dumps(tiny_recipe(background={"scans": 2, "seed": 9})))
+    out = tmp_path / "run"
+    argv = ["train-models", "--recipe", str(recipe), "--out", str(out), "--quiet"]
+    assert main(argv) == 2
+    assert "give its real scan" in capsys.readouterr().err
+    code = main([*argv, "--background", str(background), "--background-has-no-findings"])
+    assert code == 0, capsys.readouterr().err
+    data = out / "data"
+    sources = json.loads((data / "sources.json").read_text())
+    assert [p["folder"] for p in sources["parts"]] == ["synthetic", "background"]
+    bg_uids = (out / "parts" / "background" / "seriesuids.csv").read_text().split()
+    bg_folders = {p.parent.name for p in data.glob("subset*/*.mhd") if p.stem in bg_uids}
+    assert bg_folders == {"subset0", "subset1"}  # the recipe's training folds only
+    all_uids = (data / "seriesuids.csv").read_text().split()
+    assert len(all_uids) == 6 and set(bg_uids) <= set(all_uids)
+    unet = verify_model_dir(out / "models" / "unet")
+    parts = unet["provenance"]["data"]["parts"]
+    assert parts[1]["background"] == "5.5.5.mhd" and parts[1]["size"] == "real background"
+    assert "copies of the real scan 5.5.5.mhd" in (out / "models" / "MODEL_CARD.md").read_text()

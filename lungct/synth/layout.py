@@ -30,7 +30,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from lungct.errors import LungCTError
-from lungct.fileio import write_json_atomic, write_text_atomic
+from lungct.fileio import read_json, write_json_atomic, write_text_atomic
 from lungct.io import write_image, write_scan
 from lungct.synth.background import (
     BackgroundFindings,
@@ -323,3 +323,78 @@ def _progress(total: int, enabled: bool, initial_note: str = ""):
     except ImportError:
         return _NoBar()
     return tqdm(total=total, desc="synth", unit="scan", postfix=initial_note or None)
+
+
+SOURCES_FILE = "sources.json"
+"""Written by :func:`merge_layouts`: the data sets a merged folder is made of."""
+
+_TABLES = ("annotations.csv", "annotations_excluded.csv", "candidates.csv")
+
+
+def merge_layouts(
+    out_dir: str | os.PathLike,
+    parts: list[tuple[str | os.PathLike, list[int] | None]],
+) -> dict:
+    """One LUNA16-layout folder that shows several generated data sets as one.
+
+    Each part is ``(folder, folds)``: its scans keep their own subsets when ``folds`` is
+    ``None``, else they are dealt round-robin over ``folds`` (background variants of one real
+    scan go to the training folds only, so no held-out subset holds a copy of trained anatomy).
+    Scans are symbolic links into the parts; the tables are the parts' tables one after the
+    other; ``sources.json`` names the parts. The folder is rebuilt whole on every call.
+
+    Raises:
+        LungCTError: a part that is not a LUNA16-layout folder, or a series in two parts.
+    """
+    from lungct.cache import find_scans
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for sub in out.glob("subset*"):
+        if sub.is_dir():
+            for link in sub.iterdir():
+                if link.is_symlink():
+                    link.unlink()
+    seen: dict[str, str] = {}
+    tables: dict[str, list[str]] = {name: [] for name in (*_TABLES, "seriesuids.csv")}
+    headers: dict[str, str] = {}
+    sources = []
+    for folder, folds in parts:
+        folder = Path(folder).resolve()
+        scans = find_scans(folder)
+        for i, scan in enumerate(scans):
+            if scan.seriesuid in seen:
+                raise LungCTError(
+                    folder, f"series {scan.seriesuid} is also in {seen[scan.seriesuid]}"
+                )
+            seen[scan.seriesuid] = str(folder)
+            subset = scan.fold if folds is None else folds[i % len(folds)]
+            target = out / f"subset{subset}"
+            target.mkdir(exist_ok=True)
+            for path in (scan.path, scan.path.with_suffix(".zraw")):
+                if path.exists():
+                    (target / path.name).symlink_to(path)
+        for name in _TABLES:
+            path = folder / name
+            if not path.is_file():
+                raise LungCTError(path, "missing: a merged part needs the LUNA16 tables")
+            lines = path.read_text().splitlines()
+            headers.setdefault(name, lines[0])
+            tables[name] += lines[1:]
+        tables["seriesuids.csv"] += [s.seriesuid for s in scans]
+        synth = folder / "synth.json"
+        sources.append(
+            {
+                "folder": folder.name,
+                "path": str(folder),
+                "scans": len(scans),
+                "folds": folds,
+                "synth": read_json(synth) if synth.is_file() else None,
+            }
+        )
+    for name in _TABLES:
+        write_text_atomic(out / name, "\n".join([headers[name], *tables[name]]) + "\n")
+    write_text_atomic(out / "seriesuids.csv", "".join(f"{u}\n" for u in tables["seriesuids.csv"]))
+    summary = {"parts": sources, "scans": len(seen)}
+    write_json_atomic(out / SOURCES_FILE, summary)
+    return summary
