@@ -26,6 +26,7 @@ from typing import Any
 from lungct.errors import LungCTError
 from lungct.fileio import read_json, write_json_atomic, write_text_atomic
 from lungct.modeldir import is_demo_grade, verify_model_dir
+from lungct.plans import check_format_version
 
 MODELSET_FILE = "modelset.json"
 MODEL_CARD_FILE = "MODEL_CARD.md"
@@ -133,15 +134,7 @@ def read_model_set(models_dir: str | os.PathLike) -> ModelSet:
     )
     if not isinstance(info, dict):
         raise LungCTError(path, "a model set description must be a JSON object")
-    fmt = info.get("format")
-    if isinstance(fmt, bool) or not isinstance(fmt, int):
-        raise LungCTError(path, f"format must be an integer, got {fmt!r}")
-    if fmt > MODELSET_FORMAT:
-        raise LungCTError(
-            path,
-            f"written by a newer version of the suite (model set format {fmt}; this version "
-            f"reads up to {MODELSET_FORMAT}): upgrade the suite to use this model set",
-        )
+    check_format_version(info.get("format"), MODELSET_FORMAT, path, "model set format")
     stages = info.get("stages")
     if not isinstance(stages, list) or "unet" not in stages:
         raise LungCTError(path, f"stages must be a list holding 'unet', got {stages!r}")

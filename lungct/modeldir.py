@@ -27,6 +27,7 @@ from typing import Any
 
 from lungct.errors import LungCTError
 from lungct.fileio import read_json, write_json_atomic
+from lungct.plans import check_format_version
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -226,14 +227,7 @@ def verify_model_dir(model_dir: str | os.PathLike, check_files: bool = True) -> 
             "the manifest is not sealed: training did not finish (continue it with "
             "`train --resume`) or the folder was written by an older version (train it again)",
         )
-    if isinstance(fmt, bool) or not isinstance(fmt, int):
-        raise LungCTError(path, f"manifest format must be an integer, got {fmt!r}")
-    if fmt > MANIFEST_FORMAT:
-        raise LungCTError(
-            path,
-            f"written by a newer version of the suite (manifest format {fmt}; this version "
-            f"reads up to {MANIFEST_FORMAT}): upgrade the suite to use this model",
-        )
+    check_format_version(fmt, MANIFEST_FORMAT, path, "manifest format")
     files = manifest["files"]
     if not isinstance(files, dict) or not files:
         raise LungCTError(path, "the manifest's file list is empty or malformed")

@@ -27,12 +27,30 @@ def with_plan_format(d: dict) -> dict:
     return {PLAN_FORMAT_KEY: PLAN_FORMAT, **d}
 
 
+def check_format_version(value: Any, supported: int, source: str | Path | None, what: str) -> None:
+    """Refuse a file format version that is not an integer or is newer than ``supported``.
+
+    A newer file's fields may mean something this version does not know; guessing would train
+    or detect with the wrong settings. ``what`` names the format in the message.
+
+    Raises:
+        LungCTError: naming ``source``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise LungCTError(source, f"{what} must be an integer, got {value!r}")
+    if value > supported:
+        raise LungCTError(
+            source,
+            f"written by a newer version of the suite ({what} {value}; this version reads up "
+            f"to {supported}): upgrade the suite to use it",
+        )
+
+
 def pop_plan_format(d: dict, source: str | Path | None = None) -> dict:
     """The plan fields of a loaded plan file, after checking its format version.
 
     A plan without ``plan_format`` (hand-written, or from before plans carried it) is read as
-    the current format. A newer format is refused: its fields may mean something this version
-    does not know, and guessing would train or detect with the wrong settings.
+    the current format.
 
     Raises:
         LungCTError: a format that is not an integer, or newer than :data:`PLAN_FORMAT`.
@@ -40,15 +58,7 @@ def pop_plan_format(d: dict, source: str | Path | None = None) -> dict:
     if not isinstance(d, dict) or PLAN_FORMAT_KEY not in d:
         return d
     d = dict(d)
-    fmt = d.pop(PLAN_FORMAT_KEY)
-    if isinstance(fmt, bool) or not isinstance(fmt, int):
-        raise LungCTError(source, f"{PLAN_FORMAT_KEY} must be an integer, got {fmt!r}")
-    if fmt > PLAN_FORMAT:
-        raise LungCTError(
-            source,
-            f"plan written by a newer version of the suite ({PLAN_FORMAT_KEY} {fmt}; this "
-            f"version reads up to {PLAN_FORMAT}): upgrade the suite to use it",
-        )
+    check_format_version(d.pop(PLAN_FORMAT_KEY), PLAN_FORMAT, source, "plan format")
     return d
 
 

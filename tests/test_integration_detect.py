@@ -134,7 +134,12 @@ def test_broken_model_sets_are_refused(models: Path, tmp_path: Path, capsys) -> 
     plan_text = plan_path.read_text()
     plan_path.write_text(plan_text.replace('"plan_format": 1', '"plan_format": 2'))
     seal_model_dir(broken / "unet", "unet", 1.0)  # as a newer suite would have sealed it
-    _detect_refuses(broken, tmp_path, capsys, "plan written by a newer version of the suite")
+    _detect_refuses(
+        broken,
+        tmp_path,
+        capsys,
+        "plan.json: written by a newer version of the suite (plan format 2",
+    )
     plan_path.write_text(plan_text)
     seal_model_dir(broken / "unet", "unet", 1.0)
 
