@@ -1,0 +1,61 @@
+"""The model set shipped in integration/shipped_models: it loads, detects, and guards itself."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from integration.__main__ import main
+from integration.modelset import MODEL_CARD_FILE, SHIPPED_MODELS, read_model_set
+from lungct.modeldir import verify_model_dir
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+MAX_SET_BYTES = 40 * 1024 * 1024
+
+
+def test_the_shipped_set_is_sealed_small_and_not_demo_grade() -> None:
+    model_set = read_model_set(SHIPPED_MODELS)
+    assert model_set.stages == ["unet", "fpr"]
+    assert not model_set.demo_grade, model_set.warning()
+    for stage in model_set.stages:
+        manifest = verify_model_dir(SHIPPED_MODELS / stage)
+        assert manifest["provenance"]["data"]["size"] == "full"
+    size = sum(p.stat().st_size for p in SHIPPED_MODELS.rglob("*") if p.is_file())
+    assert size <= MAX_SET_BYTES
+    card = (SHIPPED_MODELS / MODEL_CARD_FILE).read_text()
+    assert "Not a medical device" in card and "Measured performance" in card
+    assert not any(SHIPPED_MODELS.rglob("checkpoints"))
+
+
+def test_detect_uses_the_shipped_set_by_default(tmp_path: Path, capsys) -> None:
+    from lungct.synth import generate_dataset
+
+    data = tmp_path / "data"
+    generate_dataset(data, 1, 4242, "small", progress=False, workers=1)
+    scan = next(data.glob("subset0/*.mhd"))
+    out = tmp_path / "out"
+    assert main(["detect", "--scan", str(scan), "--out", str(out), "--no-report"]) == 0
+    captured = capsys.readouterr()
+    assert "warning:" not in captured.err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model_set"]["name"] == read_model_set(SHIPPED_MODELS).name
+    assert not summary["model_set"]["demo_grade"]
+    assert summary["candidates"] >= 1 and (out / "detections.csv").is_file()
+
+
+def test_a_changed_shipped_weight_is_refused(tmp_path: Path, capsys) -> None:
+    copy = tmp_path / "set"
+    shutil.copytree(SHIPPED_MODELS, copy)
+    weights = copy / "fpr" / "model.keras"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    code = main(["detect", "--scan", "x.mhd", "--models", str(copy), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "sha256 mismatch" in err[0]
+    assert not out.exists()
