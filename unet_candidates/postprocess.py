@@ -70,23 +70,38 @@ def components_to_marks(
     labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
     if n == 0:
         return np.zeros((0, 3)), np.zeros(0), np.zeros(0)
-    index = np.arange(1, n + 1)
     counts = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    keep = counts >= min_component_voxels
-    index, counts = index[keep], counts[keep]
-    if len(index) == 0:
+    # Each component is measured inside its own box (plus the smoothing's reach, clipped to
+    # the map: at a clipped side the box's edge is the map's, so the filter's reflection
+    # there is the same): the same numbers as whole-map reductions, at a fraction of the work.
+    reach = int(4.0 * score_sigma_voxels + 0.5) if score_sigma_voxels > 0 else 0
+    shape = np.asarray(probability.shape)
+    centres, peaks, sizes = [], [], []
+    for k, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None or counts[k - 1] < min_component_voxels:
+            continue
+        lo = np.array([b.start for b in box])
+        hi = np.array([b.stop for b in box])
+        own = labels[box] == k
+        weights = np.where(own, probability[box], 0.0).astype(np.float64)
+        centres.append(np.asarray(ndimage.center_of_mass(weights), np.float64) + lo)
+        if reach:
+            plo, phi = np.maximum(lo - reach, 0), np.minimum(hi + reach, shape)
+            outer = tuple(slice(a, b) for a, b in zip(plo, phi, strict=True))
+            smooth = ndimage.gaussian_filter(
+                probability[outer].astype(np.float32), score_sigma_voxels
+            )
+            inner = tuple(slice(a, b) for a, b in zip(lo - plo, hi - plo, strict=True))
+            peaks.append(float(smooth[inner][own].max()))
+        else:
+            peaks.append(float(probability[box][own].max()))
+        sizes.append(counts[k - 1])
+    if not centres:
         return np.zeros((0, 3)), np.zeros(0), np.zeros(0)
-    weights = np.where(mask, probability, 0.0).astype(np.float64)
-    centres = np.asarray(ndimage.center_of_mass(weights, labels, index), dtype=np.float64)
-    scored = (
-        ndimage.gaussian_filter(probability.astype(np.float32), score_sigma_voxels)
-        if score_sigma_voxels > 0
-        else probability
-    )
-    peaks = np.asarray(ndimage.maximum(scored, labels, index), dtype=np.float64)
-    world = geometry.voxel_to_world(centres.reshape(-1, 3)).reshape(-1, 3)
+    world = geometry.voxel_to_world(np.asarray(centres).reshape(-1, 3)).reshape(-1, 3)
     voxel_mm3 = float(np.prod(geometry.spacing))
-    diameters = np.cbrt(6.0 * counts * voxel_mm3 / np.pi)
+    diameters = np.cbrt(6.0 * np.asarray(sizes, np.float64) * voxel_mm3 / np.pi)
+    peaks = np.asarray(peaks, dtype=np.float64)
     return world, peaks, diameters
 
 
