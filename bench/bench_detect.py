@@ -48,14 +48,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("scan", help="a real scan (.mhd/.mha/.nii(.gz) or a DICOM folder)")
     parser.add_argument("--models", help="model set (default: the shipped set)")
+    parser.add_argument(
+        "--runtime",
+        choices=("auto", "keras", "onnx"),
+        default="auto",
+        help="where the U-Net runs (default auto: ONNX Runtime on a CPU)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs (default 3)")
     parser.add_argument("--out", help="also write the results as JSON here")
     args = parser.parse_args()
 
     from integration.pipeline import Detector, detect
+    from unet_candidates.runtime import runtime_of
 
     floor = read_and_resample_seconds(args.scan, args.repeats)
-    detector = Detector.load(args.models)
+    detector = Detector.load(args.models, runtime=args.runtime)
     quiet = lambda message: None  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:
         detect(args.scan, detector, tmp, log=quiet, allow_training_scans=True)  # warm-up
@@ -71,6 +78,7 @@ def main() -> int:
     result = {
         "scan": Path(args.scan).name,
         "model_set": detector.model_set.summary() if detector.model_set else None,
+        "runtime": runtime_of(detector.unet_model),
         "read_resample_s": round(floor, 2),
         "detect_median_s": round(total, 2),
         "ratio": round(total / floor, 1),

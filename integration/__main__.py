@@ -122,7 +122,7 @@ def _run_detect(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
     from integration.pipeline import Detector, detect
 
-    detector = Detector.load(args.models)
+    detector = Detector.load(args.models, runtime=args.runtime)
     if args.threshold is not None:
         detector.config.threshold = args.threshold
     if args.tta:
@@ -165,6 +165,12 @@ def _add_detect(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, help="report crops at or above this probability")
     p.add_argument("--tta", action="store_true", help="test-time augmentation of the scores")
     p.add_argument("--no-report", action="store_true", help="only detections.csv + summary.json")
+    p.add_argument(
+        "--runtime",
+        choices=("auto", "keras", "onnx"),
+        help="where the U-Net runs: onnx (ONNX Runtime, the fastest on a CPU), keras, or auto "
+        "(onnx on a CPU, keras on a GPU; default, or the LUNGCT_RUNTIME variable)",
+    )
     p.add_argument(
         "--allow-training-scans",
         action="store_true",

@@ -83,16 +83,22 @@ class Detector:
     model_set: ModelSet | None = None
 
     @classmethod
-    def load(cls, models_dir: str | os.PathLike | None = None) -> Detector:
+    def load(
+        cls, models_dir: str | os.PathLike | None = None, runtime: str | None = None
+    ) -> Detector:
         """Load a model set (default: the shipped one) in Keras safe mode.
 
         Every stage's seal is checked first (:func:`integration.modelset.read_model_set`).
+        ``runtime`` chooses where the U-Net runs (:func:`unet_candidates.runtime.predictor`;
+        default ``LUNGCT_RUNTIME`` or ``auto``: ONNX Runtime on a CPU).
 
         Raises:
             LungCTError: no such folder, no shipped set installed, not a model set, a
-                listed stage missing, a changed file, a format newer than this version.
+                listed stage missing, a changed file, a format newer than this version, an
+                unusable runtime.
         """
         from unet_candidates import load_unet
+        from unet_candidates.runtime import default_runtime, predictor
 
         if models_dir is None:
             models_dir = SHIPPED_MODELS
@@ -105,6 +111,7 @@ class Detector:
         model_set = read_model_set(models_dir)
         models_dir = model_set.root
         unet_model, unet_plan = load_unet(models_dir / "unet")
+        unet_model = predictor(unet_model, runtime or default_runtime())
         fpr = None
         if "fpr" in model_set.stages:
             from fp_reduction_3dcnn.predict import open_model
@@ -185,6 +192,7 @@ def detect(
             ``allow_training_scans``) a scan the MGI-CNN was trained on.
     """
     from unet_candidates import extract_candidates
+    from unet_candidates.runtime import runtime_of
 
     out = Path(out_dir)
     timings: dict[str, float] = {}
@@ -251,6 +259,7 @@ def detect(
             "scan": str(scan_path),
             "models": str(detector.models_dir),
             "model_set": detector.model_set.summary() if detector.model_set else None,
+            "unet_runtime": runtime_of(detector.unet_model),
             "candidates": len(candidates),
             "detections_above_threshold": sum(
                 d.probability >= detector.config.threshold for d in detections

@@ -93,6 +93,20 @@ def test_detect_writes_detections_and_report(models: Path, tmp_path: Path, capsy
     assert 'class="banner"' in html and "demo-grade training" in html and "test set 0" in html
     err = capsys.readouterr().err
     assert "warning: model set 'test set' is a demo-grade training" in err
+    # On a CPU the U-Net runs in ONNX Runtime by default; Keras gives the same detections.
+    assert summary["unet_runtime"] == "onnx"
+    again = tmp_path / "detect-keras"
+    argv = ["detect", "--scan", str(scan_path), "--models", str(models), "--out", str(again)]
+    assert main([*argv, "--runtime", "keras", "--no-report"]) == 0
+    assert json.loads((again / "summary.json").read_text())["unet_runtime"] == "keras"
+    with open(again / "detections.csv", newline="") as f:
+        keras_rows = list(csv.reader(f))
+    assert len(keras_rows) == len(rows)
+    np.testing.assert_allclose(
+        np.array([[float(v) for v in r[1:5]] for r in keras_rows[1:]]),
+        np.array([[float(v) for v in r[1:5]] for r in rows[1:]]),
+        atol=1e-3,
+    )
 
 
 def test_detect_errors_are_one_line(models: Path, tmp_path: Path, capsys) -> None:

@@ -215,3 +215,112 @@ def test_score_prefers_solid_blob_over_one_voxel_spike() -> None:
     assert [r.coordX for r in rows] == [20.0, 5.0]
     raw = candidates_from_probability(prob, geo, "s", nms_radius_mm=0, score_sigma_voxels=0)
     assert [r.coordX for r in raw] == [5.0, 20.0]
+
+
+def _whole_map_marks(probability, geometry, threshold, min_voxels, sigma):
+    """Reference: the same marks from reductions over the whole map at once."""
+    from scipy import ndimage
+
+    mask = probability > threshold
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    index = np.arange(1, n + 1)
+    counts = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    index, counts = index[counts >= min_voxels], counts[counts >= min_voxels]
+    weights = np.where(mask, probability, 0.0).astype(np.float64)
+    centres = np.asarray(ndimage.center_of_mass(weights, labels, index), np.float64)
+    scored = ndimage.gaussian_filter(probability, sigma) if sigma > 0 else probability
+    peaks = np.asarray(ndimage.maximum(scored, labels, index), np.float64)
+    return geometry.voxel_to_world(centres.reshape(-1, 3)), peaks, counts
+
+
+@pytest.mark.parametrize("sigma", [0.0, 1.0, 1.5])
+def test_component_marks_equal_whole_map_reductions(sigma: float) -> None:
+    """Per-component boxes give the whole-map numbers, components on the map's edges included."""
+    from scipy import ndimage
+
+    from unet_candidates.postprocess import components_to_marks
+
+    rng = np.random.default_rng(7)
+    shape = (23, 41, 37)
+    prob = np.zeros(shape, np.float32)
+    for _ in range(40):
+        c, r = rng.integers(0, shape), rng.integers(0, 4)  # many touch an edge
+        box = tuple(slice(max(a - r, 0), a + r + 1) for a in c)
+        prob[box] = np.maximum(prob[box], rng.uniform(0.3, 1.0))
+    prob = ndimage.gaussian_filter(prob, 0.7)
+    geo = Geometry(shape[::-1], (0.7, 0.8, 1.25), (1.0, -2.0, 3.0))
+    world, peaks, diameters = components_to_marks(prob, geo, 0.45, 2, sigma)
+    ref_world, ref_peaks, ref_counts = _whole_map_marks(prob, geo, 0.45, 2, sigma)
+    assert len(peaks) == len(ref_peaks) > 10
+    np.testing.assert_array_equal(peaks, ref_peaks)
+    np.testing.assert_allclose(world, ref_world, rtol=0, atol=1e-9)
+    expected = np.cbrt(6.0 * ref_counts * np.prod(geo.spacing) / np.pi)
+    np.testing.assert_allclose(diameters, expected, rtol=1e-12)
+
+
+def test_crops_cover_each_lung_once_with_sizes_the_unet_accepts() -> None:
+    from unet_candidates.extract import _crops
+
+    mask = np.zeros((100, 160), bool)
+    mask[20:70, 10:60] = True  # right lung
+    mask[25:80, 100:150] = True  # left lung
+    crops = _crops(mask, margin=4, multiple=16)
+    assert len(crops) == 2  # two boxes are smaller than one over both
+    covered = np.zeros(mask.shape, int)
+    for crop, pixels in crops:
+        assert all((c.stop - c.start) % 16 == 0 for c in crop)
+        inside = np.zeros(mask.shape, bool)
+        inside[tuple(slice(max(c.start, 0), c.stop) for c in crop)] = True
+        assert not (pixels & ~inside).any()  # a crop fills only pixels it saw
+        covered += pixels
+    grown = np.zeros(mask.shape, bool)
+    grown[16:74, 6:64] = grown[21:84, 96:154] = True
+    np.testing.assert_array_equal(covered, grown.astype(int))  # each grown pixel once
+    near = np.zeros((100, 160), bool)
+    near[40:50, 40:50] = near[40:50, 60:70] = True  # close: one crop beats two
+    ((crop, pixels),) = _crops(near, margin=4, multiple=16)
+    assert pixels.sum() == 2 * 18 * 18
+    assert [c.stop - c.start for c in crop] == [32, 48]
+    assert _crops(np.zeros((10, 10), bool), 2, 8) == []
+
+
+class _CountingEcho(_EchoModel):
+    """An echo model that counts the pixels it was shown, per pass."""
+
+    def __init__(self) -> None:
+        super().__init__("2d")
+        self.pixels = 0
+
+    def predict_on_batch(self, x: np.ndarray) -> np.ndarray:
+        self.pixels += x.shape[0] * x.shape[1] * x.shape[2]
+        return super().predict_on_batch(x)
+
+
+def test_flips_only_around_uncertain_pixels() -> None:
+    """Flips run near pixels above ``flip_threshold`` only; everywhere when it is 0."""
+    sizes = (3, 16, 16)
+    shape = (8, 96, 96)
+    image = np.full(shape, 0.01, np.float32)
+    image[3:5, 40:44, 40:44] = 0.9  # one bright spot: the only uncertain pixels
+    lung = np.zeros(shape, np.uint8)
+    lung[:, 8:88, 8:88] = 1
+    data = ModelInput("s", image, lung, Geometry(shape[::-1], (2, 2, 2), (0, 0, 0)), None, "s")
+    counts = {}
+    for flip_threshold in (0.0, 0.05):
+        plan = variant_plan(
+            "2d",
+            filters=(4, 8),
+            patch_size=sizes,
+            window_size=sizes,
+            lung_dilation_mm=0.0,
+            window_batch=8,
+            test_time_flips=1,
+            flip_threshold=flip_threshold,
+        )
+        model = _CountingEcho()
+        prob = predict_probability_map(model, data, plan)
+        np.testing.assert_allclose(prob[lung > 0], image[lung > 0], rtol=1e-6)
+        counts[flip_threshold] = model.pixels
+    plain = 8 * 96 * 96  # the lung box plus 16 pixels of context, within the slice
+    assert counts[0.0] == 2 * plain
+    assert counts[0.05] == plain + 8 * 68 * 68  # the spot plus 32 pixels of context

@@ -81,6 +81,7 @@ def _extract(args: argparse.Namespace) -> int:
         max_candidates=args.max_candidates,
         nms_radius_mm=args.nms_radius,
         test_time_flips=args.test_time_flips,
+        runtime=args.runtime,
         progress=not args.quiet,
     )
     for message in summary["failed"].values():
@@ -152,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         choices=(0, 1, 2, 3),
         help="override the plan's in-plane flips averaged at extraction (each one more pass)",
+    )
+    p.add_argument(
+        "--runtime",
+        choices=("auto", "keras", "onnx"),
+        help="where the U-Net runs: onnx (ONNX Runtime, the fastest on a CPU), keras, or auto "
+        "(onnx on a CPU, keras on a GPU; default, or the LUNGCT_RUNTIME variable)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_extract)

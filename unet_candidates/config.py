@@ -89,6 +89,10 @@ class UNetPlan:
         max_candidates: most candidates kept per scan (most probable first; 0 = no cap).
         test_time_flips: in-plane flips averaged with the plain prediction at extraction
             (0 = none, 1 = x, 2 = x and y, 3 = x, y and both); each costs one more pass.
+        flip_threshold: 2-D only: the flips are averaged in only around lung pixels whose
+            plain prediction exceeds this (0 = everywhere). Where the plain pass is below it,
+            a single flipped pass would need more than ``2 * threshold - flip_threshold`` to
+            lift the mean over ``threshold``.
         score_sigma_voxels: a mark's probability is its component's peak of the map smoothed
             by a Gaussian of this sigma (voxels; 0 = the raw peak).
     """
@@ -142,6 +146,7 @@ class UNetPlan:
     threshold: float = 0.5
     lung_dilation_mm: float = 4.0
     test_time_flips: int = 0
+    flip_threshold: float = 0.05
     min_component_voxels: int = 1
     nms_radius_mm: float = 8.0
     max_candidates: int = 50
@@ -217,6 +222,8 @@ class UNetPlan:
                 raise bad(f"{key} must be >= 1")
         if not 0 <= self.test_time_flips <= 3:
             raise bad("test_time_flips must be 0, 1, 2 or 3")
+        if not 0.0 <= self.flip_threshold < 1.0:
+            raise bad("flip_threshold must be in [0, 1)")
         if self.prefetch_batches < 0:
             raise bad("prefetch_batches must be >= 0")
         if self.val_patches < 0 or self.max_candidates < 0 or self.min_component_voxels < 1:

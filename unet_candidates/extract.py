@@ -1,11 +1,14 @@
-"""Candidate extraction: scan -> model grid -> sliding-window probability map -> candidates.
+"""Candidate extraction: scan -> model grid -> probability map -> candidates.
 
 Steps for one scan:
 
 1. resample the scan (or a cached 1 mm volume) to the plan's spacing on a world-aligned grid,
    window the HU to [0, 1], and get the lung mask (segmented, or resampled from the cache);
-2. slide the model over the lung bounding box: windows overlap by ``window_overlap`` and are
-   blended with Gaussian weights (centre pixels count most, as in nnU-Net), in batches;
+2. predict the probability map over the lungs: a 2-D U-Net sees each batch of slices cut to
+   the bounding boxes of their lungs, whole (it is fully convolutional, so no in-plane tiles);
+   a 3-D U-Net slides over the lung bounding box in windows that overlap by
+   ``window_overlap``, blended with Gaussian weights (centre voxels count most, as in
+   nnU-Net); the forward pass runs in Keras or ONNX Runtime (:mod:`unet_candidates.runtime`);
 3. keep the probability inside the lung mask dilated by ``lung_dilation_mm``;
 4. :func:`unet_candidates.postprocess.candidates_from_probability` turns the map into marks.
 
@@ -236,11 +239,11 @@ def predict_probability_map(
 ) -> np.ndarray:
     """Blend overlapping window predictions into a ``(z, y, x)`` float32 map (0 outside lungs)."""
     lung, region = search_region(data, plan)
-    image = data.image[region]
     if plan.variant == "2d":
-        prob = _predict_2d(model, data.image, region, plan, progress, data.seriesuid)
+        prob = _predict_2d(model, data.image, lung, region, plan, progress, data.seriesuid)
+        region = (region[0], slice(None), slice(None))
     else:
-        prob = _predict_3d(model, image, plan, progress, data.seriesuid)
+        prob = _predict_3d(model, data.image[region], plan, progress, data.seriesuid)
     out = np.zeros(data.image.shape, np.float32)
     out[region] = prob
     out *= lung
@@ -302,36 +305,122 @@ def _predict_3d(model, image, plan, progress, desc):
     return acc / np.maximum(wsum, 1e-12)
 
 
-def _predict_2d(model, volume, region, plan, progress, desc):
+def _aligned_crop(lo: Sequence[int], hi: Sequence[int], multiple: int) -> list[slice]:
+    """Slices around ``[lo, hi)``, centred, grown to sizes divisible by ``multiple``."""
+    out = []
+    for a, b in zip(lo, hi, strict=True):
+        size = int(np.ceil((b - a) / multiple) * multiple)
+        start = int(a - (size - (b - a)) // 2)
+        out.append(slice(start, start + size))
+    return out
+
+
+def _crops(mask: np.ndarray, margin: int, multiple: int) -> list[tuple[list[slice], np.ndarray]]:
+    """Crops that cover a 2-D mask with ``margin`` pixels of context: ``(crop, pixels)`` pairs.
+
+    The mask grown by ``margin`` is split into its connected parts (the two lungs, or the
+    separate uncertain spots of a map), each cut as its own crop, unless one crop over all of
+    them is smaller. ``pixels`` is the part of the grown mask that the crop's prediction fills.
+    """
+    if margin > 0:
+        grown = ndimage.maximum_filter(mask.astype(np.uint8), size=2 * margin + 1) > 0
+    else:
+        grown = mask.astype(bool)
+    labels, n = ndimage.label(grown, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return []
+    boxes = ndimage.find_objects(labels)
+    crops = [_aligned_crop([s.start for s in b], [s.stop for s in b], multiple) for b in boxes]
+    whole = _aligned_crop(
+        [min(b[i].start for b in boxes) for i in (0, 1)],
+        [max(b[i].stop for b in boxes) for i in (0, 1)],
+        multiple,
+    )
+
+    def area(crop: list[slice]) -> int:
+        return (crop[0].stop - crop[0].start) * (crop[1].stop - crop[1].start)
+
+    if n == 1 or sum(area(c) for c in crops) >= area(whole):
+        return [(whole, grown)]
+    return [(crop, labels == k) for k, crop in enumerate(crops, start=1)]
+
+
+FLIP_MARGIN = 32
+"""Pixels of context around the uncertain pixels that the flipped passes of a 2-D map see."""
+
+CONTEXT_MARGIN = 16
+"""Pixels of image around the (dilated) lung that the 2-D network sees on every slice."""
+
+
+def _predict_2d(model, volume, lung, region, plan, progress, desc):
+    """Slices in batches, each batch over its own lungs' bounding boxes in one pass (no tiles).
+
+    A fully convolutional network needs no sliding windows in-plane: each batch of
+    ``window_batch`` consecutive slices is cut to the bounding box of each of their (dilated)
+    lungs plus :data:`CONTEXT_MARGIN` pixels, padded with air to a size the U-Net accepts, and
+    predicted whole, so each lung pixel is predicted once and the slices near the apex and
+    base cost little. The test-time flips are averaged in only around lung pixels whose plain
+    prediction exceeds ``plan.flip_threshold`` (with :data:`FLIP_MARGIN` pixels of context;
+    0 = everywhere): the flips decide between near-threshold marks, and a clear background
+    pixel would need a flipped prediction far above the threshold to become a candidate.
+    """
     channels = plan.window_size[0]
     half = channels // 2
-    tile = tuple(plan.window_size[1:])
-    weights = gaussian_weights(tile)
-    zs = range(region[0].start, region[0].stop)
-    ys = window_starts(region[1].stop - region[1].start, tile[0], plan.window_overlap)
-    xs = window_starts(region[2].stop - region[2].start, tile[1], plan.window_overlap)
+    multiple = 2 ** len(plan.filters)
+    pad = max(CONTEXT_MARGIN, FLIP_MARGIN) + multiple
     air = float(apply_window(np.float32(AIR_HU), plan.hu_window, (0.0, 1.0)))
-    padded = np.pad(volume, ((half, half), (0, 0), (0, 0)), constant_values=air)
-    y0, x0 = region[1].start, region[2].start
-    shape = (len(zs), region[1].stop - y0, region[2].stop - x0)
-    acc = np.zeros(shape, np.float32)
-    wsum = np.zeros(shape[1:], np.float32)
-    for ty in ys:
-        for tx in xs:
-            wsum[ty : ty + tile[0], tx : tx + tile[1]] += weights
-    positions = [(z, ty, tx) for z in zs for ty in ys for tx in xs]
+    padded = np.pad(volume, ((half, half), (pad, pad), (pad, pad)), constant_values=air)
+    z_first, z_stop = region[0].start, region[0].stop
+    out = np.zeros((z_stop - z_first, *volume.shape[1:]), np.float32)
+    batch = plan.window_batch
+    chunks = range(z_first, z_stop, batch)
+    bar = tqdm(total=len(chunks), desc=desc, unit="batch", disable=not progress, leave=False)
 
-    def make_input(p):
-        z, ty, tx = p
-        block = padded[z : z + channels, y0 + ty : y0 + ty + tile[0], x0 + tx : x0 + tx + tile[1]]
-        return np.moveaxis(block, 0, -1)
+    def predict(zs: list[int], crop: list[slice], axes: tuple[int, ...]) -> np.ndarray:
+        ys = slice(crop[0].start + pad, crop[0].stop + pad)
+        xs = slice(crop[1].start + pad, crop[1].stop + pad)
+        x = np.stack([np.moveaxis(padded[z : z + channels, ys, xs], 0, -1) for z in zs])
+        if len(zs) < batch:  # a fixed batch size keeps the compiled shapes few
+            x = np.concatenate([x, np.zeros((batch - len(zs), *x.shape[1:]), x.dtype)])
+        if axes:
+            x = np.flip(x, axis=axes)
+        y = np.asarray(model.predict_on_batch(np.ascontiguousarray(x)))[: len(zs), ..., 0]
+        return np.flip(y, axis=tuple(a + 1 for a in axes)) if axes else y
 
-    z_first = region[0].start
-    for (z, ty, tx), y in _run_batches(
-        model, positions, make_input, plan, progress, desc, len(positions)
-    ):
-        acc[z - z_first, ty : ty + tile[0], tx : tx + tile[1]] += y * weights
-    return acc / np.maximum(wsum, 1e-12)[None]
+    def overlap(crop: list[slice], shape: tuple[int, ...]) -> tuple[tuple, tuple]:
+        """Index of the crop's part inside the volume: in the crop, and in the volume."""
+        src, dst = [], []
+        for c, n in zip(crop, shape, strict=True):
+            a, b = max(c.start, 0), min(c.stop, n)
+            src.append(slice(a - c.start, b - c.start))
+            dst.append(slice(a, b))
+        return (slice(None), *src), (slice(None), *dst)
+
+    def paste(block: np.ndarray, y: np.ndarray, crop: list[slice], pixels: np.ndarray) -> None:
+        """Where ``pixels`` is set, the crop's prediction ``y`` replaces ``block``."""
+        src, dst = overlap(crop, block.shape[1:])
+        np.copyto(block[dst], y[src], where=pixels[dst[1:]][None])
+
+    for z0 in chunks:
+        zs = list(range(z0, min(z0 + batch, z_stop)))
+        bar.update(1)
+        near = lung[zs[0] : zs[-1] + 1] > 0
+        block = out[zs[0] - z_first : zs[-1] + 1 - z_first]
+        for crop, pixels in _crops(near.any(axis=0), CONTEXT_MARGIN, multiple):
+            paste(block, predict(zs, crop, ()), crop, pixels)
+        if plan.test_time_flips == 0:
+            continue
+        uncertain = ((block > plan.flip_threshold) & near).any(axis=0)
+        flips = IN_PLANE_FLIPS[1 : plan.test_time_flips + 1]
+        for crop, pixels in _crops(uncertain, FLIP_MARGIN, multiple):
+            src, dst = overlap(crop, block.shape[1:])
+            total = np.zeros((len(zs), *(c.stop - c.start for c in crop)), np.float32)
+            total[src] = block[dst]  # the plain prediction (0 outside the volume)
+            for axes in flips:
+                total += predict(zs, crop, axes)
+            paste(block, total / (len(flips) + 1), crop, pixels)
+    bar.close()
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,8 +438,8 @@ class ExtractionResult:
         geometry: the model grid (world-aligned, the plan's spacing).
         source_geometry: the scan's own grid, if known.
         seconds: wall time of the extraction (preprocessing included).
-        timings: seconds per step (``prepare``: resampling and lung mask, ``predict``:
-            sliding windows, ``postprocess``: components and NMS).
+        timings: seconds per step (``prepare``: resampling and lung mask, ``predict``: the
+            network, ``postprocess``: components and NMS).
     """
 
     candidates: list[Candidate]
@@ -429,11 +518,12 @@ def extract_candidates(
         volume_or_scan: a :class:`lungct.Scan` (any spacing/direction; lungs are segmented
             here), a :class:`lungct.cache.CachedScan` (its lung mask is used), or a
             ``(z, y, x)`` HU array with ``geometry``.
-        model: the Keras U-Net, or a model folder (then ``plan`` defaults to its plan).
+        model: the Keras U-Net (or its :func:`unet_candidates.runtime.predictor`), or a
+            model folder (then ``plan`` defaults to its plan).
         plan: the plan the model was trained with (post-processing fields may be changed).
         geometry: placement of a bare HU array.
         seriesuid: name written in the rows (default: the scan's).
-        progress: show a progress bar over window batches.
+        progress: show a progress bar over the batches.
 
     Returns:
         :class:`unet_candidates.postprocess.Candidate` rows
@@ -486,6 +576,7 @@ def extract_paths(
     max_candidates: int | None = None,
     nms_radius_mm: float | None = None,
     test_time_flips: int | None = None,
+    runtime: str | None = None,
     progress: bool = True,
 ) -> dict:
     """Extract candidates of a dataset's folds or of scan files into one CSV (the CLI's work).
@@ -493,13 +584,16 @@ def extract_paths(
     Writes ``out_csv`` (header-only when nothing is found), the resolved plan beside it as
     ``<stem>.plan.json`` and a per-scan summary ``<stem>.summary.json``. A scan that fails
     (no lungs, smaller than a window, unreadable) is reported in ``summary["failed"]`` and the
-    others go on; when every scan fails, no CSV is written.
+    others go on; when every scan fails, no CSV is written. ``runtime`` chooses where the
+    network runs (:func:`unet_candidates.runtime.predictor`; default ``LUNGCT_RUNTIME`` or
+    ``auto``).
 
     Raises:
-        LungCTError: bad model folder, data folder or folds.
+        LungCTError: bad model folder, data folder or folds, or an unusable runtime.
     """
     from lungct.cache import ScanCache, find_scans
     from lungct.io import read_scan
+    from unet_candidates.runtime import default_runtime, predictor
 
     model, plan = load_unet(model_dir)
     plan = with_overrides(
@@ -510,6 +604,7 @@ def extract_paths(
         test_time_flips=test_time_flips,
     )
     plan.validate()
+    model = predictor(model, runtime or default_runtime())
     jobs: list[tuple[str, Any]] = []
     if data_dir is not None:
         if isinstance(folds, str):
