@@ -15,6 +15,7 @@ from lungct.modeldir import verify_model_dir
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 MAX_SET_BYTES = 40 * 1024 * 1024
+LIDC_IDRI_0001 = "1.3.6.1.4.1.14519.5.2.1.6279.6001.179049373636438705059720603192"
 
 
 def test_the_shipped_set_is_sealed_small_and_not_demo_grade() -> None:
@@ -22,8 +23,12 @@ def test_the_shipped_set_is_sealed_small_and_not_demo_grade() -> None:
     assert model_set.stages == ["unet", "fpr"]
     assert not model_set.demo_grade, model_set.warning()
     for stage in model_set.stages:
-        manifest = verify_model_dir(SHIPPED_MODELS / stage)
-        assert manifest["provenance"]["data"]["size"] == "full"
+        data = verify_model_dir(SHIPPED_MODELS / stage)["provenance"]["data"]
+        parts = data["parts"] if data.get("kind") == "merged" else [data]
+        assert any(part["size"] == "full" for part in parts)
+        # LIDC-IDRI-0001 is a test scan: never a training background.
+        backgrounds = [str(part.get("background")) for part in parts]
+        assert not any(LIDC_IDRI_0001 in b or "0001" in Path(b).name for b in backgrounds)
     size = sum(p.stat().st_size for p in SHIPPED_MODELS.rglob("*") if p.is_file())
     assert size <= MAX_SET_BYTES
     card = (SHIPPED_MODELS / MODEL_CARD_FILE).read_text()
