@@ -236,14 +236,12 @@ def detect(
         ([scan.seriesuid, d.x, d.y, d.z, d.probability, d.diameter_mm] for d in detections),
     )
     if report:
-        lung_native = None
-        if scan.geometry == cached.geometry:
-            lung_native = cached.lung
         write_report(
             scan,
             detections,
             out,
-            lung=lung_native,
+            lung=cached.lung,
+            lung_geometry=cached.geometry,
             threshold=detector.config.threshold,
             timings=timings,
             model_set=detector.model_set.summary() if detector.model_set else None,

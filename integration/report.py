@@ -22,8 +22,9 @@ from matplotlib.patches import Circle
 from scipy import ndimage
 
 from lungct.fileio import atomic_path, write_text_atomic
+from lungct.geometry import Geometry
 from lungct.patches import crop_patch
-from lungct.preprocess import WINDOWS
+from lungct.preprocess import WINDOWS, resample_onto
 from lungct.scan import AIR_HU, Scan
 from lungct.show import world_aligned
 
@@ -84,15 +85,32 @@ def _crop_views(scan: Scan, det: Detection, half_mm: float, path: Path, title: s
     _save(fig, path)
 
 
+def lung_on_grid(lung: np.ndarray | None, geometry: Geometry, shown: Scan) -> np.ndarray | None:
+    """The lung mask (on ``geometry``) on the grid of the scan shown, or ``None``."""
+    if lung is None:
+        return None
+    if lung.shape != geometry.shape_zyx:
+        raise ValueError(f"lung mask shape {lung.shape} does not fit its grid {geometry.shape_zyx}")
+    if geometry == shown.geometry:
+        return lung
+    return resample_onto(lung.astype(np.uint8, copy=False), geometry, shown.geometry)
+
+
+def overview_volume(scan: Scan, lung: np.ndarray | None) -> np.ndarray:
+    """The HU volume the overview projects: air outside the (eroded) lungs, if a mask is given."""
+    if lung is None:
+        return scan.array
+    # The mask is dilated into the chest wall; erode it so ribs do not fill the projection.
+    steps = max(1, round(4.0 / min(scan.geometry.spacing)))
+    inner = ndimage.binary_erosion(lung > 0, iterations=steps)
+    return np.where(inner, scan.array, AIR_HU)
+
+
 def _overview(
     scan: Scan, lung: np.ndarray | None, detections: Sequence[Detection], path: Path
 ) -> None:
     g = scan.geometry
-    vol = scan.array
-    if lung is not None:
-        # The mask is dilated into the chest wall; erode it so ribs do not fill the projection.
-        inner = ndimage.binary_erosion(lung > 0, iterations=max(1, round(4.0 / min(g.spacing))))
-        vol = np.where(inner, vol, AIR_HU)
+    vol = overview_volume(scan, lung)
     axial_mip = vol.max(axis=0)
     coronal_mip = vol.max(axis=1)
     sx, sy, sz = g.spacing
@@ -157,23 +175,30 @@ def write_report(
     timings: dict[str, float] | None = None,
     model_set: dict | None = None,
     warning: str | None = None,
+    lung_geometry: Geometry | None = None,
 ) -> Path:
     """Write ``report.html`` and its figures into ``out_dir``; return the page's path.
 
     Detections are shown most probable first; crops are drawn for those at or above
     ``threshold`` (at most ``max_crops``), and every detection is listed in the table.
+    ``lung`` is the lung mask that limits the overview's projections, on ``lung_geometry``'s
+    grid (default: the scan's); it is resampled onto the grid shown.
     ``model_set`` (:meth:`integration.modelset.ModelSet.summary`) names the models that made
     the marks; ``warning`` is shown as a banner at the top (a demo-grade model set).
+
+    Raises:
+        ValueError: a lung mask whose shape does not fit its grid.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if lung is not None and lung.shape != scan.array.shape:
-        lung = None
     shown = world_aligned(scan)
-    if shown is not scan:
-        lung = None  # the mask lives on the original grid; the overview then shows everything
     ranked = sorted(detections, key=lambda d: -d.probability)
-    _overview(shown, lung, ranked, out / "overview.png")
+    _overview(
+        shown,
+        lung_on_grid(lung, lung_geometry or scan.geometry, shown),
+        ranked,
+        out / "overview.png",
+    )
     rows, crops = [], []
     for k, d in enumerate(ranked, start=1):
         rows.append(

@@ -172,6 +172,36 @@ def resample_scan(
     )
 
 
+def resample_onto(
+    array: np.ndarray,
+    geometry: Geometry,
+    target: Geometry,
+    interpolation: str = "nearest",
+    default_value: float = 0.0,
+) -> np.ndarray:
+    """A ``(z, y, x)`` volume on ``geometry`` resampled onto the grid ``target`` (world mm).
+
+    Voxels of ``target`` outside ``geometry``'s extent get ``default_value``; nearest
+    neighbour (the default) keeps a label mask's labels.
+    """
+    if interpolation not in _INTERPOLATORS:
+        raise LungCTError(None, f"unknown interpolation {interpolation!r}")
+    image = image_from_array(array, geometry)
+    ref = sitk.Image(list(target.size), image.GetPixelID())
+    ref.SetSpacing(target.spacing)
+    ref.SetOrigin(target.origin)
+    ref.SetDirection(target.direction)
+    out = sitk.Resample(
+        image,
+        ref,
+        sitk.Transform(),
+        _INTERPOLATORS[interpolation],
+        float(default_value),
+        image.GetPixelID(),
+    )
+    return sitk.GetArrayFromImage(out)
+
+
 def resample_mask(
     mask: np.ndarray, geometry: Geometry, spacing: Sequence[float], align_to_world: bool = False
 ) -> tuple[np.ndarray, Geometry]:

@@ -207,3 +207,31 @@ def test_pipeline_config_round_trip(tmp_path: Path) -> None:
     assert PipelineConfig.load(tmp_path) == PipelineConfig()  # absent: the defaults
     PipelineConfig(threshold=0.25, tta=True, batch_size=8).save(tmp_path)
     assert PipelineConfig.load(tmp_path) == PipelineConfig(0.25, True, 8)
+
+
+@pytest.mark.parametrize("flip_x", [False, True])
+def test_overview_projects_only_the_lungs_on_any_grid(flip_x: bool) -> None:
+    """The 1 mm lung mask limits the overview on a scan of another spacing and direction."""
+    from integration.pipeline import to_cache_grid
+    from integration.report import lung_on_grid, overview_volume
+    from lungct.geometry import Geometry
+    from lungct.scan import Scan
+    from lungct.show import world_aligned
+    from lungct.testing import chest_phantom_hu
+
+    direction = (-1, 0, 0, 0, 1, 0, 0, 0, 1) if flip_x else (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    geometry = Geometry((96, 96, 30), (1.6, 1.6, 2.5), (-80.0, -80.0, -40.0), direction)
+    scan = Scan(np.rint(chest_phantom_hu((30, 96, 96))).astype(np.int16), geometry, "s")
+    cached = to_cache_grid(scan)
+    assert cached.geometry != scan.geometry  # the mask is on another grid
+    shown = world_aligned(scan)
+    lung = lung_on_grid(cached.lung, cached.geometry, shown)
+    assert lung.shape == shown.array.shape
+    soft = shown.array > -500  # the body's soft tissue (40 HU)
+    assert (overview_volume(shown, None) > -500).sum() == soft.sum()
+    masked = overview_volume(shown, lung)
+    assert (masked > -500).sum() < 0.05 * soft.sum()  # a rim at the lungs' edge at most
+    lungs = (shown.array < -800) & (shown.array > -900)
+    assert ((masked < -800) & (masked > -900)).sum() > 0.8 * lungs.sum()
+    with pytest.raises(ValueError, match="does not fit its grid"):
+        lung_on_grid(cached.lung[:-1], cached.geometry, shown)
