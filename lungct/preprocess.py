@@ -136,20 +136,7 @@ def resample_array(
         offset_idx = 0.5 * (np.asarray(target.spacing) / np.asarray(geometry.spacing) - 1.0)
         origin = np.asarray(geometry.origin) + geometry.index_to_world_matrix @ offset_idx
         target = Geometry(target.size, target.spacing, tuple(origin), geometry.direction)
-    image = image_from_array(array, geometry)
-    ref = sitk.Image(list(target.size), image.GetPixelID())
-    ref.SetSpacing(target.spacing)
-    ref.SetOrigin(target.origin)
-    ref.SetDirection(target.direction)
-    out = sitk.Resample(
-        image,
-        ref,
-        sitk.Transform(),
-        _INTERPOLATORS[interpolation],
-        float(default_value),
-        image.GetPixelID(),
-    )
-    return sitk.GetArrayFromImage(out), target
+    return resample_onto(array, geometry, target, interpolation, default_value), target
 
 
 def resample_scan(
