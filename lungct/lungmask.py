@@ -51,11 +51,33 @@ def _disk(radius_vox: float) -> np.ndarray:
     return (yy**2 + xx**2) <= radius_vox**2 + 1e-9
 
 
-def _ball(radii_zyx: tuple[float, float, float]) -> np.ndarray:
+def dilate_ellipsoid(mask: np.ndarray, radii_zyx: tuple[float, float, float]) -> np.ndarray:
+    """``mask`` dilated by the voxel ellipsoid of these radii (voxels, z, y, x), as a bool array.
+
+    The same voxels as ``ndimage.binary_dilation(mask, structure=ellipsoid)``, built from
+    OpenCV's 2-D dilations: each z offset of the ellipsoid is an ellipse, applied to every
+    slice once and OR-ed in at that offset, several times faster on a CT-sized mask.
+    """
+    import cv2
+
     rz, ry, rx = (max(r, 1e-6) for r in radii_zyx)
     cz, cy, cx = (int(np.floor(r)) for r in (rz, ry, rx))
-    zz, yy, xx = np.mgrid[-cz : cz + 1, -cy : cy + 1, -cx : cx + 1]
-    return (zz / rz) ** 2 + (yy / ry) ** 2 + (xx / rx) ** 2 <= 1.0 + 1e-9
+    yy, xx = np.mgrid[-cy : cy + 1, -cx : cx + 1]
+    src = np.ascontiguousarray(mask, dtype=np.uint8)
+    out = np.zeros(src.shape, bool)
+    n = src.shape[0]
+    for dz in range(cz + 1):
+        kernel = ((dz / rz) ** 2 + (yy / ry) ** 2 + (xx / rx) ** 2 <= 1.0 + 1e-9).astype(np.uint8)
+        if not kernel.any():
+            continue
+        for z in range(n):
+            if not src[z].any():
+                continue
+            grown = cv2.dilate(src[z], kernel) > 0
+            for target in {z - dz, z + dz}:
+                if 0 <= target < n:
+                    out[target] |= grown
+    return out
 
 
 def _lung_components(air: np.ndarray, voxel_ml: float, params: LungMaskParams) -> np.ndarray:
@@ -124,7 +146,7 @@ def segment_lungs_array(
             lung[z] |= np.isin(labels2d, small[small > 0])
     if params.dilation_mm > 0:
         radii = (params.dilation_mm / sz, params.dilation_mm / sy, params.dilation_mm / sx)
-        lung = ndimage.binary_dilation(lung, structure=_ball(radii))
+        lung = dilate_ellipsoid(lung, radii)
 
     # Back onto the scan's own grid (nearest neighbour).
     image = image_from_array(lung.astype(np.uint8), coarse_geo)

@@ -80,3 +80,25 @@ def test_lungs_leaking_to_outside_air_are_still_found() -> None:
     assert mask[20, 40, 29] == 1 and mask[20, 40, 67] == 1  # both lungs
     assert mask[:, :3, :].sum() == 0 and mask[:, :, :3].sum() == 0  # not the outside air
     assert np.logical_xor(mask, sealed).sum() < 0.02 * sealed.sum()  # as if it were sealed
+
+
+@pytest.mark.parametrize(
+    "radii", [(2.0, 4.0, 4.0), (1.5, 2.5, 3.7), (0.4, 1.0, 1.0), (3.0, 0.5, 2.0)]
+)
+def test_dilate_ellipsoid_equals_scipy_dilation(radii) -> None:
+    """The OpenCV slice-by-slice dilation gives exactly scipy's 3-D dilation by the ellipsoid."""
+    from scipy import ndimage
+
+    from lungct.lungmask import dilate_ellipsoid
+
+    rz, ry, rx = radii
+    cz, cy, cx = (int(np.floor(r)) for r in radii)
+    zz, yy, xx = np.mgrid[-cz : cz + 1, -cy : cy + 1, -cx : cx + 1]
+    ellipsoid = (zz / rz) ** 2 + (yy / ry) ** 2 + (xx / rx) ** 2 <= 1.0 + 1e-9
+    rng = np.random.default_rng(3)
+    mask = rng.random((17, 40, 33)) > 0.985  # scattered voxels, many at the edges
+    mask[5:9, 10:20, 12:25] = True
+    expected = ndimage.binary_dilation(mask, structure=ellipsoid)
+    got = dilate_ellipsoid(mask, radii)
+    assert got.dtype == bool and got.shape == mask.shape
+    np.testing.assert_array_equal(got, expected)

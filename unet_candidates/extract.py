@@ -36,7 +36,7 @@ from lungct.errors import LungCTError
 from lungct.fileio import write_json_atomic
 from lungct.geometry import IDENTITY, Geometry
 from lungct.io import image_from_array, write_image
-from lungct.lungmask import segment_lungs
+from lungct.lungmask import dilate_ellipsoid, segment_lungs
 from lungct.modeldir import verify_model_dir
 from lungct.preprocess import apply_window, resample_array, resample_mask
 from lungct.scan import AIR_HU, Scan
@@ -190,13 +190,6 @@ def gaussian_weights(size: tuple[int, ...], sigma_fraction: float = 0.125) -> np
     return np.maximum(w / w.max(), 1e-3).astype(np.float32)
 
 
-def _ball(radius_zyx: np.ndarray) -> np.ndarray:
-    r = np.maximum(np.asarray(radius_zyx, float), 1e-6)
-    c = np.floor(r).astype(int)
-    zz, yy, xx = np.mgrid[-c[0] : c[0] + 1, -c[1] : c[1] + 1, -c[2] : c[2] + 1]
-    return (zz / r[0]) ** 2 + (yy / r[1]) ** 2 + (xx / r[2]) ** 2 <= 1.0 + 1e-9
-
-
 def search_region(data: ModelInput, plan: UNetPlan) -> tuple[np.ndarray, tuple[slice, ...]]:
     """The dilated lung mask and its bounding box grown to at least one window per axis.
 
@@ -219,9 +212,7 @@ def search_region(data: ModelInput, plan: UNetPlan) -> tuple[np.ndarray, tuple[s
         )
     lung = data.lung > 0
     if plan.lung_dilation_mm > 0:
-        lung = ndimage.binary_dilation(
-            lung, structure=_ball(plan.lung_dilation_mm / np.asarray(plan.spacing_zyx))
-        )
+        lung = dilate_ellipsoid(lung, tuple(plan.lung_dilation_mm / np.asarray(plan.spacing_zyx)))
     idx = np.argwhere(lung)
     lo, hi = idx.min(axis=0), idx.max(axis=0) + 1
     # Grow to at least one window, centred on the lungs, kept inside the volume.
