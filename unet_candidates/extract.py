@@ -228,7 +228,11 @@ def predict_probability_map(
     plan: UNetPlan,
     progress: bool = False,
 ) -> np.ndarray:
-    """Blend overlapping window predictions into a ``(z, y, x)`` float32 map (0 outside lungs)."""
+    """The U-Net's ``(z, y, x)`` float32 probability map over the lungs (0 outside them).
+
+    2-D: slices predicted whole over their lungs' bounding boxes; 3-D: overlapping windows
+    blended with Gaussian weights (see the module's steps).
+    """
     lung, region = search_region(data, plan)
     if plan.variant == "2d":
         prob = _predict_2d(model, data.image, lung, region, plan, progress, data.seriesuid)
