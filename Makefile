@@ -13,10 +13,9 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
-## demo: generate a synthetic mini-LUNA and run every stage on it (outputs in demo_out/)
+## demo: the shipped models measured on fresh synthetic scans, then every stage trained briefly (demo_out/)
 demo: $(VENV)/.installed
 	$(PY) -m integration demo --out $(DEMO_OUT)
-	@echo "summary: $(DEMO_OUT)/summary.json  FROC: $(DEMO_OUT)/evaluation/froc.png  report: $(DEMO_OUT)/report/report.html"
 
 ## test: lint + format check, then the fast test suite
 test: $(VENV)/.installed lint

@@ -6,24 +6,34 @@ into scans of any spacing at world coordinates or at automatically chosen lung s
 ``augment`` command that writes injected copies of the TRAINING folds only, in the LUNA16 layout.
 
 Commands: ``python -m ct_gan_augment train | inject | remove | augment`` (each with ``--help``).
+Public names are imported lazily so that ``python -m ct_gan_augment --help`` and reading a plan
+do not start Keras.
 """
 
-from ct_gan_augment.config import PLANS, GANPlan, get_plan
-from ct_gan_augment.discriminator import PatchDiscriminator
-from ct_gan_augment.generator import InpaintingGenerator
-from ct_gan_augment.inject import CubeTamperer
-from ct_gan_augment.injected_nodule import InjectedNodule
-from ct_gan_augment.manifest import ModelManifest
-from ct_gan_augment.normaliser import CubeNormaliser
+from __future__ import annotations
 
-__all__ = [
-    "PLANS",
-    "CubeNormaliser",
-    "CubeTamperer",
-    "GANPlan",
-    "InjectedNodule",
-    "InpaintingGenerator",
-    "ModelManifest",
-    "PatchDiscriminator",
-    "get_plan",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "PLANS": "ct_gan_augment.config",
+    "GANPlan": "ct_gan_augment.config",
+    "get_plan": "ct_gan_augment.config",
+    "PatchDiscriminator": "ct_gan_augment.discriminator",
+    "InpaintingGenerator": "ct_gan_augment.generator",
+    "CubeTamperer": "ct_gan_augment.inject",
+    "InjectedNodule": "ct_gan_augment.injected_nodule",
+    "ModelManifest": "ct_gan_augment.manifest",
+    "CubeNormaliser": "ct_gan_augment.normaliser",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ct_gan_augment' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

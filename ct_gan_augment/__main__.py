@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from lungct.cli import run_command
 from lungct.errors import LungCTError
@@ -156,7 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="LUNA16-layout folder (annotations.csv ...)")
     p.add_argument("--cache", required=True, help="per-scan cache (python -m lungct prepare)")
     p.add_argument("--folds", required=True, help="training folds, e.g. 0-7")
-    p.add_argument("--kind", required=True, choices=("injector", "remover"))
+    p.add_argument(
+        "--kind",
+        required=True,
+        choices=("injector", "remover"),
+        help="injector (learns nodule cubes) or remover (learns healthy lung cubes)",
+    )
     p.add_argument("--out", required=True, help="model folder (GAN_DIR)")
     p.add_argument("--plan", help="named plan (default, paper, code, seed) or plan.json")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="change a plan value")

@@ -15,9 +15,6 @@ from collections.abc import Sequence
 from lungct.cli import run_command
 from lungct.errors import LungCTError
 
-# TensorFlow's C++ start-up chatter is not for command-line users (set it to 0 to see it).
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 PAPER_PARAMS = 9_472_000
 
 

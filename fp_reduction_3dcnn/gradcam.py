@@ -109,6 +109,8 @@ def gradcam_figure(
 ) -> dict:
     """Write a PNG: for each scale (rows), axial/coronal/sagittal slices with the Grad-CAM overlay.
 
+    A colour bar on the right gives the overlay's scale (0..1, relative to the map's peak).
+
     Returns:
         ``{"probability": p, "out": path}``.
     """
@@ -161,7 +163,14 @@ def gradcam_figure(
         f"   {plan.variant}/{plan.conv}{note}",
         fontsize=10,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.92, 1))
+    # The overlay's scale: the map is relative (1 = its peak), drawn at 30% opacity.
+    bar = fig.add_axes((0.935, 0.25, 0.015, 0.5))
+    fig.colorbar(
+        plt.cm.ScalarMappable(norm=plt.Normalize(0, 1), cmap="jet"),
+        cax=bar,
+        label="Grad-CAM (relative to its peak; overlay at 30% opacity)",
+    )
     with atomic_path(out_png, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100)
     plt.close(fig)

@@ -840,6 +840,7 @@ class FrocCurve:
     band_upper: np.ndarray | None = None
     band_mean: np.ndarray | None = None
     cpm_ci: tuple[float, float] | None = None
+    confidence: float = 0.95
 
 
 def _as_curve(item: Any, label: str | None) -> FrocCurve:
@@ -857,6 +858,7 @@ def _as_curve(item: Any, label: str | None) -> FrocCurve:
             band_upper=None if bs is None else bs.upper,
             band_mean=None if bs is None else bs.mean,
             cpm_ci=None if bs is None else bs.cpm_ci,
+            confidence=0.95 if bs is None else bs.confidence,
         )
     else:
         fps, sens = item
@@ -874,7 +876,7 @@ def plot_froc(
     labels: Sequence[str] | None = None,
     title: str | None = "FROC",
     dpi: int = 150,
-) -> None:
+) -> list[str]:
     """Draw one or several FROC curves (log2 x axis 1/8..8, sensitivity 0..1), atomically.
 
     Args:
@@ -886,7 +888,11 @@ def plot_froc(
         dpi: resolution of raster output.
 
     Each curve is drawn with its CPM in the legend, dots at the seven CPM operating points
-    and, when bootstrapped, the mean curve (dashed) and the 95% band.
+    and, when bootstrapped, the mean curve (dashed) and the percentile band (shaded), both in
+    the curve's colour; the legend names every one of these.
+
+    Returns:
+        The legend's entries, top to bottom.
     """
     import matplotlib
 
@@ -909,19 +915,36 @@ def plot_froc(
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    banded = [c for c in curves if c.band_fps is not None]
+    # One curve: its own band and mean are the legend's entries. Several: a grey key for each.
+    own_key = len(curves) == 1 and len(banded) == 1
     for i, c in enumerate(curves):
         colour = colours[i % len(colours)]
         name = c.label
         if c.cpm is not None:
-            name += f"  CPM {c.cpm:.3f}"
+            name += f": CPM {c.cpm:.3f}"
         if c.cpm_ci is not None:
-            name += f" [{c.cpm_ci[0]:.3f}, {c.cpm_ci[1]:.3f}]"
+            name += f" ({c.confidence:.0%} CI {c.cpm_ci[0]:.3f}-{c.cpm_ci[1]:.3f})"
+        ax.plot([], [], color=colour, lw=2, label=name)  # the curve's entry comes first
         if c.band_fps is not None:
             ax.fill_between(
-                c.band_fps, c.band_lower, c.band_upper, color=colour, alpha=0.15, linewidth=0
+                c.band_fps,
+                c.band_lower,
+                c.band_upper,
+                color=colour,
+                alpha=0.15,
+                linewidth=0,
+                label=f"{c.confidence:.0%} bootstrap band" if own_key else None,
             )
             if c.band_mean is not None:
-                ax.plot(c.band_fps, c.band_mean, color=colour, ls="--", lw=1)
+                ax.plot(
+                    c.band_fps,
+                    c.band_mean,
+                    color=colour,
+                    ls="--",
+                    lw=1,
+                    label="bootstrap mean" if own_key else None,
+                )
         # The curve on the plotted range: the ROC points plus the interpolated ends.
         inside = (c.fps > FROC_MIN_FPS) & (c.fps < FROC_MAX_FPS)
         xs = np.concatenate(([FROC_MIN_FPS], c.fps[inside], [FROC_MAX_FPS]))
@@ -932,7 +955,7 @@ def plot_froc(
                 np.interp([FROC_MAX_FPS], c.fps, c.sens),
             )
         )
-        ax.plot(xs, ys, color=colour, lw=2, label=name)
+        ax.plot(xs, ys, color=colour, lw=2)
         ax.plot(FP_RATES, np.interp(FP_RATES, c.fps, c.sens), "o", color=colour, ms=4)
     ax.set_xscale("log", base=2)
     ax.set_xlim(FROC_MIN_FPS, FROC_MAX_FPS)
@@ -947,16 +970,28 @@ def plot_froc(
     ax.set_ylabel("Sensitivity")
     if title:
         ax.set_title(title)
-    if any(c.band_fps is not None for c in curves):
-        ax.fill_between([], [], [], color="grey", alpha=0.15, label="95% bootstrap band")
-        ax.plot([], [], color="grey", ls="--", lw=1, label="bootstrap mean")
-    ax.legend(loc="lower right", fontsize=8)
+    if banded and not own_key:
+        levels = sorted({f"{c.confidence:.0%}" for c in banded})
+        ax.fill_between(
+            [],
+            [],
+            [],
+            color="grey",
+            alpha=0.15,
+            label=f"{'/'.join(levels)} bootstrap band (in the curve's colour)",
+        )
+        ax.plot([], [], color="grey", ls="--", lw=1, label="bootstrap mean (in the curve's colour)")
+    ax.plot([], [], "o", color="grey" if len(curves) > 1 else colours[0], ms=4,
+            label="sensitivity at 1/8 ... 8 FPs/scan")  # fmt: skip
+    legend = ax.legend(loc="lower right", fontsize=8)
+    entries = [t.get_text() for t in legend.get_texts()]
     fig.tight_layout()
     target = Path(path)
     fmt = target.suffix.lstrip(".").lower() or "png"
     with atomic_path(target) as tmp:
         fig.savefig(tmp, format=fmt, dpi=dpi)
     plt.close(fig)
+    return entries
 
 
 def plot_candidate_curve(

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from integration.modelset import MODELSET_FILE, SHIPPED_MODELS, ModelSet, read_model_set
-from integration.report import Detection, suspicion_score, write_report
+from integration.report import Detection, model_set_facts, suspicion_score, write_report
 from lungct.cache import CachedScan
 from lungct.errors import LungCTError
 from lungct.fileio import write_json_atomic
@@ -244,8 +244,9 @@ def detect(
             lung_geometry=cached.geometry,
             threshold=detector.config.threshold,
             timings=timings,
-            model_set=detector.model_set.summary() if detector.model_set else None,
+            model_set=model_set_facts(detector.model_set) if detector.model_set else None,
             warning=detector.model_set.warning() if detector.model_set else None,
+            tta=detector.config.tta if detector.fpr is not None else None,
         )
         lap("report")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -48,6 +48,7 @@ from integration.stages import (
 from lungct.errors import LungCTError
 from lungct.fileio import read_json, write_json_atomic
 from lungct.modeldir import hardware
+from lungct.plans import check_field_types
 
 RECIPES_DIR = Path(__file__).resolve().parent / "data" / "recipes"
 RECIPE_FILE = "recipe.json"
@@ -98,6 +99,7 @@ class Recipe:
             raise LungCTError(source, f"unknown recipe keys {unknown}")
         if "name" not in values:
             raise LungCTError(source, "a recipe needs a name")
+        check_field_types(cls, values, source)
         try:
             recipe = cls(**values)
         except TypeError as exc:

@@ -2,7 +2,8 @@
 
 A :class:`~lungct.errors.LungCTError` (bad input: the file and the problem) ends the command
 with that one line on stderr and exit status 2, never a traceback; so does an ``OSError`` (a full
-disk, a folder that cannot be written). Ctrl-C ends it with 130.
+disk, a folder that cannot be written). Ctrl-C ends it with 130. TensorFlow's C++ start-up lines
+are kept off stderr (:mod:`lungct.quiet`).
 """
 
 from __future__ import annotations
@@ -13,20 +14,19 @@ import sys
 from collections.abc import Sequence
 
 from lungct.errors import LungCTError
+from lungct.quiet import quiet_tensorflow
 
-
-def quiet_tensorflow() -> None:
-    """Pick the TensorFlow backend and silence its C++ start-up chatter (before it is imported)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+__all__ = ["quiet_tensorflow", "run_command"]
 
 
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the verb's ``func(args)``; returns the exit status.
 
     Every sub-parser sets ``func`` with ``set_defaults``; its return value (``None`` = 0) is
-    the exit status.
+    the exit status. TensorFlow, should the verb load it, starts quietly
+    (:func:`lungct.quiet.quiet_tensorflow`).
     """
+    quiet_tensorflow()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

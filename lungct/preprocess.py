@@ -18,6 +18,7 @@ from lungct.errors import LungCTError
 from lungct.fileio import read_json, write_json_atomic
 from lungct.geometry import Geometry
 from lungct.io import image_from_array
+from lungct.plans import check_field_types
 from lungct.scan import AIR_HU, Scan
 
 WINDOWS: dict[str, tuple[float, float]] = {
@@ -69,11 +70,13 @@ class PreprocessPlan:
 
     @classmethod
     def from_dict(cls, d: dict, source: str | Path | None = None) -> PreprocessPlan:
-        """Inverse of :meth:`to_dict`; unknown keys are an error (a typo must not pass silently)."""
+        """Inverse of :meth:`to_dict`; unknown keys and wrong types are errors (a typo must not
+        pass silently)."""
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(d) - known)
         if unknown:
             raise LungCTError(source, f"unknown preprocessing plan keys {unknown}")
+        check_field_types(cls, d, source)
         return cls(**d)
 
     def save(self, path: str | Path) -> None:

@@ -11,7 +11,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from lungct.cli import quiet_tensorflow, run_command
+from lungct.cli import run_command
 from lungct.errors import LungCTError
 from unet_candidates.config import VARIANTS
 
@@ -167,7 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
-    quiet_tensorflow()
     return run_command(build_parser(), argv)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from lungct.errors import LungCTError
 from lungct.fileio import read_json, write_json_atomic
-from lungct.plans import pop_plan_format, with_plan_format
+from lungct.plans import check_field_types, pop_plan_format, with_plan_format
 from lungct.preprocess import WINDOWS, PreprocessPlan
 
 PLAN_FILE = "plan.json"
@@ -283,7 +283,8 @@ class UNetPlan:
     def from_dict(cls, d: dict[str, Any], source: str | Path | None = None) -> UNetPlan:
         """Build from JSON: start from ``d['variant']``'s defaults, then apply every other key.
 
-        Unknown keys are an error (a typo must not pass silently).
+        Unknown keys are an error (a typo must not pass silently), so is a value of the wrong
+        JSON type (naming the field and the type).
         """
         if not isinstance(d, dict):
             raise LungCTError(source, "a plan must be a JSON object")
@@ -292,6 +293,7 @@ class UNetPlan:
         unknown = sorted(set(d) - known)
         if unknown:
             raise LungCTError(source, f"unknown plan keys {unknown}")
+        check_field_types(cls, d, source)
         variant = d.get("variant", "2d")
         try:
             base = variant_plan(variant)
@@ -359,5 +361,6 @@ def variant_plan(variant: str, **overrides: Any) -> UNetPlan:
     """The default plan of a named variant, with optional field overrides."""
     if variant not in VARIANTS:
         raise LungCTError(None, f"unknown variant {variant!r} (choose from {sorted(VARIANTS)})")
+    check_field_types(UNetPlan, overrides)
     values = {**VARIANTS[variant], **overrides}
     return UNetPlan(**values)

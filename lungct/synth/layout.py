@@ -55,7 +55,12 @@ def _round(v: float) -> float:
 
 
 def _job_key(
-    seed: int, index: int, size: str, background: str | None, findings: BackgroundFindings | None
+    seed: int,
+    index: int,
+    size: str,
+    background: str | None,
+    findings: BackgroundFindings | None,
+    nodules_per_scan: int | None = None,
 ) -> dict:
     """What a scan's record must match to be kept on a rerun. The background's own findings
     are keyed by content, so other tables (or rows) regenerate, a moved file does not."""
@@ -66,6 +71,7 @@ def _job_key(
         "size": size,
         "background": background,
         "background_findings": None if findings is None else findings.digest(),
+        "nodules_per_scan": None if nodules_per_scan is None else int(nodules_per_scan),
     }
 
 
@@ -94,17 +100,17 @@ def case_record(case: SyntheticCase, key: dict, out_dir: Path, mhd: Path) -> dic
 
 def _make_one(job: tuple) -> dict:
     """Worker: synthesise, write the scan (and mask), then its record. Top level: spawn-safe."""
-    out_dir, seed, index, size, background, findings, lung_masks = job
+    out_dir, seed, index, size, background, findings, lung_masks, n_nodules = job
     out_dir = Path(out_dir)
     if background is None:
-        case = synthesize_scan(seed, index, size)
+        case = synthesize_scan(seed, index, size, n_nodules=n_nodules)
     else:
-        case = synthesize_on_background(background, seed, index, findings)
+        case = synthesize_on_background(background, seed, index, findings, n_nodules=n_nodules)
     mhd = out_dir / f"subset{subset_of(index)}" / f"{case.seriesuid}.mhd"
     write_scan(case.scan, mhd)
     if lung_masks:
         write_image(case.lung_mask, case.scan.geometry, out_dir / "seg-lungs" / mhd.name)
-    key = _job_key(seed, index, size, background, findings)
+    key = _job_key(seed, index, size, background, findings, n_nodules)
     record = case_record(case, key, out_dir, mhd)
     write_json_atomic(out_dir / RECORD_DIR / f"scan_{index:05d}.json", record)
     return record
@@ -153,6 +159,7 @@ def generate_dataset(
     background_annotations: str | os.PathLike | None = None,
     background_excluded: str | os.PathLike | None = None,
     background_has_no_findings: bool = False,
+    nodules_per_scan: int | None = None,
 ) -> dict:
     """Write ``n_scans`` synthetic scans and the LUNA16 tables to ``out_dir``.
 
@@ -174,6 +181,9 @@ def generate_dataset(
             for its series go into the output tables, moved with the scan. Required with a
             background unless ``background_has_no_findings`` says there are none, so a real
             nodule is never taught as a negative.
+        nodules_per_scan: ask for this many nodules in every scan instead of LUNA16's 0-4
+            (a dense test set: more nodules measured per scan generated; a nodule that finds
+            no free place in the lungs is left out, so a scan may hold fewer).
 
     Returns:
         A summary: counts of scans, nodules, excluded findings and candidates, skipped scans,
@@ -183,6 +193,8 @@ def generate_dataset(
         raise LungCTError(None, f"size must be one of {', '.join(SIZES)}, got {size!r}")
     if n_scans < 1:
         raise LungCTError(None, f"the number of scans must be >= 1, got {n_scans}")
+    if nodules_per_scan is not None and not 0 <= nodules_per_scan <= 30:
+        raise LungCTError(None, f"nodules per scan must be 0-30, got {nodules_per_scan}")
     findings = None
     tables = (background_annotations, background_excluded)
     if background is None:
@@ -219,7 +231,7 @@ def generate_dataset(
 
     records: dict[int, dict] = {}
     for index, (path, rec) in _read_records(out).items():
-        key = _job_key(seed, index, size, background, findings)
+        key = _job_key(seed, index, size, background, findings, nodules_per_scan)
         if index < n_scans and all(rec.get(k) == v for k, v in key.items()) and _complete(out, rec):
             records[index] = rec
         else:
@@ -227,7 +239,10 @@ def generate_dataset(
             path.unlink(missing_ok=True)
     skipped = len(records)
     todo = [i for i in range(n_scans) if i not in records]
-    jobs = [(str(out), int(seed), i, size, background, findings, lung_masks) for i in todo]
+    jobs = [
+        (str(out), int(seed), i, size, background, findings, lung_masks, nodules_per_scan)
+        for i in todo
+    ]
 
     n_workers = min(workers or min(2, os.cpu_count() or 1), os.cpu_count() or 1, max(1, len(jobs)))
     bar = _progress(len(jobs), progress, initial_note=f"{skipped} done" if skipped else "")
@@ -258,6 +273,7 @@ def generate_dataset(
         if findings is None
         else {"nodules": len(findings.nodules), "excluded": len(findings.excluded)},
         "generator_version": GENERATOR_VERSION,
+        "nodules_per_scan": nodules_per_scan,
         "n_scans": n_scans,
         "n_skipped": skipped,
         "n_annotations": sum(len(r["annotations"]) for r in ordered),
