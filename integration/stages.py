@@ -58,10 +58,10 @@ class StageSettings:
 
     Args:
         unet_variant: ``2d`` or ``3d`` (:data:`unet_candidates.VARIANTS`).
-        unet_minutes: U-Net training budget in minutes (all sessions together).
+        unet_minutes: U-Net training budget in minutes (all resumed runs together).
         unet_overrides: U-Net plan fields to change (e.g. ``{"epochs": 5}``).
         gan: augment the training folds with CT-GAN-injected nodules.
-        gan_minutes: CT-GAN training budget in minutes (per session).
+        gan_minutes: CT-GAN training budget in minutes (per run).
         gan_per_scan: nodules injected into each augmented copy.
         gan_plan: named CT-GAN plan or ``plan.json`` path.
         gan_overrides: CT-GAN plan fields to change.
