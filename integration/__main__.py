@@ -111,13 +111,6 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quiet_tensorflow() -> None:
-    """TensorFlow without start-up chatter (``run_command`` already does this for every verb)."""
-    from lungct.quiet import quiet_tensorflow
-
-    quiet_tensorflow()
-
-
 def _run_detect(args: argparse.Namespace) -> int:
     from integration.pipeline import Detector, detect
 
@@ -179,7 +172,6 @@ def _add_detect(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    _quiet_tensorflow()
     import json
     from pathlib import Path
 

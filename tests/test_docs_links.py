@@ -32,11 +32,19 @@ OUTSIDE_PATHS = [
 DEVELOPMENT_HISTORY = [
     re.compile(r"\bround\s+\d+", re.I),
     re.compile(r"\brounds?\s+of\s+(?:work|development)\b", re.I),
-    # "session 5", "session-7", "sessions 3-5", "this session": a numbered or named round of work
-    # (a training budget "over all sessions" of a resumed run is something else).
+    # a numbered or named sitting of work, not a budget "over all resumed runs"
     re.compile(r"\bsessions?[\s-]*\d+", re.I),
     re.compile(r"\b(?:this|that|the same|an earlier|a later|previous|next|last) session\b", re.I),
 ]
+
+
+def matches(text: str, patterns: list[re.Pattern[str]]) -> list[str]:
+    """Every match of any pattern, with its line number."""
+    return [
+        f"line {text.count(chr(10), 0, m.start()) + 1}: {m.group(0)!r}"
+        for pattern in patterns
+        for m in pattern.finditer(text)
+    ]
 
 
 def doc_pages() -> list[Path]:
@@ -96,22 +104,14 @@ def test_relative_links_resolve(page: Path) -> None:
 @pytest.mark.parametrize("page", doc_pages(), ids=page_id)
 def test_no_paths_outside_the_repository(page: Path) -> None:
     text = page.read_text(encoding="utf-8")
-    found = [
-        f"line {text.count(chr(10), 0, m.start()) + 1}: {m.group(0)}"
-        for pattern in OUTSIDE_PATHS
-        for m in pattern.finditer(text)
-    ]
+    found = matches(text, OUTSIDE_PATHS)
     assert not found, f"{page_id(page)} names paths outside the repository: {found}"
 
 
 @pytest.mark.parametrize("page", doc_pages(), ids=page_id)
 def test_no_development_history(page: Path) -> None:
     text = page.read_text(encoding="utf-8")
-    found = [
-        f"line {text.count(chr(10), 0, m.start()) + 1}: {m.group(0)!r}"
-        for pattern in DEVELOPMENT_HISTORY
-        for m in pattern.finditer(text)
-    ]
+    found = matches(text, DEVELOPMENT_HISTORY)
     assert not found, f"{page_id(page)} speaks of rounds of development work: {found}"
 
 
