@@ -12,8 +12,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lungct.cli import run_command
+from lungct.cli import (
+    fraction,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run_command,
+)
 from lungct.errors import LungCTError
+
+_ALLOW_UNFINISHED = "use an injector or remover whose training has not ended (its last checkpoint)"
 
 
 def _folds(text: str) -> list[int]:
@@ -69,7 +77,9 @@ def _inject(args: argparse.Namespace) -> int:
     from lungct.tables import ANNOTATION_COLUMNS, read_annotations, write_csv_atomic
 
     _check_out(args.out)
-    tamperer = CubeTamperer.from_dir(args.model, seed=args.seed)
+    tamperer = CubeTamperer.from_dir(
+        args.model, seed=args.seed, allow_unfinished=args.allow_unfinished
+    )
     scan = read_scan(args.scan)
     if args.world is not None:
         sites = np.asarray([args.world], dtype=np.float64)
@@ -111,7 +121,9 @@ def _remove(args: argparse.Namespace) -> int:
     from lungct.io import read_scan, write_scan
 
     _check_out(args.out)
-    tamperer = CubeTamperer.from_dir(args.model, seed=args.seed)
+    tamperer = CubeTamperer.from_dir(
+        args.model, seed=args.seed, allow_unfinished=args.allow_unfinished
+    )
     scan = read_scan(args.scan)
     for site in args.world:
         scan = tamperer.remove(scan, site)
@@ -136,6 +148,7 @@ def _augment(args: argparse.Namespace) -> int:
         write_patches=args.write_patches,
         link_originals=args.link_originals,
         progress=not args.quiet,
+        allow_unfinished=args.allow_unfinished,
     )
     print(json.dumps(report))
     return 0
@@ -162,8 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model folder (GAN_DIR)")
     p.add_argument("--plan", help="named plan (default, paper, code, seed) or plan.json")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="change a plan value")
-    p.add_argument("--steps", type=int, help="training steps (overrides the plan)")
-    p.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this long")
+    p.add_argument("--steps", type=positive_int, help="training steps (overrides the plan)")
+    p.add_argument(
+        "--max-minutes", type=positive_float, help="stop (with a checkpoint) after this long"
+    )
     p.add_argument("--annotations", help="nodule table (default DATA/annotations.csv)")
     p.add_argument("--excluded", help="excluded findings (default DATA/annotations_excluded.csv)")
     p.add_argument("--resume", action="store_true", help="continue the newest checkpoint")
@@ -175,11 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="injector folder (GAN_DIR)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--world", nargs=3, type=float, metavar=("X", "Y", "Z"), help="site, mm")
-    where.add_argument("--auto", type=int, metavar="N", help="choose N sites in the lung")
+    where.add_argument("--auto", type=positive_int, metavar="N", help="choose N sites in the lung")
     p.add_argument("--juxtapleural", action="store_true", help="automatic sites at the pleura")
     p.add_argument(
         "--diameter",
-        type=float,
+        type=positive_float,
         metavar="MM",
         help="size of the injected nodule(s) (models with a size channel; default: drawn from "
         "the training nodules' sizes)",
@@ -188,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--excluded", help="excluded findings to stay away from (--auto)")
     p.add_argument("--out", required=True, help="tampered scan (.mhd ...)")
     p.add_argument("--rows-out", help="annotation rows (default OUT_annotations.csv)")
-    p.add_argument("--seed", type=int, default=0, help="seeds sites and noise")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seeds sites and noise")
+    p.add_argument("--allow-unfinished", action="store_true", help=_ALLOW_UNFINISHED)
     p.set_defaults(func=_inject)
 
     p = sub.add_parser("remove", help="remove what lies at world sites (a nodule) from a scan")
@@ -199,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="site in mm (repeat for several)",
     )  # fmt: skip
     p.add_argument("--out", required=True, help="tampered scan (.mhd ...)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the noise touch-up")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seeds the noise touch-up")
+    p.add_argument("--allow-unfinished", action="store_true", help=_ALLOW_UNFINISHED)
     p.set_defaults(func=_remove)
 
     p = sub.add_parser(
@@ -209,15 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help="per-scan cache with lung masks (else segmented here)")
     p.add_argument("--folds", required=True, help="folds to augment (all must be training folds)")
     p.add_argument("--model", required=True, help="injector folder (GAN_DIR)")
-    p.add_argument("--per-scan", type=int, required=True, help="nodules injected per copy")
-    p.add_argument("--copies", type=int, default=1, help="augmented copies of each scan")
+    p.add_argument("--per-scan", type=positive_int, required=True, help="nodules injected per copy")
+    p.add_argument("--copies", type=positive_int, default=1, help="augmented copies of each scan")
     p.add_argument(
-        "--juxtapleural-fraction", type=float, default=0.0, help="share of sites at the pleura"
+        "--juxtapleural-fraction", type=fraction, default=0.0, help="share of sites at the pleura"
     )
     p.add_argument("--out", required=True, help="output folder (LUNA16 layout)")
-    p.add_argument("--seed", type=int, default=0, help="seeds sites and noise")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seeds sites and noise")
     p.add_argument("--write-patches", action="store_true", help="also save 1 mm cubes (.npy)")
     p.add_argument("--link-originals", action="store_true", help="link the source scans in too")
+    p.add_argument("--allow-unfinished", action="store_true", help=_ALLOW_UNFINISHED)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_augment)
     return parser

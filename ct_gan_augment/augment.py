@@ -89,6 +89,7 @@ def augment_dataset(
     write_patches: bool = False,
     link_originals: bool = False,
     progress: bool = True,
+    allow_unfinished: bool = False,
 ) -> dict[str, Any]:
     """Write augmented copies of the training-fold scans (see the module docstring).
 
@@ -105,6 +106,7 @@ def augment_dataset(
         write_patches: also save the 1 mm cube around each injected nodule (``.npy``).
         link_originals: hard-link (or copy) the source scans and their rows into OUT.
         progress: show a progress bar.
+        allow_unfinished: use an injector whose training has not ended.
 
     Returns:
         counts: ``{"scans", "new_scans", "injected", "empty", "skipped", "out"}``.
@@ -138,7 +140,7 @@ def augment_dataset(
     candidates_path = data_dir / "candidates.csv"
     candidates = read_candidates(candidates_path) if candidates_path.is_file() else None
     cache = ScanCache(cache_dir) if cache_dir is not None else None
-    tamperer = CubeTamperer.from_dir(model_dir, seed=seed)
+    tamperer = CubeTamperer.from_dir(model_dir, seed=seed, allow_unfinished=allow_unfinished)
     plan: GANPlan = tamperer.plan
     rng = np.random.default_rng(seed)
     parts = out_dir / PARTS

@@ -38,6 +38,7 @@ from ct_gan_augment.paste import (
     to_int16_hu,
 )
 from lungct.errors import LungCTError
+from lungct.modeldir import verify_model_dir
 from lungct.scan import Scan
 
 GeneratorFn = Callable[[np.ndarray], np.ndarray]
@@ -133,15 +134,26 @@ class CubeTamperer:
             self.sized = plan.condition_channels(kind or "injector") > 1
 
     @classmethod
-    def from_dir(cls, model_dir: str | os.PathLike, seed: int | None = 0) -> CubeTamperer:
-        """Load plan, normaliser, manifest and ``generator.keras`` (safe mode) from a folder."""
+    def from_dir(
+        cls, model_dir: str | os.PathLike, seed: int | None = 0, allow_unfinished: bool = False
+    ) -> CubeTamperer:
+        """Load plan, normaliser, manifest and ``generator.keras`` (safe mode) from a folder.
+
+        ``allow_unfinished`` accepts a folder whose training has not ended (the generator of
+        its last checkpoint).
+        """
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise LungCTError(model_dir, "model folder does not exist")
+        # The folder first (training ended, files unchanged, a CT-GAN's): another stage's
+        # folder is named as such, not by the plan keys it does not share.
+        verify_model_dir(model_dir, allow_unfinished=allow_unfinished, stage="gan")
         plan = GANPlan.load(model_dir / PLAN_FILE)
         normaliser = CubeNormaliser.load(model_dir / NORMALISER_FILE)
         manifest = ModelManifest.load(model_dir)
-        generator = load_network(model_dir, GENERATOR_FILE)
+        generator = load_network(
+            model_dir, GENERATOR_FILE, allow_unfinished, plan, manifest.kind, verify=False
+        )
         return cls(generator, normaliser, plan, manifest.kind, seed, manifest.nodule_diameters_mm)
 
     # --- the cube -------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from typing import Any
 from ct_gan_augment.config import KINDS
 from lungct.errors import LungCTError
 from lungct.fileio import read_json, write_json_atomic
-from lungct.modeldir import strip_seal
+from lungct.modeldir import check_manifest_shape, strip_seal
+from lungct.plans import check_field_types, key_list
 
 MANIFEST = "manifest.json"
 
@@ -134,16 +135,21 @@ class ModelManifest:
         """Read ``manifest.json`` from a model folder."""
         path = Path(model_dir) / MANIFEST
         data = read_json(path, "model manifest not found (is this a CT-GAN model folder?)")
+        check_manifest_shape(path, data)
         data = strip_seal(data)
         data.pop("training_folds_text", None)
         known = set(cls.__dataclass_fields__) - {"path"}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise LungCTError(path, f"unknown manifest keys {unknown}")
-        try:
-            return cls(**data, path=str(path))
-        except TypeError as exc:
-            raise LungCTError(path, f"bad manifest: {exc}") from None
+            raise LungCTError(
+                path,
+                f"unknown manifest keys {key_list(unknown)}: not a CT-GAN model folder's manifest",
+            )
+        missing = sorted({"kind", "training_folds", "series"} - set(data))
+        if missing:
+            raise LungCTError(path, f"manifest keys {missing} are missing")
+        check_field_types(cls, data, path)
+        return cls(**data, path=str(path))
 
 
 def library_versions() -> dict[str, str]:

@@ -13,9 +13,11 @@ message (the models themselves are backend-agnostic and run inference anywhere).
 Every ``checkpoint_every`` steps ``checkpoints/step_NNNNNN/`` gets both networks' weights
 (``.weights.h5``), both optimisers' variables (``.npz``, no pickle) and the sampler state
 (``state.json``, written last: a checkpoint with it is complete); ``generator.keras`` and
-``discriminator.keras`` in the model folder are refreshed at the same time, so a model is usable
-while it trains. ``train_log.csv`` gets a row every ``log_every`` steps and ``grids/`` a PNG
-every ``grid_every`` steps.
+``discriminator.keras`` in the model folder are refreshed at the same time (atomically), so a
+model is usable while it trains, with ``--allow-unfinished``: the folder is sealed
+(:mod:`lungct.modeldir`, its done marker) only when training ends, and a resumed run takes the
+seal away until it ends again. ``train_log.csv`` gets a row every ``log_every`` steps and
+``grids/`` a PNG every ``grid_every`` steps.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from ct_gan_augment.model import (
 from ct_gan_augment.normaliser import CubeNormaliser
 from lungct.errors import LungCTError
 from lungct.fileio import atomic_path, write_json_atomic
-from lungct.modeldir import seal_model_dir
+from lungct.modeldir import describe_plan_changes, keras_file_problem, seal_model_dir
 from lungct.tables import write_csv_atomic
 
 LOG_COLUMNS = (
@@ -259,7 +261,9 @@ class GANTrainer:
             (self.generator, GENERATOR_FILE),
             (self.discriminator, DISCRIMINATOR_FILE),
         ):
-            with atomic_path(self.model_dir / name, suffix=".keras") as tmp:
+            with atomic_path(
+                self.model_dir / name, suffix=".keras", check=keras_file_problem
+            ) as tmp:
                 model.save(tmp)
 
     def save_checkpoint(self) -> Path:
@@ -278,6 +282,7 @@ class GANTrainer:
             "train_seconds": self.train_seconds,
             "rng": self.rng.bit_generator.state,
             "log_rows": len(self.log_rows),
+            "plan": self.plan.to_dict(),
         }
         write_json_atomic(tmp / "state.json", state)
         shutil.rmtree(final, ignore_errors=True)
@@ -308,9 +313,25 @@ class GANTrainer:
         _load_optimizer(
             self.d_optimizer, self.discriminator.trainable_variables, checkpoint / "optimizer_d.npz"
         )
-        self.step = int(state["step"])
-        self.train_seconds = float(state["train_seconds"])
-        self.rng.bit_generator.state = state["rng"]
+        try:
+            self.step = int(state["step"])
+            self.train_seconds = float(state["train_seconds"])
+            self.rng.bit_generator.state = state["rng"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LungCTError(
+                checkpoint / "state.json", f"broken checkpoint state ({type(exc).__name__}: {exc})"
+            ) from None
+        trained = state.get("plan")
+        if isinstance(trained, dict):  # the plan of the first sittings (only steps may change)
+            changes = describe_plan_changes(
+                {**trained, "steps": 0}, {**self.plan.to_dict(), "steps": 0}
+            )
+            if changes:
+                raise LungCTError(
+                    self.model_dir / PLAN_FILE,
+                    f"edited since training started ({changes}): restore it to resume, or "
+                    "train a new folder",
+                )
         log_path = self.model_dir / LOG_FILE
         if log_path.is_file():
             with log_path.open(newline="") as handle:
@@ -445,6 +466,9 @@ def train_gan(
                 f"holds a {manifest.kind} of folds {format_folds(manifest.training_folds)}, not "
                 f"a {kind} of folds {format_folds(folds)}",
             )
+        # Unseal: the networks change from the next checkpoint on, and the folder is not a
+        # finished model again until this run ends.
+        manifest.save(model_dir)
     else:
         if plan_path.exists() or (model_dir / "manifest.json").exists():
             raise LungCTError(model_dir, "already holds a model; use --resume or another --out")
@@ -483,7 +507,8 @@ def train_gan(
         if checkpoint is not None:
             trainer.restore(checkpoint)
     summary = trainer.fit(max_seconds=max_seconds)
-    seal_model_dir(
+    plan.save(plan_path)  # the plan trained (a resumed run may have raised its steps)
+    seal_model_dir(  # last: the seal is the folder's done marker
         model_dir,
         "gan",
         train_seconds=trainer.train_seconds,
@@ -491,5 +516,6 @@ def train_gan(
         seeds={"plan": plan.seed},
         steps=trainer.step,
         extra={"kind": kind},
+        plan=plan.to_dict(),
     )
     return {"model_dir": str(model_dir), "kind": kind, "n_cubes": len(cubes), **summary}

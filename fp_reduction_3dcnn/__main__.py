@@ -12,10 +12,14 @@ import os
 import sys
 from collections.abc import Sequence
 
-from lungct.cli import run_command
+from lungct.cli import non_negative_int, positive_float, positive_int, run_command
 from lungct.errors import LungCTError
 
 PAPER_PARAMS = 9_472_000
+_ALLOW_UNFINISHED = (
+    "use a model folder whose training has not ended (its newest checkpoint when it has no "
+    "model.keras yet)"
+)
 
 
 def _plan(args: argparse.Namespace):
@@ -77,6 +81,7 @@ def _predict(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         batch_size=args.batch_size,
         progress=not args.quiet,
+        allow_unfinished=args.allow_unfinished,
     )
     print(json.dumps(summary))
     return 0
@@ -86,7 +91,7 @@ def _gradcam(args: argparse.Namespace) -> int:
     from fp_reduction_3dcnn.gradcam import gradcam_figure, open_scan_for_cam
     from fp_reduction_3dcnn.predict import open_model
 
-    trained = open_model(args.model, args.checkpoint)
+    trained = open_model(args.model, args.checkpoint, allow_unfinished=args.allow_unfinished)
     if not os.path.exists(args.scan):
         raise LungCTError(args.scan, "scan not found")
     scan = open_scan_for_cam(args.scan, trained.plan.cut_spacing)
@@ -134,10 +139,12 @@ def _add_plan_args(p: argparse.ArgumentParser, training: bool = False) -> None:
     p.add_argument("--conv", choices=CONV_MODES, help="2.5d (slices as channels) or 3d")
     if training:
         p.add_argument("--resize", choices=RESIZE_MODES, help="nearest (paper) or cubic (code)")
-        p.add_argument("--epochs", type=int, help="epochs (plan default 40)")
-        p.add_argument("--steps-per-epoch", type=int, help="steps per epoch (0 = all negatives)")
-        p.add_argument("--batch-size", type=int, help="batch size (plan default 128)")
-        p.add_argument("--seed", type=int, help="seed for weights and sampling")
+        p.add_argument("--epochs", type=positive_int, help="epochs (plan default 40)")
+        p.add_argument(
+            "--steps-per-epoch", type=non_negative_int, help="steps per epoch (0 = all negatives)"
+        )
+        p.add_argument("--batch-size", type=positive_int, help="batch size (plan default 128)")
+        p.add_argument("--seed", type=non_negative_int, help="seed for weights and sampling")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,8 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-folds", help="folds declared held out (checked, recorded)")
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    p.add_argument("--max-minutes", type=float, help="stop and save after this much wall time")
-    p.add_argument("--keep-checkpoints", type=int, default=0, help="keep the newest N (0 = all)")
+    p.add_argument(
+        "--max-minutes", type=positive_float, help="stop and save after this much wall time"
+    )
+    p.add_argument(
+        "--keep-checkpoints", type=non_negative_int, default=0, help="keep the newest N (0 = all)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     _add_plan_args(p, training=True)
     p.set_defaults(func=_train)
@@ -183,7 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-train-folds", action="store_true", help="score the model's own training folds"
     )
     p.add_argument("--checkpoint", help="checkpoint name (e.g. epoch_010) instead of model.keras")
-    p.add_argument("--batch-size", type=int, default=256, help="candidates per forward pass")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=256, help="candidates per forward pass"
+    )
+    p.add_argument("--allow-unfinished", action="store_true", help=_ALLOW_UNFINISHED)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_predict)
 
@@ -195,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder written by train")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--checkpoint", help="checkpoint name instead of model.keras")
+    p.add_argument("--allow-unfinished", action="store_true", help=_ALLOW_UNFINISHED)
     p.set_defaults(func=_gradcam)
 
     p = sub.add_parser("params", help="parameter count of each variant (vs the paper's 9,472,000)")

@@ -10,6 +10,7 @@ training-set scores on purpose).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import os
 from collections.abc import Iterable, Sequence
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from lungct.errors import LungCTError
 from lungct.fileio import read_json, write_json_atomic
-from lungct.modeldir import strip_seal
+from lungct.modeldir import check_manifest_shape, strip_seal
+from lungct.plans import check_field_types, key_list
 from lungct.tables import FOLD_COUNT
 
 MANIFEST_NAME = "manifest.json"
@@ -105,7 +107,9 @@ class FoldManifest:
 
         Raises:
             LungCTError: the folder has no readable manifest (then its folds are unknown and
-                nothing may be predicted with it).
+                nothing may be predicted with it), or one of the wrong shape: not an object,
+                unknown or missing keys, a value of the wrong type (a fold list that is a
+                string would let every fold through the guard).
         """
         path = Path(model_dir) / MANIFEST_NAME
         data = read_json(
@@ -114,12 +118,27 @@ class FoldManifest:
             "used to predict (train it with `python -m fp_reduction_3dcnn train`)",
             missing_where=model_dir,
         )
+        check_manifest_shape(path, data)
         data = strip_seal(data)
         data.pop("held_out_folds", None)
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise LungCTError(path, f"bad manifest: {exc}") from None
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise LungCTError(
+                path,
+                f"unknown manifest keys {key_list(unknown)}: not an MGI-CNN model folder's manifest",
+            )
+        missing = sorted(
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+            and f.name not in data
+        )
+        if missing:
+            raise LungCTError(path, f"manifest keys {missing} are missing")
+        check_field_types(cls, data, path)
+        return cls(**data)
 
     def check_prediction(
         self, folds_of_series: dict[str, int | None], allow_train_folds: bool = False

@@ -28,10 +28,10 @@ from fp_reduction_3dcnn.data import (
     series_folds,
 )
 from fp_reduction_3dcnn.manifest import FoldManifest
-from fp_reduction_3dcnn.train import load_keras
+from fp_reduction_3dcnn.train import latest_checkpoint, load_keras
 from lungct.cache import ScanCache
 from lungct.errors import LungCTError
-from lungct.modeldir import verify_model_dir
+from lungct.modeldir import is_sealed, verify_model_dir
 from lungct.tables import RESULT_COLUMNS, CandidateTable, folds_from_layout, write_csv_atomic
 
 
@@ -45,27 +45,42 @@ class TrainedModel:
     path: Path
 
 
-def open_model(model_dir: str | os.PathLike, checkpoint: str | None = None) -> TrainedModel:
+def open_model(
+    model_dir: str | os.PathLike, checkpoint: str | None = None, allow_unfinished: bool = False
+) -> TrainedModel:
     """Open ``model.keras`` (or ``checkpoints/<checkpoint>``) of a model folder in safe mode.
 
+    The folder's seal is checked first (training ended, files unchanged, ``plan.json`` still
+    the trained plan), then the file's config against the plan. ``allow_unfinished`` accepts a
+    folder whose training has not ended; with no ``model.keras`` yet (it is written at the end)
+    its newest checkpoint is opened.
+
     Raises:
-        LungCTError: no such folder, no manifest (folds unknown), no model file.
+        LungCTError: no such folder, no manifest (folds unknown), no model file, an
+            unfinished or changed folder, weights that do not fit the plan.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise LungCTError(model_dir, "model folder not found")
     manifest = FoldManifest.load(model_dir)
-    plan = FPRPlan.load(model_dir / "plan.json")
+    sealed = verify_model_dir(
+        model_dir, check_files=not checkpoint, allow_unfinished=allow_unfinished, stage="fpr"
+    )
+    plan_path = model_dir / "plan.json"
+    plan = FPRPlan.load(plan_path)
     if checkpoint:
         path = model_dir / "checkpoints" / checkpoint
         if not path.is_file():
             path = model_dir / "checkpoints" / f"{checkpoint}.keras"
     else:
         path = model_dir / "model.keras"
+        newest = latest_checkpoint(model_dir)
+        if not path.is_file() and not is_sealed(sealed) and newest is not None:
+            path = newest[1]
     if not path.is_file():
         raise LungCTError(path, "model file not found (has training finished?)")
-    verify_model_dir(model_dir, check_files=not checkpoint)
-    return TrainedModel(load_keras(path, compile=False), plan, manifest, model_dir)
+    model = load_keras(path, compile=False, plan=plan, plan_path=plan_path)
+    return TrainedModel(model, plan, manifest, model_dir)
 
 
 def score_rows(
@@ -114,6 +129,7 @@ def predict(
     batch_size: int = 256,
     progress: bool = True,
     tta_z: bool = False,
+    allow_unfinished: bool = False,
 ) -> dict:
     """Score a candidates file with a model folder and write the submission CSV.
 
@@ -128,14 +144,17 @@ def predict(
         data_dir: LUNA16-layout folder to take folds from (default: the cache's record).
         allow_train_folds: score series the model trained on (off by default).
         checkpoint: use ``checkpoints/<checkpoint>`` instead of ``model.keras``.
-        batch_size: candidates per forward pass.
+        batch_size: candidates per forward pass (at least 1).
         progress: show a progress bar.
+        allow_unfinished: use a model folder whose training has not ended.
 
     Raises:
         LungCTError: a series from the model's training folds (the fold guard), a series missing
-            from the cache, a bad candidates file or model folder.
+            from the cache, a bad candidates file or model folder, a batch size below 1.
     """
-    trained = open_model(model_dir, checkpoint)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise LungCTError(None, f"batch_size must be a positive integer, got {batch_size!r}")
+    trained = open_model(model_dir, checkpoint, allow_unfinished=allow_unfinished)
     cache = ScanCache(cache_dir)
     table = read_unlabelled(candidates)
     layout = folds_from_layout(data_dir) if data_dir is not None else None

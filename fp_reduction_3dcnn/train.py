@@ -3,10 +3,13 @@
 Model folder layout::
 
     OUT/plan.json                    the plan (FPRPlan) the model was trained with
-    OUT/manifest.json                folds and series trained / validated / held out
+    OUT/manifest.json                folds and series trained / validated / held out; sealed
+                                     (checksums, trained plan) when training ends: the seal
+                                     is the folder's done marker (:mod:`lungct.modeldir`)
     OUT/checkpoints/epoch_NNN.keras  model + optimiser state after epoch NNN
     OUT/train_log.csv                one row per epoch (loss, accuracy, validation AUC, speed)
-    OUT/model.keras                  the final model (what ``predict`` loads)
+    OUT/model.keras                  the final model (what ``predict`` loads), written
+                                     atomically
 
 A manual loop of ``train_on_batch`` (rather than ``fit``) keeps the time per batch measurable,
 sets the learning rate each epoch (decayed 2.5 %), and stops cleanly at a time budget.
@@ -43,7 +46,7 @@ from fp_reduction_3dcnn.sampler import BalancedBatchSampler, validation_rows
 from lungct.cache import ScanCache
 from lungct.errors import LungCTError
 from lungct.fileio import atomic_path, write_text_atomic
-from lungct.modeldir import file_sha256, seal_model_dir
+from lungct.modeldir import file_sha256, keras_file_problem, load_keras_model, seal_model_dir
 from lungct.tables import CandidateTable, folds_from_layout
 
 LOG_COLUMNS = (
@@ -63,8 +66,9 @@ _CHECKPOINT = re.compile(r"^epoch_(\d+)\.keras$")
 
 
 def save_model_atomic(model: keras.Model, path: str | os.PathLike) -> None:
-    """``model.save`` to a temporary ``.keras`` file, then rename (never a half-written model)."""
-    with atomic_path(path, suffix=".keras") as tmp:
+    """``model.save`` to a temporary ``.keras`` file, check it, then rename (never a
+    half-written model)."""
+    with atomic_path(path, suffix=".keras", check=keras_file_problem) as tmp:
         model.save(tmp)
 
 
@@ -79,12 +83,47 @@ def latest_checkpoint(model_dir: str | os.PathLike) -> tuple[int, Path] | None:
     return max(found) if found else None
 
 
-def load_keras(path: str | os.PathLike, compile: bool = True) -> keras.Model:
-    """Load a ``.keras`` file in safe mode (no arbitrary code), with a one-line error."""
-    try:
-        return keras.saving.load_model(path, safe_mode=True, compile=compile)
-    except (OSError, ValueError) as exc:
-        raise LungCTError(path, f"cannot load the model ({exc})") from None
+MGICNN_CLASS = "fp_reduction_3dcnn>MGICNN"
+"""The registered Keras class an MGI-CNN model file must hold."""
+
+
+def mgicnn_architecture(plan: FPRPlan) -> dict:
+    """The settings the plan gives the MGI-CNN's constructor (:meth:`MGICNN.from_plan`), as
+    the model's config spells them: weights saved with other settings do not fit the plan."""
+    return {
+        "variant": plan.variant,
+        "integration": plan.integration,
+        "conv": plan.conv,
+        "stream_filters": list(plan.stream_filters),
+        "stream_top_filters": plan.stream_top_filters,
+        "head_filters": plan.head_filters,
+        "dense_units": list(plan.dense_units),
+        "dropout": plan.dropout,
+        "leaky_alpha": plan.leaky_alpha,
+        "input_shape": list(plan.input_shape),
+    }
+
+
+def load_keras(
+    path: str | os.PathLike,
+    compile: bool = True,
+    plan: FPRPlan | None = None,
+    plan_path: str | os.PathLike | None = None,
+) -> keras.Model:
+    """Load an MGI-CNN ``.keras`` file in safe mode (no arbitrary code), with a one-line error.
+
+    The file's config is checked first (:func:`lungct.modeldir.load_keras_model`): foreign
+    classes, Lambda layers and other networks are refused, and with ``plan`` so are weights
+    whose architecture is not the plan's.
+    """
+    return load_keras_model(
+        path,
+        classes=(MGICNN_CLASS,),
+        what="an MGI-CNN of this suite",
+        architecture=None if plan is None else mgicnn_architecture(plan),
+        plan_path=plan_path,
+        compile=compile,
+    )
 
 
 def prefetch(iterator: Iterator, depth: int = 3) -> Iterator:
@@ -194,6 +233,12 @@ def prepare_split(
             f"no candidates of the training folds {sorted(train_set)} (is the cache or --data "
             "the right one?)",
         )
+    if val_folds and not len(val_rows):
+        raise LungCTError(
+            table.path,
+            f"no candidates of the validation folds {sorted(int(f) for f in val_folds)}: "
+            "name folds that hold scans, or leave --val-folds out to train without validation",
+        )
     used = {table.uids[int(k)] for k in np.unique(table.series_index[train_rows])}
     used |= {table.uids[int(k)] for k in np.unique(table.series_index[val_rows])}
     check_cache_has(cache, sorted(used))
@@ -299,7 +344,7 @@ def train(
 
     if checkpoint is not None:
         start_epoch, path = checkpoint
-        model = load_keras(path, compile=True)
+        model = load_keras(path, compile=True, plan=plan, plan_path=out / "plan.json")
     else:
         keras.utils.set_random_seed(plan.seed)
         model = compile_model(MGICNN.from_plan(plan), plan)
@@ -370,7 +415,8 @@ def train(
             break
     save_model_atomic(model, out / "model.keras")
     manifest.save(out)
-    seal_model_dir(
+    plan.save(out / "plan.json")  # what was trained, should the file have been edited meanwhile
+    seal_model_dir(  # last: the seal is the folder's done marker
         out,
         "fpr",
         train_seconds=sum(float(r.get("seconds") or 0.0) for r in log),
@@ -382,6 +428,7 @@ def train(
             "stopped_by_time": stopped_early,
             **(provenance or {}),
         },
+        plan=plan.to_dict(),
     )
     return {
         "out": str(out),

@@ -21,21 +21,16 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from lungct.cli import run_command
+from lungct.cli import fraction, non_negative_int, positive_float, positive_int, run_command
 from lungct.fileio import read_json
 
 if TYPE_CHECKING:
     from integration.stages import StageSettings
 
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
-    return value
+_ALLOW_UNFINISHED = (
+    "use stages whose training has not ended (their last saved weights; the MGI-CNN's newest "
+    "checkpoint when it has no model.keras yet)"
+)
 
 
 def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
@@ -56,11 +51,11 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--bootstrap",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=1000,
         help="bootstrap resamples of scans (default 1000; 0 = none)",
     )
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="bootstrap seed (default 0)")
     p.add_argument(
         "--no-cap",
         action="store_true",
@@ -114,7 +109,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 def _run_detect(args: argparse.Namespace) -> int:
     from integration.pipeline import Detector, detect
 
-    detector = Detector.load(args.models, runtime=args.runtime)
+    detector = Detector.load(
+        args.models, runtime=args.runtime, allow_unfinished=args.allow_unfinished
+    )
     if args.threshold is not None:
         detector.config.threshold = args.threshold
     if args.tta:
@@ -154,7 +151,7 @@ def _add_detect(subparsers: argparse._SubParsersAction) -> None:
         "shipped with the suite",
     )
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--threshold", type=float, help="report crops at or above this probability")
+    p.add_argument("--threshold", type=fraction, help="report crops at or above this probability")
     p.add_argument("--tta", action="store_true", help="test-time augmentation of the scores")
     p.add_argument("--no-report", action="store_true", help="only detections.csv + summary.json")
     p.add_argument(
@@ -168,6 +165,7 @@ def _add_detect(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="run on a scan the MGI-CNN was trained on (its scores are then optimistic)",
     )
+    p.add_argument("--allow-unfinished", action="store_true", help=_ALLOW_UNFINISHED)
     p.set_defaults(func=_run_detect)
 
 
@@ -233,42 +231,41 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--eval-scans",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=10,
         help="full-size test scans for the shipped set (default 10; 0 skips parts 1-2)",
     )
     p.add_argument(
         "--eval-nodules-per-scan",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=15,
         help="nodules in each test scan (default 15)",
     )
     p.add_argument(
-        "--eval-seed", type=int, default=5000, help="test set's random seed (default 5000)"
+        "--eval-seed",
+        type=non_negative_int,
+        default=5000,
+        help="test set's random seed (default 5000)",
     )
     p.add_argument("--no-short-run", action="store_true", help="skip part 3 (the trainings)")
-    p.add_argument("--scans", type=int, default=20, help="short run: small scans (default 20)")
-    p.add_argument("--seed", type=int, default=0, help="short run: data seed (default 0)")
-    p.add_argument("--unet-minutes", type=float, default=1.0, help="short run: U-Net budget (1.0)")
     p.add_argument(
-        "--gan-minutes", type=float, default=0.75, help="short run: CT-GAN budget (0.75)"
+        "--scans", type=positive_int, default=20, help="short run: small scans (default 20)"
     )
     p.add_argument(
-        "--fpr-minutes", type=float, default=1.25, help="short run: MGI-CNN budget (1.25)"
+        "--seed", type=non_negative_int, default=0, help="short run: data seed (default 0)"
+    )
+    p.add_argument(
+        "--unet-minutes", type=positive_float, default=1.0, help="short run: U-Net budget (1.0)"
+    )
+    p.add_argument(
+        "--gan-minutes", type=positive_float, default=0.75, help="short run: CT-GAN budget (0.75)"
+    )
+    p.add_argument(
+        "--fpr-minutes", type=positive_float, default=1.25, help="short run: MGI-CNN budget (1.25)"
     )
     p.add_argument("--no-gan", action="store_true", help="short run: no CT-GAN augmentation")
     p.add_argument("--tta", action="store_true", help="short run: test-time augmentation")
     p.set_defaults(func=_run_demo)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} must be > 0")
-    return value
 
 
 def _settings_from_args(args: argparse.Namespace) -> StageSettings:
@@ -300,9 +297,9 @@ def _add_stage_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--unet-variant", choices=("2d", "2d-seed", "3d"), help="U-Net variant (default 2d)"
     )
-    p.add_argument("--unet-minutes", type=_positive_float, help="U-Net budget per fold (3)")
-    p.add_argument("--gan-minutes", type=_positive_float, help="CT-GAN budget per fold (2)")
-    p.add_argument("--fpr-minutes", type=_positive_float, help="MGI-CNN budget per fold (4)")
+    p.add_argument("--unet-minutes", type=positive_float, help="U-Net budget per fold (3)")
+    p.add_argument("--gan-minutes", type=positive_float, help="CT-GAN budget per fold (2)")
+    p.add_argument("--fpr-minutes", type=positive_float, help="MGI-CNN budget per fold (4)")
     p.add_argument("--no-gan", action="store_true", help="skip the CT-GAN augmentation")
     p.add_argument(
         "--fpr-plan", help="MGI-CNN plan: default, default_adam, default_3d, paper, code or a JSON"
@@ -357,11 +354,13 @@ def _add_crossval(subparsers: argparse._SubParsersAction) -> None:
     _add_stage_options(p)
     p.add_argument(
         "--bootstrap",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=1000,
         help="bootstrap resamples of the pooled evaluation (default 1000)",
     )
-    p.add_argument("--workers", type=int, default=2, help="processes for cache preparation (2)")
+    p.add_argument(
+        "--workers", type=positive_int, default=2, help="processes for cache preparation (2)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_crossval)
 
@@ -428,11 +427,13 @@ def _add_ablate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--test-folds", default="8-9", help="test folds (default 8-9)")
     p.add_argument(
         "--bootstrap",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=1000,
         help="bootstrap resamples per config (default 1000)",
     )
-    p.add_argument("--workers", type=int, default=2, help="processes for cache preparation (2)")
+    p.add_argument(
+        "--workers", type=positive_int, default=2, help="processes for cache preparation (2)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_ablate)
 
@@ -597,6 +598,7 @@ def _run_evaluate_models(args: argparse.Namespace) -> int:
         bootstrap=args.bootstrap,
         workers=args.workers,
         progress=not args.quiet,
+        allow_unfinished=args.allow_unfinished,
     )
     ci = result.bootstrap.cpm_ci if result.bootstrap is not None else None
     print(
@@ -631,9 +633,12 @@ def _add_evaluate_models(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cache", required=True, help="its per-scan cache (prepared when missing)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
-        "--bootstrap", type=_non_negative_int, default=1000, help="bootstrap resamples (1000)"
+        "--bootstrap", type=non_negative_int, default=1000, help="bootstrap resamples (1000)"
     )
-    p.add_argument("--workers", type=int, default=2, help="processes for cache preparation (2)")
+    p.add_argument("--allow-unfinished", action="store_true", help=_ALLOW_UNFINISHED)
+    p.add_argument(
+        "--workers", type=positive_int, default=2, help="processes for cache preparation (2)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_evaluate_models)
 

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from lungct.errors import LungCTError
-from lungct.fileio import atomic_path, write_json_atomic
+from lungct.fileio import staged_outputs, write_figure_atomic, write_json_atomic
 from lungct.tables import (
     AnnotationTable,
     PointTable,
@@ -988,9 +988,10 @@ def plot_froc(
     fig.tight_layout()
     target = Path(path)
     fmt = target.suffix.lstrip(".").lower() or "png"
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=dpi)
-    plt.close(fig)
+    try:
+        write_figure_atomic(fig, target, format=fmt, dpi=dpi)
+    finally:
+        plt.close(fig)
     return entries
 
 
@@ -1024,62 +1025,71 @@ def plot_candidate_curve(
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     target = Path(path)
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, format=target.suffix.lstrip(".").lower() or "png", dpi=150)
-    plt.close(fig)
+    try:
+        write_figure_atomic(fig, target, format=target.suffix.lstrip(".").lower() or "png", dpi=150)
+    finally:
+        plt.close(fig)
+
+
+OUTPUT_MARKER = "metrics.json"
+"""The file :func:`write_outputs` publishes last: an evaluation folder without it is incomplete."""
+
+OPTIONAL_OUTPUTS = ("froc_bootstrap.csv", "candidates.csv", "candidates.png")
+"""Outputs only some evaluations write; an earlier run's copies are removed when a new run
+publishes without them, so every file in the folder belongs to the same run."""
 
 
 def write_outputs(result: EvaluationResult, out_dir: str | os.PathLike) -> dict[str, Any]:
     """Write ``metrics.json``, ``froc.csv``, ``froc.png``, ``nodules.csv`` (and, when present,
     ``froc_bootstrap.csv``, ``candidates.csv`` and ``candidates.png``) into ``out_dir``.
 
+    The files are written and checked in a staging folder and published together, with
+    ``metrics.json`` last (:func:`lungct.fileio.staged_outputs`): a failed write (full disk,
+    read-only folder) leaves an earlier evaluation in ``out_dir`` as it was, never a mix.
+
     Returns the metrics dict.
     """
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LungCTError(out, f"cannot create the output folder ({exc.strerror or exc})") from exc
     metrics = result.to_json()
-    write_csv_atomic(
-        out / "froc.csv",
-        ("fps_per_scan", "sensitivity", "threshold"),
-        zip(
-            result.froc_fps.tolist(),
-            result.froc_sens.tolist(),
-            result.froc_thresholds.tolist(),
-            strict=True,
-        ),
-    )
-    if result.bootstrap is not None:
-        bs = result.bootstrap
+    with staged_outputs(out_dir, OUTPUT_MARKER, stale=OPTIONAL_OUTPUTS) as out:
         write_csv_atomic(
-            out / "froc_bootstrap.csv",
-            ("fps_per_scan", "sensitivity_mean", "sensitivity_lower", "sensitivity_upper"),
+            out / "froc.csv",
+            ("fps_per_scan", "sensitivity", "threshold"),
             zip(
-                bs.fps.tolist(),
-                bs.mean.astype(float).tolist(),
-                bs.lower.astype(float).tolist(),
-                bs.upper.astype(float).tolist(),
+                result.froc_fps.tolist(),
+                result.froc_sens.tolist(),
+                result.froc_thresholds.tolist(),
                 strict=True,
             ),
         )
-    result.nodule_table.to_csv(out / "nodules.csv")
-    plot_froc(result, out / "froc.png", title=f"FROC - {result.label}")
-    if result.candidate_stage is not None:
-        cs = result.candidate_stage
-        write_csv_atomic(
-            out / "candidates.csv",
-            ("candidates_per_scan", "sensitivity", "threshold"),
-            zip(
-                cs.curve_candidates_per_scan.tolist(),
-                cs.curve_sensitivity.tolist(),
-                cs.curve_thresholds.tolist(),
-                strict=True,
-            ),
-        )
-        plot_candidate_curve(cs, out / "candidates.png", labels=[result.label])
-    write_json_atomic(out / "metrics.json", metrics)
+        if result.bootstrap is not None:
+            bs = result.bootstrap
+            write_csv_atomic(
+                out / "froc_bootstrap.csv",
+                ("fps_per_scan", "sensitivity_mean", "sensitivity_lower", "sensitivity_upper"),
+                zip(
+                    bs.fps.tolist(),
+                    bs.mean.astype(float).tolist(),
+                    bs.lower.astype(float).tolist(),
+                    bs.upper.astype(float).tolist(),
+                    strict=True,
+                ),
+            )
+        result.nodule_table.to_csv(out / "nodules.csv")
+        plot_froc(result, out / "froc.png", title=f"FROC - {result.label}")
+        if result.candidate_stage is not None:
+            cs = result.candidate_stage
+            write_csv_atomic(
+                out / "candidates.csv",
+                ("candidates_per_scan", "sensitivity", "threshold"),
+                zip(
+                    cs.curve_candidates_per_scan.tolist(),
+                    cs.curve_sensitivity.tolist(),
+                    cs.curve_thresholds.tolist(),
+                    strict=True,
+                ),
+            )
+            plot_candidate_curve(cs, out / "candidates.png", labels=[result.label])
+        write_json_atomic(out / OUTPUT_MARKER, metrics)
     return metrics
 
 

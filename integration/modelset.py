@@ -8,8 +8,9 @@ A models folder is::
     DIR/unet/           a sealed U-Net model folder (lungct.modeldir)
     DIR/fpr/            a sealed MGI-CNN model folder
 
-:func:`read_model_set` checks all of it before a weight is loaded: the set's format, that every
-stage it lists is there, and each stage's seal (file checksums, manifest format). The suite's
+:func:`read_model_set` checks all of it before a weight is loaded: the set's format and shape,
+that every stage it lists is there, and each stage's seal (training ended, file checksums, the
+trained plan, manifest format and shape; :func:`lungct.modeldir.verify_model_dir`). The suite's
 own set lives in :data:`SHIPPED_MODELS`; ``integration detect`` uses it when no ``--models``
 is given. ``python -m integration modelset`` writes ``modelset.json`` and the card for a folder
 of stages trained by hand.
@@ -25,8 +26,8 @@ from typing import Any
 
 from lungct.errors import LungCTError
 from lungct.fileio import read_json, write_json_atomic, write_text_atomic
-from lungct.modeldir import is_demo_grade, verify_model_dir
-from lungct.plans import check_format_version
+from lungct.modeldir import UnfinishedModelError, is_demo_grade, is_sealed, verify_model_dir
+from lungct.plans import check_format_version, check_value_types
 
 MODELSET_FILE = "modelset.json"
 MODEL_CARD_FILE = "MODEL_CARD.md"
@@ -35,6 +36,15 @@ DETECTOR_STAGES = ("unet", "fpr")
 """Stages the detector can run, in order; ``unet`` is required, ``fpr`` rescoring optional."""
 SHIPPED_MODELS = Path(__file__).resolve().parent / "shipped_models"
 """The model set that ships with the suite (``integration detect`` without ``--models``)."""
+MODELSET_TYPES: dict[str, Any] = {
+    "format": int,
+    "name": str | None,
+    "version": str | None,
+    "description": str | None,
+    "stages": list[str],
+    "written": str | None,
+}
+"""JSON types of the keys of ``modelset.json``."""
 
 
 @dataclass
@@ -47,6 +57,11 @@ class ModelSet:
     description: str
     stages: list[str]
     manifests: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def unfinished(self) -> list[str]:
+        """Stages whose training has not ended (loaded with ``allow_unfinished``)."""
+        return [s for s in self.stages if not is_sealed(self.manifests.get(s, {}))]
 
     @property
     def demo_grade(self) -> bool:
@@ -86,7 +101,13 @@ class ModelSet:
         }
 
     def warning(self) -> str | None:
-        """One line for stderr and the report when the set is demo-grade, else None."""
+        """One line for stderr and the report when the set is demo-grade or unfinished, else
+        None."""
+        if self.unfinished:
+            return (
+                f"model set '{self.name}': the training of {', '.join(self.unfinished)} did not "
+                "finish (allowed by --allow-unfinished): its marks are not a finished model's"
+            )
         if not self.demo_grade:
             return None
         minutes = self.train_seconds / 60.0
@@ -115,12 +136,14 @@ def data_phrase(data: dict) -> str:
     return "unknown data"
 
 
-def read_model_set(models_dir: str | os.PathLike) -> ModelSet:
+def read_model_set(models_dir: str | os.PathLike, allow_unfinished: bool = False) -> ModelSet:
     """Check a models folder (set format, stages present, every stage's seal) and describe it.
 
+    ``allow_unfinished`` accepts stages whose training has not ended (no seal).
+
     Raises:
-        LungCTError: no such folder, no ``modelset.json``, a newer format, a listed stage
-            missing, or a stage whose seal does not hold.
+        LungCTError: no such folder, no ``modelset.json``, a newer format, a description of
+            the wrong shape, a listed stage missing, or a stage whose seal does not hold.
     """
     root = Path(models_dir)
     if not root.is_dir():
@@ -135,9 +158,11 @@ def read_model_set(models_dir: str | os.PathLike) -> ModelSet:
     if not isinstance(info, dict):
         raise LungCTError(path, "a model set description must be a JSON object")
     check_format_version(info.get("format"), MODELSET_FORMAT, path, "model set format")
+    check_value_types({k: v for k, v in MODELSET_TYPES.items() if k != "stages"}, info, path)
     stages = info.get("stages")
     if not isinstance(stages, list) or "unet" not in stages:
         raise LungCTError(path, f"stages must be a list holding 'unet', got {stages!r}")
+    check_value_types({"stages": list[str]}, {"stages": stages}, path)
     unknown = sorted(set(stages) - set(DETECTOR_STAGES))
     if unknown:
         raise LungCTError(path, f"unknown stages {unknown} (known: {list(DETECTOR_STAGES)})")
@@ -145,7 +170,9 @@ def read_model_set(models_dir: str | os.PathLike) -> ModelSet:
     for stage in stages:
         if not (root / stage).is_dir():
             raise LungCTError(root, f"the model set lists a {stage}/ stage but the folder has none")
-        manifests[stage] = verify_model_dir(root / stage)
+        manifests[stage] = verify_model_dir(
+            root / stage, allow_unfinished=allow_unfinished, stage=stage
+        )
     return ModelSet(
         root=root,
         name=str(info.get("name") or root.name),
@@ -186,7 +213,14 @@ def write_model_set(
         "written": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     for stage in stages:  # refuse to describe a set whose stages do not hold
-        verify_model_dir(root / stage)
+        try:
+            verify_model_dir(root / stage, stage=stage)
+        except UnfinishedModelError as exc:
+            raise LungCTError(
+                exc.path,
+                "the manifest is not sealed: training did not finish (continue it with `train "
+                "--resume`); a model set holds finished stages only",
+            ) from None
     write_json_atomic(root / MODELSET_FILE, info)
     model_set = read_model_set(root)
     write_text_atomic(root / MODEL_CARD_FILE, model_card(model_set, performance, limitations))

@@ -31,7 +31,7 @@ from integration.modelset import MODELSET_FILE, SHIPPED_MODELS, ModelSet, read_m
 from integration.report import Detection, model_set_facts, suspicion_score, write_report
 from lungct.cache import CachedScan
 from lungct.errors import LungCTError
-from lungct.fileio import write_json_atomic
+from lungct.fileio import staged_outputs, write_json_atomic
 from lungct.io import read_scan
 from lungct.lungmask import segment_lungs, segment_lungs_array
 from lungct.plans import JSONPlan
@@ -40,6 +40,13 @@ from lungct.scan import AIR_HU, Scan
 from lungct.tables import write_csv_atomic
 
 DETECTION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability", "diameter_mm")
+
+OUTPUT_MARKER = "summary.json"
+"""The file :func:`detect` publishes last: an output folder without it is incomplete."""
+
+REPORT_OUTPUTS = ("report.html", "overview.png", "detection_*.png")
+"""The report's files; an earlier run's are removed when a new run publishes (a run without
+the report, or with fewer crops, must not leave pages about other detections beside it)."""
 
 
 @dataclass
@@ -84,13 +91,17 @@ class Detector:
 
     @classmethod
     def load(
-        cls, models_dir: str | os.PathLike | None = None, runtime: str | None = None
+        cls,
+        models_dir: str | os.PathLike | None = None,
+        runtime: str | None = None,
+        allow_unfinished: bool = False,
     ) -> Detector:
         """Load a model set (default: the shipped one) in Keras safe mode.
 
-        Every stage's seal is checked first (:func:`integration.modelset.read_model_set`).
-        ``runtime`` chooses where the U-Net runs (:func:`unet_candidates.runtime.predictor`;
-        default ``LUNGCT_RUNTIME`` or ``auto``: ONNX Runtime on a CPU).
+        Every stage's seal is checked first (:func:`integration.modelset.read_model_set`);
+        ``allow_unfinished`` accepts stages whose training has not ended. ``runtime`` chooses
+        where the U-Net runs (:func:`unet_candidates.runtime.predictor`; default
+        ``LUNGCT_RUNTIME`` or ``auto``: ONNX Runtime on a CPU).
 
         Raises:
             LungCTError: no such folder, no shipped set installed, not a model set, a
@@ -108,15 +119,15 @@ class Detector:
                     "no shipped model set in this installation; pass --models DIR (a set "
                     "trained with `python -m integration train-models` or `integration demo`)",
                 )
-        model_set = read_model_set(models_dir)
+        model_set = read_model_set(models_dir, allow_unfinished=allow_unfinished)
         models_dir = model_set.root
-        unet_model, unet_plan = load_unet(models_dir / "unet")
+        unet_model, unet_plan = load_unet(models_dir / "unet", allow_unfinished=allow_unfinished)
         unet_model = predictor(unet_model, runtime or default_runtime())
         fpr = None
         if "fpr" in model_set.stages:
             from fp_reduction_3dcnn.predict import open_model
 
-            fpr = open_model(models_dir / "fpr")
+            fpr = open_model(models_dir / "fpr", allow_unfinished=allow_unfinished)
         config = PipelineConfig.load(models_dir)
         return cls(unet_model, unet_plan, fpr, config, models_dir, model_set)
 
@@ -187,9 +198,16 @@ def detect(
 ) -> DetectionResult:
     """Run every stage on one scan; write ``detections.csv``, ``summary.json`` and the report.
 
+    The outputs are written and checked in a staging folder and published together, with
+    ``summary.json`` last (:func:`lungct.fileio.staged_outputs`): a failed write leaves an
+    earlier run's outputs in ``out_dir`` as they were, and an earlier report is never left
+    beside new detections.
+
     Raises:
         LungCTError: unreadable scan, no lungs, broken model folders, or (unless
             ``allow_training_scans``) a scan the MGI-CNN was trained on.
+        lungct.fileio.WriteError: an output cannot be written whole (full disk, read-only
+            folder).
     """
     from unet_candidates import extract_candidates
     from unet_candidates.runtime import runtime_of
@@ -230,44 +248,45 @@ def detect(
         for (x, y, z), p, c in zip(centres, probs, candidates, strict=True)
     ]
     detections.sort(key=lambda d: -d.probability)
-    write_csv_atomic(
-        out / "detections.csv",
-        DETECTION_COLUMNS,
-        ([scan.seriesuid, d.x, d.y, d.z, d.probability, d.diameter_mm] for d in detections),
-    )
-    if report:
-        write_report(
-            scan,
-            detections,
-            out,
-            lung=cached.lung,
-            lung_geometry=cached.geometry,
-            threshold=detector.config.threshold,
-            timings=timings,
-            model_set=model_set_facts(detector.model_set) if detector.model_set else None,
-            warning=detector.model_set.warning() if detector.model_set else None,
-            tta=detector.config.tta if detector.fpr is not None else None,
+    with staged_outputs(out, OUTPUT_MARKER, stale=REPORT_OUTPUTS) as stage:
+        write_csv_atomic(
+            stage / "detections.csv",
+            DETECTION_COLUMNS,
+            ([scan.seriesuid, d.x, d.y, d.z, d.probability, d.diameter_mm] for d in detections),
         )
-        lap("report")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result = DetectionResult(scan.seriesuid, detections, len(candidates), timings, peak)
-    write_json_atomic(
-        out / "summary.json",
-        {
-            "seriesuid": scan.seriesuid,
-            "scan": str(scan_path),
-            "models": str(detector.models_dir),
-            "model_set": detector.model_set.summary() if detector.model_set else None,
-            "unet_runtime": runtime_of(detector.unet_model),
-            "candidates": len(candidates),
-            "detections_above_threshold": sum(
-                d.probability >= detector.config.threshold for d in detections
-            ),
-            "threshold": detector.config.threshold,
-            "suspicion": result.suspicion,
-            "seconds": timings,
-            "total_seconds": round(sum(timings.values()), 2),
-            "peak_rss_mb": round(peak, 1),
-        },
-    )
+        if report:
+            write_report(
+                scan,
+                detections,
+                stage,
+                lung=cached.lung,
+                lung_geometry=cached.geometry,
+                threshold=detector.config.threshold,
+                timings=timings,
+                model_set=model_set_facts(detector.model_set) if detector.model_set else None,
+                warning=detector.model_set.warning() if detector.model_set else None,
+                tta=detector.config.tta if detector.fpr is not None else None,
+            )
+            lap("report")
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result = DetectionResult(scan.seriesuid, detections, len(candidates), timings, peak)
+        write_json_atomic(
+            stage / OUTPUT_MARKER,
+            {
+                "seriesuid": scan.seriesuid,
+                "scan": str(scan_path),
+                "models": str(detector.models_dir),
+                "model_set": detector.model_set.summary() if detector.model_set else None,
+                "unet_runtime": runtime_of(detector.unet_model),
+                "candidates": len(candidates),
+                "detections_above_threshold": sum(
+                    d.probability >= detector.config.threshold for d in detections
+                ),
+                "threshold": detector.config.threshold,
+                "suspicion": result.suspicion,
+                "seconds": timings,
+                "total_seconds": round(sum(timings.values()), 2),
+                "peak_rss_mb": round(peak, 1),
+            },
+        )
     return result

@@ -352,13 +352,15 @@ def evaluate_model_set(
     workers: int = 2,
     label: str | None = None,
     progress: bool = True,
+    allow_unfinished: bool = False,
 ) -> Any:
     """Measure a model set on a data set it never trained on; return the evaluation result.
 
     Every scan of ``data_dir`` (all subsets) gets its candidates and MGI-CNN scores; the exact
     LUNA16 evaluation then gives the FROC, the CPM and its bootstrap interval. A scan the set
     trained on is refused (the fold numbers of a fresh data set mean nothing to the models, so
-    the check is by series UID).
+    the check is by series UID). ``allow_unfinished`` accepts stages whose training has not
+    ended.
 
     Raises:
         LungCTError: a broken set, a scan the set trained on, a failed extraction.
@@ -370,7 +372,7 @@ def evaluate_model_set(
     from lungct.cache import prepare_dataset
     from unet_candidates.extract import extract_paths
 
-    model_set = read_model_set(models_dir)
+    model_set = read_model_set(models_dir, allow_unfinished=allow_unfinished)
     data, out = Path(data_dir), Path(out_dir)
     uids = fold_uids(data, list(range(10)))
     trained: set[str] = set()
@@ -394,6 +396,7 @@ def evaluate_model_set(
         folds=list(range(10)),
         cache_dir=cache_dir,
         progress=progress,
+        allow_unfinished=allow_unfinished,
     )
     if summary["out"] is None or summary["failed"]:
         scan, problem = next(iter(summary["failed"].items()), ("?", "?"))
@@ -409,6 +412,7 @@ def evaluate_model_set(
             tta=model_set_tta(model_set.root),
             allow_train_folds=True,  # checked above by series UID
             progress=progress,
+            allow_unfinished=allow_unfinished,
         )
     series = write_series(out / "seriesuids.csv", uids)
     result = evaluate_submission(

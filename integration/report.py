@@ -39,7 +39,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Circle
 from scipy import ndimage
 
-from lungct.fileio import atomic_path, write_text_atomic
+from lungct.fileio import WriteError, write_figure_atomic, write_text_atomic
 from lungct.geometry import Geometry
 from lungct.patches import crop_patch
 from lungct.preprocess import WINDOWS, resample_onto
@@ -212,9 +212,10 @@ def numbered_count(marks: Sequence[Mark], top: int = OVERVIEW_TOP) -> int:
 
 
 def _save(fig: plt.Figure, path: Path, dpi: int = 90) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
-    plt.close(fig)
+    try:
+        write_figure_atomic(fig, path, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
 
 
 def _slice_words(geometry: Geometry, ijk: tuple[int, int, int], world_axis: int) -> str:
@@ -687,9 +688,13 @@ def write_report(
 
     Raises:
         ValueError: a lung mask whose shape does not fit its grid.
+        lungct.fileio.WriteError: the folder or a file in it cannot be written whole.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WriteError(out, f"cannot create the output folder ({exc.strerror or exc})") from None
     shown = world_aligned(scan)
     marks = rank_marks(scan, detections, threshold)
     n_numbered = numbered_count(marks)

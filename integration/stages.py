@@ -31,6 +31,7 @@ from typing import Any
 
 from lungct.errors import LungCTError
 from lungct.fileio import write_json_atomic, write_text_atomic
+from lungct.modeldir import is_sealed
 from lungct.tables import FOLD_COUNT, write_csv_atomic
 
 DONE_MARKER = "integration_done.json"
@@ -408,15 +409,17 @@ def overlay_cache(base: str | os.PathLike, overlay: str | os.PathLike) -> Path:
 def stage_done(model_dir: Path, stage: str = "") -> bool:
     """Whether a stage's training has finished in this folder: its training function returned
     here (:data:`DONE_MARKER`), or the folder carries the trainer's own end-of-training sign
-    (a U-Net manifest with its ``training`` summary; an MGI-CNN ``model.keras``, which is only
-    written at the end). A CT-GAN writes ``generator.keras`` at every checkpoint, so only the
+    (a U-Net manifest with its ``training`` summary; an MGI-CNN ``model.keras`` with the seal
+    that its trainer writes into the manifest after it, so that a run killed between the two
+    is trained again). A CT-GAN writes ``generator.keras`` at every checkpoint, so only the
     marker counts for it."""
     if (model_dir / DONE_MARKER).is_file():
         return True
     if stage == "unet":
         return "training" in read_json_or_empty(model_dir / "manifest.json")
     if stage == "fpr":
-        return (model_dir / "model.keras").is_file()
+        manifest = read_json_or_empty(model_dir / "manifest.json")
+        return (model_dir / "model.keras").is_file() and is_sealed(manifest)
     return False
 
 

@@ -11,7 +11,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from lungct.cli import run_command
+from lungct.cli import positive_int, run_command
 from lungct.errors import LungCTError
 
 
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", required=True, help="cache folder (created; resumable)")
     p.add_argument("--folds", help="only these subsets, e.g. 0-7 or 0,3,9")
     p.add_argument("--plan", help="preprocessing plan JSON (default: 1 mm isotropic)")
-    p.add_argument("--workers", type=int, default=2, help="scans prepared in parallel")
+    p.add_argument("--workers", type=positive_int, default=2, help="scans prepared in parallel")
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("show", help="PNG of axial/coronal/sagittal views through each nodule")

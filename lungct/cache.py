@@ -7,19 +7,32 @@
     CACHE/<seriesuid>/lung.npy      uint8 lung mask on the same grid
     CACHE/<seriesuid>/meta.json     geometry (world placement), source file, fold, lung volume
 
-``meta.json`` is written last, so an entry with it is complete; an interrupted prepare resumes by
-skipping complete entries. Readers open the arrays with ``mmap_mode='r'``: a patch touches only
-the pages it needs, and nothing holds a whole dataset in memory.
+An entry is written in a staging folder and published with ``meta.json`` last
+(:func:`lungct.fileio.staged_outputs`), so an entry with it was complete when written; an
+interrupted prepare resumes by skipping complete entries, after checking that their arrays still
+have the shape and byte count ``meta.json`` says (a file cut short later is rebuilt). Readers
+open the arrays with ``mmap_mode='r'``: a patch touches only the pages it needs, and nothing
+holds a whole dataset in memory.
+
+Parallel prepares run in worker processes that end with the command: Ctrl-C or SIGTERM stops
+them before the command exits, and a worker whose parent was killed outright ends itself.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import multiprocessing
 import os
 import re
-from collections.abc import Iterable, Sequence
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +40,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lungct.errors import LungCTError
-from lungct.fileio import save_npy_atomic, write_json_atomic
+from lungct.fileio import (
+    STAGE_PREFIX,
+    WriteError,
+    npy_problem,
+    remove_abandoned_stages,
+    save_npy_atomic,
+    staged_outputs,
+    write_json_atomic,
+)
 from lungct.geometry import Geometry
 from lungct.io import read_scan, series_uid_from_path
 from lungct.lungmask import lung_volume_ml, segment_lungs_array
@@ -118,8 +139,35 @@ class ScanCache:
         return self.root / seriesuid
 
     def is_complete(self, seriesuid: str) -> bool:
-        """Whether the scan's entry was fully written."""
-        return (self.entry_dir(seriesuid) / "meta.json").is_file()
+        """Whether the scan's entry was fully written and is still whole
+        (:meth:`entry_problem`)."""
+        return self.entry_problem(seriesuid) is None
+
+    def entry_problem(self, seriesuid: str) -> str | None:
+        """What is wrong with a scan's entry (None: nothing).
+
+        ``meta.json`` is written last, so its absence means an unfinished entry; with it, the
+        arrays' headers (read without loading the data) must give the geometry's shape and
+        their files the byte count that shape needs. A file cut short or replaced after the
+        entry was made would otherwise be skipped by ``prepare`` and fail only when read.
+        """
+        entry = self.entry_dir(seriesuid)
+        meta_path = entry / "meta.json"
+        if not meta_path.is_file():
+            return "no meta.json (unfinished entry)"
+        try:
+            meta = json.loads(meta_path.read_text())
+            shape = Geometry.from_dict(meta["geometry"]).shape_zyx
+        except (OSError, ValueError, KeyError, TypeError, LungCTError) as exc:
+            return f"meta.json is unreadable ({exc})"
+        for name, dtype in (("volume.npy", np.int16), ("lung.npy", None)):
+            try:
+                problem = npy_problem(entry / name, shape, dtype)
+            except OSError as exc:
+                problem = f"cannot be read ({exc.strerror or exc})"
+            if problem:
+                return f"{name} {problem}"
+        return None
 
     def seriesuids(self) -> list[str]:
         """UIDs of every complete entry, sorted."""
@@ -181,9 +229,6 @@ def prepare_one(scan_file: ScanFile, cache_root: str | os.PathLike, plan: Prepro
     del scan
     volume = volume.astype(np.int16, copy=False)
     lung = segment_lungs_array(volume, geometry)
-    entry = Path(cache_root) / scan_file.seriesuid
-    save_npy_atomic(entry / "volume.npy", volume)
-    save_npy_atomic(entry / "lung.npy", lung)
     meta = {
         "seriesuid": scan_file.seriesuid,
         "source": str(scan_file.path),
@@ -194,7 +239,10 @@ def prepare_one(scan_file: ScanFile, cache_root: str | os.PathLike, plan: Prepro
         "lung_volume_ml": round(lung_volume_ml(lung, geometry), 1),
         "lung_found": bool(lung.any()),
     }
-    write_json_atomic(entry / "meta.json", meta)
+    with staged_outputs(Path(cache_root) / scan_file.seriesuid, "meta.json") as stage:
+        save_npy_atomic(stage / "volume.npy", volume)
+        save_npy_atomic(stage / "lung.npy", lung)
+        write_json_atomic(stage / "meta.json", meta)
     return meta
 
 
@@ -208,48 +256,188 @@ def prepare_dataset(
 ) -> dict:
     """Build (or complete) the per-scan cache of a dataset, ``workers`` scans at a time.
 
-    At most ``workers`` scans are in memory at once. Scans whose entry is complete are skipped.
-    A scan that fails is reported by name and the others still get done.
+    At most ``workers`` scans are in memory at once. Scans whose entry is complete and whole
+    (:meth:`ScanCache.entry_problem`) are skipped; a broken one is rebuilt. A scan that fails
+    is reported by name and the others still get done, but an output that cannot be written
+    (:class:`lungct.fileio.WriteError`: full disk, read-only folder) stops the whole prepare,
+    since every other scan would fail the same way. An interrupt (Ctrl-C, SIGTERM) stops the
+    worker processes before it propagates. ``progress`` shows a bar on a terminal.
 
     Returns:
         ``{"prepared": [...], "skipped": [...], "failed": {uid: message}}``.
     """
     plan = plan or PreprocessPlan()
     cache = ScanCache(cache_dir)
-    cache.root.mkdir(parents=True, exist_ok=True)
+    try:
+        cache.root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WriteError(
+            cache.root, f"cannot create the cache folder ({exc.strerror or exc})"
+        ) from None
     cache.check_plan(plan)
     scans = find_scans(data_dir, folds)
-    todo = [s for s in scans if not cache.is_complete(s.seriesuid)]
+    for stage in cache.root.glob(f"*/{STAGE_PREFIX}*"):  # left by a killed prepare
+        remove_abandoned_stages(stage.parent)
+    whole = {s.seriesuid for s in scans if cache.is_complete(s.seriesuid)}
+    todo = [s for s in scans if s.seriesuid not in whole]
     report: dict = {
         "prepared": [],
-        "skipped": [s.seriesuid for s in scans if cache.is_complete(s.seriesuid)],
+        "skipped": [s.seriesuid for s in scans if s.seriesuid in whole],
         "failed": {},
     }
     bar = tqdm(total=len(todo), desc="prepare", unit="scan", disable=not progress)
-    if workers <= 1 or len(todo) <= 1:
-        for s in todo:
-            _run_one(s, cache.root, plan, report)
-            bar.update()
-    else:
-        # spawn, not fork: SimpleITK's thread pool does not survive a fork reliably.
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            futures = {pool.submit(prepare_one, s, cache.root, plan): s for s in todo}
-            for fut in as_completed(futures):
-                s = futures[fut]
-                try:
-                    fut.result()
-                    report["prepared"].append(s.seriesuid)
-                except LungCTError as exc:
-                    report["failed"][s.seriesuid] = str(exc)
+    try:
+        if workers <= 1 or len(todo) <= 1:
+            for s in todo:
+                _record(s, report, lambda s=s: prepare_one(s, cache.root, plan))
                 bar.update()
-    bar.close()
+        else:
+            _prepare_in_workers(todo, cache.root, plan, workers, report, bar)
+    finally:
+        bar.close()
     return report
 
 
-def _run_one(s: ScanFile, root: Path, plan: PreprocessPlan, report: dict) -> None:
+def _record(s: ScanFile, report: dict, run: Callable[[], object]) -> None:
+    """Run one scan's preparation into ``report``; a bad scan is noted, a write error raised."""
     try:
-        prepare_one(s, root, plan)
+        run()
         report["prepared"].append(s.seriesuid)
+    except WriteError:
+        raise
     except LungCTError as exc:
         report["failed"][s.seriesuid] = str(exc)
+
+
+def _prepare_in_workers(
+    todo: Sequence[ScanFile],
+    root: Path,
+    plan: PreprocessPlan,
+    workers: int,
+    report: dict,
+    bar: tqdm,
+) -> None:
+    """Prepare ``todo`` in a pool of worker processes that never outlive this call.
+
+    Workers ignore SIGINT (a terminal sends Ctrl-C to the whole process group; the parent alone
+    decides) and end themselves when the parent dies (:func:`_worker_start`). Here, SIGTERM
+    becomes an exit with status 143 that runs the clean-up, and any way out other than
+    success (an interrupt, a write error) stops the workers before it goes on.
+    """
+    # spawn, not fork: SimpleITK's thread pool does not survive a fork reliably.
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=context,
+        initializer=_worker_start,
+        initargs=(os.getpid(),),
+    )
+    try:
+        with _sigterm_exits():
+            with _sigint_ignored():  # workers start here and inherit the ignored SIGINT
+                futures = {pool.submit(_prepare_in_worker, s, root, plan): s for s in todo}
+            for fut in as_completed(futures):
+                s = futures[fut]
+                _record(s, report, fut.result)
+                bar.update()
+    except BrokenProcessPool:
+        _stop_workers(pool)
+        raise LungCTError(
+            root, "a worker process died while preparing (out of memory? try fewer --workers)"
+        ) from None
+    except BaseException:
+        _stop_workers(pool)
+        for s in todo:  # what a worker stopped mid-write left
+            remove_abandoned_stages(root / s.seriesuid)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _prepare_in_worker(scan_file: ScanFile, cache_root: Path, plan: PreprocessPlan) -> dict:
+    """:func:`prepare_one` in a worker; SIGTERM ends the process once the entry's staging
+    folder is cleaned up (the executor would otherwise catch the exit and go on)."""
+    try:
+        return prepare_one(scan_file, cache_root, plan)
+    except SystemExit as exc:
+        os._exit(exc.code if isinstance(exc.code, int) else 1)
+
+
+def _worker_start(parent_pid: int) -> None:
+    """Set up a worker process: SIGINT ignored, SIGTERM an orderly exit, and an end of its own
+    when the parent dies.
+
+    SIGINT is the parent's to handle (a terminal sends Ctrl-C to the whole process group).
+    SIGTERM, which the parent sends to stop it, raises ``SystemExit`` so the entry being
+    written removes its staging folder. On Linux the kernel sends SIGKILL when the parent
+    process ends (``PR_SET_PDEATHSIG``); elsewhere, and as a second guard, a thread checks
+    every half second that the parent is still the one that started the worker.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before the guard was in place
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Cancel what has not started and end the worker processes now (SIGTERM, then SIGKILL)."""
+    # The executor has no public way to end busy workers before Python 3.14
+    # (``terminate_workers``); its process table is what that method uses.
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        with contextlib.suppress(Exception):
+            process.terminate()
+    deadline = time.monotonic() + 5.0
+    for process in processes:
+        with contextlib.suppress(Exception):
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join(1.0)
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored inside the block (main thread only; elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+
+
+@contextlib.contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """SIGTERM raises ``SystemExit(143)`` inside the block, so clean-up code runs (Python's
+    default is to die at once, leaving the workers behind)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        yield
+    finally:
+        # None: a handler set outside Python, which cannot be put back; the default is closest.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

@@ -53,6 +53,10 @@ class Geometry:
             raise LungCTError(None, f"direction needs 9 numbers, got {len(self.direction)}")
         if min(self.spacing) <= 0 or not np.all(np.isfinite(self.spacing)):
             raise LungCTError(None, f"spacing must be positive and finite, got {self.spacing}")
+        if not np.all(np.isfinite(self.origin)):
+            raise LungCTError(None, f"origin must be finite, got {self.origin}")
+        if not np.all(np.isfinite(self.direction)):
+            raise LungCTError(None, f"direction must be finite, got {self.direction}")
         if abs(np.linalg.det(self.direction_matrix)) < 1e-6:
             raise LungCTError(None, f"direction matrix is singular: {self.direction}")
 

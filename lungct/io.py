@@ -8,31 +8,24 @@ before SimpleITK or pydicom can fail with a library traceback.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import warnings
-import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from lungct.errors import LungCTError
+from lungct.fileio import image_problem, write_via_library
 from lungct.geometry import Geometry
+from lungct.headers import (
+    max_voxels_limit,
+    metaimage_fields,
+    read_metaimage_header,
+    read_metaimage_pixels,
+    read_nifti_header,
+)
 from lungct.scan import AIR_HU, Scan
-
-METAIMAGE_TYPES = {
-    "MET_CHAR": 1,
-    "MET_UCHAR": 1,
-    "MET_SHORT": 2,
-    "MET_USHORT": 2,
-    "MET_INT": 4,
-    "MET_UINT": 4,
-    "MET_LONG": 8,
-    "MET_ULONG": 8,
-    "MET_FLOAT": 4,
-    "MET_DOUBLE": 8,
-}
 
 
 def scan_suffix(path: str | os.PathLike) -> str:
@@ -51,11 +44,24 @@ def series_uid_from_path(path: str | os.PathLike) -> str:
     return name[: len(name) - len(suffix)] if suffix else name
 
 
-def read_scan(path: str | os.PathLike) -> Scan:
+def read_scan(path: str | os.PathLike, max_voxels: int | None = None) -> Scan:
     """Read a CT scan from a MetaImage, NIfTI file or DICOM series folder.
 
     Padding outside the field of view (and any value below air) becomes ``AIR_HU``; the stored
     range is kept in ``scan.hu_min`` / ``scan.hu_max``.
+
+    The header is read and checked by this suite before any pixel is (:mod:`lungct.headers`),
+    because image libraries trust it: a claimed size above ``max_voxels`` (default
+    :data:`lungct.headers.DEFAULT_MAX_VOXELS`, 2^30; or the ``LUNGCT_MAX_VOXELS`` environment
+    variable) is refused before anything of that size is allocated, and so are non-finite or
+    zero spacing, origin and direction, and pixel data whose length (decoded length, for
+    compressed data) differs from the header's. Compressed MetaImage data is decoded here, not
+    by SimpleITK, whose reader returns zeros for a corrupt stream.
+
+    Args:
+        path: ``.mhd``/``.mha``/``.nii``/``.nii.gz`` file or DICOM series folder.
+        max_voxels: largest voxel count to accept; ``None``: ``LUNGCT_MAX_VOXELS`` or the
+            default.
 
     Raises:
         LungCTError: the path is missing, of an unknown kind, or its content is broken.
@@ -63,35 +69,72 @@ def read_scan(path: str | os.PathLike) -> Scan:
     path = Path(path)
     if not path.exists():
         raise LungCTError(path, "no such file or folder")
+    limit = max_voxels_limit(max_voxels)
     if path.is_dir():
         from lungct.dicom import read_dicom_series
 
-        return read_dicom_series(path)
+        return read_dicom_series(path, max_voxels=limit)
     suffix = scan_suffix(path)
+    uid = series_uid_from_path(path)
     if suffix in (".mhd", ".mha"):
-        _check_metaimage(path)
-    elif suffix not in (".nii", ".nii.gz"):
+        header = read_metaimage_header(path, limit)
+        info = _sitk_info(path)
+        _check_same_size(path, info.GetSize(), header.size)
+        if info.GetNumberOfComponents() != 1:
+            raise LungCTError(path, "has vector pixels; a CT scan has one value per voxel")
+        array = read_metaimage_pixels(header)
+        return scan_from_array(
+            array,
+            info.GetSpacing(),
+            info.GetOrigin(),
+            info.GetDirection(),
+            seriesuid=uid,
+            source=path,
+            owned=True,
+        )
+    if suffix not in (".nii", ".nii.gz"):
         raise LungCTError(
             path, "unknown scan format (expected .mhd, .mha, .nii, .nii.gz or a DICOM folder)"
         )
+    nifti = read_nifti_header(path, limit)
+    image = _sitk_read(path)
+    _check_same_size(path, image.GetSize(), nifti.size)
+    return scan_from_image(image, seriesuid=uid, source=path)
+
+
+def _check_same_size(path: Path, read: Sequence[int], header: Sequence[int]) -> None:
+    """The image library must see the size this suite checked; anything else is refused."""
+    if tuple(read) != tuple(header):
+        raise LungCTError(path, f"is read as size {list(read)} but its header says {list(header)}")
+
+
+def _sitk_reader(path: Path) -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    return reader
+
+
+def _library_error(path: Path, exc: RuntimeError) -> LungCTError:
+    detail = str(exc).strip().splitlines()
+    hint = next((line for line in detail if "rror" in line or "xception" in line), "")
+    return LungCTError(path, f"cannot be read as an image ({hint.strip()[:160]})")
+
+
+def _sitk_info(path: Path) -> sitk.ImageFileReader:
+    """The header as SimpleITK understands it (geometry only; no pixel is read)."""
+    reader = _sitk_reader(path)
     try:
-        image = _sitk_read(path)
-    except LungCTError:
-        if suffix == ".mhd":
-            _diagnose_compressed(path)
-        raise
-    return scan_from_image(image, seriesuid=series_uid_from_path(path), source=path)
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise _library_error(path, exc) from None
+    return reader
 
 
 def _sitk_read(path: Path) -> sitk.Image:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
     try:
-        return reader.Execute()
+        return _sitk_reader(path).Execute()
     except RuntimeError as exc:
-        detail = str(exc).strip().splitlines()
-        hint = next((line for line in detail if "rror" in line or "xception" in line), "")
-        raise LungCTError(path, f"cannot be read as an image ({hint.strip()[:160]})") from None
+        raise _library_error(path, exc) from None
 
 
 def scan_from_image(image: sitk.Image, seriesuid: str, source: str | os.PathLike | None) -> Scan:
@@ -101,31 +144,54 @@ def scan_from_image(image: sitk.Image, seriesuid: str, source: str | os.PathLike
         raise LungCTError(source, f"is a {dim}-D image; a CT scan must be 3-D")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise LungCTError(source, "has vector pixels; a CT scan has one value per voxel")
-    size = image.GetSize()
+    return scan_from_array(
+        sitk.GetArrayViewFromImage(image),
+        image.GetSpacing(),
+        image.GetOrigin(),
+        image.GetDirection(),
+        seriesuid=seriesuid,
+        source=source,
+    )
+
+
+def scan_from_array(
+    array: np.ndarray,
+    spacing: Sequence[float],
+    origin: Sequence[float],
+    direction: Sequence[float],
+    seriesuid: str,
+    source: str | os.PathLike | None,
+    owned: bool = False,
+) -> Scan:
+    """Turn a ``(z, y, x)`` array of stored values into a :class:`Scan` (int16 HU, padding -> air).
+
+    Args:
+        array: the voxels as stored (any integer or float type).
+        spacing, origin, direction: the geometry, ``(x, y, z)`` order, direction row-major.
+        seriesuid: the series identifier.
+        source: the path, for messages.
+        owned: ``array`` belongs to the caller alone and may be reused for the result, which
+            saves a copy of the whole volume when it is already int16.
+    """
+    size = tuple(int(n) for n in array.shape[::-1])
     if min(size) < 2:
         raise LungCTError(
             source, f"has size {list(size)}; a 3-D CT scan needs >= 2 voxels per axis"
         )
-    array = sitk.GetArrayViewFromImage(image)
     if np.issubdtype(array.dtype, np.floating):
         if not np.all(np.isfinite(array)):
             raise LungCTError(source, "contains NaN or infinite voxel values")
-        array = np.rint(array)
+        array = np.rint(array, out=array) if owned else np.rint(array)
     hu_min = int(array.min())
     hu_max = int(array.max())
     if array.dtype == np.int16:
-        hu = array.copy()
+        hu = array if owned else array.copy()
     else:
         hu = np.clip(array, AIR_HU, np.iinfo(np.int16).max).astype(np.int16)
     # Padding (-2048, -3024, ...) and anything below air becomes air; int16 in place is fast.
     np.maximum(hu, np.int16(AIR_HU), out=hu)
     try:
-        geometry = Geometry(
-            size=size,
-            spacing=image.GetSpacing(),
-            origin=image.GetOrigin(),
-            direction=image.GetDirection(),
-        )
+        geometry = Geometry(size=size, spacing=spacing, origin=origin, direction=direction)
     except LungCTError as exc:
         raise LungCTError(source, exc.problem) from None
     return Scan(
@@ -140,98 +206,7 @@ def scan_from_image(image: sitk.Image, seriesuid: str, source: str | os.PathLike
 
 def parse_metaimage_header(path: str | os.PathLike) -> dict[str, str]:
     """The ``Key = Value`` fields of a MetaImage header (for .mha, the text part only)."""
-    path = Path(path)
-    fields: dict[str, str] = {}
-    try:
-        with open(path, "rb") as f:
-            for raw in f:
-                line = raw.decode("latin-1").strip()
-                if not line or "=" not in line:
-                    if line:
-                        raise LungCTError(path, f"malformed MetaImage header line {line[:60]!r}")
-                    continue
-                key, value = (part.strip() for part in line.split("=", 1))
-                fields[key] = value
-                if key == "ElementDataFile":
-                    break
-    except OSError as exc:
-        raise LungCTError(path, f"cannot be opened ({exc.strerror})") from None
-    return fields
-
-
-def _check_metaimage(path: Path) -> None:
-    """Catch the common broken-MetaImage cases with a message a person can act on."""
-    fields = parse_metaimage_header(path)
-    for key in ("NDims", "DimSize", "ElementType", "ElementDataFile"):
-        if key not in fields:
-            raise LungCTError(path, f"MetaImage header has no {key} field")
-    try:
-        ndims = int(fields["NDims"])
-        dims = [int(v) for v in fields["DimSize"].split()]
-    except ValueError:
-        raise LungCTError(path, "MetaImage NDims/DimSize are not integers") from None
-    if ndims != 3 or len(dims) != 3:
-        raise LungCTError(path, f"is a {ndims}-D image (DimSize {dims}); a CT scan must be 3-D")
-    channels = int(fields.get("ElementNumberOfChannels", "1"))
-    etype = fields["ElementType"]
-    if etype not in METAIMAGE_TYPES:
-        raise LungCTError(path, f"unsupported ElementType {etype}")
-    data_file = fields["ElementDataFile"]
-    if data_file == "LOCAL" or data_file.startswith("LIST") or "%" in data_file:
-        return  # .mha with embedded data, or file lists: leave to SimpleITK
-    raw = path.parent / data_file
-    if not raw.exists():
-        raise LungCTError(path, f"pixel data file '{data_file}' is missing")
-    expected = int(np.prod(dims)) * METAIMAGE_TYPES[etype] * channels
-    compressed = fields.get("CompressedData", "False").lower() == "true"
-    if compressed:
-        # Decompressing to count bytes costs as much as reading; done only when SimpleITK fails.
-        return
-    actual = raw.stat().st_size
-    if actual < expected:
-        raise LungCTError(
-            path,
-            f"pixel data file '{data_file}' has {actual} bytes but the header's DimSize {dims} "
-            f"x {etype} needs {expected} (truncated file or wrong DimSize)",
-        )
-    if actual > expected:
-        raise LungCTError(
-            path,
-            f"pixel data file '{data_file}' has {actual} bytes but the header's DimSize {dims} "
-            f"x {etype} needs only {expected} (header/array size mismatch)",
-        )
-
-
-def _diagnose_compressed(path: Path) -> None:
-    """After a failed read of a compressed MetaImage, say what is wrong with its data file."""
-    fields = parse_metaimage_header(path)
-    if fields.get("CompressedData", "False").lower() != "true":
-        return
-    dims = [int(v) for v in fields["DimSize"].split()]
-    channels = int(fields.get("ElementNumberOfChannels", "1"))
-    expected = int(np.prod(dims)) * METAIMAGE_TYPES[fields["ElementType"]] * channels
-    _check_zlib_length(path, path.parent / fields["ElementDataFile"], expected)
-
-
-def _check_zlib_length(path: Path, raw: Path, expected: int) -> None:
-    """Stream-decompress a .zraw to count its bytes without holding the volume twice."""
-    d = zlib.decompressobj()
-    total = 0
-    try:
-        with open(raw, "rb") as f:
-            while chunk := f.read(1 << 22):
-                total += len(d.decompress(chunk))
-            total += len(d.flush())
-    except zlib.error as exc:
-        raise LungCTError(path, f"compressed pixel data '{raw.name}' is corrupt ({exc})") from None
-    if not d.eof:
-        raise LungCTError(path, f"compressed pixel data '{raw.name}' is truncated")
-    if total != expected:
-        raise LungCTError(
-            path,
-            f"compressed pixel data '{raw.name}' holds {total} bytes but the header needs "
-            f"{expected} (header/array size mismatch)",
-        )
+    return metaimage_fields(path)[0]
 
 
 def image_from_array(array: np.ndarray, geometry: Geometry) -> sitk.Image:
@@ -248,26 +223,31 @@ def write_image(
 ) -> None:
     """Write a volume (scan, mask, probability map) in the given geometry, atomically.
 
-    For MetaImage the pixel file is written first and the header last, both from a temporary
-    folder, so a reader never sees a header without its data and an old file is never lost.
+    SimpleITK writes into a temporary folder; the header is read back and the pixel data must
+    have the byte count it says (:func:`lungct.fileio.image_problem`) before anything is
+    replaced. For MetaImage the pixel file is moved first and the header last, so a reader
+    never sees a header without its data. A failed write (full disk, read-only folder) is a
+    :class:`lungct.fileio.WriteError` naming ``path``, and an old file is never lost.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     image = image_from_array(array, geometry)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        tmp_target = tmpdir / path.name
+    data_bytes = (
+        image.GetNumberOfPixels()
+        * image.GetNumberOfComponentsPerPixel()
+        * image.GetSizeOfPixelComponent()
+    )
+
+    def write(tmp_target: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             sitk.WriteImage(image, str(tmp_target), useCompression=compress)
-        suffix = scan_suffix(path)
-        if suffix == ".mhd":
-            for sibling in sorted(tmpdir.iterdir()):
-                if sibling.name != path.name:
-                    os.replace(sibling, path.parent / sibling.name)
-        os.replace(tmp_target, path)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+
+    write_via_library(
+        path,
+        write,
+        lambda tmp_target: image_problem(tmp_target, image.GetSize(), data_bytes),
+        companions=scan_suffix(path) == ".mhd",
+    )
 
 
 def write_scan(scan: Scan, path: str | os.PathLike, compress: bool = True) -> None:

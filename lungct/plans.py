@@ -163,12 +163,39 @@ def check_field_types(cls: type, values: dict, source: str | Path | None = None)
     Raises:
         LungCTError: e.g. ``plan.json: epochs must be an integer, got 'forty'``.
     """
-    declared = field_types(cls)
+    check_value_types(field_types(cls), values, source)
+
+
+def check_value_types(
+    declared: dict[str, Any], values: dict, source: str | Path | None = None, prefix: str = ""
+) -> None:
+    """Refuse a value whose JSON type does not fit ``declared[key]`` (keys not declared pass).
+
+    The JSON files the suite reads back (manifests, model sets) are checked with it before a
+    value is used, so a hand-edited file fails with its field named, not deep inside the code.
+    ``prefix`` names the enclosing object (``provenance.``).
+
+    Raises:
+        LungCTError: e.g. ``manifest.json: train_folds must be a list of integers, got 'zero'``.
+    """
     for key, value in values.items():
         tp = declared.get(key)
         if tp is not None and not value_matches(value, tp):
             expected = _with_article(describe_type(tp))
-            raise LungCTError(source, f"{key} must be {expected}, got {value!r}")
+            raise LungCTError(source, f"{prefix}{key} must be {expected}, got {_short_repr(value)}")
+
+
+def key_list(keys: list[str], limit: int = 5) -> str:
+    """``['a', 'b']``, or the first ``limit`` keys and how many more (a foreign file's keys
+    would otherwise fill the error line)."""
+    if len(keys) <= limit:
+        return str(keys)
+    return f"{keys[:limit]} and {len(keys) - limit} more"
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def to_json_value(value: Any) -> Any:
@@ -191,7 +218,7 @@ class JSONPlan:
         d = pop_plan_format(d, source)
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
         if unknown:
-            raise LungCTError(source, f"unknown plan keys {unknown}")
+            raise LungCTError(source, f"unknown plan keys {key_list(unknown)}")
         check_field_types(cls, d, source)
         try:
             return cls(**d)
@@ -216,6 +243,6 @@ class JSONPlan:
         changes = {k: v for k, v in changes.items() if v is not None}
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})  # type: ignore[arg-type]
         if unknown:
-            raise LungCTError(None, f"unknown plan keys {unknown}")
+            raise LungCTError(None, f"unknown plan keys {key_list(unknown)}")
         check_field_types(type(self), changes)
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]

@@ -23,6 +23,7 @@ per-row integer :attr:`PointTable.series_index` into that list, so 750,000 candi
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import re
@@ -35,7 +36,7 @@ from typing import Any, NamedTuple, Self
 import numpy as np
 
 from lungct.errors import LungCTError
-from lungct.fileio import atomic_path
+from lungct.fileio import write_text_atomic
 
 FOLD_COUNT = 10
 """LUNA16 has ten subsets, ``subset0`` .. ``subset9``; they are the ten cross-validation folds."""
@@ -640,8 +641,13 @@ def parse_folds(text: str, n_folds: int = FOLD_COUNT) -> list[int]:
 def write_csv_atomic(
     path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]
 ) -> None:
-    """Write a CSV (header + rows) atomically; floats keep their shortest round-trip form."""
-    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)
+    """Write a CSV (header + rows) atomically; floats keep their shortest round-trip form.
+
+    The table is formatted in memory first, so the file's byte count is known and checked
+    (:func:`lungct.fileio.write_text_atomic`) before it replaces anything.
+    """
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())

@@ -82,6 +82,13 @@ def test_training_refuses_overlapping_folds(tiny, tmp_path):
     assert not (tmp_path / "m").exists()
 
 
+def test_training_refuses_an_empty_validation_fold(tiny, tmp_path):
+    """Naming a validation fold without scans must not train silently without validation."""
+    with pytest.raises(LungCTError, match=r"no candidates of the validation folds \[7\]"):
+        train(TINY_PLAN, tiny["cache"], tiny["candidates"], [0, 1], [7], tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
 def test_prediction_refuses_the_training_folds(model_dir, tiny, tmp_path):
     """The seed scored all test folds with one checkpoint; here that cannot happen."""
     out = tmp_path / "sub.csv"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +19,6 @@ from lungct.cache import prepare_dataset
 from lungct.errors import LungCTError
 from lungct.io import read_scan, write_scan
 from lungct.preprocess import PreprocessPlan
-from lungct.testing import seal_hand_made_model
-from unet_candidates.config import UNetPlan
 from unet_candidates.testing import phantom_chest, tiny_plan, write_tiny_luna
 from unet_candidates.train import train as train_unet
 
@@ -39,11 +36,10 @@ def models(tmp_path_factory) -> Path:
         progress=False,
     )  # fmt: skip
     models = root / "models"
-    train_unet(tiny_plan("2d"), data, cache, [0], [1], models / "unet", progress=False)
-    # A low threshold so the untrained-looking map still yields candidates to score.
-    plan = UNetPlan.load(models / "unet" / "plan.json")
-    replace(plan, threshold=1e-3, max_candidates=20).save(models / "unet" / "plan.json")
-    seal_hand_made_model(models / "unet", "unet")  # the plan changed after training
+    # A low threshold so the untrained-looking map still yields candidates to score (in the
+    # plan trained with: a plan edited after training is refused).
+    plan = tiny_plan("2d", threshold=1e-3, max_candidates=20)
+    train_unet(plan, data, cache, [0], [1], models / "unet", progress=False)
     tiny = make_tiny_dataset(root / "fpr", n_scans=3)
     fpr_plan = get_plan("default").replace(
         stream_filters=(4, 4, 4),

@@ -53,11 +53,15 @@ def test_model_folder_errors(tmp_path: Path, model_dir: Path) -> None:
     seal_hand_made_model(empty, "unet")
     with pytest.raises(LungCTError, match="cannot be loaded as a Keras model"):
         load_unet(empty)
-    # Weights of a 3-D model with a 2-D plan.
+    # A plan edited after sealing is refused, and sealing again does not cover it.
     (empty / "model.keras").write_bytes((model_dir / "model.keras").read_bytes())
     tiny_plan("2d").save(empty / "plan.json")
-    with pytest.raises(LungCTError, match="sha256 mismatch"):
+    with pytest.raises(LungCTError, match=r"plan\.json: edited after training"):
         load_unet(empty)
+    with pytest.raises(LungCTError, match="not sealing"):
+        seal_hand_made_model(empty, "unet")
+    # Weights of a 3-D model with a 2-D plan, in a folder sealed that way from the start.
+    (empty / "manifest.json").unlink()
     seal_hand_made_model(empty, "unet")
     with pytest.raises(LungCTError, match="does not fit the plan"):
         load_unet(empty)

@@ -139,6 +139,21 @@ def _annotations(data: Path) -> list[list[str]]:
         return list(csv.reader(f))[1:]
 
 
+def test_train_refuses_an_empty_validation_fold(tiny_luna, tmp_path: Path, capsys) -> None:
+    """Naming a validation fold without scans must not train silently without validation."""
+    data, cache = tiny_luna
+    out = tmp_path / "model"
+    with pytest.raises(LungCTError, match=r"validation fold\(s\) \[8\] hold no scan"):
+        train(tiny_plan("2d"), data, cache, [0], [8], out, progress=False)
+    assert not out.exists()
+    # The command says so in one line and exits 2.
+    code = main(["train", "--data", str(data), "--cache", str(cache), "--folds", "0",
+                 "--val-folds", "8", "--out", str(out), "--quiet"])  # fmt: skip
+    assert code == 2 and not out.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "hold no scan" in err[0]
+
+
 def test_train_budget_resume_and_extract(tiny_luna, tmp_path: Path, capsys) -> None:
     data, cache = tiny_luna
     out = tmp_path / "model"

@@ -11,7 +11,14 @@ import json
 import sys
 from collections.abc import Sequence
 
-from lungct.cli import run_command
+from lungct.cli import (
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run_command,
+)
 from lungct.errors import LungCTError
 from unet_candidates.config import VARIANTS
 
@@ -83,6 +90,7 @@ def _extract(args: argparse.Namespace) -> int:
         test_time_flips=args.test_time_flips,
         runtime=args.runtime,
         progress=not args.quiet,
+        allow_unfinished=args.allow_unfinished,
     )
     for message in summary["failed"].values():
         print(f"error: {message}", file=sys.stderr)
@@ -120,12 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--excluded",
         help="findings the loss ignores (default DATA/annotations_excluded.csv; '' = none)",
     )
-    p.add_argument("--epochs", type=int, help="override the plan's epochs")
-    p.add_argument("--steps-per-epoch", type=int, help="override the plan's steps per epoch")
-    p.add_argument("--seed", type=int, help="override the plan's seed")
-    p.add_argument("--max-minutes", type=float, help="stop after this much training wall time")
+    p.add_argument("--epochs", type=positive_int, help="override the plan's epochs")
+    p.add_argument(
+        "--steps-per-epoch", type=positive_int, help="override the plan's steps per epoch"
+    )
+    p.add_argument("--seed", type=non_negative_int, help="override the plan's seed")
+    p.add_argument(
+        "--max-minutes", type=positive_float, help="stop after this much training wall time"
+    )
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    p.add_argument("--workers", type=int, default=2, help="processes preparing the cache")
+    p.add_argument("--workers", type=positive_int, default=2, help="processes preparing the cache")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_train)
 
@@ -145,9 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder (plan.json + model.keras)")
     p.add_argument("--out", required=True, help="candidates CSV")
     p.add_argument("--prob-maps", help="folder for <seriesuid>_prob.mhd probability maps")
-    p.add_argument("--threshold", type=float, help="override the plan's probability threshold")
-    p.add_argument("--max-candidates", type=int, help="override the per-scan cap (0 = none)")
-    p.add_argument("--nms-radius", type=float, help="override the NMS merge radius (mm)")
+    p.add_argument("--threshold", type=fraction, help="override the plan's probability threshold")
+    p.add_argument(
+        "--max-candidates", type=non_negative_int, help="override the per-scan cap (0 = none)"
+    )
+    p.add_argument(
+        "--nms-radius", type=non_negative_float, help="override the NMS merge radius (mm)"
+    )
     p.add_argument(
         "--test-time-flips",
         type=int,
@@ -159,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "keras", "onnx"),
         help="where the U-Net runs: onnx (ONNX Runtime, the fastest on a CPU), keras, or auto "
         "(onnx on a CPU, keras on a GPU; default, or the LUNGCT_RUNTIME variable)",
+    )
+    p.add_argument(
+        "--allow-unfinished",
+        action="store_true",
+        help="use a model folder whose training has not ended (its last saved weights)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_extract)

@@ -37,7 +37,14 @@ from lungct.fileio import write_json_atomic
 from lungct.geometry import IDENTITY, Geometry
 from lungct.io import image_from_array, write_image
 from lungct.lungmask import dilate_ellipsoid, segment_lungs
-from lungct.modeldir import verify_model_dir
+from lungct.modeldir import (
+    check_architecture,
+    check_keras_config,
+    keras_load_safe,
+    model_class,
+    read_keras_config,
+    verify_model_dir,
+)
 from lungct.preprocess import apply_window, resample_array, resample_mask
 from lungct.scan import AIR_HU, Scan
 from unet_candidates.config import PLAN_FILE, UNetPlan
@@ -53,15 +60,36 @@ DENSE_HU = -500.0
 # ----------------------------------------------------------------------------------------------
 
 
-def load_unet(model_dir: str | os.PathLike) -> tuple[Any, UNetPlan]:
+UNET_CLASSES = {"2d": "unet_candidates>UNet2D", "3d": "unet_candidates>UNet3D"}
+"""The registered Keras class of each U-Net variant (what ``model.keras`` must hold)."""
+
+
+def unet_architecture(plan: UNetPlan) -> dict[str, Any]:
+    """The settings the plan gives the U-Net's constructor (:meth:`UNetPlan.build_model`), as
+    the model's config spells them: weights saved with other settings do not fit the plan."""
+    return {
+        "filters": list(plan.filters),
+        "bottleneck_filters": plan.bottleneck_filters,
+        "input_channels": plan.input_channels,
+        "convs_per_block": plan.convs_per_block,
+        "batch_norm": plan.batch_norm,
+        "dropout": plan.dropout,
+        "output_prior": plan.output_prior,
+    }
+
+
+def load_unet(model_dir: str | os.PathLike, allow_unfinished: bool = False) -> tuple[Any, UNetPlan]:
     """Load ``model.keras`` (``safe_mode=True``) and ``plan.json`` from a model folder.
 
-    Raises:
-        LungCTError: the folder, its plan or its weights are missing or unreadable, or the
-            weights do not fit the plan.
-    """
-    import keras
+    The folder's seal is checked first (:func:`lungct.modeldir.verify_model_dir`: training
+    ended, files unchanged, ``plan.json`` still the trained plan); then the file's config is
+    checked against the plan before Keras builds anything. ``allow_unfinished`` accepts a
+    folder whose training has not ended (its last epoch's weights).
 
+    Raises:
+        LungCTError: the folder, its plan or its weights are missing, unfinished, changed or
+            unreadable, or the weights do not fit the plan.
+    """
     import unet_candidates.model  # noqa: F401  (registers the custom classes)
 
     model_dir = Path(model_dir)
@@ -74,26 +102,31 @@ def load_unet(model_dir: str | os.PathLike) -> tuple[Any, UNetPlan]:
             f"no {PLAN_FILE} in the model folder (train one with `python -m unet_candidates "
             "train`)",
         )
-    plan = UNetPlan.load(plan_path)
     weights = model_dir / MODEL_FILE
     if not weights.is_file():
         hint = ""
         if any((model_dir / "checkpoints").glob("*.keras")):
             hint = "; training did not finish: continue it with `train --resume`"
         raise LungCTError(model_dir, f"no {MODEL_FILE} (the trained weights) in the folder{hint}")
-    verify_model_dir(model_dir)
-    try:
-        model = keras.saving.load_model(weights, safe_mode=True, compile=False)
-    except Exception as exc:  # Keras raises many types for a broken file
-        raise LungCTError(weights, f"cannot be loaded as a Keras model ({exc})") from None
-    channels = int(model.inputs[0].shape[-1])
-    if channels != plan.input_channels or len(model.inputs[0].shape) != (
-        4 if plan.variant == "2d" else 5
-    ):
+    verify_model_dir(model_dir, allow_unfinished=allow_unfinished, stage="unet")
+    plan = UNetPlan.load(plan_path)
+    config = read_keras_config(weights)
+    check_keras_config(weights, config, tuple(UNET_CLASSES.values()), "a U-Net of this suite")
+    variant = "2d" if plan.variant == "2d" else "3d"
+    if model_class(config) != UNET_CLASSES[variant]:
         raise LungCTError(
             weights,
-            f"model input {tuple(model.inputs[0].shape)} does not fit the plan's "
-            f"{plan.variant} variant with {plan.input_channels} channel(s)",
+            f"holds a {model_class(config).split('>')[-1]}, which does not fit the plan's "
+            f"{plan.variant} variant ({PLAN_FILE})",
+        )
+    check_architecture(weights, config, unet_architecture(plan), plan_path)
+    model = keras_load_safe(weights)
+    shape = tuple(model.inputs[0].shape)
+    if shape[-1] != plan.input_channels or len(shape) != (4 if variant == "2d" else 5):
+        raise LungCTError(
+            weights,
+            f"model input {shape} does not fit the plan's {plan.variant} variant with "
+            f"{plan.input_channels} channel(s)",
         )
     return model, plan
 
@@ -573,6 +606,7 @@ def extract_paths(
     test_time_flips: int | None = None,
     runtime: str | None = None,
     progress: bool = True,
+    allow_unfinished: bool = False,
 ) -> dict:
     """Extract candidates of a dataset's folds or of scan files into one CSV (the CLI's work).
 
@@ -581,7 +615,7 @@ def extract_paths(
     (no lungs, smaller than a window, unreadable) is reported in ``summary["failed"]`` and the
     others go on; when every scan fails, no CSV is written. ``runtime`` chooses where the
     network runs (:func:`unet_candidates.runtime.predictor`; default ``LUNGCT_RUNTIME`` or
-    ``auto``).
+    ``auto``). ``allow_unfinished`` accepts a model folder whose training has not ended.
 
     Raises:
         LungCTError: bad model folder, data folder or folds, or an unusable runtime.
@@ -590,7 +624,7 @@ def extract_paths(
     from lungct.io import read_scan
     from unet_candidates.runtime import default_runtime, predictor
 
-    model, plan = load_unet(model_dir)
+    model, plan = load_unet(model_dir, allow_unfinished=allow_unfinished)
     plan = with_overrides(
         plan,
         threshold=threshold,

@@ -3,9 +3,12 @@
 The model folder::
 
     OUT/plan.json              the resolved plan (written first; a resumed run must match it)
-    OUT/manifest.json          data folder, cache, training/validation folds and series
-    OUT/model.keras            the model after the last finished epoch (the validation
-                               loss of each epoch is in the log, its best in the manifest)
+    OUT/manifest.json          data folder, cache, training/validation folds and series;
+                               sealed (checksums, trained plan) when training ends: the
+                               seal is the folder's done marker (:mod:`lungct.modeldir`)
+    OUT/model.keras            the model after the last finished epoch, written atomically
+                               (the validation loss of each epoch is in the log, its best in
+                               the manifest); usable before the seal with --allow-unfinished
     OUT/train_log.csv          one row per epoch
     OUT/checkpoints/epoch_NNN.keras + state.json   model + optimiser after each epoch
 
@@ -34,11 +37,16 @@ from tqdm.auto import tqdm
 from lungct.cache import ScanCache, find_scans, prepare_dataset
 from lungct.errors import LungCTError
 from lungct.fileio import atomic_path, read_json, write_json_atomic, write_text_atomic
-from lungct.modeldir import seal_model_dir
+from lungct.modeldir import (
+    describe_plan_changes,
+    keras_file_problem,
+    load_keras_model,
+    seal_model_dir,
+)
 from lungct.patches import prefetch
 from unet_candidates.config import PLAN_FILE, UNetPlan
 from unet_candidates.data import PatchSampler, ScanSamples, build_scan_samples
-from unet_candidates.extract import MODEL_FILE
+from unet_candidates.extract import MODEL_FILE, UNET_CLASSES, unet_architecture
 
 LOG_FILE = "train_log.csv"
 MANIFEST_FILE = "manifest.json"
@@ -100,7 +108,7 @@ def dice_score(y_true: np.ndarray, y_pred: np.ndarray, smooth: float = 1.0) -> f
 
 
 def _save_model(model: Any, path: Path) -> None:
-    with atomic_path(path, suffix=".keras") as tmp:
+    with atomic_path(path, suffix=".keras", check=keras_file_problem) as tmp:
         model.save(tmp)
 
 
@@ -143,6 +151,13 @@ def _resolve_scans(
     data_dir: Path, cache: ScanCache, folds: list[int], val_folds: list[int], workers: int
 ) -> tuple[list[str], list[str], dict]:
     scans = find_scans(data_dir, folds + val_folds)
+    empty = sorted(set(val_folds) - {s.fold for s in scans})
+    if empty:
+        raise LungCTError(
+            data_dir,
+            f"validation fold(s) {empty} hold no scan: name folds that hold scans, or pass "
+            "--val-folds '' to train without validation",
+        )
     missing = [s for s in scans if not cache.is_complete(s.seriesuid)]
     report: dict = {"failed": {}}
     if missing:
@@ -237,6 +252,20 @@ def train(
             )
         plan = saved
         state = read_json(state_path)
+        if not isinstance(state, dict) or not (
+            isinstance(state.get("epoch"), int) and isinstance(state.get("checkpoint"), str)
+        ):
+            raise LungCTError(
+                state_path, "broken training state (no epoch count or checkpoint): start anew"
+            )
+        trained = state.get("plan")
+        if isinstance(trained, dict):  # the plan the checkpoints were trained with
+            changes = describe_plan_changes(trained, plan.to_dict())
+            if changes:
+                raise LungCTError(
+                    out_dir / PLAN_FILE,
+                    f"edited since training started ({changes}): restore it to resume",
+                )
     else:
         if plan is None:
             raise TypeError("plan is required for a new run")
@@ -245,9 +274,6 @@ def train(
                 out_dir, "already holds a training run; use --resume or another --out folder"
             )
         state = {"epoch": 0, "elapsed_s": 0.0, "best_val_loss": None, "best_epoch": None}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plan.save(out_dir / PLAN_FILE)
-
     annotations = Path(annotations) if annotations else data_dir / "annotations.csv"
     if not annotations.is_file():
         raise LungCTError(annotations, "annotation table not found (pass --annotations)")
@@ -255,6 +281,8 @@ def train(
     # Prepare missing cache entries before TensorFlow starts its threads (the preparation
     # forks worker processes).
     train_uids, val_uids, _ = _resolve_scans(data_dir, cache, folds, val_folds, prepare_workers)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan.save(out_dir / PLAN_FILE)
 
     import keras
 
@@ -305,10 +333,14 @@ def train(
     keras.utils.set_random_seed(plan.seed + state["epoch"])
     if resume:
         ckpt = ckpt_dir / state["checkpoint"]
-        try:
-            model = keras.saving.load_model(ckpt, safe_mode=True)
-        except Exception as exc:
-            raise LungCTError(ckpt, f"checkpoint cannot be loaded ({exc})") from None
+        model = load_keras_model(
+            ckpt,
+            classes=(UNET_CLASSES["2d" if plan.variant == "2d" else "3d"],),
+            what=f"a {plan.variant} U-Net checkpoint of this plan",
+            architecture=unet_architecture(plan),
+            plan_path=out_dir / PLAN_FILE,
+            compile=True,
+        )
     else:
         model = compile_model(plan.build_model(), plan)
 
@@ -374,6 +406,7 @@ def train(
             epoch=epoch + 1,
             checkpoint=name,
             elapsed_s=round(elapsed0 + time.perf_counter() - t_start, 1),
+            plan=plan.to_dict(),
         )
         write_json_atomic(state_path, state)
         for old in sorted(ckpt_dir.glob("epoch_*.keras"))[:-KEEP_CHECKPOINTS]:
@@ -400,7 +433,8 @@ def train(
     }
     manifest["training"] = summary
     write_json_atomic(out_dir / MANIFEST_FILE, manifest)
-    seal_model_dir(
+    plan.save(out_dir / PLAN_FILE)  # what was trained, should the file have been edited meanwhile
+    seal_model_dir(  # last: the seal is the folder's done marker
         out_dir,
         "unet",
         train_seconds=state["elapsed_s"],
@@ -408,6 +442,7 @@ def train(
         seeds={"plan": plan.seed},
         steps=state["epoch"] * plan.steps_per_epoch,
         extra={"epochs": state["epoch"], "stopped_by_time": stopped_by_time},
+        plan=plan.to_dict(),
     )
     return summary
 

@@ -25,9 +25,28 @@ Nodule ``diameter_mm`` is the equivalent-sphere diameter of the drawn nodule. Th
 ``lungct/data/lidc_shapes.md`` for attribution.
 """
 
-from lungct.synth.background import BackgroundFindings, synthesize_on_background
-from lungct.synth.case import Candidate, Finding, SyntheticCase, series_uid, synthesize_scan
-from lungct.synth.layout import generate_dataset
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lungct.synth.background import BackgroundFindings, synthesize_on_background
+    from lungct.synth.case import Candidate, Finding, SyntheticCase, series_uid, synthesize_scan
+    from lungct.synth.layout import generate_dataset
+
+# Imported on first use: the generator needs SciPy, and ``python -m lungct`` builds its parser
+# (``lungct.synth.cli``) for every verb.
+_EXPORTS = {
+    "BackgroundFindings": "lungct.synth.background",
+    "Candidate": "lungct.synth.case",
+    "Finding": "lungct.synth.case",
+    "SyntheticCase": "lungct.synth.case",
+    "generate_dataset": "lungct.synth.layout",
+    "series_uid": "lungct.synth.case",
+    "synthesize_on_background": "lungct.synth.background",
+    "synthesize_scan": "lungct.synth.case",
+}
 
 __all__ = [
     "BackgroundFindings",
@@ -39,3 +58,16 @@ __all__ = [
     "synthesize_on_background",
     "synthesize_scan",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

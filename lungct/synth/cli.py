@@ -10,6 +10,8 @@ import argparse
 import json
 import sys
 
+from lungct.cli import non_negative_int, positive_int
+
 
 def add_synth_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``synth`` on an ``argparse`` sub-parser collection; returns its parser."""
@@ -23,8 +25,8 @@ def add_synth_parser(subparsers) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--out", required=True, help="output folder (created; resumable)")
-    p.add_argument("--scans", type=int, required=True, help="number of scans")
-    p.add_argument("--seed", type=int, default=0, help="data-set seed (default 0)")
+    p.add_argument("--scans", type=positive_int, required=True, help="number of scans")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="data-set seed (default 0)")
     p.add_argument(
         "--size",
         choices=("small", "full"),
@@ -69,7 +71,7 @@ def add_synth_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--workers",
-        type=int,
+        type=positive_int,
         default=None,
         help="worker processes (default 2, or 1 on a one-core machine)",
     )
@@ -78,7 +80,7 @@ def add_synth_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--nodules-per-scan",
-        type=int,
+        type=non_negative_int,
         default=None,
         metavar="N",
         help=(
