@@ -43,10 +43,10 @@ def _median_seconds(fn, steps: int, warmup: int = 3) -> float:
 def bench_unet(steps: int, window_batch: int, batch: int | None = None) -> dict:
     import numpy as np
 
-    from unet_candidates.config import variant_plan
+    from unet_candidates.config import preset_plan
     from unet_candidates.train import compile_model
 
-    plan = variant_plan("2d", **({"batch_size": batch} if batch else {}))
+    plan = preset_plan("2d", **({"batch_size": batch} if batch else {}))
     model = compile_model(plan.build_model(), plan)
     rng = np.random.default_rng(0)
     shape = (plan.batch_size, *plan.patch_size[1:], plan.patch_size[0])

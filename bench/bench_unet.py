@@ -5,7 +5,7 @@ Usage::
     python bench/bench_unet.py                       # default plans, untrained weights
     python bench/bench_unet.py --model2d M2 --model3d M3 [--cache CACHE] [--out bench.json]
 
-* Extraction: each variant runs in a fresh child process on the real LIDC-IDRI-0002 MetaImage
+* Extraction: each preset runs in a fresh child process on the real LIDC-IDRI-0002 MetaImage
   (512x512x261, 0.68 x 0.68 x 1.25 mm): read -> resample to the plan's grid -> lung mask ->
   sliding windows -> candidates. Reported: wall seconds per step (after a warm-up extraction
   that traces the predict function, which a long run pays once), the whole first call, and
@@ -40,13 +40,13 @@ REAL_MHD = (
 )
 
 
-def _untrained_model_dir(variant: str, root: Path) -> Path:
+def _untrained_model_dir(preset: str, root: Path) -> Path:
     from lungct.testing import seal_hand_made_model
-    from unet_candidates.config import variant_plan
+    from unet_candidates.config import preset_plan
     from unet_candidates.train import compile_model
 
-    plan = variant_plan(variant)
-    out = root / f"untrained_{variant}"
+    plan = preset_plan(preset)
+    out = root / f"untrained_{preset}"
     out.mkdir(parents=True, exist_ok=True)
     compile_model(plan.build_model(), plan).save(out / "model.keras")
     plan.save(out / "plan.json")
@@ -71,7 +71,7 @@ def child_extract(model_dir: str, scan_path: str) -> dict:
     t_read2 = time.perf_counter() - t0
     second = run_extraction(scan, model, plan)
     return {
-        "variant": plan.variant,
+        "dims": plan.dims,
         "spacing_mm": list(plan.spacing),
         "window": list(plan.window_size),
         "model_grid_zyx": list(second.geometry.shape_zyx),
@@ -93,16 +93,16 @@ def bench_extraction(model_dir: Path, scan: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bench_training(model_dir: Path | None, variant: str, steps: int, cache: Path | None) -> dict:
+def bench_training(model_dir: Path | None, preset: str, steps: int, cache: Path | None) -> dict:
     import numpy as np
 
-    from unet_candidates.config import UNetPlan, variant_plan
+    from unet_candidates.config import UNetPlan, preset_plan
     from unet_candidates.train import compile_model
 
-    plan = UNetPlan.load(model_dir / "plan.json") if model_dir else variant_plan(variant)
+    plan = UNetPlan.load(model_dir / "plan.json") if model_dir else preset_plan(preset)
     model = compile_model(plan.build_model(), plan)
     rng = np.random.default_rng(0)
-    if plan.variant == "2d":
+    if plan.dims == "2d":
         x_shape = (plan.batch_size, *plan.patch_size[1:], plan.patch_size[0])
     else:
         x_shape = (plan.batch_size, *plan.patch_size, 1)
@@ -117,7 +117,7 @@ def bench_training(model_dir: Path | None, variant: str, steps: int, cache: Path
         times.append(time.perf_counter() - t0)
     step = float(np.median(times))
     out = {
-        "variant": plan.variant,
+        "dims": plan.dims,
         "patch": list(plan.patch_size),
         "batch": plan.batch_size,
         "params": int(model.count_params()),
@@ -161,13 +161,13 @@ def main() -> int:
         return 0
     results: dict = {"scan": str(args.scan), "cpus": os.cpu_count(), "extract": {}, "train": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for variant, given in (("2d", args.model2d), ("3d", args.model3d)):
-            model_dir = given or _untrained_model_dir(variant, Path(tmp))
-            results["extract"][variant] = bench_extraction(model_dir, args.scan)
-            results["extract"][variant]["weights"] = "trained" if given else "untrained"
-            print(json.dumps(results["extract"][variant]), flush=True)
-            results["train"][variant] = bench_training(given, variant, args.steps, args.cache)
-            print(json.dumps(results["train"][variant]), flush=True)
+        for preset, given in (("2d", args.model2d), ("3d", args.model3d)):
+            model_dir = given or _untrained_model_dir(preset, Path(tmp))
+            results["extract"][preset] = bench_extraction(model_dir, args.scan)
+            results["extract"][preset]["weights"] = "trained" if given else "untrained"
+            print(json.dumps(results["extract"][preset]), flush=True)
+            results["train"][preset] = bench_training(given, preset, args.steps, args.cache)
+            print(json.dumps(results["train"][preset]), flush=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     return 0

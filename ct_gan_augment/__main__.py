@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="injector (learns nodule cubes) or remover (learns healthy lung cubes)",
     )
     p.add_argument("--out", required=True, help="model folder (GAN_DIR)")
-    p.add_argument("--plan", help="named plan (default, paper, code, seed) or plan.json")
+    p.add_argument("--plan", help="named plan (default, paper, code, code-gf40) or plan.json")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="change a plan value")
     p.add_argument("--steps", type=positive_int, help="training steps (overrides the plan)")
     p.add_argument(

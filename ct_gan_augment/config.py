@@ -14,7 +14,8 @@ Named plans (:data:`PLANS`, section 4 of ``docs/methods.md``):
   paper's figure), D learning rate 1e-6.
 * ``code`` - the authors' code: 20^3 hole (indices 6..26), ``gf = df = 100``, D learning rate 1e-6
   and its inverted labels (real = 0, fake = 1).
-* ``seed`` - the copy in the seed repository: as ``code`` with ``gf = df = 40``.
+* ``code-gf40`` - the CT-GAN copy in the original repository: as ``code`` with ``gf = df = 40``
+  (named ``seed`` in earlier versions; that name still selects it).
 
 Axis convention: cubes are ``(z, y, x)`` numpy arrays at ``cut_spacing_mm`` (1 mm) in a
 world-aligned grid, so a cube cut from any scan has the same orientation and scale.
@@ -273,9 +274,12 @@ PLANS: dict[str, GANPlan] = {
     "default": GANPlan(),
     "paper": GANPlan(name="paper", **_AS_PUBLISHED),
     "code": GANPlan(name="code", **_AS_PUBLISHED, **_CODE_ONLY),
-    "seed": GANPlan(name="seed", **{**_AS_PUBLISHED, "gf": 40, "df": 40}, **_CODE_ONLY),
+    "code-gf40": GANPlan(name="code-gf40", **{**_AS_PUBLISHED, "gf": 40, "df": 40}, **_CODE_ONLY),
 }
 """The named plans; see the module docstring."""
+
+LEGACY_PLANS = {"seed": "code-gf40"}
+"""Plan names of earlier versions (settings and command lines written then may use them)."""
 
 
 def get_plan(name_or_path: str | Path, **changes: Any) -> GANPlan:
@@ -285,6 +289,7 @@ def get_plan(name_or_path: str | Path, **changes: Any) -> GANPlan:
         LungCTError: unknown name, missing or bad file, unknown key.
     """
     text = str(name_or_path)
+    text = LEGACY_PLANS.get(text, text)
     if text in PLANS:
         plan = PLANS[text]
     elif text.endswith(".json") or Path(text).is_file():

@@ -18,10 +18,8 @@ from typing import Any
 from ct_gan_augment.config import KINDS
 from lungct.errors import LungCTError
 from lungct.fileio import read_json, write_json_atomic
-from lungct.modeldir import check_manifest_shape, strip_seal
+from lungct.modeldir import MANIFEST_NAME, check_manifest_shape, strip_seal
 from lungct.plans import check_field_types, key_list
-
-MANIFEST = "manifest.json"
 
 
 def format_folds(folds: Iterable[int]) -> str:
@@ -128,12 +126,12 @@ class ModelManifest:
 
     def save(self, model_dir: str | os.PathLike) -> None:
         """Write ``manifest.json`` in ``model_dir``, atomically."""
-        write_json_atomic(Path(model_dir) / MANIFEST, self.to_dict())
+        write_json_atomic(Path(model_dir) / MANIFEST_NAME, self.to_dict())
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike) -> ModelManifest:
         """Read ``manifest.json`` from a model folder."""
-        path = Path(model_dir) / MANIFEST
+        path = Path(model_dir) / MANIFEST_NAME
         data = read_json(path, "model manifest not found (is this a CT-GAN model folder?)")
         check_manifest_shape(path, data)
         data = strip_seal(data)

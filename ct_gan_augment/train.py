@@ -50,7 +50,12 @@ from ct_gan_augment.model import (
 from ct_gan_augment.normaliser import CubeNormaliser
 from lungct.errors import LungCTError
 from lungct.fileio import atomic_path, write_json_atomic
-from lungct.modeldir import describe_plan_changes, keras_file_problem, seal_model_dir
+from lungct.modeldir import (
+    MANIFEST_NAME,
+    describe_plan_changes,
+    keras_file_problem,
+    seal_model_dir,
+)
 from lungct.tables import write_csv_atomic
 
 LOG_COLUMNS = (
@@ -470,7 +475,7 @@ def train_gan(
         # finished model again until this run ends.
         manifest.save(model_dir)
     else:
-        if plan_path.exists() or (model_dir / "manifest.json").exists():
+        if plan_path.exists() or (model_dir / MANIFEST_NAME).exists():
             raise LungCTError(model_dir, "already holds a model; use --resume or another --out")
         plan = (plan or GANPlan()).replace(steps=steps)
 

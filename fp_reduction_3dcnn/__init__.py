@@ -5,10 +5,11 @@ the U-Net stage's output) with a multi-scale gradual integration CNN (Kim et al.
 Networks 2019), from patches streamed out of the per-scan cache, and writes a LUNA16 submission.
 
 Modules: ``config`` (plan <-> JSON), ``model`` (:class:`MGICNN`), ``stream_integration``
-(:class:`StreamIntegration`), ``data`` (labels, folds, :class:`PatchCutter`), ``sampler``
-(:class:`BalancedBatchSampler`), ``augment`` (axial symmetries, TTA), ``manifest`` (the fold
-guard), ``train``, ``predict``, ``gradcam``, ``__main__`` (CLI). Public names are imported lazily
-so that ``python -m fp_reduction_3dcnn --help`` does not start Keras.
+(:class:`StreamIntegration`, the layer that merges the streams), ``data`` (labels, folds,
+:class:`PatchCutter`), ``sampler`` (:class:`BalancedBatchSampler`), ``symmetries`` (axial
+symmetries: training rotations, TTA), ``manifest`` (the fold guard), ``train``, ``predict``,
+``gradcam``, ``__main__`` (CLI). Public names are imported lazily so that
+``python -m fp_reduction_3dcnn --help`` does not start Keras.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ _EXPORTS = {
     "hit_labels": "fp_reduction_3dcnn.data",
     "BalancedBatchSampler": "fp_reduction_3dcnn.sampler",
     "FoldManifest": "fp_reduction_3dcnn.manifest",
-    "tta_predict": "fp_reduction_3dcnn.augment",
+    "tta_predict": "fp_reduction_3dcnn.symmetries",
     "open_model": "fp_reduction_3dcnn.predict",
     "grad_cam": "fp_reduction_3dcnn.gradcam",
     "gradcam_figure": "fp_reduction_3dcnn.gradcam",

@@ -28,7 +28,7 @@ def _plan(args: argparse.Namespace):
     return get_plan(
         args.plan,
         variant=getattr(args, "variant", None),
-        integration=getattr(args, "integration", None),
+        merge=getattr(args, "merge", None),
         conv=getattr(args, "conv", None),
         resize=getattr(args, "resize", None),
         epochs=getattr(args, "epochs", None),
@@ -112,7 +112,7 @@ def _params(args: argparse.Namespace) -> int:
             {
                 "plan": plan.name,
                 "variant": variant,
-                "integration": plan.integration,
+                "merge": plan.merge,
                 "conv": plan.conv,
                 "params": count,
                 "vs_paper": round(count / PAPER_PARAMS, 3),
@@ -129,13 +129,15 @@ def _show_plan(args: argparse.Namespace) -> int:
 
 
 def _add_plan_args(p: argparse.ArgumentParser, training: bool = False) -> None:
-    from fp_reduction_3dcnn.config import CONV_MODES, INTEGRATIONS, RESIZE_MODES, VARIANTS
+    from fp_reduction_3dcnn.config import CONV_MODES, MERGES, RESIZE_MODES, VARIANTS
 
     p.add_argument(
         "--plan", default="default", help="named plan (default, default_3d, paper, code) or JSON"
     )
     p.add_argument("--variant", choices=VARIANTS, help="network variant (default: the plan's)")
-    p.add_argument("--integration", choices=INTEGRATIONS, help="stream integration")
+    p.add_argument(
+        "--merge", choices=MERGES, help="how the two streams are merged (default: the plan's)"
+    )
     p.add_argument("--conv", choices=CONV_MODES, help="2.5d (slices as channels) or 3d")
     if training:
         p.add_argument("--resize", choices=RESIZE_MODES, help="nearest (paper) or cubic (code)")

@@ -13,7 +13,7 @@ Named plans (:data:`PLANS`):
   beta1 0.5): converges faster in a short CPU budget (the acceptance runs use it).
 * ``default_3d`` - the same network with true 3-D convolutions on ``(x, y, z, 1)`` patches.
 * ``paper`` - the published filter widths (64/128/192 gradual extraction, 256 per stream,
-  512 after integration, two fully connected layers of 1024) with the paper's optimiser and
+  512 after the streams merge, two fully connected layers of 1024) with the paper's optimiser and
   augmentation (positives only: rotations and 1-voxel shifts).
 * ``code`` - the authors' released code: the same widths, Adam (lr 0.003, beta1 0.5) and cubic
   spline resizing (``scipy`` order 3).
@@ -36,8 +36,13 @@ from lungct.preprocess import WINDOWS
 VARIANTS = ("mgi", "zoom_in", "zoom_out", "ri", "lr")
 """Network variants: the full model and the paper's ablations (section 3 of docs/methods.md)."""
 
-INTEGRATIONS = ("sum", "concat", "conv1x1")
-"""How the zoom-in and zoom-out streams (or the late-fusion branches) are merged."""
+MERGES = ("sum", "concat", "conv1x1")
+"""How the zoom-in and zoom-out streams (or the late-fusion branches) are merged (the paper's
+"multi-stream feature integration")."""
+
+RENAMED_FIELDS = {"integration": "merge"}
+"""Plan keys of earlier versions and the fields they now load as (``plan.json`` files of
+model folders trained before the rename keep loading unchanged)."""
 
 CONV_MODES = ("2.5d", "3d")
 """``2.5d``: the 6 slices are channels of 2-D convolutions (authors' code); ``3d``: Conv3D."""
@@ -52,6 +57,28 @@ def _tuple(value: Any) -> tuple:
     return tuple(_tuple(v) if isinstance(v, list | tuple) else v for v in value)
 
 
+def renamed_fields(values: Any, source: str | Path | None = None) -> Any:
+    """``values`` with the keys of earlier versions (:data:`RENAMED_FIELDS`) under their new
+    names; anything but a dict is returned as it is (the caller refuses it).
+
+    Raises:
+        LungCTError: an old key and its new name both given, with different values.
+    """
+    if not isinstance(values, dict) or not RENAMED_FIELDS.keys() & values.keys():
+        return values
+    values = dict(values)
+    for old, new in RENAMED_FIELDS.items():
+        if old in values:
+            value = values.pop(old)
+            if values.setdefault(new, value) != value:
+                raise LungCTError(
+                    source,
+                    f"both {new} {values[new]!r} and {old} {value!r} given ({old} is the name "
+                    f"of {new} in earlier versions): keep {new} only",
+                )
+    return values
+
+
 @dataclass(frozen=True)
 class FPRPlan(JSONPlan):
     """Everything that shapes an MGI-CNN false-positive reducer.
@@ -59,11 +86,12 @@ class FPRPlan(JSONPlan):
     Args:
         name: label written into the model folder.
         variant: one of :data:`VARIANTS`.
-        integration: one of :data:`INTEGRATIONS` (used by ``mgi`` and ``lr``).
+        merge: one of :data:`MERGES`, how the streams are merged (used by ``mgi`` and ``lr``;
+            ``integration`` in plans of earlier versions).
         conv: one of :data:`CONV_MODES`.
         stream_filters: filters of the three gradual-extraction stages (two convs each).
         stream_top_filters: filters of the two convs after the stream's pooling.
-        head_filters: filters of the two convs after integration.
+        head_filters: filters of the two convs after the merge.
         dense_units: widths of the fully connected layers.
         dropout: dropout rate before each fully connected layer.
         leaky_alpha: LeakyReLU slope (the code's 0.2).
@@ -96,7 +124,7 @@ class FPRPlan(JSONPlan):
 
     name: str = "default"
     variant: str = "mgi"
-    integration: str = "sum"
+    merge: str = "sum"
     conv: str = "2.5d"
     stream_filters: tuple[int, int, int] = (24, 32, 48)
     stream_top_filters: int = 64
@@ -132,13 +160,24 @@ class FPRPlan(JSONPlan):
         object.__setattr__(self, "cut_spacing", tuple(float(v) for v in self.cut_spacing))
         self._check()
 
+    @classmethod
+    def from_dict(cls, d: dict, source: str | Path | None = None) -> FPRPlan:
+        """As :meth:`JSONPlan.from_dict`; a key of earlier versions (:data:`RENAMED_FIELDS`)
+        loads as its field."""
+        return super().from_dict(renamed_fields(d, source), source)
+
+    def replace(self, **changes: Any) -> FPRPlan:
+        """As :meth:`JSONPlan.replace`; a key of earlier versions names its field."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        return super().replace(**renamed_fields(changes))
+
     def _check(self) -> None:
         def bad(problem: str) -> LungCTError:
             return LungCTError(None, f"plan {self.name!r}: {problem}")
 
         for field, allowed in (
             ("variant", VARIANTS),
-            ("integration", INTEGRATIONS),
+            ("merge", MERGES),
             ("conv", CONV_MODES),
             ("resize", RESIZE_MODES),
             ("optimizer", OPTIMIZERS),

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from fp_reduction_3dcnn.augment import augment_batch
 from fp_reduction_3dcnn.config import FPRPlan
+from fp_reduction_3dcnn.symmetries import augment_batch
 from lungct.cache import CachedScan, ScanCache
 from lungct.errors import LungCTError
 from lungct.patches import crop_patch, sample_patch
@@ -246,7 +246,7 @@ class PatchCutter:
             centres_world: ``(N, 3)`` world ``(x, y, z)`` mm.
             rotations: optional ``(N,)`` counts of 90-degree axial rotations.
             flips: optional ``(N, 2)`` booleans: flip x (left-right), flip z; applied before
-                the rotation (see :func:`fp_reduction_3dcnn.augment.augment_batch`).
+                the rotation (see :func:`fp_reduction_3dcnn.symmetries.augment_batch`).
 
         Returns:
             Three float32 arrays ``(N, y, x, z)``, wide scale first.

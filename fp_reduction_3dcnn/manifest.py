@@ -1,7 +1,7 @@
 """The fold guard: a model folder records what it was trained on, and refuses the rest.
 
-The seed code restored ONE checkpoint to predict all five of its test folds, so four of them
-were scored by a model that had trained on them. Here every model folder holds a
+The original MGI-CNN code restored ONE checkpoint to predict all five of its test folds, so four
+of them were scored by a model that had trained on them. Here every model folder holds a
 ``manifest.json`` with its training folds and series; training refuses overlapping
 train/validation/test folds, and prediction refuses any series from a training fold (or any
 series the model trained on) unless the user says ``--allow-train-folds`` (e.g. to look at
@@ -19,11 +19,9 @@ from pathlib import Path
 
 from lungct.errors import LungCTError
 from lungct.fileio import read_json, write_json_atomic
-from lungct.modeldir import check_manifest_shape, strip_seal
+from lungct.modeldir import MANIFEST_NAME, check_manifest_shape, strip_seal
 from lungct.plans import check_field_types, key_list
 from lungct.tables import FOLD_COUNT
-
-MANIFEST_NAME = "manifest.json"
 
 
 def check_split(

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import keras
 
-from fp_reduction_3dcnn.config import CONV_MODES, INTEGRATIONS, VARIANTS, FPRPlan
+from fp_reduction_3dcnn.config import CONV_MODES, MERGES, VARIANTS, FPRPlan, renamed_fields
 from fp_reduction_3dcnn.stream_integration import StreamIntegration
 
 GRADCAM_LAYER = "head_conv2_act"
@@ -70,11 +70,11 @@ class MGICNN(keras.Model):
     Variants:
 
     * ``mgi``: a zoom-in stream (wide -> narrow) and a zoom-out stream (narrow -> wide), each a
-      gradual feature extraction; merged by :class:`StreamIntegration` (``integration``).
+      gradual feature extraction; merged by :class:`StreamIntegration` (``merge``).
     * ``zoom_in`` / ``zoom_out``: one stream only.
     * ``ri``: the three inputs concatenated along channels, then one plain stream of the same
       depth (the paper's input-level integration).
-    * ``lr``: each scale through its own first conv pair, merged by ``integration``, then the rest
+    * ``lr``: each scale through its own first conv pair, merged by ``merge``, then the rest
       of the stream (late fusion; the authors' code used 1x1 kernels in the per-scale pair,
       here they are 3x3).
 
@@ -88,11 +88,13 @@ class MGICNN(keras.Model):
 
     Args:
         variant: one of ``mgi``, ``zoom_in``, ``zoom_out``, ``ri``, ``lr``.
-        integration: ``sum`` (paper), ``concat`` or ``conv1x1``.
+        merge: how the streams are merged: ``sum`` (paper), ``concat`` or ``conv1x1``
+            (``integration`` in the config of model files of earlier versions, which
+            :meth:`from_config` still reads).
         conv: ``2.5d`` or ``3d``.
         stream_filters: filters of the three gradual stages (two convs each).
         stream_top_filters: filters of the two convs after the stream's pooling.
-        head_filters: filters of the two convs after integration.
+        head_filters: filters of the two convs after the merge.
         dense_units: widths of the fully connected layers.
         dropout: dropout rate before each fully connected layer.
         leaky_alpha: LeakyReLU slope.
@@ -115,7 +117,7 @@ class MGICNN(keras.Model):
     def __init__(
         self,
         variant: str = "mgi",
-        integration: str = "sum",
+        merge: str = "sum",
         conv: str = "2.5d",
         stream_filters: Sequence[int] = (24, 32, 48),
         stream_top_filters: int = 64,
@@ -128,8 +130,8 @@ class MGICNN(keras.Model):
     ) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        if integration not in INTEGRATIONS:
-            raise ValueError(f"integration must be one of {INTEGRATIONS}, got {integration!r}")
+        if merge not in MERGES:
+            raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
         if conv not in CONV_MODES:
             raise ValueError(f"conv must be one of {CONV_MODES}, got {conv!r}")
         stream_filters = tuple(int(f) for f in stream_filters)
@@ -157,7 +159,7 @@ class MGICNN(keras.Model):
         if variant == "mgi":
             zoom_in = stream((0, 1, 2), "zoom_in")
             zoom_out = stream((2, 1, 0), "zoom_out")
-            x = StreamIntegration(integration, name="integration")([zoom_in, zoom_out])
+            x = StreamIntegration(merge, name="merge")([zoom_in, zoom_out])
         elif variant == "zoom_in":
             x = stream((0, 1, 2), "zoom_in")
         elif variant == "zoom_out":
@@ -172,7 +174,7 @@ class MGICNN(keras.Model):
                 for i, s in enumerate(scales):
                     b = apply_conv_block(s, f1, conv, alpha, f"lr_scale{i + 1}_a")
                     branches.append(apply_conv_block(b, f1, conv, alpha, f"lr_scale{i + 1}_b"))
-                x = StreamIntegration(integration, name="integration")(branches)
+                x = StreamIntegration(merge, name="merge")(branches)
             for stage, f in ((2, f2), (3, f3)):
                 x = apply_conv_block(x, f, conv, alpha, f"{variant}_s{stage}a")
                 x = apply_conv_block(x, f, conv, alpha, f"{variant}_s{stage}b")
@@ -195,7 +197,7 @@ class MGICNN(keras.Model):
 
         # === Config ===
         self.variant = variant
-        self.integration = integration
+        self.merge = merge
         self.conv = conv
         self.stream_filters = stream_filters
         self.stream_top_filters = top
@@ -210,7 +212,7 @@ class MGICNN(keras.Model):
             "name": self.name,
             "trainable": self.trainable,
             "variant": self.variant,
-            "integration": self.integration,
+            "merge": self.merge,
             "conv": self.conv,
             "stream_filters": list(self.stream_filters),
             "stream_top_filters": self.stream_top_filters,
@@ -223,14 +225,15 @@ class MGICNN(keras.Model):
 
     @classmethod
     def from_config(cls, config: dict) -> MGICNN:
-        return cls(**config)
+        # A model file of an earlier version says "integration" for "merge".
+        return cls(**renamed_fields(config))
 
     @classmethod
     def from_plan(cls, plan: FPRPlan, **kwargs) -> MGICNN:
         """The network a plan describes (not compiled)."""
         return cls(
             variant=plan.variant,
-            integration=plan.integration,
+            merge=plan.merge,
             conv=plan.conv,
             stream_filters=plan.stream_filters,
             stream_top_filters=plan.stream_top_filters,

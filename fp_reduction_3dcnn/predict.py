@@ -18,7 +18,6 @@ import keras
 import numpy as np
 from tqdm.auto import tqdm
 
-from fp_reduction_3dcnn.augment import AXIAL_SYMMETRIES, VOLUME_SYMMETRIES, tta_predict
 from fp_reduction_3dcnn.config import FPRPlan
 from fp_reduction_3dcnn.data import (
     PatchCutter,
@@ -28,6 +27,7 @@ from fp_reduction_3dcnn.data import (
     series_folds,
 )
 from fp_reduction_3dcnn.manifest import FoldManifest
+from fp_reduction_3dcnn.symmetries import AXIAL_SYMMETRIES, VOLUME_SYMMETRIES, tta_predict
 from fp_reduction_3dcnn.train import latest_checkpoint, load_keras
 from lungct.cache import ScanCache
 from lungct.errors import LungCTError

@@ -1,16 +1,26 @@
-"""Multi-stream integration: merge feature maps of equal shape from parallel streams."""
+"""The stream merge: one feature map from the equal-shaped maps of parallel streams.
+
+The plan calls this choice ``merge``; the paper calls it "multi-stream feature integration".
+"""
 
 from __future__ import annotations
 
 import keras
 from keras import ops
 
-INTEGRATION_MODES = ("sum", "concat", "conv1x1")
+MERGE_MODES = ("sum", "concat", "conv1x1")
 
 
+# The class keeps its name, and this module the class's, although the plan says "merge": Keras 3
+# stores a layer's weights in model.weights.h5 under a path made from its class name
+# (layers/stream_integration/vars), so a renamed class would not load the conv1x1 weights of any
+# model file trained before. The layer's name inside MGICNN ("integration" before, "merge" now)
+# is in no model file: the weights path does not use it and MGICNN's config rebuilds the network
+# from its arguments, so that name could change.
 @keras.saving.register_keras_serializable(package="fp_reduction_3dcnn")
 class StreamIntegration(keras.layers.Layer):
-    """Merge the feature maps of parallel streams into one (MGI-CNN's multi-stream integration).
+    """Merge the feature maps of parallel streams into one (the plan's ``merge``; the paper's
+    multi-stream feature integration).
 
     Every input is a channels-last feature map of the same spatial shape (2-D or 3-D).
 
@@ -39,8 +49,8 @@ class StreamIntegration(keras.layers.Layer):
 
     def __init__(self, mode: str = "sum", filters: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
-        if mode not in INTEGRATION_MODES:
-            raise ValueError(f"mode must be one of {INTEGRATION_MODES}, got {mode!r}")
+        if mode not in MERGE_MODES:
+            raise ValueError(f"mode must be one of {MERGE_MODES}, got {mode!r}")
         self.mode = mode
         self.filters = filters
 

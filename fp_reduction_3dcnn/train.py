@@ -31,7 +31,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from fp_reduction_3dcnn.config import FPRPlan
+from fp_reduction_3dcnn.config import RENAMED_FIELDS, FPRPlan
 from fp_reduction_3dcnn.data import (
     PatchCutter,
     check_cache_has,
@@ -46,7 +46,13 @@ from fp_reduction_3dcnn.sampler import BalancedBatchSampler, validation_rows
 from lungct.cache import ScanCache
 from lungct.errors import LungCTError
 from lungct.fileio import atomic_path, write_text_atomic
-from lungct.modeldir import file_sha256, keras_file_problem, load_keras_model, seal_model_dir
+from lungct.modeldir import (
+    MANIFEST_NAME,
+    file_sha256,
+    keras_file_problem,
+    load_keras_model,
+    seal_model_dir,
+)
 from lungct.tables import CandidateTable, folds_from_layout
 
 LOG_COLUMNS = (
@@ -92,7 +98,7 @@ def mgicnn_architecture(plan: FPRPlan) -> dict:
     the model's config spells them: weights saved with other settings do not fit the plan."""
     return {
         "variant": plan.variant,
-        "integration": plan.integration,
+        "merge": plan.merge,
         "conv": plan.conv,
         "stream_filters": list(plan.stream_filters),
         "stream_top_filters": plan.stream_top_filters,
@@ -114,7 +120,8 @@ def load_keras(
 
     The file's config is checked first (:func:`lungct.modeldir.load_keras_model`): foreign
     classes, Lambda layers and other networks are refused, and with ``plan`` so are weights
-    whose architecture is not the plan's.
+    whose architecture is not the plan's (a file of an earlier version, whose config says
+    ``integration`` for ``merge``, is compared under the new name).
     """
     return load_keras_model(
         path,
@@ -123,6 +130,7 @@ def load_keras(
         architecture=None if plan is None else mgicnn_architecture(plan),
         plan_path=plan_path,
         compile=compile,
+        renamed_keys=RENAMED_FIELDS,
     )
 
 
@@ -326,7 +334,7 @@ def train(
 
     start_epoch = 0
     checkpoint = latest_checkpoint(out)
-    if (out / "manifest.json").is_file() or checkpoint is not None:
+    if (out / MANIFEST_NAME).is_file() or checkpoint is not None:
         if not resume:
             raise LungCTError(
                 out, "already holds a model; pass --resume to continue it, or use a new --out"

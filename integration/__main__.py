@@ -278,7 +278,7 @@ def _settings_from_args(args: argparse.Namespace) -> StageSettings:
         values = read_json(args.settings, "settings file not found")
     settings = StageSettings.from_dict(values, source=args.settings)
     return settings.replace(
-        unet_variant=args.unet_variant,
+        unet_preset=args.unet_preset,
         unet_minutes=args.unet_minutes,
         gan_minutes=args.gan_minutes,
         fpr_minutes=args.fpr_minutes,
@@ -295,7 +295,7 @@ def _add_stage_options(p: argparse.ArgumentParser) -> None:
         '{"unet_minutes": 1, "fpr_overrides": {"epochs": 2}}); the flags below override it',
     )
     p.add_argument(
-        "--unet-variant", choices=("2d", "2d-seed", "3d"), help="U-Net variant (default 2d)"
+        "--unet-preset", choices=("2d", "2d-original", "3d"), help="U-Net preset (default 2d)"
     )
     p.add_argument("--unet-minutes", type=positive_float, help="U-Net budget per fold (3)")
     p.add_argument("--gan-minutes", type=positive_float, help="CT-GAN budget per fold (2)")
@@ -405,7 +405,7 @@ def _add_ablate(subparsers: argparse._SubParsersAction) -> None:
         help="run the named configurations of a grid; CPM table and one FROC figure",
         description=(
             'A grid JSON {"base": {...}, "configs": {"name": {overrides}}} names configurations '
-            "(keys: unet_variant, gan, fpr, fpr_plan, fpr_variant, integration, tta, "
+            "(keys: unet_preset, gan, fpr, fpr_plan, fpr_variant, merge, tta, "
             "unet_minutes, gan_minutes, fpr_minutes, ...). All use the same folds; trained "
             "stages are shared between configs that agree on their settings (OUT/stages). "
             "Writes OUT/ablation.md and .csv (CPM, 95% CI, sensitivity at 1/8..8 FPs/scan) and "

@@ -3,15 +3,15 @@
 A grid is a JSON file::
 
     {"description": "...",
-     "base":    {"unet_variant": "2d", "gan": true, "fpr_variant": "mgi", ...},
+     "base":    {"unet_preset": "2d", "gan": true, "fpr_variant": "mgi", ...},
      "configs": {"full": {}, "no_gan": {"gan": false}, "unet_alone": {"fpr": false}, ...}}
 
 Every config is ``base`` with its own overrides; the keys are those of
-:class:`integration.stages.StageSettings` (``unet_variant``, ``gan``, ``fpr``, ``fpr_plan``,
-``fpr_variant``, ``integration``, ``tta``, the minute budgets, plan overrides...). The grid
+:class:`integration.stages.StageSettings` (``unet_preset``, ``gan``, ``fpr``, ``fpr_plan``,
+``fpr_variant``, ``merge``, ``tta``, the minute budgets, plan overrides...). The grid
 shipped with the package (``integration/data/default_grid.json``, used when ``--grid`` is not
 given) covers: with / without CT-GAN augmentation; the MGI-CNN against its ablations (ri, lr,
-zoom_in, zoom_out); sum / concat / conv1x1 stream integration; the 2-D and the 3-D U-Net; the
+zoom_in, zoom_out); sum / concat / conv1x1 merge of its streams; the 2-D and the 3-D U-Net; the
 U-Net alone (no false-positive reduction); with / without test-time augmentation. A second
 shipped grid, ``quick`` (``--grid quick``), runs five of them with short budgets.
 
@@ -22,7 +22,7 @@ trained stages are shared, each keyed by the settings that shape it:
   "U-Net alone" costs nothing more;
 * CT-GAN: its plan, budget, nodules per scan and training folds (the augmented scans and their
   cache overlay go with it);
-* MGI-CNN: its plan (variant, integration...), budget, folds and the CT-GAN key. TTA is not
+* MGI-CNN: its plan (variant, merge...), budget, folds and the CT-GAN key. TTA is not
   part of it: a config that differs only in ``tta`` rescores with the same model.
 
 ``OUT/stages/<key>/key.json`` says what made each shared stage. A config whose
@@ -152,7 +152,7 @@ def stage_keys(settings: StageSettings, split: Split) -> dict[str, tuple[str, di
         "val": list(split.val),
         "test": list(split.test),
     }
-    keys["unet"] = (f"unet-{settings.unet_variant}-{_digest(unet)}", unet)
+    keys["unet"] = (f"unet-{settings.unet_preset}-{_digest(unet)}", unet)
     gan_name = None
     if settings.fpr and settings.gan:
         gan = {
@@ -174,8 +174,7 @@ def stage_keys(settings: StageSettings, split: Split) -> dict[str, tuple[str, di
             "test": list(split.test),
         }
         keys["fpr"] = (
-            f"fpr-{plan.variant}-{plan.integration}-{'gan' if gan_name else 'nogan'}-"
-            f"{_digest(fpr)}",
+            f"fpr-{plan.variant}-{plan.merge}-{'gan' if gan_name else 'nogan'}-{_digest(fpr)}",
             fpr,
         )
     return keys
@@ -280,7 +279,7 @@ def run_config(
     record.update(metrics=metrics, seconds=clock.seconds, overrides=config.overrides)
     if "fpr" in keys:
         plan = keys["fpr"][1]["plan"]
-        record["fpr_network"] = {k: plan[k] for k in ("variant", "integration", "conv")}
+        record["fpr_network"] = {k: plan[k] for k in ("variant", "merge", "conv")}
     write_json_atomic(config_dir / "result.json", record)
     return record
 
@@ -381,13 +380,18 @@ def _sharing(configs: Sequence[AblationConfig], split: Split) -> dict[str, int]:
 RATE_LABELS = ("1/8", "1/4", "1/2", "1", "2", "4", "8")
 
 
+def _unet_preset(settings: dict[str, Any]) -> str:
+    """The U-Net preset of a result's settings (``unet_variant`` in results of earlier versions)."""
+    return settings.get("unet_preset") or settings.get("unet_variant") or ""
+
+
 def _network(result: dict[str, Any]) -> dict[str, str]:
-    """The MGI-CNN's resolved variant / integration / conv (empty without one)."""
+    """The MGI-CNN's resolved variant / merge / conv (empty without one)."""
     settings = result["settings"]
     found = result.get("fpr_network") or {}
     return {
         "variant": found.get("variant") or settings["fpr_variant"] or "",
-        "integration": found.get("integration") or settings["integration"] or "",
+        "merge": found.get("merge") or settings.get("merge") or "",
         "conv": found.get("conv", ""),
     }
 
@@ -396,7 +400,7 @@ def _describe(result: dict[str, Any]) -> dict[str, str]:
     settings = result["settings"]
     if settings["fpr"]:
         net = _network(result)
-        fpr = f"{net['variant']}/{net['integration']}"
+        fpr = f"{net['variant']}/{net['merge']}"
         if net["conv"] and net["conv"] != "2.5d":
             fpr += f" {net['conv']}"
         if settings["fpr_plan"] != "default":
@@ -405,7 +409,7 @@ def _describe(result: dict[str, Any]) -> dict[str, str]:
         gan = "yes" if settings["gan"] else "no"
     else:
         fpr, tta, gan = "none (U-Net scores)", "-", "-"
-    return {"unet": settings["unet_variant"], "gan": gan, "fpr": fpr, "tta": tta}
+    return {"unet": _unet_preset(settings), "gan": gan, "fpr": fpr, "tta": tta}
 
 
 def write_table(results: Sequence[dict[str, Any]], out: Path) -> tuple[Path, Path]:
@@ -415,8 +419,8 @@ def write_table(results: Sequence[dict[str, Any]], out: Path) -> tuple[Path, Pat
     header = (
         "config", "cpm", "cpm_ci95_lower", "cpm_ci95_upper",
         *(f"sens_{k}" for k in FP_RATE_KEYS),
-        "nodules", "detected", "scans", "unet_variant", "gan", "fpr", "fpr_plan", "fpr_variant",
-        "integration", "tta", "unet_stage", "gan_stage", "fpr_stage",
+        "nodules", "detected", "scans", "unet_preset", "gan", "fpr", "fpr_plan", "fpr_variant",
+        "merge", "tta", "unet_stage", "gan_stage", "fpr_stage",
     )  # fmt: skip
     rows = []
     lines = [
@@ -428,13 +432,13 @@ def write_table(results: Sequence[dict[str, Any]], out: Path) -> tuple[Path, Pat
         m, s, stages = r["metrics"], r["settings"], r["stages"]
         ci = m.get("cpm_ci95") or [None, None]
         sens = [m["sensitivity"][k] for k in FP_RATE_KEYS]
-        net = _network(r) if s["fpr"] else {"variant": "", "integration": ""}
+        net = _network(r) if s["fpr"] else {"variant": "", "merge": ""}
         rows.append(
             [
                 r["name"], m["cpm"], ci[0] if ci[0] is not None else "",
                 ci[1] if ci[1] is not None else "", *sens, m["nodules"], m["detected"],
-                m["scans"], s["unet_variant"], s["gan"], s["fpr"], s["fpr_plan"],
-                net["variant"], net["integration"], s["tta"], stages.get("unet", ""),
+                m["scans"], _unet_preset(s), s["gan"], s["fpr"], s["fpr_plan"],
+                net["variant"], net["merge"], s["tta"], stages.get("unet", ""),
                 stages.get("gan", ""), stages.get("fpr", ""),
             ]
         )  # fmt: skip

@@ -62,6 +62,7 @@ from integration.stages import (
 )
 from lungct.errors import LungCTError
 from lungct.fileio import write_json_atomic
+from lungct.modeldir import MANIFEST_NAME
 from lungct.tables import FOLD_COUNT, folds_from_layout, write_csv_atomic
 
 _AUGMENTED_SUFFIX = re.compile(r"\.ctgan\d+$")
@@ -155,13 +156,13 @@ def check_no_leakage(manifest: dict[str, Any], where: str | os.PathLike | None =
 def trained_series(paths: StagePaths) -> dict[str, dict[str, list[str]]]:
     """The series each trained model of a run recorded in its own manifest."""
     out: dict[str, dict[str, list[str]]] = {}
-    unet = read_json_or_empty(paths.unet / "manifest.json")
+    unet = read_json_or_empty(paths.unet / MANIFEST_NAME)
     if unet:
         out["U-Net"] = {"train": unet.get("train_series", []), "val": unet.get("val_series", [])}
-    gan = read_json_or_empty(paths.gan / "manifest.json")
+    gan = read_json_or_empty(paths.gan / MANIFEST_NAME)
     if gan:
         out["CT-GAN"] = {"train": gan.get("series", [])}
-    fpr = read_json_or_empty(paths.fpr / "manifest.json")
+    fpr = read_json_or_empty(paths.fpr / MANIFEST_NAME)
     if fpr:
         out["MGI-CNN"] = {"train": fpr.get("train_series", []), "val": fpr.get("val_series", [])}
     return out

@@ -85,7 +85,7 @@ class DemoConfig:
     train_folds: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6)
     val_folds: tuple[int, ...] = (7,)
     test_folds: tuple[int, ...] = (8, 9)
-    unet_variant: str = "2d"
+    unet_preset: str = "2d"
     unet_minutes: float = 1.0
     gan: bool = True
     gan_minutes: float = 0.75
@@ -104,7 +104,7 @@ class DemoConfig:
     def stage_settings(self) -> StageSettings:
         """The settings of the short run's stages (:mod:`integration.stages`)."""
         return StageSettings(
-            unet_variant=self.unet_variant,
+            unet_preset=self.unet_preset,
             unet_minutes=self.unet_minutes,
             gan=self.gan,
             gan_minutes=self.gan_minutes,

@@ -143,7 +143,7 @@ class BootstrapResult:
 
     Attributes:
         samples: number of resamples.
-        seed: the seed of ``numpy.random.RandomState``.
+        seed: the random seed of ``numpy.random.RandomState``.
         fps: the grid ``linspace(0.125, 8, 10000)``.
         mean, lower, upper: float32 mean curve and percentile band on that grid.
         cpm_samples: ``(samples,)`` CPM of every resample.

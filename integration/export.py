@@ -94,7 +94,7 @@ def _example_inputs(model: Any, plan: Any) -> Any:
     if isinstance(plan, FPRPlan):
         return [np.zeros((1, *plan.input_shape), np.float32) for _ in model.inputs]
     z, y, x = plan.window_size
-    shape = (1, y, x, plan.input_channels) if plan.variant == "2d" else (1, z, y, x, 1)
+    shape = (1, y, x, plan.input_channels) if plan.dims == "2d" else (1, z, y, x, 1)
     return np.zeros(shape, np.float32)
 
 

@@ -169,8 +169,8 @@ def to_cache_grid(scan: Scan, plan: PreprocessPlan | None = None) -> CachedScan:
 
 def score_candidates(detector: Detector, cached: CachedScan, centres: np.ndarray) -> np.ndarray:
     """MGI-CNN probabilities of world points of one scan (TTA if the config says so)."""
-    from fp_reduction_3dcnn.augment import tta_predict
     from fp_reduction_3dcnn.data import PatchCutter
+    from fp_reduction_3dcnn.symmetries import tta_predict
 
     trained = detector.fpr
     cutter = PatchCutter(trained.plan, cache=None)

@@ -31,7 +31,7 @@ from typing import Any
 
 from lungct.errors import LungCTError
 from lungct.fileio import write_json_atomic, write_text_atomic
-from lungct.modeldir import is_sealed
+from lungct.modeldir import MANIFEST_NAME, is_sealed
 from lungct.tables import FOLD_COUNT, write_csv_atomic
 
 DONE_MARKER = "integration_done.json"
@@ -58,7 +58,8 @@ class StageSettings:
     """Everything that shapes the trained stages of one run (the keys of an ablation config).
 
     Args:
-        unet_variant: ``2d`` or ``3d`` (:data:`unet_candidates.VARIANTS`).
+        unet_preset: a named U-Net plan, ``2d``, ``2d-original`` or ``3d``
+            (:data:`unet_candidates.PRESETS`; ``unet_variant`` in settings of earlier versions).
         unet_minutes: U-Net training budget in minutes (all resumed runs together).
         unet_overrides: U-Net plan fields to change (e.g. ``{"epochs": 5}``).
         gan: augment the training folds with CT-GAN-injected nodules.
@@ -70,13 +71,14 @@ class StageSettings:
             probabilities (the candidate stage alone).
         fpr_plan: named MGI-CNN plan (:data:`fp_reduction_3dcnn.config.PLANS`) or a path.
         fpr_variant: ``mgi``, ``zoom_in``, ``zoom_out``, ``ri`` or ``lr`` (``None``: the plan's).
-        integration: ``sum``, ``concat`` or ``conv1x1`` (``None``: the plan's).
+        merge: how the MGI-CNN merges its streams, ``sum``, ``concat`` or ``conv1x1``
+            (``None``: the plan's; ``integration`` in settings of earlier versions).
         fpr_minutes: MGI-CNN training budget in minutes.
         fpr_overrides: MGI-CNN plan fields to change.
         tta: average the MGI-CNN's scores over the 8 axial symmetries.
     """
 
-    unet_variant: str = "2d"
+    unet_preset: str = "2d"
     unet_minutes: float = 3.0
     unet_overrides: dict[str, Any] = field(default_factory=dict)
     gan: bool = True
@@ -87,7 +89,7 @@ class StageSettings:
     fpr: bool = True
     fpr_plan: str = "default"
     fpr_variant: str | None = None
-    integration: str | None = None
+    merge: str | None = None
     fpr_minutes: float = 4.0
     fpr_overrides: dict[str, Any] = field(default_factory=dict)
     tta: bool = False
@@ -97,6 +99,16 @@ class StageSettings:
         """Settings from JSON values; an unknown key or a wrong type is a :class:`LungCTError`."""
         if not isinstance(values, dict):
             raise LungCTError(source, "settings must be a JSON object")
+        if "unet_variant" in values:  # the name of ``unet_preset`` in earlier versions
+            values = dict(values)
+            legacy = values.pop("unet_variant")
+            if values.setdefault("unet_preset", legacy) != legacy:
+                raise LungCTError(source, "settings give both unet_preset and unet_variant")
+        if "integration" in values:  # the name of ``merge`` in earlier versions
+            values = dict(values)
+            legacy = values.pop("integration")
+            if values.setdefault("merge", legacy) != legacy:
+                raise LungCTError(source, "settings give both merge and integration")
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:
@@ -145,10 +157,10 @@ class StageSettings:
 
     def unet_plan(self) -> Any:
         """The U-Net plan of these settings."""
-        from unet_candidates.config import variant_plan
+        from unet_candidates.config import preset_plan
 
         try:
-            return variant_plan(self.unet_variant, **self.unet_overrides)
+            return preset_plan(self.unet_preset, **self.unet_overrides)
         except TypeError as exc:
             raise LungCTError(None, f"bad unet_overrides ({exc})") from None
 
@@ -165,8 +177,8 @@ class StageSettings:
         changes = dict(self.fpr_overrides)
         if self.fpr_variant is not None:
             changes["variant"] = self.fpr_variant
-        if self.integration is not None:
-            changes["integration"] = self.integration
+        if self.merge is not None:
+            changes["merge"] = self.merge
         return get_plan(self.fpr_plan, **changes)
 
 
@@ -416,9 +428,9 @@ def stage_done(model_dir: Path, stage: str = "") -> bool:
     if (model_dir / DONE_MARKER).is_file():
         return True
     if stage == "unet":
-        return "training" in read_json_or_empty(model_dir / "manifest.json")
+        return "training" in read_json_or_empty(model_dir / MANIFEST_NAME)
     if stage == "fpr":
-        manifest = read_json_or_empty(model_dir / "manifest.json")
+        manifest = read_json_or_empty(model_dir / MANIFEST_NAME)
         return (model_dir / "model.keras").is_file() and is_sealed(manifest)
     return False
 
@@ -611,7 +623,7 @@ def train_fpr_stage(run: StageRun) -> Path:
     elif run.paths.fpr_cache is not None:
         overlay_cache(run.cache, run.paths.fpr_cache)
     train_candidates = merge_candidates(sources, run.paths.train_candidates)
-    resume = (fpr_dir / "manifest.json").is_file() or latest_checkpoint(fpr_dir) is not None
+    resume = (fpr_dir / MANIFEST_NAME).is_file() or latest_checkpoint(fpr_dir) is not None
     summary = run.clock.run(
         "train MGI-CNN",
         lambda: fpr_train(

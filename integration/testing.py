@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 TINY_SETTINGS: dict[str, Any] = {
-    "unet_variant": "2d",
+    "unet_preset": "2d",
     "unet_minutes": 1.0,
     "unet_overrides": {
         "name": "tiny2d",

@@ -1,4 +1,4 @@
-"""Lung segmentation by thresholding and connected components (the seed systems' algorithm).
+"""Lung segmentation by thresholding and connected components (the original systems' algorithm).
 
 Steps, on a coarse working grid (default 2 mm) for speed, then mapped back to the scan's grid:
 
@@ -33,7 +33,7 @@ from lungct.scan import Scan
 
 @dataclass(frozen=True)
 class LungMaskParams:
-    """Knobs of :func:`segment_lungs` (defaults follow the seed systems)."""
+    """Knobs of :func:`segment_lungs` (defaults follow the original systems)."""
 
     threshold_hu: float = -350.0
     work_spacing_mm: float = 2.0

@@ -622,12 +622,15 @@ def check_architecture(
     config: Mapping[str, Any],
     expected: Mapping[str, Any],
     plan_path: str | os.PathLike,
+    renamed_keys: Mapping[str, str] | None = None,
 ) -> None:
     """Refuse weights whose network settings are not those the plan builds.
 
     ``expected`` holds the settings the plan gives the network's constructor (filters, input
     channels, patch shape...); they are compared with the file's config before anything is
     built, so a plan that belongs to other weights is named instead of failing in Keras.
+    ``renamed_keys`` maps a config key that files of earlier versions wrote to its new name
+    (``{"integration": "merge"}``), so those files are compared under the new name.
 
     Raises:
         LungCTError: naming ``path``, the plan and the first differing settings.
@@ -635,6 +638,8 @@ def check_architecture(
     found = config.get("config")
     if not isinstance(found, dict):
         raise LungCTError(path, f"{_NOT_KERAS} (its model config is not an object)")
+    if renamed_keys:
+        found = {renamed_keys.get(k, k): v for k, v in found.items()}
     want = json.loads(json.dumps(dict(expected)))
     differ = [k for k in want if found.get(k, _ABSENT) != want[k]]
     if differ:
@@ -656,6 +661,7 @@ def load_keras_model(
     architecture: Mapping[str, Any] | None = None,
     plan_path: str | os.PathLike | None = None,
     compile: bool = False,
+    renamed_keys: Mapping[str, str] | None = None,
 ) -> Any:
     """Load a ``.keras`` file in Keras safe mode after checking its config.
 
@@ -666,6 +672,8 @@ def load_keras_model(
         architecture: the settings the plan gives the network (:func:`check_architecture`).
         plan_path: the plan, for the message.
         compile: restore the optimiser and loss too (to resume training).
+        renamed_keys: config keys of earlier versions and their new names
+            (:func:`check_architecture`).
 
     Raises:
         LungCTError: one line naming ``path``: not a model file, foreign code, another
@@ -674,7 +682,7 @@ def load_keras_model(
     config = read_keras_config(path)
     check_keras_config(path, config, classes, what)
     if architecture is not None:
-        check_architecture(path, config, architecture, plan_path or PLAN_NAME)
+        check_architecture(path, config, architecture, plan_path or PLAN_NAME, renamed_keys)
     return keras_load_safe(path, compile=compile)
 
 

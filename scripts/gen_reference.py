@@ -65,7 +65,7 @@ def md_text(text: str, emphasis: bool = False) -> str:
 
 
 def _resolve(name: str, namespace: dict[str, Any]) -> Any:
-    """The object a docstring role names (``VARIANTS``, ``pkg.module.NAME``), or ``None``."""
+    """The object a docstring role names (``PRESETS``, ``pkg.module.NAME``), or ``None``."""
     if name in namespace:
         return namespace[name]
     module, _, attr = name.rpartition(".")
@@ -255,15 +255,15 @@ class PlanSpec:
 
 
 def _unet_default() -> Any:
-    from unet_candidates.config import variant_plan
+    from unet_candidates.config import preset_plan
 
-    return variant_plan("2d")
+    return preset_plan("2d")
 
 
 def _unet_presets() -> dict[str, Any]:
-    from unet_candidates.config import VARIANTS, variant_plan
+    from unet_candidates.config import PRESETS, preset_plan
 
-    return {name: variant_plan(name) for name in VARIANTS}
+    return {name: preset_plan(name) for name in PRESETS}
 
 
 def _plans_of(module: str) -> Callable[[], dict[str, Any]]:
@@ -278,12 +278,12 @@ PLAN_SPECS = (
     ),
     PlanSpec(
         "unet_candidates.config.UNetPlan",
-        "`python -m unet_candidates train --plan FILE` (a file may name a `variant` and override "
-        "any field); `plan.json` of a U-Net model folder; `unet_overrides` of the stage "
-        "settings. Defaults are those of the `2d` variant.",
+        "`python -m unet_candidates train --plan FILE` (a file may name a `preset` and override "
+        "any field; `variant` in plans of earlier versions); `plan.json` of a U-Net model folder; `unet_overrides` of the stage "
+        "settings. Defaults are those of the `2d` preset.",
         default=_unet_default,
         presets=_unet_presets,
-        preset_word="variant (`--variant`)",
+        preset_word="preset (`--preset`)",
     ),
     PlanSpec(
         "fp_reduction_3dcnn.config.FPRPlan",

@@ -36,6 +36,11 @@ def test_plan_json_round_trip_and_named_plans(tmp_path: Path) -> None:
     assert (PLANS["code"].real_label, PLANS["code"].fake_label) == (0.0, 1.0)
     assert PLANS["paper"].gf == PLANS["paper"].df == 100
     assert PLANS["code"].d_learning_rate == 1e-6
+    # The CT-GAN copy in the original repository: the code's plan with 40 filters ("seed" in
+    # earlier versions; "seed" now means a random seed only, but the old name still selects it).
+    gf40 = get_plan("code-gf40")
+    assert gf40 == PLANS["code"].replace(gf=40, df=40, name="code-gf40") == get_plan("seed")
+    assert "seed" not in PLANS
     changes = parse_plan_overrides(["gf=16", "rotate=false", "flip_axes=[0,1,2]", "name=x"])
     plan = get_plan("default", **changes)
     assert (plan.gf, plan.rotate, plan.flip_axes, plan.name) == (16, False, (0, 1, 2), "x")

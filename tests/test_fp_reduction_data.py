@@ -5,12 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fp_reduction_3dcnn.augment import (
-    AXIAL_SYMMETRIES,
-    VOLUME_SYMMETRIES,
-    apply_symmetry,
-    tta_predict,
-)
 from fp_reduction_3dcnn.config import get_plan
 from fp_reduction_3dcnn.data import (
     PatchCutter,
@@ -22,6 +16,12 @@ from fp_reduction_3dcnn.data import (
     series_folds,
 )
 from fp_reduction_3dcnn.sampler import BalancedBatchSampler, validation_rows
+from fp_reduction_3dcnn.symmetries import (
+    AXIAL_SYMMETRIES,
+    VOLUME_SYMMETRIES,
+    apply_symmetry,
+    tta_predict,
+)
 from fp_reduction_3dcnn.testing import make_tiny_dataset, write_cache_entry
 from lungct.cache import ScanCache
 from lungct.errors import LungCTError

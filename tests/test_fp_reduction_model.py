@@ -1,4 +1,4 @@
-"""MGI-CNN model, stream integration layer and plan: build, serialise, train one step."""
+"""MGI-CNN model, stream merge layer and plan: build, serialise, train one step."""
 
 from __future__ import annotations
 
@@ -55,12 +55,12 @@ def test_every_variant_builds_and_round_trips(variant, conv, tmp_path):
     _round_trip(model, tmp_path, f"{variant}_{conv}")
 
 
-@pytest.mark.parametrize("integration", ["concat", "conv1x1"])
-def test_integration_modes_round_trip(integration, tmp_path):
-    model = MGICNN(variant="mgi", integration=integration, **TINY)
-    layer = model.get_layer("integration")
-    assert layer.mode == integration
-    _round_trip(model, tmp_path, integration)
+@pytest.mark.parametrize("merge", ["concat", "conv1x1"])
+def test_merge_modes_round_trip(merge, tmp_path):
+    model = MGICNN(variant="mgi", merge=merge, **TINY)
+    layer = model.get_layer("merge")
+    assert isinstance(layer, StreamIntegration) and layer.mode == merge
+    _round_trip(model, tmp_path, merge)
 
 
 def test_streams_differ_in_scale_order():
@@ -90,7 +90,7 @@ def test_paper_widths_parameter_count():
     assert model.count_params() == 21_451_777
 
 
-def test_stream_integration_layer():
+def test_stream_merge_layer():
     a = np.ones((2, 5, 5, 3), "float32")
     b = 2 * np.ones((2, 5, 5, 3), "float32")
     np.testing.assert_allclose(StreamIntegration("sum")([a, b]), 3 * a)
@@ -128,3 +128,48 @@ def test_plan_json_round_trip_and_errors(tmp_path):
     fast = PLANS["default_adam"]
     assert (fast.optimizer, fast.learning_rate, fast.beta_1) == ("adam", 0.003, 0.5)
     assert fast.replace(optimizer="sgd", name="default") == default
+
+
+def test_a_plan_of_an_earlier_version_says_integration_for_merge(tmp_path):
+    # Plans written before the rename (the shipped set's among them) keep loading as they are.
+    path = tmp_path / "plan.json"
+    data = get_plan("default").to_dict()
+    del data["merge"]
+    path.write_text(json.dumps({**data, "integration": "concat"}))
+    plan = FPRPlan.load(path)
+    assert plan.merge == "concat" and "integration" not in plan.to_dict()
+    assert get_plan(str(path)) == plan == get_plan("default", merge="concat")
+    assert get_plan("default").replace(integration="conv1x1").merge == "conv1x1"
+    path.write_text(json.dumps({**data, "integration": "concat", "merge": "concat"}))
+    assert FPRPlan.load(path) == plan  # both names, one value: the same plan
+    path.write_text(json.dumps({**data, "integration": "concat", "merge": "sum"}))
+    with pytest.raises(LungCTError, match="both merge 'sum' and integration 'concat'") as exc:
+        FPRPlan.load(path)
+    assert "\n" not in str(exc.value) and str(exc.value).startswith(str(path))
+
+
+def test_a_model_file_of_an_earlier_version_says_integration_for_merge(tmp_path):
+    # A .keras file saved before the rename: its config says "integration". It loads, passes
+    # the architecture check against a plan saying "merge", and gives the same outputs.
+    import zipfile
+
+    from fp_reduction_3dcnn.train import load_keras
+
+    plan = get_plan("default", merge="conv1x1", **TINY)
+    model = MGICNN.from_plan(plan)
+    new, old = tmp_path / "new.keras", tmp_path / "old.keras"
+    model.save(new)
+    with zipfile.ZipFile(new) as src, zipfile.ZipFile(old, "w") as dst:
+        for item in src.infolist():
+            content = src.read(item.filename)
+            if item.filename == "config.json":
+                config = json.loads(content)
+                config["config"]["integration"] = config["config"].pop("merge")
+                content = json.dumps(config).encode()
+            dst.writestr(item, content)
+    loaded = load_keras(old, compile=False, plan=plan)
+    assert loaded.merge == "conv1x1" and loaded.get_config() == model.get_config()
+    x = _inputs()
+    np.testing.assert_allclose(_predict(loaded, x), _predict(model, x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(LungCTError, match=r"merge \"conv1x1\" \(plan \"sum\"\)"):
+        load_keras(old, compile=False, plan=plan.replace(merge="sum"))

@@ -90,7 +90,7 @@ def test_training_refuses_an_empty_validation_fold(tiny, tmp_path):
 
 
 def test_prediction_refuses_the_training_folds(model_dir, tiny, tmp_path):
-    """The seed scored all test folds with one checkpoint; here that cannot happen."""
+    """The original code scored all test folds with one checkpoint; here that cannot happen."""
     out = tmp_path / "sub.csv"
     for fold in (0, 1):
         with pytest.raises(LungCTError, match="training data"):
@@ -245,6 +245,9 @@ def test_cli_params_and_plan(capsys):
     assert main(["plan", "--plan", "code", "--variant", "ri"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["optimizer"] == "adam" and plan["variant"] == "ri"
+    assert main(["plan", "--merge", "concat"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["merge"] == "concat" and "integration" not in plan
 
 
 @pytest.mark.parametrize("verb", ["train", "predict", "gradcam", "params", "plan"])

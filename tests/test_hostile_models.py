@@ -456,8 +456,8 @@ def test_an_atomic_model_save_checks_the_archive(world: dict, tmp_path: Path) ->
 
 
 def test_the_architecture_check_matches_what_the_plan_builds() -> None:
-    for variant in ("2d", "3d"):
-        plan = tiny_plan(variant)
+    for dims in ("2d", "3d"):
+        plan = tiny_plan(dims)
         assert unet_architecture(plan).items() <= plan.build_model().get_config().items()
     from fp_reduction_3dcnn.model import MGICNN
     from fp_reduction_3dcnn.train import mgicnn_architecture

@@ -23,8 +23,8 @@ def test_default_grid_covers_the_ablations() -> None:
     settings = list(by_name.values())
     assert {s.gan for s in settings if s.fpr} == {True, False}
     assert {s.fpr_variant for s in settings if s.fpr} == {"mgi", "ri", "lr", "zoom_in", "zoom_out"}
-    assert {s.integration for s in settings if s.fpr} == {"sum", "concat", "conv1x1"}
-    assert {s.unet_variant for s in settings} == {"2d", "3d"}
+    assert {s.merge for s in settings if s.fpr} == {"sum", "concat", "conv1x1"}
+    assert {s.unet_preset for s in settings} == {"2d", "3d"}
     assert any(not s.fpr for s in settings)
     assert {s.tta for s in settings if s.fpr} == {True, False}
     # Shared trainings: the U-Net per variant, one CT-GAN, one MGI-CNN per network / GAN choice.
@@ -59,6 +59,18 @@ def test_grid_errors(tmp_path: Path) -> None:
         load_grid(path)
     with pytest.raises(LungCTError, match="must be > 0"):
         StageSettings.from_dict({"fpr_minutes": 0})
+
+
+def test_a_grid_of_an_earlier_version_says_integration_for_merge(tmp_path: Path) -> None:
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps({"configs": {"a": {"integration": "concat"}}}))
+    (config,) = load_grid(path).configs
+    assert config.settings.merge == "concat" and "integration" not in config.settings.to_dict()
+    assert config.settings.fpr_plan_resolved().merge == "concat"
+    path.write_text(json.dumps({"configs": {"a": {"integration": "concat", "merge": "sum"}}}))
+    with pytest.raises(LungCTError, match="both merge and integration") as exc:
+        load_grid(path)
+    assert "\n" not in str(exc.value)
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +212,7 @@ def test_table_and_figure_carry_each_configs_numbers(tmp_path: Path) -> None:
                 "stages": {"unet": "u", "fpr": f"f-{name}"}, "split": DEFAULT_SPLIT.to_dict(),
                 "bootstrap": 30,
                 "fpr_network": {"variant": "ri" if name == "weak" else "mgi",
-                                "integration": "sum", "conv": "2.5d"},
+                                "merge": "sum", "conv": "2.5d"},
             }
         )  # fmt: skip
     csv_path, md_path = write_table(results, tmp_path)

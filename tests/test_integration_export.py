@@ -36,7 +36,7 @@ def models(tmp_path_factory) -> Path:
     (root / "unet").mkdir(parents=True)
     plan.save(root / "unet" / "plan.json")
     plan.build_model().save(root / "unet" / "model.keras")
-    fpr_plan = get_plan("default", integration="conv1x1", **TINY_FPR)
+    fpr_plan = get_plan("default", merge="conv1x1", **TINY_FPR)
     (root / "fpr").mkdir()
     fpr_plan.save(root / "fpr" / "plan.json")
     MGICNN.from_plan(fpr_plan).save(root / "fpr" / "model.keras")

@@ -64,3 +64,33 @@ def test_a_changed_shipped_weight_is_refused(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "sha256 mismatch" in err[0]
     assert not out.exists()
+
+
+def test_the_shipped_mgi_cnn_predates_merge_and_loads_unchanged() -> None:
+    """The shipped MGI-CNN was trained when the plan's ``merge`` was called ``integration``:
+    its sealed plan.json and model.keras still say so, and open with every weight."""
+    import zipfile
+
+    import h5py
+    import numpy as np
+
+    from fp_reduction_3dcnn.predict import open_model
+
+    folder = SHIPPED_MODELS / "fpr"
+    assert json.loads((folder / "plan.json").read_text())["integration"] == "sum"
+    with zipfile.ZipFile(folder / "model.keras") as archive:
+        config = json.loads(archive.read("config.json"))["config"]
+        assert config["integration"] == "sum" and "merge" not in config
+        with archive.open("model.weights.h5") as raw, h5py.File(raw) as weights:
+            assert "layers/stream_integration/vars" in weights
+            stored: list[np.ndarray] = []
+            weights["layers"].visititems(
+                lambda _, item: stored.append(item[()]) if isinstance(item, h5py.Dataset) else None
+            )
+    trained = open_model(folder)
+    assert trained.plan.merge == "sum" and trained.model.merge == "sum"
+    assert trained.model.get_layer("merge").mode == "sum"
+    # Every weight of the file is in the model (none left at its initial value).
+    key = lambda a: (a.shape, round(float(np.sum(a, dtype=np.float64)), 4))  # noqa: E731
+    loaded = sorted(key(np.asarray(w)) for w in trained.model.weights)
+    assert loaded == sorted(key(a) for a in stored)

@@ -20,7 +20,7 @@ from lungct.synth import generate_dataset, synthesize_scan
 from lungct.synth.background import (
     UNKNOWN_DIAMETER_MM,
     BackgroundFindings,
-    Variant,
+    Framing,
     read_background_findings,
     synthesize_on_background,
 )
@@ -34,8 +34,8 @@ def _radius(d: float) -> float:
 
 
 @pytest.mark.parametrize("mirror", [False, True])
-def test_variant_moves_voxels_and_world_coordinates_together(mirror: bool) -> None:
-    """A voxel's value is found again at the world position the variant maps it to, on a
+def test_framing_moves_voxels_and_world_coordinates_together(mirror: bool) -> None:
+    """A voxel's value is found again at the world position the framing maps it to, on a
     grid with flipped x and y directions; without a mirror, kept voxels keep their world."""
     geom = Geometry(
         size=(7, 5, 12),
@@ -44,14 +44,14 @@ def test_variant_moves_voxels_and_world_coordinates_together(mirror: bool) -> No
         direction=(-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0),
     )
     array = np.arange(np.prod(geom.shape_zyx)).reshape(geom.shape_zyx)
-    variant = Variant(mirror, 3, 10)
-    out_geom = variant.geometry(geom)
-    out = variant.apply(array)
+    framing = Framing(mirror, 3, 10)
+    out_geom = framing.geometry(geom)
+    out = framing.apply(array)
     assert out.shape == out_geom.shape_zyx == (7, 5, 7)
     assert out_geom.spacing == geom.spacing and out_geom.direction == geom.direction
     k, j, i = np.meshgrid(np.arange(3, 10), np.arange(5), np.arange(7), indexing="ij")
     voxels = np.stack([k.ravel(), j.ravel(), i.ravel()], axis=1).astype(float)
-    moved = variant.world(geom.voxel_to_world(voxels), geom)
+    moved = framing.world(geom.voxel_to_world(voxels), geom)
     found = out_geom.world_to_index(moved)
     assert np.array_equal(out[tuple(found.T)], array[tuple(voxels.astype(int).T)])
     same_world = np.allclose(moved, geom.voxel_to_world(voxels))
@@ -147,7 +147,7 @@ def _check_real_findings(bg, findings: BackgroundFindings, case) -> None:
                 assert np.any(np.linalg.norm(pos - f.world, axis=1) <= 0.5 * row[3])
 
 
-def test_background_variants_carry_the_real_findings(small_background) -> None:
+def test_background_copies_carry_the_real_findings(small_background) -> None:
     path, findings, _ = small_background
     bg = read_scan(path)
     mirrors, crops = set(), set()
@@ -276,5 +276,5 @@ def test_lidc_0002_excluded_findings_follow_mirror_and_crop(real_data: Path, tmp
             a = scan.array[tuple(slice(v - 1, v + 2) for v in dst)]
             b = bg.array[tuple(slice(v - 1, v + 2) for v in src)]
             assert np.array_equal(a, b[:, :, ::-1] if info["mirror_x"] else b)
-    # The seed was picked so both branches are exercised; a generator change may need another.
+    # The random seed was picked so both branches are exercised; a generator change may need another.
     assert mirrors == {False, True} and n_away >= 1

@@ -147,12 +147,12 @@ def test_every_verb_has_help(capsys) -> None:
         assert "usage:" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("variant", ["2d", "3d"])
-def test_test_time_flips_make_predictions_mirror_symmetric(variant: str) -> None:
+@pytest.mark.parametrize("dims", ["2d", "3d"])
+def test_test_time_flips_make_predictions_mirror_symmetric(dims: str) -> None:
     """Averaged over x, y and xy flips, a mirrored window gives the mirrored prediction."""
-    plan = tiny_plan(variant)
+    plan = tiny_plan(dims)
     model = plan.build_model()
-    shape = (2, 16, 16, 3) if variant == "2d" else (2, 8, 16, 16, 1)
+    shape = (2, 16, 16, 3) if dims == "2d" else (2, 8, 16, 16, 1)
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
     for axis in (-2, -3):  # x, y of the window; the prediction has no channel axis
         plain = _predict_flipped(model, x, 0)

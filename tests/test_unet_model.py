@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lungct.errors import LungCTError
-from unet_candidates.config import VARIANTS, UNetPlan, variant_plan
+from unet_candidates.config import PRESETS, UNetPlan, preset_plan
 from unet_candidates.model import DiceLoss, UNet2D, UNet3D
 from unet_candidates.testing import tiny_plan
 from unet_candidates.train import compile_model
@@ -25,9 +25,9 @@ TINY = {
 }
 
 
-@pytest.mark.parametrize("variant", sorted(TINY))
-def test_builds_symbolic_and_eager(variant: str) -> None:
-    cls, kwargs, shape = TINY[variant]
+@pytest.mark.parametrize("dims", sorted(TINY))
+def test_builds_symbolic_and_eager(dims: str) -> None:
+    cls, kwargs, shape = TINY[dims]
     model = cls(**kwargs)
     out = model(keras.ops.ones(shape))
     assert tuple(out.shape) == (*shape[:-1], 1)
@@ -38,10 +38,10 @@ def test_builds_symbolic_and_eager(variant: str) -> None:
     assert tuple(model.predict_on_batch(np.zeros(bigger, np.float32)).shape) == (*bigger[:-1], 1)
 
 
-@pytest.mark.parametrize("variant", sorted(TINY))
-def test_serialisation_round_trip_safe_mode(variant: str, tmp_path: Path) -> None:
-    cls, kwargs, shape = TINY[variant]
-    model = compile_model(cls(**kwargs, dropout=0.1), tiny_plan(variant))
+@pytest.mark.parametrize("dims", sorted(TINY))
+def test_serialisation_round_trip_safe_mode(dims: str, tmp_path: Path) -> None:
+    cls, kwargs, shape = TINY[dims]
+    model = compile_model(cls(**kwargs, dropout=0.1), tiny_plan(dims))
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
     path = tmp_path / "m.keras"
     model.save(path)
@@ -52,11 +52,11 @@ def test_serialisation_round_trip_safe_mode(variant: str, tmp_path: Path) -> Non
     np.testing.assert_allclose(loaded.predict_on_batch(x), model.predict_on_batch(x), atol=1e-6)
 
 
-@pytest.mark.parametrize("variant", sorted(TINY))
-def test_one_training_step(variant: str) -> None:
-    plan = tiny_plan(variant, bce_weight=0.0)  # the Tversky part alone lies in [0, 1]
+@pytest.mark.parametrize("dims", sorted(TINY))
+def test_one_training_step(dims: str) -> None:
+    plan = tiny_plan(dims, bce_weight=0.0)  # the Tversky part alone lies in [0, 1]
     model = compile_model(plan.build_model(), plan)
-    shape = TINY[variant][2]
+    shape = TINY[dims][2]
     rng = np.random.default_rng(0)
     x = rng.random(shape, dtype=np.float32)
     y = (rng.random((*shape[:-1], 1)) > 0.8).astype(np.float32)
@@ -115,36 +115,63 @@ def test_hard_negative_mining_weighs_the_hardest_background_only() -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_variant_plans_json_round_trip(variant: str, tmp_path: Path) -> None:
-    plan = variant_plan(variant)
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_preset_plans_json_round_trip(preset: str, tmp_path: Path) -> None:
+    plan = preset_plan(preset)
     plan.save(tmp_path / "plan.json")
     assert UNetPlan.load(tmp_path / "plan.json") == plan
-    # The field names the kind of network; "2d-seed" is a 2-D plan with the seed's widths.
-    assert json.loads((tmp_path / "plan.json").read_text())["variant"] == variant[:2]
+    # The field names the kind of network; "2d-original" is a 2-D plan of the original widths.
+    assert json.loads((tmp_path / "plan.json").read_text())["dims"] == preset[:2]
 
 
-def test_named_variant_in_a_plan_file_starts_from_its_widths(tmp_path: Path) -> None:
-    (tmp_path / "p.json").write_text('{"variant": "2d-seed", "epochs": 3}')
+def test_named_preset_in_a_plan_file_starts_from_its_widths(tmp_path: Path) -> None:
+    (tmp_path / "p.json").write_text('{"preset": "2d-original", "epochs": 3}')
     plan = UNetPlan.load(tmp_path / "p.json")
-    assert plan.variant == "2d" and plan.epochs == 3
+    assert plan.dims == "2d" and plan.epochs == 3
     assert plan.filters == (32, 64, 96, 128, 128) and plan.bottleneck_filters == 128
 
 
-def test_partial_plan_starts_from_its_variant(tmp_path: Path) -> None:
-    (tmp_path / "p.json").write_text('{"variant": "3d", "spacing": [1.5, 1.5, 1.5]}')
+def test_partial_plan_starts_from_its_dims(tmp_path: Path) -> None:
+    (tmp_path / "p.json").write_text('{"dims": "3d", "spacing": [1.5, 1.5, 1.5]}')
     plan = UNetPlan.load(tmp_path / "p.json")
-    assert plan.variant == "3d" and plan.spacing == (1.5, 1.5, 1.5)
-    assert plan.filters == variant_plan("3d").filters
+    assert plan.dims == "3d" and plan.spacing == (1.5, 1.5, 1.5)
+    assert plan.filters == preset_plan("3d").filters
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"variant": "3d", "epochs": 3}', "3d"),
+        ('{"variant": "2d-seed"}', "2d-original"),
+        ('{"variant": "2d", "name": "unet2d"}', "2d"),
+    ],
+)
+def test_plans_of_earlier_versions_say_variant(text: str, expected: str, tmp_path: Path) -> None:
+    """Model folders trained before ``variant`` became ``preset`` / ``dims`` load unchanged."""
+    (tmp_path / "p.json").write_text(text)
+    plan = UNetPlan.load(tmp_path / "p.json")
+    assert plan.dims == expected[:2]
+    assert plan.filters == preset_plan(expected).filters
+
+
+def test_the_shipped_unet_plan_still_reads() -> None:
+    from integration.modelset import SHIPPED_MODELS
+
+    plan_path = SHIPPED_MODELS / "unet" / "plan.json"
+    assert json.loads(plan_path.read_text())["variant"] == "2d"  # written before the rename
+    assert UNetPlan.load(plan_path).dims == "2d"
 
 
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ('{"variant": "2d", "spacnig": [1, 1, 1]}', "unknown plan keys"),
-        ('{"variant": "4d"}', "unknown variant"),
-        ('{"variant": "3d", "patch_size": [50, 48, 48]}', "sizes divisible by"),
-        ('{"variant": "2d", "patch_size": [2, 64, 64], "window_size": [2, 64, 64]}', "odd"),
+        ('{"dims": "2d", "spacnig": [1, 1, 1]}', "unknown plan keys"),
+        ('{"dims": "4d"}', "dims must be '2d' or '3d'"),
+        ('{"preset": "4d"}', "unknown preset"),
+        ('{"preset": "3d", "dims": "2d"}', "but preset '3d' is 3d"),
+        ('{"preset": "3d", "variant": "2d"}', "names preset '3d' and variant '2d'"),
+        ('{"dims": "3d", "patch_size": [50, 48, 48]}', "sizes divisible by"),
+        ('{"dims": "2d", "patch_size": [2, 64, 64], "window_size": [2, 64, 64]}', "odd"),
         ('{"threshold": 1.5}', "threshold"),
         ('{"fn_weight": 1.0}', "fn_weight"),
         ('{"hard_negative_fraction": 1.5}', "hard_negative_fraction"),

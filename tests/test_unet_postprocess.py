@@ -9,7 +9,7 @@ import pytest
 
 from lungct.geometry import Geometry
 from lungct.tables import read_results
-from unet_candidates.config import variant_plan
+from unet_candidates.config import preset_plan
 from unet_candidates.extract import (
     ModelInput,
     gaussian_weights,
@@ -154,22 +154,22 @@ def test_gaussian_weights_peak_in_the_middle() -> None:
 class _EchoModel:
     """Returns its (centre-slice) input as the probability: blending must reproduce the image."""
 
-    def __init__(self, variant: str) -> None:
-        self.variant = variant
+    def __init__(self, dims: str) -> None:
+        self.dims = dims
         self.calls = 0
 
     def predict_on_batch(self, x: np.ndarray) -> np.ndarray:
         self.calls += 1
-        if self.variant == "2d":
+        if self.dims == "2d":
             return x[..., x.shape[-1] // 2 : x.shape[-1] // 2 + 1]
         return x
 
 
-@pytest.mark.parametrize("variant", ["2d", "3d"])
-def test_sliding_window_blending_reproduces_input(variant: str) -> None:
-    sizes = (3, 16, 16) if variant == "2d" else (8, 8, 8)
-    plan = variant_plan(
-        variant,
+@pytest.mark.parametrize("dims", ["2d", "3d"])
+def test_sliding_window_blending_reproduces_input(dims: str) -> None:
+    sizes = (3, 16, 16) if dims == "2d" else (8, 8, 8)
+    plan = preset_plan(
+        dims,
         filters=(4, 8),
         patch_size=sizes,
         window_size=sizes,
@@ -183,7 +183,7 @@ def test_sliding_window_blending_reproduces_input(variant: str) -> None:
     lung[2:12, 3:25, 5:33] = 1
     geo = Geometry(shape[::-1], (2, 2, 2), (0, 0, 0))
     data = ModelInput("s", image, lung, geo, None, "s")
-    model = _EchoModel(variant)
+    model = _EchoModel(dims)
     prob = predict_probability_map(model, data, plan)
     np.testing.assert_allclose(prob[lung > 0], image[lung > 0], rtol=1e-5, atol=1e-6)
     assert np.all(prob[lung == 0] == 0)
@@ -307,7 +307,7 @@ def test_flips_only_around_uncertain_pixels() -> None:
     data = ModelInput("s", image, lung, Geometry(shape[::-1], (2, 2, 2), (0, 0, 0)), None, "s")
     counts = {}
     for flip_threshold in (0.0, 0.05):
-        plan = variant_plan(
+        plan = preset_plan(
             "2d",
             filters=(4, 8),
             patch_size=sizes,

@@ -14,12 +14,12 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("tf2onnx")
 
 
-@pytest.mark.parametrize("variant", ["2d", "3d"])
-def test_onnx_forward_pass_equals_keras(variant: str) -> None:
-    model = tiny_plan(variant).build_model()
+@pytest.mark.parametrize("dims", ["2d", "3d"])
+def test_onnx_forward_pass_equals_keras(dims: str) -> None:
+    model = tiny_plan(dims).build_model()
     onnx = OnnxPredictor(model)
     rng = np.random.default_rng(0)
-    shapes = [(3, 32, 48, 3), (1, 64, 32, 3)] if variant == "2d" else [(2, 16, 16, 32, 1)]
+    shapes = [(3, 32, 48, 3), (1, 64, 32, 3)] if dims == "2d" else [(2, 16, 16, 32, 1)]
     for shape in shapes:  # any batch and spatial size the network accepts
         x = rng.random(shape, dtype=np.float32)
         expected = np.asarray(model.predict_on_batch(x))

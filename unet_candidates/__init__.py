@@ -1,6 +1,6 @@
 """unet_candidates: stage one of the nodule detector - U-Net candidate extraction.
 
-A 2-D U-Net on axial slices (the seed's design) or a 3-D U-Net on cubic blocks, trained from
+A 2-D U-Net on axial slices (the original code's design) or a 3-D U-Net on cubic blocks, trained from
 the per-scan cache of :mod:`lungct` with sphere / disk targets around the annotated nodules,
 applied by sliding windows over the lungs; the probability map becomes candidate marks in
 world millimetres (threshold, 3-D components, weighted centres, volumetric NMS).
@@ -14,7 +14,7 @@ Python API::
 Command line: ``python -m unet_candidates train|extract --help``.
 """
 
-from unet_candidates.config import VARIANTS, UNetPlan, variant_plan
+from unet_candidates.config import PRESETS, UNetPlan, preset_plan
 from unet_candidates.extract import (
     ExtractionResult,
     extract_candidates,
@@ -31,15 +31,15 @@ from unet_candidates.postprocess import (
 
 __all__ = [
     "CANDIDATE_COLUMNS",
-    "VARIANTS",
+    "PRESETS",
     "Candidate",
     "ExtractionResult",
     "UNetPlan",
     "candidates_from_probability",
     "extract_candidates",
     "load_unet",
+    "preset_plan",
     "run_extraction",
-    "variant_plan",
     "write_candidates_csv",
     "write_probability_map",
 ]

@@ -20,18 +20,20 @@ from lungct.cli import (
     run_command,
 )
 from lungct.errors import LungCTError
-from unet_candidates.config import VARIANTS
+from unet_candidates.config import PRESETS
 
 
 def _plan_from_args(args: argparse.Namespace):
-    from unet_candidates.config import UNetPlan, variant_plan
+    from unet_candidates.config import UNetPlan, preset_plan
 
     if args.plan:
         plan = UNetPlan.load(args.plan)
-        if args.variant and variant_plan(args.variant).variant != plan.variant:
-            raise LungCTError(args.plan, f"plan is variant {plan.variant!r}, not {args.variant!r}")
+        if args.preset and preset_plan(args.preset).dims != plan.dims:
+            raise LungCTError(
+                args.plan, f"plan is a {plan.dims} network, not preset {args.preset!r}"
+            )
     else:
-        plan = variant_plan(args.variant or "2d")
+        plan = preset_plan(args.preset or "2d")
     overrides = {
         "epochs": args.epochs,
         "steps_per_epoch": args.steps_per_epoch,
@@ -49,7 +51,7 @@ def _train(args: argparse.Namespace) -> int:
 
     folds = parse_folds(args.folds)
     val_folds = parse_folds(args.val_folds) if args.val_folds.strip() else []
-    explicit = args.plan or args.variant or args.epochs or args.steps_per_epoch or args.seed
+    explicit = args.plan or args.preset or args.epochs or args.steps_per_epoch or args.seed
     plan = None if (args.resume and not explicit) else _plan_from_args(args)
     summary = train(
         plan,
@@ -121,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", default="0-7", help="training subsets (default 0-7)")
     p.add_argument("--val-folds", default="8", help="validation subsets (default 8; '' = none)")
     p.add_argument("--out", required=True, help="model folder")
-    p.add_argument("--variant", choices=sorted(VARIANTS), help="named plan (default 2d)")
-    p.add_argument("--plan", help="plan JSON (a variant's defaults + any overridden fields)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="named plan (default 2d)")
+    p.add_argument("--plan", help="plan JSON (a preset's defaults + any overridden fields)")
     p.add_argument("--annotations", help="nodule table (default DATA/annotations.csv)")
     p.add_argument(
         "--excluded",

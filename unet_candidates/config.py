@@ -1,15 +1,15 @@
 """The candidate stage's plan: every choice that shapes the data, the model and the candidates.
 
 A :class:`UNetPlan` is a frozen dataclass that round-trips through a plain JSON file the user
-can open in an editor (nnU-Net's "plans"). Variants are named entries of :data:`VARIANTS`; a
-plan file may start from a variant and override any field::
+can open in an editor (nnU-Net's "plans"). Presets are named entries of :data:`PRESETS`; a
+plan file may start from a preset and override any field::
 
-    {"variant": "3d", "spacing": [1.5, 1.5, 1.5], "epochs": 40}
+    {"preset": "3d", "spacing": [1.5, 1.5, 1.5], "epochs": 40}
 
 Axis orders: ``spacing`` is world ``(x, y, z)`` mm like every :class:`lungct.Geometry`;
 ``patch_size`` and ``window_size`` are numpy ``(z, y, x)`` voxels of the model grid.
-For the 2-D variant the first entry is the number of neighbouring slices fed as channels
-(the output is the centre slice); for the 3-D variant it is the block depth.
+For a 2-D network the first entry is the number of neighbouring slices fed as channels
+(the output is the centre slice); for a 3-D network it is the block depth.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class UNetPlan:
 
     Args:
         name: label of the plan (shows up in model folders and logs).
-        variant: ``"2d"`` (axial slices, neighbouring slices as channels) or ``"3d"`` (blocks).
+        dims: ``"2d"`` (axial slices, neighbouring slices as channels) or ``"3d"`` (blocks).
         spacing: model grid ``(x, y, z)`` mm; scans and the 1 mm cache are resampled to it on a
             world-aligned grid.
         hu_window: HU range mapped to [0, 1] (clipped outside).
@@ -67,10 +67,10 @@ class UNetPlan:
         flip: random flips along every axis; rot90: random 90-degree rotations in the axial
             plane; intensity_jitter: +- scale and shift of the [0, 1] intensities;
             noise_std: Gaussian noise added to the [0, 1] intensities.
-        optimizer: ``"adam"`` or ``"sgd_nesterov"`` (the seed: SGD Nesterov, lr 1e-3).
+        optimizer: ``"adam"`` or ``"sgd_nesterov"`` (the original code: SGD Nesterov, lr 1e-3).
         learning_rate: initial learning rate (cosine decay to 5 % over the run's budget).
         dice_smooth: smoothing term of the Dice loss; fn_weight: Tversky weight of false
-            negatives (0.5 = Dice, the seed; more = recall first); bce_weight: weight of an
+            negatives (0.5 = Dice, as the original code; more = recall first); bce_weight: weight of an
             added BCE term; hard_negative_fraction: when above 0 the BCE covers the nodule
             voxels and only this fraction of each patch's voxels among the background, the
             hardest ones (0 = every voxel).
@@ -80,7 +80,7 @@ class UNetPlan:
         prefetch_batches: batches cut ahead in a background thread while the network trains
             (0 = cut in the training loop). Helps the 2-D net (94 epochs instead of 78 in 10
             minutes on 2 cores); the 3-D net's heavier step competes with the cutting thread
-            for the cores (15 s per epoch with it, 11.5 s without), so its variant turns it off.
+            for the cores (15 s per epoch with it, 11.5 s without), so its preset turns it off.
         seed: random seed of sampling, augmentation and initialisation.
         threshold: probability above which voxels form candidate components.
         lung_dilation_mm: the probability map is kept inside the lung mask dilated this much.
@@ -98,7 +98,7 @@ class UNetPlan:
     """
 
     name: str = "unet2d"
-    variant: str = "2d"
+    dims: str = "2d"
     # Model grid and input.
     spacing: tuple[float, float, float] = (1.0, 1.0, 2.0)
     hu_window: tuple[float, float] = WINDOWS["mgicnn"]
@@ -173,8 +173,8 @@ class UNetPlan:
         def bad(problem: str) -> LungCTError:
             return LungCTError(None, f"plan {self.name!r}: {problem}")
 
-        if self.variant not in ("2d", "3d"):
-            raise bad(f"variant must be '2d' or '3d', got {self.variant!r}")
+        if self.dims not in ("2d", "3d"):
+            raise bad(f"dims must be '2d' or '3d', got {self.dims!r}")
         if len(self.spacing) != 3 or min(self.spacing) <= 0:
             raise bad("spacing must be 3 positive numbers (x, y, z mm)")
         if len(self.hu_window) != 2 or self.hu_window[0] >= self.hu_window[1]:
@@ -186,13 +186,13 @@ class UNetPlan:
             size = getattr(self, key)
             if len(size) != 3 or min(size) < 1:
                 raise bad(f"{key} must be 3 positive sizes (z, y, x)")
-            spatial = size[1:] if self.variant == "2d" else size
+            spatial = size[1:] if self.dims == "2d" else size
             if any(s % multiple for s in spatial):
                 raise bad(
                     f"{key} {list(size)}: the {len(self.filters)}-level U-Net needs "
-                    f"{'in-plane ' if self.variant == '2d' else ''}sizes divisible by {multiple}"
+                    f"{'in-plane ' if self.dims == '2d' else ''}sizes divisible by {multiple}"
                 )
-        if self.variant == "2d":
+        if self.dims == "2d":
             if self.patch_size[0] % 2 == 0:
                 raise bad("2-D patch_size[0] (neighbouring slices) must be odd")
             if self.window_size[0] != self.patch_size[0]:
@@ -239,7 +239,7 @@ class UNetPlan:
     @property
     def input_channels(self) -> int:
         """Channels of the model input (neighbouring slices for 2-D, 1 for 3-D)."""
-        return self.patch_size[0] if self.variant == "2d" else 1
+        return self.patch_size[0] if self.dims == "2d" else 1
 
     @property
     def spacing_zyx(self) -> tuple[float, float, float]:
@@ -262,7 +262,7 @@ class UNetPlan:
         """A freshly initialised Keras model of this plan (not compiled)."""
         from unet_candidates.model import UNet2D, UNet3D
 
-        cls = UNet2D if self.variant == "2d" else UNet3D
+        cls = UNet2D if self.dims == "2d" else UNet3D
         return cls(
             filters=self.filters,
             bottleneck_filters=self.bottleneck_filters,
@@ -271,7 +271,7 @@ class UNetPlan:
             batch_norm=self.batch_norm,
             dropout=self.dropout,
             output_prior=self.output_prior,
-            name=f"unet{self.variant}",
+            name=f"unet{self.dims}",
         )
 
     # ------------------------------------------------------------------------------------------
@@ -281,24 +281,39 @@ class UNetPlan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str | Path | None = None) -> UNetPlan:
-        """Build from JSON: start from ``d['variant']``'s defaults, then apply every other key.
+        """Build from JSON: start from the defaults of ``d['preset']`` (else of ``d['dims']``,
+        else of ``2d``), then apply every other key.
 
         Unknown keys are an error (a typo must not pass silently), so is a value of the wrong
-        JSON type (naming the field and the type).
+        JSON type (naming the field and the type). Plans written before the field was named
+        ``dims`` say ``variant``; they read as before.
         """
         if not isinstance(d, dict):
             raise LungCTError(source, "a plan must be a JSON object")
         d = pop_plan_format(d, source)
+        d = dict(d)
+        preset = d.pop("preset", None)
+        if "variant" in d:  # the name of ``preset`` / ``dims`` in plans of earlier versions
+            legacy = d.pop("variant")
+            if preset is not None and preset != legacy:
+                raise LungCTError(source, f"plan names preset {preset!r} and variant {legacy!r}")
+            preset = legacy
+        if preset is not None and not isinstance(preset, str):
+            raise LungCTError(source, f"plan field 'preset' must be a string, not {preset!r}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise LungCTError(source, f"unknown plan keys {unknown}")
         check_field_types(cls, d, source)
-        variant = d.get("variant", "2d")
+        if preset is None and d.get("dims", "2d") not in ("2d", "3d"):
+            raise LungCTError(source, f"dims must be '2d' or '3d', got {d['dims']!r}")
         try:
-            base = variant_plan(variant)
-            # A named variant ("2d-seed") starts from its defaults; the field keeps the kind.
-            return replace(base, **{**d, "variant": base.variant})
+            base = preset_plan(LEGACY_PRESETS.get(preset, preset) or d.get("dims", "2d"))
+            if d.get("dims", base.dims) != base.dims:
+                raise LungCTError(
+                    source, f"plan says dims {d['dims']!r} but preset {preset!r} is {base.dims}"
+                )
+            return replace(base, **d)
         except LungCTError as exc:
             raise LungCTError(source, exc.problem) from None
         except (TypeError, ValueError) as exc:
@@ -315,8 +330,8 @@ class UNetPlan:
         return cls.from_dict(read_json(path, "plan file is missing"), source=path)
 
 
-VARIANTS: dict[str, dict[str, Any]] = {
-    # The CPU default: the seed's 2-D design at half its widths, fed five neighbouring 2 mm
+PRESETS: dict[str, dict[str, Any]] = {
+    # The CPU default: the original 2-D U-Net code's design at half its widths, fed five neighbouring 2 mm
     # slices at 1 mm in-plane so a vessel crossing the slice looks different from a nodule and
     # 3-5 mm nodules keep their contrast (on a 2 mm in-plane grid they blur into the lung).
     # Trains to useful recall in 10 CPU minutes. The BCE covers the nodules and the hardest 2 %
@@ -328,23 +343,24 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # one pass's 167 and 169, at 1.8x the prediction time (README, stage one).
     "2d": {
         "name": "unet2d",
-        "variant": "2d",
+        "dims": "2d",
         "hard_negative_fraction": 0.02,
         "test_time_flips": 1,
         "threshold": 0.3,
     },
-    # The seed's widths (encoder 32/64/96/128/128 + 128 bottleneck): ~4x the compute per patch.
-    "2d-seed": {
-        "name": "unet2d_seed",
-        "variant": "2d",
+    # The original 2-D U-Net code's widths (encoder 32/64/96/128/128 + 128 bottleneck): ~4x
+    # the compute per patch.
+    "2d-original": {
+        "name": "unet2d_original",
+        "dims": "2d",
         "filters": (32, 64, 96, 128, 128),
         "bottleneck_filters": 128,
     },
-    # The 3-D seed's design (sphere targets on cubic blocks), made light enough for a CPU:
+    # The original 3-D U-Net code's design (sphere targets on cubic blocks), made light enough for a CPU:
     # 32^3 blocks of 1.5 mm voxels (48 mm) for training, 64^3 windows for extraction.
     "3d": {
         "name": "unet3d",
-        "variant": "3d",
+        "dims": "3d",
         "spacing": (1.5, 1.5, 1.5),
         "filters": (8, 16, 32),
         "bottleneck_filters": 64,
@@ -354,13 +370,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "prefetch_batches": 0,
     },
 }
-"""Named plans; ``--variant NAME`` picks one, a ``--plan FILE`` may override any field."""
+"""Named plans; ``--preset NAME`` picks one, a ``--plan FILE`` may override any field."""
+
+LEGACY_PRESETS = {"2d-seed": "2d-original"}
+"""Preset names of earlier versions, as plan files written then may spell them."""
 
 
-def variant_plan(variant: str, **overrides: Any) -> UNetPlan:
-    """The default plan of a named variant, with optional field overrides."""
-    if variant not in VARIANTS:
-        raise LungCTError(None, f"unknown variant {variant!r} (choose from {sorted(VARIANTS)})")
+def preset_plan(preset: str, **overrides: Any) -> UNetPlan:
+    """The default plan of a named preset, with optional field overrides."""
+    if preset not in PRESETS:
+        raise LungCTError(None, f"unknown preset {preset!r} (choose from {sorted(PRESETS)})")
     check_field_types(UNetPlan, overrides)
-    values = {**VARIANTS[variant], **overrides}
+    values = {**PRESETS[preset], **overrides}
     return UNetPlan(**values)

@@ -13,7 +13,7 @@ The target is 1 inside a sphere around every nodule that reaches the patch (radi
 ``d / 2 + margin`` clipped to ``[min_radius, max_radius]`` mm, computed in world mm), 0
 elsewhere, and :data:`IGNORE` around the excluded findings (irrelevant findings, nodules
 < 3 mm or of one reader): they look like nodules, and teaching the network that they are
-background would teach it to miss small nodules. The evaluation ignores marks on them too. For the 2-D variant
+background would teach it to miss small nodules. The evaluation ignores marks on them too. For a 2-D network
 the target is the disk where that sphere cuts the centre slice.
 
 Patches go through :class:`lungct.patches.PatchQueue`, whose shuffle buffer bounds memory; the
@@ -286,7 +286,7 @@ class PatchSampler:
                 uid, i = self._nodule_refs[pick]
                 x, y, z, d = self.samples[uid].nodules[i]
                 reach = plan.max_offset_fraction * half_mm  # (z, y, x)
-                if plan.variant == "2d":
+                if plan.dims == "2d":
                     # The output is the centre slice: it must cut the nodule's target sphere.
                     reach[0] = 0.8 * float(target_radius_mm(d, plan))
                 dz, dy, dx = rng.uniform(-reach, reach)
@@ -333,7 +333,7 @@ class PatchSampler:
         samples = self.samples[request.seriesuid]
         nodules, excluded = samples.nodules, samples.excluded
         radii = target_radius_mm(nodules[:, 3], plan) if len(nodules) else np.zeros(0)
-        size = (1, *plan.patch_size[1:]) if plan.variant == "2d" else plan.patch_size
+        size = (1, *plan.patch_size[1:]) if plan.dims == "2d" else plan.patch_size
         target = sphere_target(request.center_world, size, plan.spacing_zyx, nodules, radii)
         if len(excluded):
             d = np.where(excluded[:, 3] > 0, excluded[:, 3], UNKNOWN_EXCLUDED_DIAMETER_MM)
@@ -345,7 +345,7 @@ class PatchSampler:
                 np.maximum(d / 2.0 + plan.target_margin_mm, plan.min_target_radius_mm),
             )
             target[(ignore > 0) & (target == 0)] = IGNORE
-        if plan.variant == "2d":
+        if plan.dims == "2d":
             return np.concatenate([image, target], axis=0)
         return np.stack([image, target], axis=0)
 
@@ -390,7 +390,7 @@ class PatchSampler:
 
 def to_model_layout(batch: np.ndarray, plan: UNetPlan) -> tuple[np.ndarray, np.ndarray]:
     """Split stacked ``(B, channels, ...)`` patches into channels-last ``x`` and ``y``."""
-    if plan.variant == "2d":
+    if plan.dims == "2d":
         x = np.moveaxis(batch[:, :-1], 1, -1)
         y = batch[:, -1][..., None]
     else:
@@ -406,7 +406,7 @@ def augment_patch(patch: np.ndarray, plan: UNetPlan, rng: np.random.Generator) -
     (the target) moves with the image but keeps its 0/1 values.
     """
     out = patch
-    if plan.variant == "2d":
+    if plan.dims == "2d":
         # Channels are neighbouring slices: reversing them is a flip along z.
         if plan.flip and rng.random() < 0.5:
             out = np.concatenate([out[:-1][::-1], out[-1:]], axis=0)
@@ -424,7 +424,7 @@ def augment_patch(patch: np.ndarray, plan: UNetPlan, rng: np.random.Generator) -
         if k and out.shape[spatial[-2]] == out.shape[spatial[-1]]:
             out = np.rot90(out, k, axes=spatial[-2:])
     out = np.array(out, dtype=np.float32)  # a copy: flips are views
-    image = out[:-1] if plan.variant == "2d" else out[:1]
+    image = out[:-1] if plan.dims == "2d" else out[:1]
     if plan.intensity_jitter > 0:
         j = plan.intensity_jitter
         image *= 1.0 + rng.uniform(-j, j)

@@ -61,7 +61,7 @@ DENSE_HU = -500.0
 
 
 UNET_CLASSES = {"2d": "unet_candidates>UNet2D", "3d": "unet_candidates>UNet3D"}
-"""The registered Keras class of each U-Net variant (what ``model.keras`` must hold)."""
+"""The registered Keras class of each U-Net kind (what ``model.keras`` must hold)."""
 
 
 def unet_architecture(plan: UNetPlan) -> dict[str, Any]:
@@ -112,20 +112,19 @@ def load_unet(model_dir: str | os.PathLike, allow_unfinished: bool = False) -> t
     plan = UNetPlan.load(plan_path)
     config = read_keras_config(weights)
     check_keras_config(weights, config, tuple(UNET_CLASSES.values()), "a U-Net of this suite")
-    variant = "2d" if plan.variant == "2d" else "3d"
-    if model_class(config) != UNET_CLASSES[variant]:
+    if model_class(config) != UNET_CLASSES[plan.dims]:
         raise LungCTError(
             weights,
             f"holds a {model_class(config).split('>')[-1]}, which does not fit the plan's "
-            f"{plan.variant} variant ({PLAN_FILE})",
+            f"{plan.dims} network ({PLAN_FILE})",
         )
     check_architecture(weights, config, unet_architecture(plan), plan_path)
     model = keras_load_safe(weights)
     shape = tuple(model.inputs[0].shape)
-    if shape[-1] != plan.input_channels or len(shape) != (4 if variant == "2d" else 5):
+    if shape[-1] != plan.input_channels or len(shape) != (4 if plan.dims == "2d" else 5):
         raise LungCTError(
             weights,
-            f"model input {shape} does not fit the plan's {plan.variant} variant with "
+            f"model input {shape} does not fit the plan's {plan.dims} network with "
             f"{plan.input_channels} channel(s)",
         )
     return model, plan
@@ -230,7 +229,7 @@ def search_region(data: ModelInput, plan: UNetPlan) -> tuple[np.ndarray, tuple[s
         LungCTError: the scan is smaller than one window of the model.
     """
     shape = np.asarray(data.image.shape)
-    if plan.variant == "2d":
+    if plan.dims == "2d":
         window = np.array([1, *plan.window_size[1:]])
     else:
         window = np.asarray(plan.window_size)
@@ -267,7 +266,7 @@ def predict_probability_map(
     blended with Gaussian weights (see the module's steps).
     """
     lung, region = search_region(data, plan)
-    if plan.variant == "2d":
+    if plan.dims == "2d":
         prob = _predict_2d(model, data.image, lung, region, plan, progress, data.seriesuid)
         region = (region[0], slice(None), slice(None))
     else:

@@ -1,4 +1,4 @@
-"""Probability map -> candidate marks in world millimetres (the part the seed never wrote).
+"""Probability map -> candidate marks in world millimetres (the part the original code lacked).
 
 threshold -> 3-D connected components (26-neighbourhood) -> probability-weighted centre of each
 component -> world ``(x, y, z)`` mm through the map's :class:`lungct.Geometry` (origin, spacing

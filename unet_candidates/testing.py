@@ -16,13 +16,13 @@ from lungct.geometry import Geometry
 from lungct.io import write_scan
 from lungct.scan import Scan
 from lungct.testing import chest_phantom_hu
-from unet_candidates.config import UNetPlan, variant_plan
+from unet_candidates.config import UNetPlan, preset_plan
 
 
-def tiny_plan(variant: str = "2d", **overrides: Any) -> UNetPlan:
+def tiny_plan(dims: str = "2d", **overrides: Any) -> UNetPlan:
     """A plan with a 2-level, 4/8-filter U-Net on a 4 mm grid: builds and trains in seconds."""
     base: dict[str, Any] = {
-        "name": f"tiny{variant}",
+        "name": f"tiny{dims}",
         "spacing": (4.0, 4.0, 4.0),
         "filters": (4, 8),
         "bottleneck_filters": 8,
@@ -34,12 +34,12 @@ def tiny_plan(variant: str = "2d", **overrides: Any) -> UNetPlan:
         "window_batch": 4,
         "min_target_radius_mm": 4.0,
     }
-    if variant == "2d":
+    if dims == "2d":
         base.update(patch_size=(3, 16, 16), window_size=(3, 32, 32))
     else:
         base.update(patch_size=(16, 16, 16), window_size=(16, 16, 16))
     base.update(overrides)
-    return variant_plan(variant, **base)
+    return preset_plan(dims, **base)
 
 
 def phantom_chest(

@@ -38,6 +38,7 @@ from lungct.cache import ScanCache, find_scans, prepare_dataset
 from lungct.errors import LungCTError
 from lungct.fileio import atomic_path, read_json, write_json_atomic, write_text_atomic
 from lungct.modeldir import (
+    MANIFEST_NAME,
     describe_plan_changes,
     keras_file_problem,
     load_keras_model,
@@ -49,7 +50,6 @@ from unet_candidates.data import PatchSampler, ScanSamples, build_scan_samples
 from unet_candidates.extract import MODEL_FILE, UNET_CLASSES, unet_architecture
 
 LOG_FILE = "train_log.csv"
-MANIFEST_FILE = "manifest.json"
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "state.json"
 LOG_COLUMNS = (
@@ -297,7 +297,7 @@ def train(
         ignored = _nodules_by_series(excluded, train_uids + val_uids, excluded=True)
     manifest = {
         "plan": plan.name,
-        "variant": plan.variant,
+        "dims": plan.dims,
         "data_dir": str(data_dir.resolve()),
         "cache_dir": str(Path(cache_dir).resolve()),
         "annotations": str(annotations.resolve()),
@@ -315,7 +315,7 @@ def train(
             "backend": keras.backend.backend(),
         },
     }
-    write_json_atomic(out_dir / MANIFEST_FILE, manifest)
+    write_json_atomic(out_dir / MANIFEST_NAME, manifest)
 
     train_samples = _samples(
         cache, train_uids, nodules, ignored, plan, plan.seed, progress, "index"
@@ -335,8 +335,8 @@ def train(
         ckpt = ckpt_dir / state["checkpoint"]
         model = load_keras_model(
             ckpt,
-            classes=(UNET_CLASSES["2d" if plan.variant == "2d" else "3d"],),
-            what=f"a {plan.variant} U-Net checkpoint of this plan",
+            classes=(UNET_CLASSES[plan.dims],),
+            what=f"a {plan.dims} U-Net checkpoint of this plan",
             architecture=unet_architecture(plan),
             plan_path=out_dir / PLAN_FILE,
             compile=True,
@@ -432,7 +432,7 @@ def train(
         "model": str(out_dir / MODEL_FILE),
     }
     manifest["training"] = summary
-    write_json_atomic(out_dir / MANIFEST_FILE, manifest)
+    write_json_atomic(out_dir / MANIFEST_NAME, manifest)
     plan.save(out_dir / PLAN_FILE)  # what was trained, should the file have been edited meanwhile
     seal_model_dir(  # last: the seal is the folder's done marker
         out_dir,

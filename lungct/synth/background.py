@@ -1,8 +1,8 @@
 """Synthetic nodules in a real scan: ``python -m lungct synth --background SCAN``.
 
-Each output index gets its own variant of the real scan and its own set of nodules (and
+Each output index gets its own framing of the real scan and its own set of nodules (and
 excluded findings and candidates) inside the lungs found by
-:func:`lungct.lungmask.segment_lungs`, and its own series UID. The variant is a left-right
+:func:`lungct.lungmask.segment_lungs`, and its own series UID. The framing is a left-right
 mirror (half of the indices) and a crop along z (at most 30 % of the slices, at most 10 % of the
 lungs' extent at each end): the voxels are moved, the geometry's spacing and direction are
 kept, and the origin follows the crop, so the anatomy really moves in world space and every
@@ -176,7 +176,7 @@ def _vessel_samples(hu: np.ndarray, lungs: np.ndarray, grid: BodyGrid, rng) -> T
 
 
 @dataclass(frozen=True)
-class Variant:
+class Framing:
     """How one output index changes the background: a mirror along the image x axis, then
     the slices ``z0 <= k < z1`` (indices of the background's array) kept."""
 
@@ -215,13 +215,13 @@ class Variant:
         return self.geometry(geom).voxel_to_world(voxel)
 
 
-def choose_variant(
+def choose_framing(
     rng: np.random.Generator,
     mask: np.ndarray,
     geometry: Geometry,
     findings_world: np.ndarray,
     findings_radius: np.ndarray,
-) -> Variant:
+) -> Framing:
     """A mirror (probability 0.5) and a z crop for one output index.
 
     The crop takes at most ``MAX_CROP_FRACTION`` of the slices and, at each end, at most
@@ -250,7 +250,7 @@ def choose_variant(
                 z0, moved = max(0, int(np.floor(a + 0.5))), True
             if a < z1 - 0.5 < b:
                 z1, moved = min(nz, int(np.ceil(b + 0.5))), True
-    return Variant(mirror, z0, z1)
+    return Framing(mirror, z0, z1)
 
 
 def synthesize_on_background(
@@ -270,7 +270,7 @@ def synthesize_on_background(
         n_nodules: force the number of synthetic nodules.
 
     Returns:
-        A :class:`SyntheticCase` with the variant's geometry, a new series UID, and the
+        A :class:`SyntheticCase` with the framing's geometry, a new series UID, and the
         segmented lung mask as ``lung_mask``. Synthetic nodules are placed in (and clipped to)
         the aerated lung; their diameters are equivalent-sphere diameters. Real rows keep
         their listed diameters (-1 stays -1). ``info`` records the mirror, the crop and any real
@@ -288,16 +288,16 @@ def synthesize_on_background(
         [0.5 * (r[3] if r[3] > 0 else UNKNOWN_DIAMETER_MM) for r, _ in real], dtype=np.float64
     )
     real_voxel = bg_geom.world_to_voxel(real_world).reshape(-1, 3)
-    variant = choose_variant(r_vary, full_mask, bg_geom, real_world, real_radius)
-    geom = variant.geometry(bg_geom)
-    mask = np.ascontiguousarray(variant.apply(full_mask))
-    lungs = np.ascontiguousarray(variant.apply(full_lungs))
-    bg_array = variant.apply(scan.array)
+    framing = choose_framing(r_vary, full_mask, bg_geom, real_world, real_radius)
+    geom = framing.geometry(bg_geom)
+    mask = np.ascontiguousarray(framing.apply(full_mask))
+    lungs = np.ascontiguousarray(framing.apply(full_lungs))
+    bg_array = framing.apply(scan.array)
 
     # A grid whose "body frame" is index x spacing: placement works in mm, the world position
     # of any point is then the output's own voxel_to_world of its index (direction included).
     grid = BodyGrid.regular(np.zeros(3), geom.spacing, bg_array.shape)
-    real_out_voxel = variant.voxel(real_voxel, bg_geom.size[0])
+    real_out_voxel = framing.voxel(real_voxel, bg_geom.size[0])
     real_out_world = geom.voxel_to_world(real_out_voxel).reshape(-1, 3)
     keep_out = KeepOut(grid.to_body(real_out_voxel).reshape(-1, 3), real_radius)
     lung = LungMap.build(lungs, grid)
@@ -413,8 +413,8 @@ def synthesize_on_background(
         info={
             "background": scan.seriesuid,
             "direction": "as background",
-            "mirror_x": variant.mirror_x,
-            "crop_z": [variant.z0, variant.z1],
+            "mirror_x": framing.mirror_x,
+            "crop_z": [framing.z0, framing.z1],
             "background_slices": int(scan.array.shape[0]),
             "real_nodules": len(real_found["annotations"]),
             "real_excluded": len(real_found["excluded"]),

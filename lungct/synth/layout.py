@@ -354,7 +354,7 @@ def merge_layouts(
     """One LUNA16-layout folder that shows several generated data sets as one.
 
     Each part is ``(folder, folds)``: its scans keep their own subsets when ``folds`` is
-    ``None``, else they are dealt round-robin over ``folds`` (background variants of one real
+    ``None``, else they are dealt round-robin over ``folds`` (background copies of one real
     scan go to the training folds only, so no held-out subset holds a copy of trained anatomy).
     Scans are symbolic links into the parts; the tables are the parts' tables one after the
     other; ``sources.json`` names the parts. The folder is rebuilt whole on every call.

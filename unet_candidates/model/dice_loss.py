@@ -1,4 +1,7 @@
-"""Soft Dice loss over the whole batch (the seed's -Dice, as 1 - Dice), Tversky-weighted, + BCE."""
+"""Soft Dice loss over the whole batch (the original 2-D U-Net's -Dice, as 1 - Dice), + BCE.
+
+Tversky-weighted: a missed nodule voxel may cost more than a false one.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ class DiceLoss(keras.losses.Loss):
     """``1 - Tversky index`` over every voxel of the batch at once, plus optional BCE.
 
     The Tversky index ``(TP + s) / (TP + a FP + b FN + s)`` with ``b = fn_weight`` and
-    ``a = 1 - b`` is the Dice coefficient for ``b = 0.5`` (the seed's loss). A candidate
+    ``a = 1 - b`` is the Dice coefficient for ``b = 0.5`` (the original code's loss). A candidate
     detector wants recall: ``b > 0.5`` makes a missed nodule voxel cost more than a false one.
 
     Target voxels with a value above 1 are left out (neither foreground nor background): the
@@ -22,10 +25,11 @@ class DiceLoss(keras.losses.Loss):
     denominator, and an empty patch never divides zero by zero.
 
     Args:
-        smooth: added to numerator and denominator (the seed: 100 on 320x320 slices; small
-            patches want a smaller value, or empty batches dominate).
+        smooth: added to numerator and denominator (the original 2-D U-Net code: 100 on
+            320x320 slices; small patches want a smaller value, or empty batches dominate).
         fn_weight: weight ``b`` of false negatives (0.5 = Dice).
-        bce_weight: weight of an added binary cross-entropy term (0 = none, the seed).
+        bce_weight: weight of an added binary cross-entropy term (0 = none, as the original
+            code).
         hard_negative_fraction: when above 0, the cross-entropy is taken over the target
             voxels and only this fraction of each patch's voxels among its background: the
             ones the network gets most wrong (online hard example mining). Averaged over the

@@ -1,4 +1,4 @@
-"""The 2-D U-Net on axial slices (the seed's candidate network)."""
+"""The 2-D U-Net on axial slices (the candidate network of the original 2-D U-Net code)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,16 @@ from unet_candidates.model.blocks import build_unet_graph
 class UNet2D(keras.Model):
     """A 2-D U-Net mapping axial slices to a per-pixel nodule probability.
 
-    The input holds ``input_channels`` neighbouring axial slices as channels (1 = the seed's
-    single slice; 3 or 5 = "2.5-D" context that tells a round nodule from a vessel crossing the
-    slice); the output is the probability of the centre slice. Any height and width divisible by
-    ``2 ** len(filters)`` is accepted, so a model trained on small patches predicts whole slices.
+    The input holds ``input_channels`` neighbouring axial slices as channels (1 = the original
+    code's single slice; 3 or 5 = "2.5-D" context that tells a round nodule from a vessel
+    crossing the slice); the output is the probability of the centre slice. Any height and width
+    divisible by ``2 ** len(filters)`` is accepted, so a model trained on small patches predicts
+    whole slices.
 
     Args:
-        filters: encoder widths, one per level (the seed: ``(32, 64, 96, 128, 128)``); the
-            depth is ``len(filters)``.
-        bottleneck_filters: width of the lowest level (the seed: 128).
+        filters: encoder widths, one per level (the original code: ``(32, 64, 96, 128, 128)``);
+            the depth is ``len(filters)``.
+        bottleneck_filters: width of the lowest level (the original code: 128).
         input_channels: number of neighbouring slices fed as channels (odd).
         convs_per_block: 3x3 convolutions per level.
         batch_norm: batch normalisation after each convolution.
@@ -36,7 +37,7 @@ class UNet2D(keras.Model):
 
     Reference:
         Ronneberger, Fischer, Brox, "U-Net: Convolutional Networks for Biomedical Image
-        Segmentation", MICCAI 2015 (arXiv 1505.04597); the seed repository
+        Segmentation", MICCAI 2015 (arXiv 1505.04597); the original repository
         Pulmonary-Nodule-Detection (2-D U-Net, -Dice loss, disk targets).
     """
 

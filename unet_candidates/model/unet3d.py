@@ -1,4 +1,4 @@
-"""The 3-D U-Net on cubic patches (the 3-D seed's candidate network)."""
+"""The 3-D U-Net on cubic patches (the candidate network of the original 3-D U-Net code)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class UNet3D(keras.Model):
 
     Reference:
         Cicek, Abdulkadir, Lienkamp, Brox, Ronneberger, "3D U-Net: Learning Dense Volumetric
-        Segmentation from Sparse Annotation", MICCAI 2016 (arXiv 1606.06650); the seed
+        Segmentation from Sparse Annotation", MICCAI 2016 (arXiv 1606.06650); the original
         repository lung_nodule_detection (3-D U-Net on 48^3 windows, sphere targets).
     """
 
