@@ -5,13 +5,9 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 
-from lungct.fileio import atomic_path
+from lungct.fileio import atomic_path, new_figure
 from lungct.preprocess import WINDOWS
 
 
@@ -34,9 +30,8 @@ def save_grid(
         row_labels: one label per row (left of the first column).
     """
     rows = min(len(c) for c in columns)
-    fig, axes = plt.subplots(
-        rows, len(columns), figsize=(2.0 * len(columns), 2.0 * rows), squeeze=False
-    )
+    fig = new_figure((2.0 * len(columns), 2.0 * rows))
+    axes = fig.subplots(rows, len(columns), squeeze=False)
     for r in range(rows):
         for col, (cubes, title) in enumerate(zip(columns, titles, strict=True)):
             ax = axes[r, col]
@@ -59,4 +54,3 @@ def save_grid(
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)

@@ -17,11 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import keras
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from scipy import ndimage
 
 from fp_reduction_3dcnn.data import PatchCutter
@@ -29,7 +27,7 @@ from fp_reduction_3dcnn.model import GRADCAM_LAYER, LOGIT_LAYER
 from fp_reduction_3dcnn.predict import TrainedModel
 from lungct.cache import CachedScan, ScanCache
 from lungct.errors import LungCTError
-from lungct.fileio import atomic_path
+from lungct.fileio import atomic_path, new_figure
 from lungct.preprocess import WINDOWS, resample_scan
 
 
@@ -121,7 +119,8 @@ def gradcam_figure(
     cam, probability = grad_cam(trained.model, inputs)
     patches = cutter.cut_hu(scan, centre[0])
     sx, sy, sz = plan.cut_spacing
-    fig, axes = plt.subplots(3, 3, figsize=(10.5, 10.5), squeeze=False)
+    fig = new_figure((10.5, 10.5))
+    axes = fig.subplots(3, 3, squeeze=False)
     for row, (patch, size) in enumerate(zip(patches, plan.patch_sizes, strict=True)):
         heat = cam_to_patch(cam, patch.shape)
         nz, ny, nx = patch.shape
@@ -167,11 +166,10 @@ def gradcam_figure(
     # The overlay's scale: the map is relative (1 = its peak), drawn at 30% opacity.
     bar = fig.add_axes((0.935, 0.25, 0.015, 0.5))
     fig.colorbar(
-        plt.cm.ScalarMappable(norm=plt.Normalize(0, 1), cmap="jet"),
+        ScalarMappable(norm=Normalize(0, 1), cmap="jet"),
         cax=bar,
         label="Grad-CAM (relative to its peak; overlay at 30% opacity)",
     )
     with atomic_path(out_png, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100)
-    plt.close(fig)
     return {"probability": round(probability, 6), "out": str(out_png)}

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from lungct.errors import LungCTError
-from lungct.fileio import staged_outputs, write_figure_atomic, write_json_atomic
+from lungct.fileio import new_figure, staged_outputs, write_figure_atomic, write_json_atomic
 from lungct.tables import (
     AnnotationTable,
     PointTable,
@@ -895,9 +895,6 @@ def plot_froc(
         The legend's entries, top to bottom.
     """
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 
     items: list[Any]
@@ -913,8 +910,9 @@ def plot_froc(
         raise ValueError(f"{len(labels)} labels for {len(items)} curves")
     curves = [_as_curve(it, None if labels is None else labels[i]) for i, it in enumerate(items)]
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = new_figure((6.4, 4.8))
+    ax = fig.subplots()
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     banded = [c for c in curves if c.band_fps is not None]
     # One curve: its own band and mean are the legend's entries. Several: a grey key for each.
     own_key = len(curves) == 1 and len(banded) == 1
@@ -988,10 +986,7 @@ def plot_froc(
     fig.tight_layout()
     target = Path(path)
     fmt = target.suffix.lstrip(".").lower() or "png"
-    try:
-        write_figure_atomic(fig, target, format=fmt, dpi=dpi)
-    finally:
-        plt.close(fig)
+    write_figure_atomic(fig, target, format=fmt, dpi=dpi)
     return entries
 
 
@@ -1002,13 +997,10 @@ def plot_candidate_curve(
     title: str | None = "Candidate stage",
 ) -> None:
     """Draw sensitivity against candidates per scan (log x axis), atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     items = [results] if isinstance(results, CandidateStageResult) else list(results)
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    fig = new_figure((6.4, 4.8))
+    ax = fig.subplots()
     for i, r in enumerate(items):
         name = labels[i] if labels is not None else f"candidates {i + 1}"
         name += f"  sens {r.sensitivity:.3f} @ {r.candidates_per_scan:.1f}/scan"
@@ -1025,10 +1017,7 @@ def plot_candidate_curve(
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     target = Path(path)
-    try:
-        write_figure_atomic(fig, target, format=target.suffix.lstrip(".").lower() or "png", dpi=150)
-    finally:
-        plt.close(fig)
+    write_figure_atomic(fig, target, format=target.suffix.lstrip(".").lower() or "png", dpi=150)
 
 
 OUTPUT_MARKER = "metrics.json"

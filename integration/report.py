@@ -29,17 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.patheffects as path_effects
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Circle
 from scipy import ndimage
 
-from lungct.fileio import WriteError, write_figure_atomic, write_text_atomic
+from lungct.fileio import WriteError, new_figure, write_figure_atomic, write_text_atomic
 from lungct.geometry import Geometry
 from lungct.patches import crop_patch
 from lungct.preprocess import WINDOWS, resample_onto
@@ -130,7 +128,7 @@ def _axis_words(geometry: Geometry) -> str:
     )
 
 
-def _draw_letters(ax: plt.Axes, letters: dict[str, str], size: float = 10) -> None:
+def _draw_letters(ax: Axes, letters: dict[str, str], size: float = 10) -> None:
     style = {"color": "white", "fontsize": size, "fontweight": "bold", "path_effects": _OUTLINE}
     places = {
         "left": (0.02, 0.5, "left", "center"),
@@ -142,7 +140,7 @@ def _draw_letters(ax: plt.Axes, letters: dict[str, str], size: float = 10) -> No
         ax.text(x, y, letters[edge], transform=ax.transAxes, ha=ha, va=va, **style)
 
 
-def _scale_bar(ax: plt.Axes, length_mm: float) -> None:
+def _scale_bar(ax: Axes, length_mm: float) -> None:
     """A white bar of ``length_mm`` on a dark box at the lower left of a view drawn in mm."""
     from matplotlib.font_manager import FontProperties
     from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
@@ -211,11 +209,8 @@ def numbered_count(marks: Sequence[Mark], top: int = OVERVIEW_TOP) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def _save(fig: plt.Figure, path: Path, dpi: int = 90) -> None:
-    try:
-        write_figure_atomic(fig, path, dpi=dpi, format="png")
-    finally:
-        plt.close(fig)
+def _save(fig: Figure, path: Path, dpi: int = 90) -> None:
+    write_figure_atomic(fig, path, dpi=dpi, format="png")
 
 
 def _slice_words(geometry: Geometry, ijk: tuple[int, int, int], world_axis: int) -> str:
@@ -254,7 +249,8 @@ def _crop_views(scan: Scan, original: Scan, mark: Mark, half_mm: float, path: Pa
          (oy, oz), view_letters(cj, -ck)),
     ]  # fmt: skip
     lo, hi = WINDOWS[CROP_WINDOW]
-    fig, axes = plt.subplots(1, 3, figsize=(10.5, 4.1))
+    fig = new_figure((10.5, 4.1))
+    axes = fig.subplots(1, 3)
     radius = max(det.diameter_mm / 2 + 4.0, 5.0)
     colour = ABOVE_COLOUR if mark.above else BELOW_COLOUR
     for ax, (name, image, extent, origin, circle_at, letters) in zip(axes, views, strict=True):
@@ -322,7 +318,7 @@ _LABEL_GAPS_PX = (2.0, 10.0, 22.0, 36.0)
 _LABEL_ANGLES = np.deg2rad([45, 135, -45, -135, 90, -90, 0, 180, 22, 158, -22, -158, 68, 112])
 
 
-def _label_marks(ax: plt.Axes, items: Sequence[tuple[tuple[float, float], Mark]]) -> None:
+def _label_marks(ax: Axes, items: Sequence[tuple[tuple[float, float], Mark]]) -> None:
     """Number the circles of ``items`` so that labels do not cover each other.
 
     Most probable first, each label takes the first spot around its circle (diagonals first,
@@ -430,7 +426,8 @@ def _overview(
     ext_y = (y0 - sy / 2, y0 + (ny - 0.5) * sy)
     ext_z = (z0 - sz / 2, z0 + (nz - 0.5) * sz)
     ci, cj, ck = g.direction_matrix.T
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.6))
+    fig = new_figure((12, 5.6))
+    axes = fig.subplots(1, 2)
     what = "lungs" if lung is not None else "whole scan"
     lo, hi = OVERVIEW_WINDOW
     axes[0].imshow(axial_mip, cmap="gray", vmin=lo, vmax=hi, extent=(*ext_x, ext_y[1], ext_y[0]))

@@ -150,6 +150,17 @@ def save_npy_atomic(target: str | os.PathLike, array: np.ndarray) -> None:
         np.save(tmp, array, allow_pickle=False)
 
 
+def new_figure(figsize: tuple[float, float]) -> Any:
+    """A matplotlib figure drawn off screen, outside pyplot: making and saving it never switches
+    the caller's backend (a notebook keeps its inline figures) and it needs no closing."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def write_figure_atomic(fig: Any, target: str | os.PathLike, **savefig: Any) -> None:
     """Save a matplotlib figure to ``target`` atomically (rendered in memory first, so the
     file's byte count is known and checked, and a PNG's structure too)."""

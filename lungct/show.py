@@ -5,14 +5,10 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.patches import Circle
 
-from lungct.fileio import atomic_path
+from lungct.fileio import atomic_path, new_figure
 from lungct.geometry import IDENTITY
 from lungct.preprocess import WINDOWS, resample_scan
 from lungct.scan import Scan
@@ -45,7 +41,8 @@ def show_scan(
     if not rows:
         centre = g.voxel_to_world([(nz - 1) / 2, (ny - 1) / 2, (nx - 1) / 2])
         rows = [(float(centre[0]), float(centre[1]), float(centre[2]), 0.0)]
-    fig, axes = plt.subplots(len(rows), 3, figsize=(12, 4.2 * len(rows)), squeeze=False)
+    fig = new_figure((12, 4.2 * len(rows)))
+    axes = fig.subplots(len(rows), 3, squeeze=False)
     x0, y0, z0 = g.origin
     ext_x = (x0 - sx / 2, x0 + (nx - 0.5) * sx)
     ext_y = (y0 - sy / 2, y0 + (ny - 0.5) * sy)
@@ -84,4 +81,3 @@ def show_scan(
     fig.tight_layout()
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)

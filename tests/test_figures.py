@@ -76,3 +76,34 @@ def test_gradcam_figure_has_a_colour_bar_and_every_view(tmp_path: Path) -> None:
     top, bottom = column[: len(column) // 10].mean(0), column[-len(column) // 10 :].mean(0)
     assert top[0] > 0.4 and top[2] < 0.2, top  # dark red at 1
     assert bottom[2] > 0.4 and bottom[0] < 0.2, bottom  # dark blue at 0
+
+
+def test_figure_writers_leave_the_callers_backend_and_figures_alone(tmp_path: Path) -> None:
+    """A notebook's inline backend survives the suite's figure writers (run on a fresh
+    interpreter that chose the SVG backend): none switches it, none leaves a pyplot figure."""
+    import subprocess
+    import sys
+
+    code = f"""
+import matplotlib
+matplotlib.use("svg")
+import matplotlib.pyplot as plt
+import numpy as np
+from ct_gan_augment.grid import save_grid
+from integration.evaluation import plot_froc
+from lungct.geometry import Geometry
+from lungct.scan import Scan
+from lungct.show import show_scan
+from lungct.testing import chest_phantom_hu
+out = {str(tmp_path)!r}
+scan = Scan(chest_phantom_hu((24, 48, 48)), Geometry((48, 48, 24), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0)), "s")
+show_scan(scan, out + "/show.png")
+plot_froc((np.asarray([0.5, 2.0]), np.asarray([0.4, 0.6])), out + "/froc.png")
+save_grid(out + "/grid.png", [[np.zeros((4, 8, 8))]], ["a"])
+print(matplotlib.get_backend(), len(plt.get_fignums()))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["svg", "0"]
+    for name in ("show.png", "froc.png", "grid.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
