@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DEMO_OUT ?= demo_out
 
-.PHONY: demo test test-all lint format bench clean
+.PHONY: demo test test-all labs lint format bench clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: $(VENV)/.installed lint
 test-all: $(VENV)/.installed lint
 	$(PY) -m pytest -q -m "slow or not slow"
 
+## labs: run every lab notebook top to bottom as a student would (labs/), HTML copies in labs/html/
+labs: $(VENV)/.installed
+	$(PY) scripts/run_labs.py
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -37,4 +41,4 @@ bench: $(VENV)/.installed
 	for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 clean:
-	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache
+	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache labs/html

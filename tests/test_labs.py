@@ -1,0 +1,282 @@
+"""The teaching labs (``labs/[0-9]*.ipynb``) run, look like labs, and their solutions are right.
+
+For every notebook: it is stored without outputs; its first cell has the learning goals, a "how
+long this takes" line and the Colab badge; it has the Colab install cell and the ``BIG_RUN``
+switch; and it runs top to bottom in quick mode (``LUNGCT_LABS_QUICK=1``) on a fresh kernel in a
+temporary folder, in well under a minute and a half, drawing at least one figure. Later labs
+are picked up by the glob. The solution files are imported and their functions checked against
+the suite.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+import tomllib
+from pathlib import Path
+from types import ModuleType
+
+import nbformat
+import numpy as np
+import pytest
+
+from conftest import REPO
+from integration import evaluate
+from lungct import Geometry, Scan
+from lungct.tables import AnnotationTable, ResultTable
+
+LABS = REPO / "labs"
+REPOSITORY = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+NOTEBOOKS = sorted(LABS.glob("[0-9]*.ipynb"))
+QUICK_LIMIT_S = 90.0
+
+
+def _load_run_labs() -> ModuleType:
+    """Import ``scripts/run_labs.py``, registered so that its dataclass can be built."""
+    spec = importlib.util.spec_from_file_location("run_labs", REPO / "scripts" / "run_labs.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["run_labs"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+run_labs = _load_run_labs()
+
+
+def lab_id(path: Path) -> str:
+    return path.stem
+
+
+def solutions(number: str) -> ModuleType:
+    """Import ``labs/solutions/<number>_solutions.py`` (the folder is not a package)."""
+    path = LABS / "solutions" / f"{number}_solutions.py"
+    spec = importlib.util.spec_from_file_location(f"lab{number}_solutions", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_labs_are_found() -> None:
+    names = [p.name for p in NOTEBOOKS]
+    assert "01-ct-data-and-geometry.ipynb" in names
+    assert "05-luna16-evaluation.ipynb" in names
+    assert run_labs.lab_notebooks() == NOTEBOOKS
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lab_id)
+def test_stored_without_outputs(path: Path) -> None:
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    dirty = [
+        i + 1
+        for i, cell in enumerate(nb.cells)
+        if cell.cell_type == "code" and (cell.outputs or cell.execution_count is not None)
+    ]
+    assert not dirty, f"{path.name}: cells {dirty} have outputs or execution counts; clear them"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lab_id)
+def test_first_cell_goals_time_and_badge(path: Path) -> None:
+    nb = nbformat.read(path, as_version=4)
+    first = nb.cells[0]
+    assert first.cell_type == "markdown"
+    text = first.source
+    assert re.search(r"learning goals", text, re.I), "no learning goals in the first cell"
+    assert re.search(r"how long this takes", text, re.I), "no 'how long this takes' line"
+    badge = "https://colab.research.google.com/assets/colab-badge.svg"
+    assert badge in text, "no Open in Colab badge"
+    owner_name = REPOSITORY.removeprefix("https://github.com/")
+    target = f"https://colab.research.google.com/github/{owner_name}/blob/main/labs/{path.name})"
+    assert target in text, "the Colab badge does not open this notebook of the declared repository"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lab_id)
+def test_colab_cell_switch_and_solutions(path: Path) -> None:
+    nb = nbformat.read(path, as_version=4)
+    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    assert "google.colab" in code[0] and "pip install" in code[0], "first code cell: Colab install"
+    assert f"git+{REPOSITORY}" in code[0], "the Colab cell installs from another repository"
+    assert any(re.search(r"^BIG_RUN = False\b", c, re.M) for c in code[:3]), "no BIG_RUN switch"
+    number = path.name[:2]
+    if any("Exercise" in c.source for c in nb.cells if c.cell_type == "markdown"):
+        assert (LABS / "solutions" / f"{number}_solutions.py").is_file()
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lab_id)
+def test_runs_in_quick_mode(path: Path, tmp_path: Path) -> None:
+    run = run_labs.run_notebook(path, tmp_path, quick=True)
+    assert run.ok, f"{path.name}: {run.describe_failure()}"
+    assert run.seconds < QUICK_LIMIT_S, f"{path.name}: {run.seconds:.0f} s in quick mode"
+    images = [
+        o
+        for cell in run.notebook.cells
+        if cell.cell_type == "code"
+        for o in cell.outputs
+        if "image/png" in o.get("data", {})
+    ]
+    assert images, f"{path.name} drew no figure"
+    text = "".join(
+        o.get("text", "") for c in run.notebook.cells if c.cell_type == "code" for o in c.outputs
+    )
+    assert "mode: quick" in text, "the lab did not see LUNGCT_LABS_QUICK"
+
+
+def test_run_labs_names_the_failing_cell(tmp_path: Path, capsys) -> None:
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_markdown_cell("# broken"),
+            nbformat.v4.new_code_cell("x = 1"),
+            nbformat.v4.new_code_cell("1 / 0"),
+            nbformat.v4.new_code_cell("print('never')"),
+        ]
+    )
+    path = tmp_path / "99-broken.ipynb"
+    nbformat.write(nb, path)
+    status = run_labs.main([str(path), "--quick", "--html-dir", str(tmp_path / "html")])
+    captured = capsys.readouterr()
+    assert status == 1
+    assert "99-broken.ipynb" in captured.out and "FAILED" in captured.out
+    assert "cell 3 of 4 ('1 / 0'): ZeroDivisionError" in captured.err
+    html = (tmp_path / "html" / "99-broken.html").read_text(encoding="utf-8")
+    assert "ZeroDivisionError" in html
+    assert nbformat.read(path, as_version=4).cells[2].outputs == []  # the source is untouched
+
+
+# --- lab 1 solutions ----------------------------------------------------------------------------
+
+
+def _geometries() -> list[Geometry]:
+    turn = np.deg2rad(25.0)
+    rotation = np.array(
+        [[np.cos(turn), -np.sin(turn), 0], [np.sin(turn), np.cos(turn), 0], [0, 0, 1]]
+    )
+    flip = np.diag([-1.0, -1.0, 1.0])
+    return [
+        Geometry((40, 30, 20), (0.7, 0.8, 2.5), (-10.0, 20.0, -300.0)),
+        Geometry((40, 30, 20), (2.5, 2.5, 2.0), (170.0, 160.0, -200.0), tuple(flip.ravel())),
+        Geometry((40, 30, 20), (1.0, 1.5, 2.0), (5.0, -5.0, 0.0), tuple((rotation @ flip).ravel())),
+    ]
+
+
+def test_lab01_world_to_voxel_by_hand() -> None:
+    lab = solutions("01")
+    rng = np.random.default_rng(0)
+    for g in _geometries():
+        for world in rng.uniform(-200, 200, size=(5, 3)):
+            got = lab.world_to_voxel_by_hand(g.origin, g.spacing, g.direction, world)
+            np.testing.assert_allclose(got, g.world_to_voxel(world), atol=1e-9)
+
+
+def test_lab01_mean_hu_in_sphere() -> None:
+    lab = solutions("01")
+    rng = np.random.default_rng(1)
+    for g in _geometries():
+        scan = Scan(rng.integers(-1000, 400, size=g.shape_zyx).astype(np.int16), g, "test")
+        centre = g.voxel_to_world([10, 15, 20])
+        # Brute force over every voxel of the scan.
+        index = np.indices(g.shape_zyx).reshape(3, -1).T
+        inside = np.sum((g.voxel_to_world(index) - centre) ** 2, axis=1) <= 4.0**2
+        expected = scan.array.reshape(-1)[inside].mean()
+        assert lab.mean_hu_in_sphere(scan, centre, 8.0) == pytest.approx(expected)
+
+
+def test_lab01_dice() -> None:
+    lab = solutions("01")
+    a = np.zeros((4, 4, 4), bool)
+    a[:2] = True
+    b = np.zeros_like(a)
+    b[1:3] = True
+    assert lab.dice(a, a) == 1.0
+    assert lab.dice(a, ~a) == 0.0
+    assert lab.dice(a, b) == pytest.approx(0.5)
+    assert lab.dice(np.zeros(3, bool), np.zeros(3, bool)) == 1.0
+
+
+# --- lab 5 solutions ----------------------------------------------------------------------------
+
+TOY_SCANS = ["scan-A", "scan-B", "scan-C"]
+TOY_NODULES = [("scan-A", 0, 0, 0, 10), ("scan-A", 40, 10, 0, 5), ("scan-B", 10, -20, 0, 20)]
+TOY_EXCLUDED = [("scan-B", -30, 20, 0, 4), ("scan-C", 0, 0, 0, -1)]
+TOY_MARKS = [
+    ("scan-A", 1, 2, 0, 0.95),
+    ("scan-A", -3, 3, 0, 0.60),
+    ("scan-A", 42.6, 10, 0, 0.80),
+    ("scan-A", -40, -30, 0, 0.30),
+    ("scan-B", 18, -20, 0, 0.45),
+    ("scan-B", -30, 21, 0, 0.85),
+    ("scan-B", 40, 40, 0, 0.70),
+    ("scan-B", -10, 35, 0, 0.20),
+    ("scan-C", 3, 3, 0, 0.90),
+    ("scan-C", 30, -30, 0, 0.40),
+    ("scan-C", -25, 10, 0, 0.35),
+]
+
+
+def _random_submission(rng: np.random.Generator) -> tuple:
+    """Nodules, excluded findings (some of unknown size), up to 300 marks with tied scores."""
+    n_scans = int(rng.integers(1, 10))
+    uids = [f"s{i}" for i in range(n_scans)]
+    n_nod, n_exc, n_marks = (
+        int(rng.integers(1, 20)),
+        int(rng.integers(0, 8)),
+        int(rng.integers(0, 300)),
+    )
+    nodules = AnnotationTable(
+        uids,
+        rng.integers(n_scans, size=n_nod),
+        rng.uniform(-60, 60, (n_nod, 3)),
+        diameter_mm=rng.uniform(3, 30, n_nod),
+    )
+    diam = np.where(rng.random(n_exc) < 0.3, -1.0, rng.uniform(1, 10, n_exc))
+    excluded = AnnotationTable(
+        uids, rng.integers(n_scans, size=n_exc), rng.uniform(-60, 60, (n_exc, 3)), diameter_mm=diam
+    )
+    marks = ResultTable(
+        uids,
+        rng.integers(n_scans, size=n_marks),
+        rng.uniform(-60, 60, (n_marks, 3)),
+        probability=np.round(rng.random(n_marks), int(rng.integers(1, 4))),
+    )
+    return nodules, excluded, uids, marks
+
+
+def test_lab05_best_single_change() -> None:
+    lab = solutions("05")
+    nodules = AnnotationTable.from_rows(TOY_NODULES)
+    excluded = AnnotationTable.from_rows(TOY_EXCLUDED)
+    marks = ResultTable.from_rows(TOY_MARKS)
+    changed = lab.best_single_change(nodules, excluded, TOY_SCANS, marks)
+    assert np.array_equal(changed.coords, marks.coords)
+    assert np.sum(changed.probability != marks.probability) == 1
+    assert evaluate(nodules, excluded, TOY_SCANS, marks).cpm == pytest.approx(11 / 21)
+    assert evaluate(nodules, excluded, TOY_SCANS, changed).cpm == pytest.approx(2 / 3)
+
+
+def test_lab05_kept_by_cap() -> None:
+    lab = solutions("05")
+    rng = np.random.default_rng(3)
+    for n in (5, 100, 101, 150, 400):
+        p = np.round(rng.random(n), 2)
+        kept = lab.kept_by_cap(p)
+        marks = ResultTable.from_arrays(["s"] * n, np.tile([0.0, 0.0, 500.0], (n, 1)), p)
+        nodules = AnnotationTable.from_rows([("s", 0, 0, 0, 10)])
+        result = evaluate(nodules, None, ["s"], marks)
+        assert n - kept.sum() == result.marks_dropped_by_cap
+        assert kept.sum() <= 100
+        if n > 100:
+            assert p[kept].min() > p[~kept].max()
+
+
+def test_lab05_cpm_by_hand_is_exact() -> None:
+    lab = solutions("05")
+    toy = (
+        AnnotationTable.from_rows(TOY_NODULES),
+        AnnotationTable.from_rows(TOY_EXCLUDED),
+        TOY_SCANS,
+        ResultTable.from_rows(TOY_MARKS),
+    )
+    assert lab.cpm_by_hand(*toy) == pytest.approx(11 / 21, abs=1e-12)
+    for seed in range(100):
+        case = _random_submission(np.random.default_rng(seed))
+        assert lab.cpm_by_hand(*case) == pytest.approx(evaluate(*case).cpm, abs=1e-12), seed
