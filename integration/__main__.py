@@ -2,6 +2,7 @@
 
 Verbs:
     evaluate   the exact LUNA16 evaluation of a results CSV (FROC, CPM, bootstrap interval).
+    compare    two or more results CSVs on the same scans: paired CPM differences, one figure.
     detect     the whole detector on one scan: detections CSV and an HTML report.
     demo       the shipped set measured on fresh synthetic scans, then every stage trained briefly.
     crossval   every stage per test subset, then the pooled folds evaluated once.
@@ -103,6 +104,94 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         )
     print(f"outputs in {args.out}")
     print(metrics_line(metrics))
+    return 0
+
+
+def _add_compare(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "compare",
+        help="paired comparison of results CSVs on the same scans (CPM differences, p-values)",
+        description=(
+            "Evaluate two or more submissions on the same scans with the LUNA16 rules and "
+            "compare each with the reference (the first, or --reference) by a paired "
+            "bootstrap: every system is scored on the same resampled scans in every round. "
+            "Writes comparison.json, differences.csv and froc_compare.png into --out, prints a "
+            "table, and the comparison JSON as the last line of stdout."
+        ),
+    )
+    p.add_argument("--annotations", required=True, help="annotations.csv")
+    p.add_argument("--excluded", required=True, help="annotations_excluded.csv")
+    p.add_argument("--seriesuids", required=True, help="seriesuids.csv (no header)")
+    p.add_argument(
+        "--results", required=True, nargs="+", metavar="CSV", help="two or more results CSVs"
+    )
+    p.add_argument(
+        "--labels", nargs="+", default=None, help="one name per results CSV (default: file stems)"
+    )
+    p.add_argument(
+        "--reference",
+        default=None,
+        help="label of the reference the others are compared with (default: the first)",
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--bootstrap",
+        type=positive_int,
+        default=1000,
+        help="bootstrap resamples of scans, shared by all systems (default 1000)",
+    )
+    p.add_argument("--seed", type=non_negative_int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument(
+        "--confidence", type=fraction, default=0.95, help="level of the intervals (default 0.95)"
+    )
+    p.add_argument("--no-cap", action="store_true", help="keep every mark (no 100-per-scan cap)")
+    p.set_defaults(func=_run_compare)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from integration.compare import compare_files, write_comparison
+    from integration.evaluation import metrics_line
+    from lungct.errors import LungCTError
+
+    labels = args.labels
+    if labels is None:
+        labels = [Path(r).stem for r in args.results]
+        if len(set(labels)) != len(labels):
+            labels = list(args.results)
+    if len(labels) != len(args.results):
+        raise LungCTError(None, f"--labels: {len(labels)} names for {len(args.results)} results")
+    reference = 0
+    if args.reference is not None:
+        if args.reference not in labels:
+            raise LungCTError(
+                None, f"--reference {args.reference!r} is none of the labels {labels}"
+            )
+        reference = labels.index(args.reference)
+    comparison = compare_files(
+        args.annotations,
+        args.excluded,
+        args.seriesuids,
+        args.results,
+        labels=labels,
+        reference=reference,
+        cap=not args.no_cap,
+        bootstrap=args.bootstrap,
+        seed=args.seed,
+        confidence=args.confidence,
+    )
+    data = write_comparison(comparison, args.out)
+    print(comparison.table())
+    for d in comparison.differences:
+        verdict = (
+            "excludes 0: a difference at this level"
+            if d.excludes_zero
+            else "contains 0: no difference shown at this level"
+        )
+        print(f"{d.label} vs {d.reference}: the paired interval {verdict}")
+    print(f"outputs in {args.out}")
+    print(metrics_line(data))
     return 0
 
 
@@ -650,6 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     _add_evaluate(subparsers)
+    _add_compare(subparsers)
     _add_detect(subparsers)
     _add_demo(subparsers)
     _add_crossval(subparsers)

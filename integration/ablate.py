@@ -28,8 +28,10 @@ trained stages are shared, each keyed by the settings that shape it:
 ``OUT/stages/<key>/key.json`` says what made each shared stage. A config whose
 ``OUT/configs/<name>/result.json`` matches its settings, stages, folds and bootstrap is not run
 again (resumable). Outputs: ``OUT/ablation.md`` and ``OUT/ablation.csv`` (CPM with its 95%
-bootstrap interval and the sensitivities at 1/8 .. 8 FPs per scan) and ``OUT/ablation_froc.png``
-(every config's FROC on one figure).
+bootstrap interval, the difference to the first config with its paired interval and p-value,
+and the sensitivities at 1/8 .. 8 FPs per scan), ``OUT/comparison/`` (the paired comparison,
+:mod:`integration.compare`) and ``OUT/ablation_froc.png`` (every config's FROC on one figure).
+The first config of the grid is the reference the others are compared with.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -54,6 +56,7 @@ from integration.stages import (
     StageRun,
     StageSettings,
     evaluate_submission,
+    excluded_table,
     fold_uids,
     prepare_cache,
     read_json_or_empty,
@@ -64,6 +67,9 @@ from integration.stages import (
 from lungct.errors import LungCTError
 from lungct.fileio import read_json, write_json_atomic, write_text_atomic
 from lungct.tables import write_csv_atomic
+
+if TYPE_CHECKING:
+    from integration.compare import Comparison
 
 DEFAULT_SPLIT = Split(train=(0, 1, 2, 3, 4, 5, 6), val=(7,), test=(8, 9))
 """The folds every config uses unless told otherwise (the demo's)."""
@@ -360,9 +366,45 @@ def run_ablation(
         result = done.get(config.name) or _finished(config, out, split, bootstrap)
         if result is not None:
             results.append(result)
-    write_table(results, out)
+    comparison = compare_configs(results, data, out, bootstrap, log)
+    write_table(results, out, comparison)
     plot_ablation(results, out, out / "ablation_froc.png")
     return results
+
+
+def compare_configs(
+    results: Sequence[dict[str, Any]],
+    data: Path,
+    out: Path,
+    bootstrap: int,
+    log: Callable[[str], None] = print,
+) -> Comparison | None:
+    """Every config against the first (the grid's reference) by a paired bootstrap on the
+    test scans (:func:`integration.compare.compare`); written to ``OUT/comparison/``.
+
+    ``None`` with fewer than two configs, without a bootstrap, or when a config's submission
+    is gone (said in the log).
+    """
+    from integration.compare import compare_files, write_comparison
+
+    if len(results) < 2 or bootstrap < 1:
+        return None
+    submissions = [out / "configs" / r["name"] / "submission.csv" for r in results]
+    missing = [p for p in submissions if not p.is_file()]
+    if missing:
+        log(f"[ablate] no paired comparison: {missing[0]} is missing (rerun that config)")
+        return None
+    comparison = compare_files(
+        data / "annotations.csv",
+        excluded_table(data),
+        out / "configs" / results[0]["name"] / "seriesuids.csv",
+        submissions,
+        labels=[r["name"] for r in results],
+        bootstrap=bootstrap,
+        seed=0,
+    )
+    write_comparison(comparison, out / "comparison")
+    return comparison
 
 
 def _sharing(configs: Sequence[AblationConfig], split: Split) -> dict[str, int]:
@@ -412,42 +454,59 @@ def _describe(result: dict[str, Any]) -> dict[str, str]:
     return {"unet": _unet_preset(settings), "gan": gan, "fpr": fpr, "tta": tta}
 
 
-def write_table(results: Sequence[dict[str, Any]], out: Path) -> tuple[Path, Path]:
-    """``ablation.csv`` and ``ablation.md``: CPM [95% CI] and the seven sensitivities."""
+def write_table(
+    results: Sequence[dict[str, Any]], out: Path, comparison: Comparison | None = None
+) -> tuple[Path, Path]:
+    """``ablation.csv`` and ``ablation.md``: CPM [95% CI], and with a ``comparison`` the
+    difference to the first config with its paired interval and p-value, then the seven
+    sensitivities."""
     from integration.evaluation import FP_RATE_KEYS
 
+    paired = {d.label: d for d in comparison.differences} if comparison is not None else {}
+    reference = results[0]["name"] if results else ""
     header = (
         "config", "cpm", "cpm_ci95_lower", "cpm_ci95_upper",
+        "cpm_diff", "cpm_diff_ci95_lower", "cpm_diff_ci95_upper", "cpm_diff_p",
         *(f"sens_{k}" for k in FP_RATE_KEYS),
         "nodules", "detected", "scans", "unet_preset", "gan", "fpr", "fpr_plan", "fpr_variant",
         "merge", "tta", "unet_stage", "gan_stage", "fpr_stage",
     )  # fmt: skip
     rows = []
     lines = [
-        "| config | CPM [95% CI] | " + " | ".join(RATE_LABELS) + " | U-Net | CT-GAN | "
-        "FP reduction | TTA |",
-        "|---|---|" + "---|" * len(RATE_LABELS) + "---|---|---|---|",
+        f"| config | CPM [95% CI] | - {reference} [paired 95% CI] | p | "
+        + " | ".join(RATE_LABELS)
+        + " | U-Net | CT-GAN | FP reduction | TTA |",
+        "|---|---|---|---|" + "---|" * len(RATE_LABELS) + "---|---|---|---|",
     ]
     for r in results:
         m, s, stages = r["metrics"], r["settings"], r["stages"]
         ci = m.get("cpm_ci95") or [None, None]
         sens = [m["sensitivity"][k] for k in FP_RATE_KEYS]
         net = _network(r) if s["fpr"] else {"variant": "", "merge": ""}
+        d = paired.get(r["name"])
+        diff = ["", "", "", ""] if d is None else [d.cpm_difference, *d.ci, d.p_value]
         rows.append(
             [
                 r["name"], m["cpm"], ci[0] if ci[0] is not None else "",
-                ci[1] if ci[1] is not None else "", *sens, m["nodules"], m["detected"],
+                ci[1] if ci[1] is not None else "", *diff, *sens, m["nodules"], m["detected"],
                 m["scans"], _unet_preset(s), s["gan"], s["fpr"], s["fpr_plan"],
                 net["variant"], net["merge"], s["tta"], stages.get("unet", ""),
                 stages.get("gan", ""), stages.get("fpr", ""),
             ]
         )  # fmt: skip
-        d = _describe(r)
         cpm = f"{m['cpm']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci[0] is not None else "")
+        if d is not None:
+            mark = " *" if d.excludes_zero else ""
+            versus = f"{d.cpm_difference:+.3f} [{d.ci[0]:+.3f}, {d.ci[1]:+.3f}]{mark}"
+            p_text = f"{d.p_value:.3f}"
+        else:
+            versus, p_text = ("reference" if r["name"] == reference else "-"), ""
+        described = _describe(r)
         lines.append(
-            f"| {r['name']} | {cpm} | "
+            f"| {r['name']} | {cpm} | {versus} | {p_text} | "
             + " | ".join(f"{v:.3f}" for v in sens)
-            + f" | {d['unet']} | {d['gan']} | {d['fpr']} | {d['tta']} |"
+            + f" | {described['unet']} | {described['gan']} | {described['fpr']}"
+            f" | {described['tta']} |"
         )
     csv_path, md_path = out / "ablation.csv", out / "ablation.md"
     write_csv_atomic(csv_path, header, rows)
@@ -459,6 +518,14 @@ def write_table(results: Sequence[dict[str, Any]], out: Path) -> tuple[Path, Pat
         f"{','.join(map(str, first['split']['val']))}); 95% bootstrap interval over scans "
         f"({first['bootstrap']} resamples).\n\n"
     )
+    if comparison is not None:
+        intro += (
+            f"Each config against {reference}: the CPM difference with its paired interval "
+            "(both scored on the same resampled scans) and its two-sided bootstrap p-value; "
+            "* marks an interval that excludes 0 (a difference at this level). One test set "
+            "and one training per config: the interval is over scans, not over training "
+            "runs.\n\n"
+        )
     write_text_atomic(md_path, intro + "\n".join(lines) + "\n")
     return csv_path, md_path
 

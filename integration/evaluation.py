@@ -477,11 +477,24 @@ def _full_froc(p: _Prepared) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return fps_s, sens, thresholds
 
 
-def _bootstrap(p: _Prepared, samples: int, seed: int, confidence: float) -> BootstrapResult:
-    """Scan-level bootstrap with multiplicity weights (see the module docstring)."""
+def _draws(n_scans: int, samples: int, seed: int) -> np.ndarray:
+    """``(samples, n_scans)`` multiplicity of every scan in every bootstrap resample.
+
+    ``RandomState(seed).randint(N, size=N)`` per resample, the official script's draws. Two
+    systems bootstrapped with the same draws are scored on the same resampled scans (paired).
+    """
     rng = np.random.RandomState(seed)
+    mults = np.empty((samples, n_scans), dtype=np.float64)
+    for b in range(samples):
+        mults[b] = np.bincount(rng.randint(n_scans, size=n_scans), minlength=n_scans)
+    return mults
+
+
+def _resampled_frocs(p: _Prepared, mults: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every resample's FROC on the bootstrap grid, its sensitivities at :data:`FP_RATES` and
+    its CPM: ``(curves float32 (B, grid), at_rates (B, 7), cpms (B,))``."""
+    samples, n = mults.shape
     grid = np.linspace(FROC_MIN_FPS, FROC_MAX_FPS, num=BOOTSTRAP_GRID_POINTS)
-    n = p.n_scans
     curves = np.zeros((samples, len(grid)), dtype=np.float32)
     cpms = np.zeros(samples)
     at_rates = np.zeros((samples, len(FP_RATES)))
@@ -494,8 +507,7 @@ def _bootstrap(p: _Prepared, samples: int, seed: int, confidence: float) -> Boot
     tp_group = np.searchsorted(last, tp_pos)
     tp_scan = p.scan[tp_pos]
     for b in range(samples):
-        draw = rng.randint(n, size=n)
-        mult = np.bincount(draw, minlength=n).astype(np.float64)
+        mult = mults[b]
         if n_groups:
             cum_all = np.cumsum(mult[p.scan])[last]
             cum_tp = np.cumsum(np.bincount(tp_group, weights=mult[tp_scan], minlength=n_groups))
@@ -508,9 +520,28 @@ def _bootstrap(p: _Prepared, samples: int, seed: int, confidence: float) -> Boot
         curves[b] = np.interp(grid, fps_s, sens)
         at_rates[b] = np.interp(FP_RATES, fps_s, sens)
         cpms[b] = np.mean(at_rates[b])
+    return curves, at_rates, cpms
+
+
+def _percentile_indices(samples: int, confidence: float) -> tuple[int, int]:
+    """Positions of an interval's ends in ``samples`` sorted values (the official rule)."""
     pz = (1.0 - confidence) / 2.0
-    lo_i = math.floor(pz * samples)
-    hi_i = math.floor((1.0 - pz) * samples)
+    return math.floor(pz * samples), math.floor((1.0 - pz) * samples)
+
+
+def _bootstrap(p: _Prepared, samples: int, seed: int, confidence: float) -> BootstrapResult:
+    """Scan-level bootstrap with multiplicity weights (see the module docstring)."""
+    resampled = _resampled_frocs(p, _draws(p.n_scans, samples, seed))
+    return _bootstrap_statistics(*resampled, seed=seed, confidence=confidence)
+
+
+def _bootstrap_statistics(
+    curves: np.ndarray, at_rates: np.ndarray, cpms: np.ndarray, seed: int, confidence: float
+) -> BootstrapResult:
+    """Mean curve, percentile band and intervals of resampled FROCs (:func:`_resampled_frocs`)."""
+    samples = len(cpms)
+    grid = np.linspace(FROC_MIN_FPS, FROC_MAX_FPS, num=BOOTSTRAP_GRID_POINTS)
+    lo_i, hi_i = _percentile_indices(samples, confidence)
     by_point = np.sort(np.ascontiguousarray(curves.T), axis=1)
     mean = by_point.mean(axis=1)
     cpm_sorted = np.sort(cpms)
@@ -598,6 +629,22 @@ def evaluate(
     """
     if bootstrap < 0:
         raise LungCTError(None, f"bootstrap must be >= 0, got {bootstrap}")
+    result, prepared = _evaluate(annotations, excluded, seriesuids, results, cap, label)
+    if bootstrap:
+        result.bootstrap = _bootstrap(prepared, bootstrap, seed, confidence)
+    return result
+
+
+def _evaluate(
+    annotations: AnnotationTable,
+    excluded: AnnotationTable | None,
+    seriesuids: Sequence[str],
+    results: ResultTable,
+    cap: bool | int | None,
+    label: str,
+) -> tuple[EvaluationResult, _Prepared]:
+    """:func:`evaluate` without the bootstrap; also returns the sorted ROC entries that a
+    bootstrap resamples."""
     _check_finite(results, "coords", results.coords)
     _check_finite(results, "probability", results.probability)
     for table in (annotations, excluded):
@@ -688,11 +735,9 @@ def evaluate(
         nodule_table=table,
         label=label,
     )
-    if bootstrap:
-        result.bootstrap = _bootstrap(prepared, bootstrap, seed, confidence)
     if cap_n is None:
         result.candidate_stage = _candidate_curve(m_prob, table, n_scans)
-    return result
+    return result, prepared
 
 
 def evaluate_files(

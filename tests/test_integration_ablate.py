@@ -137,7 +137,14 @@ def test_ablate_shares_stages_and_writes_table(dataset: dict[str, Path], capsys)
         assert r["scans"] == "1"
         assert float(r["cpm"]) == pytest.approx(results[r["config"]]["metrics"]["cpm"])
     table = (out / "ablation.md").read_text()
-    assert "| config | CPM [95% CI] | 1/8 | 1/4 | 1/2 | 1 | 2 | 4 | 8 |" in table
+    assert (
+        "| config | CPM [95% CI] | - mgi [paired 95% CI] | p | 1/8 | 1/4 | 1/2 | 1 | 2 | 4 | 8 |"
+        in table
+    )
+    assert "| mgi | " in table and "| reference |" in table
+    compared = json.loads((out / "comparison" / "comparison.json").read_text())
+    assert compared["reference"] == "mgi"
+    assert [d["label"] for d in compared["differences"]] == ["mgi_tta", "unet_alone", "ri_no_gan"]
     assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + 4
     assert "none (U-Net scores)" in table
     assert (out / "ablation_froc.png").read_bytes()[:4] == b"\x89PNG"
@@ -184,7 +191,7 @@ def test_ablate_errors_are_one_line(dataset: dict[str, Path], tmp_path: Path, ca
 
 
 def test_table_and_figure_carry_each_configs_numbers(tmp_path: Path) -> None:
-    from integration.ablate import plot_ablation, write_table
+    from integration.ablate import compare_configs, plot_ablation, write_table
     from integration.evaluation import evaluate_files, write_outputs
 
     uids = [f"1.2.{i}" for i in range(8)]
@@ -231,6 +238,32 @@ def test_table_and_figure_carry_each_configs_numbers(tmp_path: Path) -> None:
     assert "| mgi/sum | yes |" in table[-2] and "| ri/sum | no |" in table[-1]
     figure = plot_ablation(results, tmp_path, tmp_path / "froc.png")
     assert figure.read_bytes()[:4] == b"\x89PNG" and figure.stat().st_size > 10_000
+
+    # With the configs' submissions and test scans in place, each is compared with the first.
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "annotations.csv").write_text((tmp_path / "ann.csv").read_text())
+    for name in ("strong", "weak"):
+        folder = tmp_path / "configs" / name
+        (folder / "submission.csv").write_text((tmp_path / f"{name}.csv").read_text())
+        (folder / "seriesuids.csv").write_text((tmp_path / "series.csv").read_text())
+    comparison = compare_configs(results, data, tmp_path, bootstrap=50, log=lambda _: None)
+    (d,) = comparison.differences
+    assert (d.label, d.reference) == ("weak", "strong")
+    assert d.cpm_difference == pytest.approx(weak["cpm"] - strong["cpm"])
+    assert d.ci[1] < 0 and d.excludes_zero  # weak never finds more than strong
+    assert (tmp_path / "comparison" / "comparison.json").is_file()
+    csv_path, md_path = write_table(results, tmp_path, comparison)
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows[0]["cpm_diff"] == "" and float(rows[1]["cpm_diff"]) == pytest.approx(
+        d.cpm_difference
+    )
+    assert float(rows[1]["cpm_diff_ci95_upper"]) == pytest.approx(d.ci[1])
+    table = md_path.read_text()
+    assert "| - strong [paired 95% CI] | p |" in table
+    assert f"| weak | {weak['cpm']:.3f}" in table and f"{d.cpm_difference:+.3f} [" in table
+    assert "| strong |" in table and "| reference |" in table
 
 
 def test_shipped_grids_are_package_data() -> None:
