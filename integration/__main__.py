@@ -475,6 +475,7 @@ def _run_ablate(args: argparse.Namespace) -> int:
         only=only,
         workers=args.workers,
         progress=not args.quiet,
+        seeds=args.seeds,
     )
     for r in results:
         ci = r["metrics"].get("cpm_ci95")
@@ -497,8 +498,10 @@ def _add_ablate(subparsers: argparse._SubParsersAction) -> None:
             "(keys: unet_preset, gan, fpr, fpr_plan, fpr_variant, merge, tta, "
             "unet_minutes, gan_minutes, fpr_minutes, ...). All use the same folds; trained "
             "stages are shared between configs that agree on their settings (OUT/stages). "
-            "Writes OUT/ablation.md and .csv (CPM, 95% CI, sensitivity at 1/8..8 FPs/scan) and "
-            "OUT/ablation_froc.png. Rerunning resumes: evaluated configs are skipped."
+            "Writes OUT/ablation.md and .csv (CPM, 95% CI, the paired difference to the first "
+            "config, the spread over training seeds, sensitivity at 1/8..8 FPs/scan), "
+            "OUT/comparison/ and OUT/ablation_froc.png. Rerunning resumes: evaluated configs "
+            "are skipped."
         ),
     )
     p.add_argument("--data", required=True, help="LUNA16-layout folder (subsetK/*.mhd + tables)")
@@ -519,6 +522,13 @@ def _add_ablate(subparsers: argparse._SubParsersAction) -> None:
         type=non_negative_int,
         default=1000,
         help="bootstrap resamples per config (default 1000)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=positive_int,
+        default=None,
+        help="train every config with random seeds 0 .. N-1 and report the spread over them "
+        "(default: the grid's 'seeds': 3 in the default grid, 1 in quick)",
     )
     p.add_argument(
         "--workers", type=positive_int, default=2, help="processes for cache preparation (2)"

@@ -73,7 +73,9 @@ if TYPE_CHECKING:
 
 DEFAULT_SPLIT = Split(train=(0, 1, 2, 3, 4, 5, 6), val=(7,), test=(8, 9))
 """The folds every config uses unless told otherwise (the demo's)."""
-GRID_KEYS = ("description", "base", "configs")
+GRID_KEYS = ("description", "base", "configs", "seeds")
+SEED_KEYS = ("unet_overrides", "gan_overrides", "fpr_overrides")
+"""The plan overrides that take a training run's random seed."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -98,6 +100,7 @@ class Grid:
     configs: list[AblationConfig]
     description: str = ""
     source: str | None = None
+    seeds: int = 1
 
 
 def load_grid(path: str | os.PathLike | None = None) -> Grid:
@@ -125,6 +128,9 @@ def load_grid(path: str | os.PathLike | None = None) -> Grid:
     if not isinstance(base, dict):
         raise LungCTError(path, "'base' must be a JSON object")
     StageSettings.from_dict(base, source=f"{path}: base")
+    seeds = data.get("seeds", 1)
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
+        raise LungCTError(path, f"'seeds' must be a whole number >= 1, got {seeds!r}")
     out = []
     for name, overrides in configs.items():
         if not _NAME.match(name):
@@ -133,7 +139,22 @@ def load_grid(path: str | os.PathLike | None = None) -> Grid:
             raise LungCTError(path, f"config {name!r} must be a JSON object")
         settings = StageSettings.from_dict({**base, **overrides}, source=f"{path}: config {name}")
         out.append(AblationConfig(name, settings, overrides))
-    return Grid(out, str(data.get("description", "")), str(path))
+    return Grid(out, str(data.get("description", "")), str(path), seeds)
+
+
+def seeded(config: AblationConfig, seed: int) -> AblationConfig:
+    """``config`` trained with random seed ``seed`` (U-Net, CT-GAN and MGI-CNN plans alike).
+
+    Seed 0 is the plans' own seed: the config itself. Another seed is a config of its own,
+    ``<name>.seed<k>``, whose stages are keyed, shared and resumed like any other.
+    """
+    if seed == 0:
+        return config
+    values = config.settings.to_dict()
+    for key in SEED_KEYS:
+        values[key] = {**values[key], "seed": seed}
+    overrides = {**config.overrides, **{k: values[k] for k in SEED_KEYS}}
+    return AblationConfig(f"{config.name}.seed{seed}", StageSettings.from_dict(values), overrides)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,11 +322,17 @@ def run_ablation(
     workers: int = 2,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    seeds: int | None = None,
 ) -> list[dict[str, Any]]:
     """Run every config of a grid (or those named in ``only``) and write the table and figure.
 
+    With ``seeds`` (default: the grid's ``seeds``, else 1) above 1, every config is also
+    trained with random seeds 1 .. seeds-1 (:func:`seeded`), and the table gives the spread of
+    its CPM, and of its difference to the reference, across those training runs.
+
     Returns:
-        The configs' ``result.json`` contents, in grid order.
+        The configs' ``result.json`` contents (seed 0), in grid order; each carries
+        ``seed_cpms``, the CPM of every seed.
 
     Raises:
         LungCTError: a missing data folder, a bad grid, an unknown name in ``only``, folds
@@ -325,6 +352,9 @@ def run_ablation(
                 grid.source, f"no config named {missing[0]!r} (configs: {', '.join(names)})"
             )
         configs = [c for c in configs if c.name in set(only)]
+    seeds = grid.seeds if seeds is None else seeds
+    if seeds < 1:
+        raise LungCTError(None, f"seeds must be >= 1, got {seeds}")
     cache = Path(cache_dir) if cache_dir is not None else out / "cache"
     fold_uids(data, split.train + split.val + split.test)  # folds without scans stop here
     previous = read_json_or_empty(out / "ablation_config.json")
@@ -343,20 +373,24 @@ def run_ablation(
             "cache": str(cache.resolve()),
             "split": split.to_dict(),
             "bootstrap": bootstrap,
+            "seeds": seeds,
             "configs": {c.name: c.settings.to_dict() for c in configs},
         },
     )
-    shared = _sharing(configs, split)
+    runs = [seeded(c, k) for c in configs for k in range(seeds)]
+    shared = _sharing(runs, split)
     log(
-        f"[ablate] {len(configs)} configs share {shared['unet']} U-Net, {shared['gan']} CT-GAN "
+        f"[ablate] {len(configs)} configs"
+        + (f" x {seeds} seeds" if seeds > 1 else "")
+        + f" share {shared['unet']} U-Net, {shared['gan']} CT-GAN "
         f"and {shared['fpr']} MGI-CNN trainings; folds train "
         f"{','.join(map(str, split.train))} / val {','.join(map(str, split.val))} / test "
         f"{','.join(map(str, split.test))}"
     )
     prepare_cache(data, cache, workers=workers, progress=progress)
     done: dict[str, dict[str, Any]] = {}
-    for i, config in enumerate(configs, start=1):
-        log(f"[ablate] config {i}/{len(configs)}: {config.name}")
+    for i, config in enumerate(runs, start=1):
+        log(f"[ablate] config {i}/{len(runs)}: {config.name}")
         done[config.name] = run_config(
             config, data, cache, out, split, bootstrap, workers, progress, log
         )
@@ -364,8 +398,15 @@ def run_ablation(
     results = []
     for config in grid.configs:
         result = done.get(config.name) or _finished(config, out, split, bootstrap)
-        if result is not None:
-            results.append(result)
+        if result is None:
+            continue
+        result = dict(result, seed_cpms=[result["metrics"]["cpm"]])
+        for k in range(1, seeds):
+            other = seeded(config, k)
+            extra = done.get(other.name) or _finished(other, out, split, bootstrap)
+            if extra is not None:
+                result["seed_cpms"].append(extra["metrics"]["cpm"])
+        results.append(result)
     comparison = compare_configs(results, data, out, bootstrap, log)
     write_table(results, out, comparison)
     plot_ablation(results, out, out / "ablation_froc.png")
@@ -464,19 +505,26 @@ def write_table(
 
     paired = {d.label: d for d in comparison.differences} if comparison is not None else {}
     reference = results[0]["name"] if results else ""
+    seeded_runs = any(len(r.get("seed_cpms", ())) > 1 for r in results)
+    ref_seeds = results[0].get("seed_cpms", []) if results else []
     header = (
         "config", "cpm", "cpm_ci95_lower", "cpm_ci95_upper",
         "cpm_diff", "cpm_diff_ci95_lower", "cpm_diff_ci95_upper", "cpm_diff_p",
+        "seeds", "cpm_seed_min", "cpm_seed_max", "cpm_diff_seed_min", "cpm_diff_seed_max",
         *(f"sens_{k}" for k in FP_RATE_KEYS),
         "nodules", "detected", "scans", "unet_preset", "gan", "fpr", "fpr_plan", "fpr_variant",
         "merge", "tta", "unet_stage", "gan_stage", "fpr_stage",
     )  # fmt: skip
     rows = []
+    seed_head = " CPM over seeds | - reference over seeds |" if seeded_runs else ""
     lines = [
-        f"| config | CPM [95% CI] | - {reference} [paired 95% CI] | p | "
+        f"| config | CPM [95% CI] | - {reference} [paired 95% CI] | p |{seed_head} "
         + " | ".join(RATE_LABELS)
         + " | U-Net | CT-GAN | FP reduction | TTA |",
-        "|---|---|---|---|" + "---|" * len(RATE_LABELS) + "---|---|---|---|",
+        "|---|---|---|---|"
+        + "---|" * (2 if seeded_runs else 0)
+        + "---|" * len(RATE_LABELS)
+        + "---|---|---|---|",
     ]
     for r in results:
         m, s, stages = r["metrics"], r["settings"], r["stages"]
@@ -485,10 +533,16 @@ def write_table(
         net = _network(r) if s["fpr"] else {"variant": "", "merge": ""}
         d = paired.get(r["name"])
         diff = ["", "", "", ""] if d is None else [d.cpm_difference, *d.ci, d.p_value]
+        seed_cpms = r.get("seed_cpms") or [m["cpm"]]
+        # Differences to the reference trained with the same seed, for the seeds both have.
+        seed_diffs = [a - b for a, b in zip(seed_cpms, ref_seeds, strict=False)]
+        spread = [len(seed_cpms), min(seed_cpms), max(seed_cpms)]
+        spread += [min(seed_diffs), max(seed_diffs)] if seed_diffs else ["", ""]
         rows.append(
             [
                 r["name"], m["cpm"], ci[0] if ci[0] is not None else "",
-                ci[1] if ci[1] is not None else "", *diff, *sens, m["nodules"], m["detected"],
+                ci[1] if ci[1] is not None else "", *diff, *spread, *sens, m["nodules"],
+                m["detected"],
                 m["scans"], _unet_preset(s), s["gan"], s["fpr"], s["fpr_plan"],
                 net["variant"], net["merge"], s["tta"], stages.get("unet", ""),
                 stages.get("gan", ""), stages.get("fpr", ""),
@@ -502,8 +556,15 @@ def write_table(
         else:
             versus, p_text = ("reference" if r["name"] == reference else "-"), ""
         described = _describe(r)
+        seed_text = ""
+        if seeded_runs:
+            seed_text = f" {min(seed_cpms):.3f} .. {max(seed_cpms):.3f} ({len(seed_cpms)}) |"
+            if r["name"] == reference or not seed_diffs:
+                seed_text += " - |"
+            else:
+                seed_text += f" {min(seed_diffs):+.3f} .. {max(seed_diffs):+.3f} |"
         lines.append(
-            f"| {r['name']} | {cpm} | {versus} | {p_text} | "
+            f"| {r['name']} | {cpm} | {versus} | {p_text} |{seed_text} "
             + " | ".join(f"{v:.3f}" for v in sens)
             + f" | {described['unet']} | {described['gan']} | {described['fpr']}"
             f" | {described['tta']} |"
@@ -522,9 +583,15 @@ def write_table(
         intro += (
             f"Each config against {reference}: the CPM difference with its paired interval "
             "(both scored on the same resampled scans) and its two-sided bootstrap p-value; "
-            "* marks an interval that excludes 0 (a difference at this level). One test set "
-            "and one training per config: the interval is over scans, not over training "
-            "runs.\n\n"
+            "* marks an interval that excludes 0 (a difference at this level). The interval "
+            "is over test scans, not over training runs"
+            + (
+                "; the seed columns give the range of the CPM, and of the difference to "
+                f"{reference} trained with the same seed, over the training runs (seed 0 is the "
+                "row's own run).\n\n"
+                if seeded_runs
+                else ": each config was trained once.\n\n"
+            )
         )
     write_text_atomic(md_path, intro + "\n".join(lines) + "\n")
     return csv_path, md_path

@@ -73,6 +73,31 @@ def test_a_grid_of_an_earlier_version_says_integration_for_merge(tmp_path: Path)
     assert "\n" not in str(exc.value)
 
 
+def test_seeds_make_configs_of_their_own(tmp_path: Path) -> None:
+    from integration.ablate import seeded
+
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps({"seeds": 3, "configs": {"a": {"fpr_overrides": {"epochs": 2}}}}))
+    grid = load_grid(path)
+    assert grid.seeds == 3 and load_grid("default").seeds == 3 and load_grid("quick").seeds == 1
+    (config,) = grid.configs
+    assert seeded(config, 0) is config
+    two = seeded(config, 2)
+    assert two.name == "a.seed2"
+    assert two.settings.fpr_overrides == {"epochs": 2, "seed": 2}
+    assert two.settings.unet_overrides == {"seed": 2} == two.settings.gan_overrides
+    assert two.settings.fpr_plan_resolved().seed == 2
+    keys, keys2 = (
+        stage_keys(config.settings, DEFAULT_SPLIT),
+        stage_keys(two.settings, DEFAULT_SPLIT),
+    )
+    assert all(keys[stage][0] != keys2[stage][0] for stage in keys)  # nothing shared across seeds
+    for bad in (0, -1, 1.5, True, "3"):
+        path.write_text(json.dumps({"seeds": bad, "configs": {"a": {}}}))
+        with pytest.raises(LungCTError, match="'seeds' must be a whole number"):
+            load_grid(path)
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> dict[str, Path]:
     """Four small synthetic scans (subsets 0-3) and their cache on a 2 mm grid."""
@@ -169,6 +194,38 @@ def test_ablate_shares_stages_and_writes_table(dataset: dict[str, Path], capsys)
     assert "score candidates ..." in printed and "extract candidates" not in printed
     with open(out / "ablation.csv", newline="") as handle:
         assert len(list(csv.DictReader(handle))) == 4  # the other configs are still listed
+
+
+def test_ablate_over_training_seeds(dataset: dict[str, Path], capsys) -> None:
+    """Two configs, two seeds: four U-Net trainings; the table gives each config's CPM range over
+    its seeds and the range of its difference to the reference trained with the same seed."""
+    root = dataset["root"]
+    grid = root / "seeds_grid.json"
+    alone = {"fpr": False, "gan": False}
+    wider = {**tiny_settings()["unet_overrides"], "bottleneck_filters": 12}
+    configs = {"ref": alone, "other": {**alone, "unet_overrides": wider}}
+    grid.write_text(json.dumps({"base": tiny_settings(), "configs": configs}))
+    out = root / "seeds_out"
+    assert main(_ablate(dataset, out, grid, "--seeds", "2")) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "2 configs x 2 seeds share 4 U-Net" in printed
+    assert printed.count("train U-Net ...") == 4
+    assert {p.name for p in (out / "configs").iterdir()} == {
+        "ref", "ref.seed1", "other", "other.seed1"
+    }  # fmt: skip
+    with open(out / "ablation.csv", newline="") as handle:
+        rows = {r["config"]: r for r in csv.DictReader(handle)}
+    assert set(rows) == {"ref", "other"} and rows["other"]["seeds"] == "2"
+    cpm = {
+        name: json.loads((out / "configs" / name / "result.json").read_text())["metrics"]["cpm"]
+        for name in ("ref", "ref.seed1", "other", "other.seed1")
+    }
+    assert float(rows["other"]["cpm_seed_min"]) == pytest.approx(
+        min(cpm["other"], cpm["other.seed1"])
+    )
+    diffs = [cpm["other"] - cpm["ref"], cpm["other.seed1"] - cpm["ref.seed1"]]
+    assert float(rows["other"]["cpm_diff_seed_max"]) == pytest.approx(max(diffs))
+    assert "| CPM over seeds | - reference over seeds |" in (out / "ablation.md").read_text()
 
 
 def test_ablate_errors_are_one_line(dataset: dict[str, Path], tmp_path: Path, capsys) -> None:
