@@ -37,6 +37,7 @@ from nbconvert import HTMLExporter
 
 from lungct.fileio import write_text_atomic
 from lungct.labs import QUICK_ENV
+from lungct.quiet import QUIET_LEVEL
 
 REPO = Path(__file__).resolve().parents[1]
 LABS = REPO / "labs"
@@ -128,7 +129,7 @@ def run_notebook(
     env.pop(QUICK_ENV, None)
     if quick:
         env[QUICK_ENV] = "1"
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", QUIET_LEVEL)
     # The notebook imports the suite from this checkout, wherever its working folder is.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory(prefix="lungct-kernel-") as spec_root:

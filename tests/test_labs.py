@@ -60,7 +60,11 @@ def solutions(number: str) -> ModuleType:
 def test_the_labs_are_found() -> None:
     names = [p.name for p in NOTEBOOKS]
     assert "01-ct-data-and-geometry.ipynb" in names
+    assert "02-unet-candidates.ipynb" in names
+    assert "03-mgi-cnn.ipynb" in names
+    assert "04-ct-gan.ipynb" in names
     assert "05-luna16-evaluation.ipynb" in names
+    assert "06-detector-and-comparison.ipynb" in names
     assert run_labs.lab_notebooks() == NOTEBOOKS
 
 
@@ -193,6 +197,197 @@ def test_lab01_dice() -> None:
     assert lab.dice(np.zeros(3, bool), np.zeros(3, bool)) == 1.0
 
 
+# --- lab 2 solutions ----------------------------------------------------------------------------
+
+
+def test_lab02_foreground_fraction() -> None:
+    from unet_candidates.data import IGNORE
+
+    lab = solutions("02")
+    y = np.array([[0, 1, 1], [IGNORE, 0, 0], [IGNORE, 1, 0]], dtype=np.float32)
+    assert lab.foreground_fraction(y) == pytest.approx(3 / 7)
+    assert lab.foreground_fraction(np.zeros((2, 4))) == 0.0
+    assert lab.foreground_fraction(np.full(3, IGNORE)) == 0.0
+
+
+def test_lab02_group_candidates_matches_the_suite() -> None:
+    from scipy import ndimage
+
+    from unet_candidates import candidates_from_probability
+
+    lab = solutions("02")
+    rng = np.random.default_rng(2)
+    for g in _geometries():  # straight, flipped and oblique grids
+        smooth = ndimage.gaussian_filter(rng.random(g.shape_zyx), 1.5)
+        prob = ((smooth - smooth.min()) / np.ptp(smooth)).astype(np.float32)
+        for threshold, radius in [(0.6, 0.0), (0.6, 8.0), (0.7, 20.0)]:
+            got = np.array(lab.group_candidates(prob, g, threshold, radius)).reshape(-1, 4)
+            suite = candidates_from_probability(
+                prob, g, "s", threshold, nms_radius_mm=radius, score_sigma_voxels=0
+            )
+            expected = np.array([c[1:5] for c in suite]).reshape(-1, 4)
+            assert len(expected) >= 2
+            np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_lab02_sensitivity_with_cap() -> None:
+    from integration import candidate_sensitivity
+
+    lab = solutions("02")
+    rng = np.random.default_rng(12)
+    for _ in range(40):
+        nodules, _, uids, marks = _random_submission(rng)
+        for cap in (0, 1, 3, 10, 1000):
+            kept = [
+                rows[np.argsort(-marks.probability[rows], kind="stable")][:cap]
+                for rows in (marks.rows_in_series(uid) for uid in uids)
+            ]
+            capped = marks.select(np.sort(np.concatenate([np.zeros(0, int), *kept])))
+            expected = candidate_sensitivity(nodules, capped, uids).sensitivity
+            assert lab.sensitivity_with_cap(nodules, marks, uids, cap) == pytest.approx(expected)
+
+
+# --- lab 3 solutions ----------------------------------------------------------------------------
+
+
+def test_lab03_cut_scales_by_hand(tmp_path: Path) -> None:
+    from fp_reduction_3dcnn import PatchCutter, get_plan
+    from lungct.cache import CachedScan, ScanCache
+
+    lab = solutions("03")
+    rng = np.random.default_rng(3)
+    g = Geometry((70, 60, 50), (1.0, 1.0, 1.0), (-30.0, 12.0, -200.0))  # a cache grid
+    volume = rng.integers(-1100, 500, size=g.shape_zyx).astype(np.int16)
+    scan = CachedScan("test", volume, np.zeros(volume.shape, bool), g, {})
+    plans = [
+        get_plan("default"),
+        get_plan("default").replace(
+            patch_sizes=((30, 30, 12), (16, 16, 8), (10, 10, 4)), input_size=(12, 12, 5)
+        ),
+    ]
+    inside = g.voxel_to_world([25, 30, 35])
+    corner = g.voxel_to_world([1.3, 2.6, 68.2])  # the patches leave the volume: air
+    between = g.voxel_to_world([25.4, 30.6, 35.5])  # rounded to the nearest voxel
+    outside = np.array(g.origin) - 60.0  # nothing of the volume: all air
+    for plan in plans:
+        cutter = PatchCutter(plan, ScanCache(tmp_path))
+        for centre in (inside, corner, between, outside):
+            expected = cutter.cut_scan(scan, centre[None])
+            got = lab.cut_scales_by_hand(volume, g, centre, plan)
+            assert len(got) == 3
+            for mine, suite in zip(got, expected, strict=True):
+                assert mine.shape == suite.shape[1:]
+                np.testing.assert_allclose(mine, suite[0], atol=1e-6)
+
+
+def test_lab03_tta_by_hand() -> None:
+    from fp_reduction_3dcnn import tta_predict
+    from fp_reduction_3dcnn.symmetries import VOLUME_SYMMETRIES
+
+    lab = solutions("03")
+    rng = np.random.default_rng(4)
+    weights = [rng.normal(size=(8, 8, 5)) for _ in range(3)]
+
+    def network(scales: list[np.ndarray]) -> np.ndarray:  # changed by every turn and flip
+        return sum((x * w).sum(axis=(1, 2, 3)) for x, w in zip(scales, weights, strict=True))
+
+    inputs = [rng.random((6, 8, 8, 5)) for _ in range(3)]
+    got = lab.tta_by_hand(network, inputs)
+    assert got.shape == (6,)
+    np.testing.assert_allclose(got, tta_predict(network, inputs), rtol=1e-12)
+    np.testing.assert_allclose(
+        lab.tta_by_hand(network, inputs, flip_z=True),
+        tta_predict(network, inputs, VOLUME_SYMMETRIES),
+        rtol=1e-12,
+    )
+    assert not np.allclose(got, network(inputs))  # the toy network really is not symmetric
+
+
+def test_lab03_mgi_params_by_hand() -> None:
+    from fp_reduction_3dcnn import MGICNN, get_plan
+    from fp_reduction_3dcnn.config import MERGES, VARIANTS
+
+    lab = solutions("03")
+    plans = [get_plan("default", variant=v, merge=m) for v in VARIANTS for m in MERGES]
+    plans.append(get_plan("paper"))
+    plans.append(
+        get_plan("default_adam").replace(
+            input_size=(18, 18, 5), stream_filters=(5, 7, 9), dense_units=(11,), merge="conv1x1"
+        )
+    )
+    for plan in plans:
+        expected = MGICNN.from_plan(plan).count_params()
+        assert lab.mgi_params_by_hand(plan) == expected, (plan.name, plan.variant, plan.merge)
+
+
+# --- lab 4 solutions ----------------------------------------------------------------------------
+
+
+def test_lab04_condition_by_hand() -> None:
+    from ct_gan_augment import get_plan
+    from ct_gan_augment.inject import make_condition
+
+    lab = solutions("04")
+    rng = np.random.default_rng(4)
+    for cube_size, hole in [(32, 16), (32, 20), (16, 6)]:
+        plan = get_plan("default", cube_size=cube_size, hole_size=hole)
+        cubes = rng.uniform(-0.5, 0.5, (3, *(cube_size,) * 3)).astype(np.float32)
+        for diameters in (None, [1.0, float(hole), *rng.uniform(1, hole, 1)]):
+            expected = make_condition(cubes, plan, diameters)
+            got = lab.condition_by_hand(cubes, hole, diameters)
+            assert got.dtype == expected.dtype
+            np.testing.assert_array_equal(got, expected)
+
+
+def test_lab04_leaked_series() -> None:
+    from integration.crossval import check_no_leakage, source_series
+    from lungct.errors import LungCTError
+
+    lab = solutions("04")
+    assert lab.leaked_series(["1.2.30", "1.2.3.ctgan12"], ["1.2.3", "1.2.300"]) == ["1.2.3"]
+    rng = np.random.default_rng(5)
+    pool = ["1.2.3", "1.2.30", "1.2.300", "9.8", "9.8.7"]
+    for _ in range(200):
+        test = sorted({str(u) for u in rng.choice(pool, size=2)})
+        train = [
+            str(u) if rng.random() < 0.5 else f"{u}.ctgan{rng.integers(0, 12)}"
+            for u in rng.choice(pool, size=int(rng.integers(0, 4)))
+        ]
+        leaked = lab.leaked_series(train, test)
+        assert leaked == sorted(set(test) & {source_series(u) for u in train})
+        manifest = {"test_series": test, "train_series": train}
+        if leaked:
+            with pytest.raises(LungCTError):
+                check_no_leakage(manifest)
+        else:
+            check_no_leakage(manifest)
+
+
+def test_lab04_scan_fingerprint() -> None:
+    import dataclasses
+
+    lab = solutions("04")
+    rng = np.random.default_rng(6)
+    g = _geometries()[1]
+    scan = Scan(rng.integers(-1000, 400, size=g.shape_zyx).astype(np.int16), g, "test")
+    same = lab.scan_fingerprint(scan)
+    assert isinstance(same, str) and len(same) == 64
+    copy = dataclasses.replace(scan, array=np.asfortranarray(scan.array.copy()))
+    assert lab.scan_fingerprint(copy) == same
+    one_voxel = scan.array.copy()
+    one_voxel[3, 4, 5] += 1
+    changed = [
+        dataclasses.replace(scan, array=one_voxel),
+        dataclasses.replace(scan, array=scan.array.astype(np.int32)),
+        dataclasses.replace(scan, geometry=dataclasses.replace(g, origin=(0.0, 0.0, 0.0))),
+        dataclasses.replace(scan, geometry=dataclasses.replace(g, spacing=(1.0, 1.0, 1.0))),
+        dataclasses.replace(
+            scan, geometry=dataclasses.replace(g, direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+        ),
+    ]
+    assert len({lab.scan_fingerprint(s) for s in changed} | {same}) == len(changed) + 1
+
+
 # --- lab 5 solutions ----------------------------------------------------------------------------
 
 TOY_SCANS = ["scan-A", "scan-B", "scan-C"]
@@ -280,3 +475,54 @@ def test_lab05_cpm_by_hand_is_exact() -> None:
     for seed in range(100):
         case = _random_submission(np.random.default_rng(seed))
         assert lab.cpm_by_hand(*case) == pytest.approx(evaluate(*case).cpm, abs=1e-12), seed
+
+
+# --- lab 6 solutions ----------------------------------------------------------------------------
+
+
+def _two_systems(seed: int) -> tuple:
+    """A random test set, a submission and a second one: the same marks, rescored with noise."""
+    rng = np.random.default_rng(seed)
+    nodules, excluded, uids, marks = _random_submission(rng)
+    noisy = np.clip(marks.probability + rng.normal(0, 0.15, len(marks)), 0, 1)
+    other = ResultTable(marks.uids, marks.series_index, marks.coords, probability=noisy)
+    return nodules, excluded, uids, marks, other
+
+
+def test_lab06_paired_p_value() -> None:
+    from integration import compare
+
+    lab = solutions("06")
+    assert lab.paired_p_value([0.0] * 9) == 1.0
+    assert lab.paired_p_value([0.1] * 99) == pytest.approx(2 / 100)
+    for seed in range(30):
+        nodules, excluded, uids, a, b = _two_systems(seed)
+        cmp = compare(nodules, excluded, uids, [a, b], bootstrap=60, seed=seed)
+        rounds = cmp.results[1].bootstrap.cpm_samples - cmp.results[0].bootstrap.cpm_samples
+        assert lab.paired_p_value(rounds) == cmp.differences[0].p_value, seed
+
+
+def test_lab06_resampled_cpms_are_evaluates_bootstrap() -> None:
+    lab = solutions("06")
+    for seed in range(30):
+        nodules, excluded, uids, marks, _ = _two_systems(seed)
+        mine = lab.resampled_cpms(nodules, excluded, uids, marks, 40, seed=seed)
+        suite = evaluate(nodules, excluded, uids, marks, bootstrap=40, seed=seed).bootstrap
+        np.testing.assert_allclose(mine, suite.cpm_samples, atol=1e-12, err_msg=str(seed))
+
+
+def test_lab06_paired_and_unpaired_ci() -> None:
+    from integration import compare
+
+    lab = solutions("06")
+    for seed in range(20):
+        nodules, excluded, uids, a, b = _two_systems(seed)
+        for confidence in (0.95, 0.8):
+            paired, unpaired = lab.paired_and_unpaired_ci(
+                nodules, excluded, uids, a, b, 50, seed=seed, confidence=confidence
+            )
+            d = compare(
+                nodules, excluded, uids, [a, b], bootstrap=50, seed=seed, confidence=confidence
+            ).differences[0]
+            np.testing.assert_allclose(paired, d.ci, atol=1e-12, err_msg=str(seed))
+            np.testing.assert_allclose(unpaired, d.unpaired_ci, atol=1e-12, err_msg=str(seed))
