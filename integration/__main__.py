@@ -3,7 +3,8 @@
 Verbs:
     evaluate   the exact LUNA16 evaluation of a results CSV (FROC, CPM, bootstrap interval).
     compare    two or more results CSVs on the same scans: paired CPM differences, one figure.
-    detect     the whole detector on one scan: detections CSV and an HTML report.
+    detect     the whole detector on one scan: detections CSV and an HTML report; or on many
+               scans (--scans DIR|LIST.csv), in one process or on Ray (--ray).
     demo       the shipped set measured on fresh synthetic scans, then every stage trained briefly.
     crossval   every stage per test subset, then the pooled folds evaluated once.
     ablate     named configurations (a grid JSON): one CPM table and one FROC figure.
@@ -27,6 +28,7 @@ from lungct.fileio import read_json
 
 if TYPE_CHECKING:
     from integration.stages import StageSettings
+    from lungct.raypool import RayOptions
 
 _ALLOW_UNFINISHED = (
     "use stages whose training has not ended (their last saved weights; the MGI-CNN's newest "
@@ -196,6 +198,14 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 
 def _run_detect(args: argparse.Namespace) -> int:
+    from lungct.errors import LungCTError
+    from lungct.raypool import ray_options_from_args
+
+    ray = ray_options_from_args(args)
+    if args.scans is not None:
+        return _run_detect_batch(args, ray)
+    if ray is not None or args.retry_failed:
+        raise LungCTError(None, "--ray and --retry-failed go with --scans (many scans)")
     from integration.pipeline import Detector, detect
 
     detector = Detector.load(
@@ -223,17 +233,67 @@ def _run_detect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_detect_batch(args: argparse.Namespace, ray: RayOptions | None) -> int:
+    from pathlib import Path
+
+    from integration.batch import (
+        DETECTIONS_FILE,
+        FAILURES_FILE,
+        SCANS_DIR,
+        BatchOptions,
+        run_batch,
+    )
+
+    options = BatchOptions(
+        models=args.models,
+        runtime=args.runtime,
+        threshold=args.threshold,
+        tta=args.tta,
+        report=not args.no_report,
+        allow_training_scans=args.allow_training_scans,
+        allow_unfinished=args.allow_unfinished,
+        retry_failed=args.retry_failed,
+    )
+    result = run_batch(args.scans, args.out, options, ray=ray)
+    if result.warning:
+        print(f"warning: {result.warning}", file=sys.stderr)
+    done = len(result.done_now) + len(result.done_before)
+    failed = len(result.failed) + len(result.failed_before)
+    print(
+        f"{result.scans} scans: {done} done ({len(result.done_now)} now, "
+        f"{len(result.done_before)} earlier), {failed} failed; {result.detections} detections "
+        f"in {DETECTIONS_FILE}; {result.seconds:.1f} s"
+    )
+    out = Path(args.out)
+    print(f"detections: {out / DETECTIONS_FILE}")
+    print(f"failures: {out / FAILURES_FILE}")
+    print(f"per scan: {out / SCANS_DIR}")
+    return result.exit_status
+
+
 def _add_detect(subparsers: argparse._SubParsersAction) -> None:
+    from lungct.raypool import add_ray_arguments
+
     p = subparsers.add_parser(
         "detect",
-        help="run the whole detector on one scan",
+        help="run the whole detector on one scan, or on many (--scans)",
         description=(
-            "Preprocess -> lung mask -> U-Net candidates -> MGI-CNN scores. Writes "
+            "Preprocess -> lung mask -> U-Net candidates -> MGI-CNN scores. With --scan: writes "
             "detections.csv (seriesuid,coordX,coordY,coordZ,probability,diameter_mm; world mm), "
-            "summary.json and report.html with its figures into --out."
+            "summary.json and report.html with its figures into --out. With --scans (a folder "
+            "of scans, or a CSV listing them): each scan's outputs go to OUT/scans/<seriesuid>/, "
+            "all detections to OUT/detections.csv (LUNA16 submission format), the scans that "
+            "failed to OUT/failures.csv with their reasons; a re-run skips finished scans. "
+            "Exit status with --scans: 0 every scan done, 1 some failed, 2 bad input."
         ),
     )
-    p.add_argument("--scan", required=True, help=".mhd/.mha/.nii(.gz) or a DICOM series folder")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--scan", help=".mhd/.mha/.nii(.gz) or a DICOM series folder")
+    source.add_argument(
+        "--scans",
+        help="many scans: a folder (searched with its subfolders; each folder of DICOM files "
+        "is one series) or a CSV of scan paths",
+    )
     p.add_argument(
         "--models",
         help="model set folder (modelset.json, unet/, fpr/, pipeline.json); default: the set "
@@ -255,6 +315,12 @@ def _add_detect(subparsers: argparse._SubParsersAction) -> None:
         help="run on a scan the MGI-CNN was trained on (its scores are then optimistic)",
     )
     p.add_argument("--allow-unfinished", action="store_true", help=_ALLOW_UNFINISHED)
+    p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="with --scans: run the scans of OUT/failures.csv again (a re-run skips them)",
+    )
+    add_ray_arguments(p, "with --scans: detect each scan")
     p.set_defaults(func=_run_detect)
 
 

@@ -78,6 +78,26 @@ class PipelineConfig(JSONPlan):
         super().save(Path(models_dir) / "pipeline.json")
 
 
+def open_model_set(
+    models_dir: str | os.PathLike | None = None, allow_unfinished: bool = False
+) -> ModelSet:
+    """Check a model set (default: the shipped one) without loading a weight
+    (:func:`integration.modelset.read_model_set`).
+
+    Raises:
+        LungCTError: no shipped set installed, or what :func:`read_model_set` refuses.
+    """
+    if models_dir is None:
+        models_dir = SHIPPED_MODELS
+        if not (models_dir / MODELSET_FILE).is_file():
+            raise LungCTError(
+                models_dir,
+                "no shipped model set in this installation; pass --models DIR (a set "
+                "trained with `python -m integration train-models` or `integration demo`)",
+            )
+    return read_model_set(models_dir, allow_unfinished=allow_unfinished)
+
+
 @dataclass
 class Detector:
     """The trained stages of a model set, loaded once, applied to any number of scans."""
@@ -95,13 +115,15 @@ class Detector:
         models_dir: str | os.PathLike | None = None,
         runtime: str | None = None,
         allow_unfinished: bool = False,
+        threads: int | None = None,
     ) -> Detector:
         """Load a model set (default: the shipped one) in Keras safe mode.
 
-        Every stage's seal is checked first (:func:`integration.modelset.read_model_set`);
-        ``allow_unfinished`` accepts stages whose training has not ended. ``runtime`` chooses
-        where the U-Net runs (:func:`unet_candidates.runtime.predictor`; default
-        ``LUNGCT_RUNTIME`` or ``auto``: ONNX Runtime on a CPU).
+        Every stage's seal is checked first (:func:`open_model_set`); ``allow_unfinished``
+        accepts stages whose training has not ended. ``runtime`` chooses where the U-Net runs
+        (:func:`unet_candidates.runtime.predictor`; default ``LUNGCT_RUNTIME`` or ``auto``:
+        ONNX Runtime on a CPU); ``threads`` sizes ONNX Runtime's thread pool (default: one
+        thread per core; a worker sharing the machine with others gives its share).
 
         Raises:
             LungCTError: no such folder, no shipped set installed, not a model set, a
@@ -111,18 +133,10 @@ class Detector:
         from unet_candidates import load_unet
         from unet_candidates.runtime import default_runtime, predictor
 
-        if models_dir is None:
-            models_dir = SHIPPED_MODELS
-            if not (models_dir / MODELSET_FILE).is_file():
-                raise LungCTError(
-                    models_dir,
-                    "no shipped model set in this installation; pass --models DIR (a set "
-                    "trained with `python -m integration train-models` or `integration demo`)",
-                )
-        model_set = read_model_set(models_dir, allow_unfinished=allow_unfinished)
+        model_set = open_model_set(models_dir, allow_unfinished=allow_unfinished)
         models_dir = model_set.root
         unet_model, unet_plan = load_unet(models_dir / "unet", allow_unfinished=allow_unfinished)
-        unet_model = predictor(unet_model, runtime or default_runtime())
+        unet_model = predictor(unet_model, runtime or default_runtime(), threads=threads)
         fpr = None
         if "fpr" in model_set.stages:
             from fp_reduction_3dcnn.predict import open_model

@@ -1,4 +1,4 @@
-"""``python -m lungct <verb>``: info, lungmask, prepare, synth, show.
+"""``python -m lungct <verb>``: info, lungmask, prepare, synth, show, import.
 
 Every verb has ``--help``. A bad input prints one line ``error: <file>: <problem>`` on stderr
 and exits with status 2.
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from lungct.cli import positive_int, run_command
 from lungct.errors import LungCTError
+from lungct.raypool import add_ray_arguments
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -38,11 +39,15 @@ def _lungmask(args: argparse.Namespace) -> int:
 def _prepare(args: argparse.Namespace) -> int:
     from lungct.cache import prepare_dataset
     from lungct.preprocess import PreprocessPlan
+    from lungct.raypool import ray_options_from_args
     from lungct.tables import parse_folds
 
+    ray = ray_options_from_args(args)
     plan = PreprocessPlan.load(args.plan) if args.plan else PreprocessPlan()
     folds = parse_folds(args.folds) if args.folds else None
-    report = prepare_dataset(args.data, args.cache, plan, folds=folds, workers=args.workers)
+    report = prepare_dataset(
+        args.data, args.cache, plan, folds=folds, workers=args.workers, ray=ray
+    )
     for _uid, message in sorted(report["failed"].items()):
         print(f"error: {message}", file=sys.stderr)
     summary = {k: len(v) for k, v in report.items()}
@@ -87,12 +92,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="mask file (.mhd, .nii.gz, ...)")
     p.set_defaults(func=_lungmask)
 
-    p = sub.add_parser("prepare", help="build the per-scan cache of a LUNA16-layout folder")
+    p = sub.add_parser(
+        "prepare",
+        help="build the per-scan cache of a LUNA16-layout folder",
+        description="Build (or complete: finished entries are skipped) the per-scan cache of a "
+        "LUNA16-layout folder, --workers local processes at a time, or one Ray task per scan "
+        "with --ray. A scan that fails is named on stderr and the others go on; exit status "
+        "0 every scan prepared, 1 some failed, 2 bad input.",
+    )
     p.add_argument("--data", required=True, help="folder with subset0..9/*.mhd")
     p.add_argument("--cache", required=True, help="cache folder (created; resumable)")
     p.add_argument("--folds", help="only these subsets, e.g. 0-7 or 0,3,9")
     p.add_argument("--plan", help="preprocessing plan JSON (default: 1 mm isotropic)")
-    p.add_argument("--workers", type=positive_int, default=2, help="scans prepared in parallel")
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=2,
+        help="scans prepared in parallel, in local processes (without --ray)",
+    )
+    add_ray_arguments(p, "prepare each scan")
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("show", help="PNG of axial/coronal/sagittal views through each nodule")
@@ -104,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     from lungct.synth.cli import add_synth_parser
 
     add_synth_parser(sub)
+
+    from lungct.importers.cli import add_import_parser
+
+    add_import_parser(sub)
     return parser
 
 

@@ -35,6 +35,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -54,6 +55,9 @@ from lungct.io import read_scan, series_uid_from_path
 from lungct.lungmask import lung_volume_ml, segment_lungs_array
 from lungct.preprocess import PreprocessPlan, resample_array
 from lungct.scan import AIR_HU
+
+if TYPE_CHECKING:
+    from lungct.raypool import RayOptions
 
 _SUBSET = re.compile(r"^subset(\d+)$")
 
@@ -253,10 +257,13 @@ def prepare_dataset(
     folds: Iterable[int] | None = None,
     workers: int = 2,
     progress: bool = True,
+    ray: RayOptions | None = None,
 ) -> dict:
     """Build (or complete) the per-scan cache of a dataset, ``workers`` scans at a time.
 
-    At most ``workers`` scans are in memory at once. Scans whose entry is complete and whole
+    At most ``workers`` scans are in memory at once. With ``ray`` each scan is a Ray task
+    instead, on a local Ray started for the call or on a cluster (:mod:`lungct.raypool`; one
+    scan at a time per worker, ``workers`` then unused). Scans whose entry is complete and whole
     (:meth:`ScanCache.entry_problem`) are skipped; a broken one is rebuilt. A scan that fails
     is reported by name and the others still get done, but an output that cannot be written
     (:class:`lungct.fileio.WriteError`: full disk, read-only folder) stops the whole prepare,
@@ -267,6 +274,10 @@ def prepare_dataset(
         ``{"prepared": [...], "skipped": [...], "failed": {uid: message}}``.
     """
     plan = plan or PreprocessPlan()
+    if ray is not None:
+        from lungct.raypool import import_ray
+
+        import_ray()  # a missing Ray is said before anything is written
     cache = ScanCache(cache_dir)
     try:
         cache.root.mkdir(parents=True, exist_ok=True)
@@ -287,7 +298,9 @@ def prepare_dataset(
     }
     bar = tqdm(total=len(todo), desc="prepare", unit="scan", disable=not progress)
     try:
-        if workers <= 1 or len(todo) <= 1:
+        if ray is not None and todo:
+            _prepare_on_ray(todo, cache.root, plan, ray, report, bar)
+        elif workers <= 1 or len(todo) <= 1:
             for s in todo:
                 _record(s, report, lambda s=s: prepare_one(s, cache.root, plan))
                 bar.update()
@@ -351,6 +364,54 @@ def _prepare_in_workers(
             remove_abandoned_stages(root / s.seriesuid)
         raise
     pool.shutdown(wait=True)
+
+
+class PrepareWorker:
+    """A Ray actor's state for :func:`prepare_dataset`: one scan per :meth:`run`."""
+
+    def __init__(self, cache_root: str, plan: PreprocessPlan) -> None:
+        self.root, self.plan = Path(cache_root), plan
+
+    def ready(self) -> str | None:
+        """Nothing to set up: always ready."""
+        return None
+
+    def run(self, scan_file: ScanFile) -> tuple[str, str | None]:
+        """Prepare one scan: ``("prepared", None)`` or ``("failed", message)``.
+
+        Raises:
+            WriteError: the entry cannot be written (the whole prepare stops).
+        """
+        try:
+            prepare_one(scan_file, self.root, self.plan)
+        except WriteError:
+            raise
+        except LungCTError as exc:
+            return "failed", str(exc)
+        return "prepared", None
+
+
+def _prepare_on_ray(
+    todo: Sequence[ScanFile],
+    root: Path,
+    plan: PreprocessPlan,
+    options: RayOptions,
+    report: dict,
+    bar: tqdm,
+) -> None:
+    """Prepare ``todo`` as Ray tasks; a worker that died fails its scan, the others go on."""
+    from lungct.raypool import WorkerLost, ray_session, stream_on_actors, worker_count
+
+    with ray_session(options) as ray:
+        workers = worker_count(ray, options, len(todo))
+        for s, outcome in stream_on_actors(ray, PrepareWorker, (str(root), plan), todo, workers):
+            if isinstance(outcome, WorkerLost):
+                report["failed"][s.seriesuid] = f"{s.path}: {outcome.reason}"
+            elif outcome[0] == "failed":
+                report["failed"][s.seriesuid] = outcome[1]
+            else:
+                report["prepared"].append(s.seriesuid)
+            bar.update()
 
 
 def _prepare_in_worker(scan_file: ScanFile, cache_root: Path, plan: PreprocessPlan) -> dict:

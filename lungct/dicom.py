@@ -271,3 +271,25 @@ def read_dicom_series(folder: str | Path, max_voxels: int | None = None) -> Scan
     spacing[2] = step
     image.SetSpacing(spacing)
     return scan_from_image(image, seriesuid=slices[0].series_uid, source=folder)
+
+
+def series_uid_of_folder(folder: str | Path) -> str | None:
+    """The SeriesInstanceUID :func:`read_dicom_series` would give ``folder``, from the header of
+    its first image slice (sorted by name; localizers and files that are not DICOM skipped).
+
+    Reads headers only, and stops at the first slice: a quick name for a series before it is
+    read. ``None`` when no readable image slice is found (reading the folder then says why).
+    """
+    folder = Path(folder)
+    try:
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+    except OSError:
+        return None
+    for path in files:
+        try:
+            found = _read_header(path)
+        except LungCTError:
+            continue
+        if found is not None and not found.localizer and found.series_uid:
+            return found.series_uid
+    return None

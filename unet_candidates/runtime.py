@@ -65,8 +65,9 @@ def _gpu_visible() -> bool:
     return bool(tf.config.list_physical_devices("GPU"))
 
 
-def predictor(model: Any, runtime: str = "auto") -> Any:
-    """What predicts for ``model`` at extraction: the model itself or an :class:`OnnxPredictor`.
+def predictor(model: Any, runtime: str = "auto", threads: int | None = None) -> Any:
+    """What predicts for ``model`` at extraction: the model itself or an :class:`OnnxPredictor`
+    (with ``threads`` intra-op threads; default: one per core).
 
     Raises:
         LungCTError: an unknown runtime, or ``onnx`` asked for where it cannot run.
@@ -85,7 +86,7 @@ def predictor(model: Any, runtime: str = "auto") -> Any:
         why = f"missing {missing}" if missing else f"the {keras.backend.backend()} backend"
         raise LungCTError(None, f"the onnx runtime cannot run here ({why})")
     try:
-        return OnnxPredictor(model)
+        return OnnxPredictor(model, threads=threads)
     except Exception as exc:  # tf2onnx raises many types for an op it cannot convert
         if runtime == "onnx":
             raise LungCTError(None, f"the U-Net could not be converted to ONNX ({exc})") from None
