@@ -2,7 +2,10 @@
 
 Usage::
 
-    python bench/bench_detect.py SCAN [--models DIR] [--repeats 3] [--out bench.json]
+    python bench/bench_detect.py [SCAN] [--models DIR] [--repeats 3] [--out bench.json]
+
+Without SCAN (as ``make bench`` runs it), one full-resolution synthetic scan is generated in a
+temporary folder first (``lungct synth --size full``, random seed 0).
 
 In one process: the floor first (SimpleITK reads the scan and resamples it to the 1 mm grid the
 stages work on, median of ``--repeats``), then the model set is loaded (default: the shipped
@@ -46,7 +49,12 @@ def read_and_resample_seconds(scan_path: str, repeats: int) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("scan", help="a real scan (.mhd/.mha/.nii(.gz) or a DICOM folder)")
+    parser.add_argument(
+        "scan",
+        nargs="?",
+        help="a real scan (.mhd/.mha/.nii(.gz) or a DICOM folder); default: one full-resolution "
+        "synthetic scan made for the run",
+    )
     parser.add_argument("--models", help="model set (default: the shipped set)")
     parser.add_argument(
         "--runtime",
@@ -57,7 +65,17 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs (default 3)")
     parser.add_argument("--out", help="also write the results as JSON here")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as made:
+        if args.scan is None:
+            from lungct.synth import generate_dataset
 
+            generate_dataset(made, 1, 0, "full", progress=False, workers=1)
+            args.scan = str(next(Path(made).glob("subset*/*.mhd")))
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Time ``detect`` on ``args.scan`` and print the JSON result."""
     from integration.pipeline import Detector, detect
     from unet_candidates.runtime import runtime_of
 

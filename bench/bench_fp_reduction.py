@@ -52,14 +52,15 @@ def child_speed(plans: list[str], steps: int, warmup: int, batch: int) -> list[d
     import numpy as np
 
     from fp_reduction_3dcnn.config import get_plan
-    from fp_reduction_3dcnn.model import MGICNN, compile_model
+    from fp_reduction_3dcnn.model import compile_model
+    from fp_reduction_3dcnn.networks import build_network
 
     results = []
     rng = np.random.default_rng(0)
     for name in plans:
         plan = get_plan(name).replace(batch_size=batch)
-        model = compile_model(MGICNN.from_plan(plan), plan)
-        x = [rng.random((batch, *plan.input_shape), dtype=np.float32) for _ in range(3)]
+        model = compile_model(build_network(plan), plan)
+        x = [rng.random((batch, *plan.input_shape), dtype=np.float32) for _ in model.inputs]
         y = (rng.random((batch, 1)) < 0.15).astype("float32")
         times = []
         for i in range(warmup + steps):
@@ -78,6 +79,7 @@ def child_speed(plans: list[str], steps: int, warmup: int, batch: int) -> list[d
                 "bench": "speed",
                 "backend": keras.backend.backend(),
                 "plan": name,
+                "network": plan.network,
                 "conv": plan.conv,
                 "variant": plan.variant,
                 "params": int(model.count_params()),

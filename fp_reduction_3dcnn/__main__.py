@@ -101,16 +101,21 @@ def _gradcam(args: argparse.Namespace) -> int:
 
 def _params(args: argparse.Namespace) -> int:
     from fp_reduction_3dcnn.config import VARIANTS
-    from fp_reduction_3dcnn.model import MGICNN
+    from fp_reduction_3dcnn.networks import build_network
 
     base = _plan(args)
+    if base.network != "mgicnn":  # no variants: one network
+        count = build_network(base).count_params()
+        print(json.dumps({"plan": base.name, "network": base.network, "params": count}))
+        return 0
     rows = []
     for variant in VARIANTS if args.variant is None else [args.variant]:
         plan = base.replace(variant=variant)
-        count = MGICNN.from_plan(plan).count_params()
+        count = build_network(plan).count_params()
         rows.append(
             {
                 "plan": plan.name,
+                "network": plan.network,
                 "variant": variant,
                 "merge": plan.merge,
                 "conv": plan.conv,
@@ -129,12 +134,15 @@ def _show_plan(args: argparse.Namespace) -> int:
 
 
 def _add_plan_args(p: argparse.ArgumentParser, training: bool = False) -> None:
-    from fp_reduction_3dcnn.config import CONV_MODES, MERGES, RESIZE_MODES, VARIANTS
+    from fp_reduction_3dcnn.config import CONV_MODES, MERGES, PLANS, RESIZE_MODES, VARIANTS
 
     p.add_argument(
-        "--plan", default="default", help="named plan (default, default_3d, paper, code) or JSON"
+        "--plan",
+        default="default",
+        help=f"named plan ({', '.join(PLANS)}; resnet3d and cnn3d train the other networks) "
+        "or JSON",
     )
-    p.add_argument("--variant", choices=VARIANTS, help="network variant (default: the plan's)")
+    p.add_argument("--variant", choices=VARIANTS, help="MGI-CNN variant (default: the plan's)")
     p.add_argument(
         "--merge", choices=MERGES, help="how the two streams are merged (default: the plan's)"
     )
@@ -153,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line parser (exposed for tests and documentation)."""
     parser = argparse.ArgumentParser(
         prog="python -m fp_reduction_3dcnn",
-        description="MGI-CNN false-positive reduction: train, predict, Grad-CAM.",
+        description="False-positive reduction with the MGI-CNN (or, by plan, a 3-D ResNet or a "
+        "small 3-D CNN): train, predict, Grad-CAM.",
     )
     sub = parser.add_subparsers(dest="verb", required=True)
 
@@ -214,7 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-unfinished", action="store_true", help=_ALLOW_UNFINISHED)
     p.set_defaults(func=_gradcam)
 
-    p = sub.add_parser("params", help="parameter count of each variant (vs the paper's 9,472,000)")
+    p = sub.add_parser(
+        "params",
+        help="parameter count of each MGI-CNN variant (vs the paper's 9,472,000), or of the "
+        "plan's other network",
+    )
     _add_plan_args(p)
     p.set_defaults(func=_params)
 

@@ -166,8 +166,9 @@ def resize_patches(patches: np.ndarray, size_zyx: Sequence[int], mode: str) -> n
 
 
 class PatchCutter:
-    """Cut the three co-centred scales of candidates from cached scans, as network inputs.
+    """Cut the co-centred scales of candidates from cached scans, as network inputs.
 
+    The MGI-CNN takes three scales, the single-patch networks one (``plan.patch_sizes``).
     Each scale ``(x, y, z)`` voxels of ``plan.patch_sizes`` is cut around the world point at
     ``plan.cut_spacing`` (an exact integer crop when that equals the cache grid, else trilinear
     sampling on a world-aligned grid), windowed to [0, 1] with ``plan.hu_window``, resized to
@@ -209,7 +210,7 @@ class PatchCutter:
         )
 
     def cut_hu(self, scan: CachedScan, centre_world: Sequence[float]) -> list[np.ndarray]:
-        """The three scales around one world point, in HU, ``(z, y, x)`` at the cut spacing."""
+        """The scales around one world point, in HU, ``(z, y, x)`` at the cut spacing."""
         if self._exact_crop(scan):
             # One crop of the widest scale; the narrower ones share its centre voxel.
             big = crop_patch(scan.volume, scan.geometry, centre_world, self.sizes_zyx[0])
@@ -249,7 +250,7 @@ class PatchCutter:
                 the rotation (see :func:`fp_reduction_3dcnn.symmetries.augment_batch`).
 
         Returns:
-            Three float32 arrays ``(N, y, x, z)``, wide scale first.
+            One float32 array ``(N, y, x, z)`` per scale (three for the MGI-CNN), wide first.
         """
         return self.cut_scan(self.scan(uid), centres_world, rotations, flips)
 
@@ -289,7 +290,9 @@ class PatchCutter:
         """Network inputs for table rows (any series mix, any order); result in ``rows`` order."""
         rows = np.asarray(rows, dtype=np.int64)
         n = len(rows)
-        outs = [np.empty((n, *self.plan.input_shape), dtype=np.float32) for _ in range(3)]
+        outs = [
+            np.empty((n, *self.plan.input_shape), dtype=np.float32) for _ in range(self.plan.scales)
+        ]
         if not n:
             return outs
         series = table.series_index[rows]

@@ -1,8 +1,9 @@
 """Grad-CAM for one candidate: where in its patches the network looked.
 
 The heat map is the ReLU of the last convolutional block's feature maps weighted by the mean
-gradient of the logit (Selvaraju et al., ICCV 2017), resized to each of the three cut patches
-and drawn over their axial, coronal and sagittal centre slices. The network sees every scale on
+gradient of the logit (Selvaraju et al., ICCV 2017), resized to each cut patch (the MGI-CNN's
+three scales, the single-patch networks' one) and drawn over their axial, coronal and sagittal
+centre slices. The network sees every scale on
 the same ``input_size`` grid, so the same map is drawn over each scale's own extent. In 2.5-D
 the slices are channels, so the map has no z resolution (constant along z).
 
@@ -32,9 +33,9 @@ from lungct.preprocess import WINDOWS, resample_scan
 
 
 def _features_and_gradients(model: keras.Model, inputs: Sequence[np.ndarray]):
-    sub = keras.Model(
-        model.inputs, [model.get_layer(GRADCAM_LAYER).output, model.get_layer(LOGIT_LAYER).output]
-    )
+    # Each network names its last convolutional output; the MGI-CNN's is GRADCAM_LAYER.
+    features = model.get_layer(getattr(model, "gradcam_layer", GRADCAM_LAYER)).output
+    sub = keras.Model(model.inputs, [features, model.get_layer(LOGIT_LAYER).output])
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
@@ -62,8 +63,11 @@ def grad_cam(model: keras.Model, inputs: Sequence[np.ndarray]) -> tuple[np.ndarr
     """Grad-CAM map of one sample.
 
     Args:
-        model: an :class:`~fp_reduction_3dcnn.model.MGICNN`.
-        inputs: the three scales, each ``(1, y, x, z)``.
+        model: an :class:`~fp_reduction_3dcnn.model.MGICNN` (or another network of the
+            plans: :class:`~fp_reduction_3dcnn.resnet3d.ResNet3D`,
+            :class:`~fp_reduction_3dcnn.cnn3d.CNN3D`).
+        inputs: the scales (three for the MGI-CNN, one patch for the others), each
+            ``(1, y, x, z)``.
 
     Returns:
         ``(cam, probability)``: ``cam`` in [0, 1], ``(y, x)`` for 2.5-D models and
@@ -105,7 +109,8 @@ def gradcam_figure(
     out_png: str | os.PathLike,
     window: tuple[float, float] = WINDOWS["lung"],
 ) -> dict:
-    """Write a PNG: for each scale (rows), axial/coronal/sagittal slices with the Grad-CAM overlay.
+    """Write a PNG: for each scale or patch (rows), axial/coronal/sagittal slices with the
+    Grad-CAM overlay.
 
     A colour bar on the right gives the overlay's scale (0..1, relative to the map's peak).
 
@@ -119,8 +124,9 @@ def gradcam_figure(
     cam, probability = grad_cam(trained.model, inputs)
     patches = cutter.cut_hu(scan, centre[0])
     sx, sy, sz = plan.cut_spacing
-    fig = new_figure((10.5, 10.5))
-    axes = fig.subplots(3, 3, squeeze=False)
+    rows = len(plan.patch_sizes)
+    fig = new_figure((10.5, 3.5 * rows + (0.6 if rows == 1 else 0.0)))
+    axes = fig.subplots(rows, 3, squeeze=False)
     for row, (patch, size) in enumerate(zip(patches, plan.patch_sizes, strict=True)):
         heat = cam_to_patch(cam, patch.shape)
         nz, ny, nx = patch.shape
@@ -152,14 +158,16 @@ def gradcam_figure(
                 interpolation="bilinear",
             )
             ax.plot(*mark, marker="+", color="white", markersize=8, markeredgewidth=0.8)
-            ax.set_title(f"scale {row + 1} ({size[0]}x{size[1]}x{size[2]}) {title}", fontsize=9)
+            what = f"scale {row + 1}" if rows > 1 else "patch"
+            ax.set_title(f"{what} ({size[0]}x{size[1]}x{size[2]}) {title}", fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
     x, y, z = (float(v) for v in centre[0])
     note = " (2.5-D: map constant along z)" if plan.conv == "2.5d" else ""
+    network = f"{plan.variant}/{plan.conv}" if plan.network == "mgicnn" else plan.network
     fig.suptitle(
         f"{scan.seriesuid}\nworld ({x:.1f}, {y:.1f}, {z:.1f}) mm   p(nodule) = {probability:.3f}"
-        f"   {plan.variant}/{plan.conv}{note}",
+        f"   {network}{note}",
         fontsize=10,
     )
     fig.tight_layout(rect=(0, 0, 0.92, 1))

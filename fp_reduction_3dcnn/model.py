@@ -114,6 +114,9 @@ class MGICNN(keras.Model):
         in pulmonary nodule detection." Neural Networks 115:1-10, 2019 (arXiv:1807.10581).
     """
 
+    gradcam_layer = GRADCAM_LAYER
+    """Name of the last convolutional block's output (the Grad-CAM feature map)."""
+
     def __init__(
         self,
         variant: str = "mgi",

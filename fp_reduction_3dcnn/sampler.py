@@ -25,7 +25,7 @@ class BatchPlan(NamedTuple):
 
 
 class BalancedBatchSampler:
-    """Stream class-balanced batches of three-scale patches; memory set by the batch size.
+    """Stream class-balanced batches of patches; memory set by the batch size.
 
     Every batch holds ``plan.positives_per_batch`` positives (drawn with replacement and
     augmented on the fly: a random 0/90/180/270-degree axial rotation and a random shift of up
@@ -81,7 +81,8 @@ class BalancedBatchSampler:
         return self.steps
 
     def epoch(self, epoch: int) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
-        """The batches ``([scale_1, scale_2, scale_3], labels)`` of one epoch."""
+        """The batches ``([scale_1, scale_2, scale_3], labels)`` of one epoch (``([patch],
+        labels)`` for a single-patch network)."""
         for batch in self.epoch_plan(epoch):
             yield self.cut(batch)
 

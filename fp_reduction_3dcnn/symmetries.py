@@ -66,11 +66,11 @@ def tta_predict(
     inputs: Sequence[np.ndarray],
     symmetries: Sequence[tuple] = AXIAL_SYMMETRIES,
 ) -> np.ndarray:
-    """Average ``predict`` over the axial symmetries applied to all three scales alike.
+    """Average ``predict`` over the axial symmetries applied to every scale alike.
 
     Args:
         predict: maps ``[scale_1, scale_2, scale_3]`` to ``(N, 1)`` (or ``(N,)``) probabilities.
-        inputs: the three ``(N, y, x, z)`` scales.
+        inputs: the ``(N, y, x, z)`` scales (three for the MGI-CNN, one patch for the others).
         symmetries: ``(k, flip_x)`` or ``(k, flip_x, flip_z)`` tuples to average over
             (default: the eight axial symmetries; :data:`VOLUME_SYMMETRIES` adds z flips).
 

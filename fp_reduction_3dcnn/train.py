@@ -41,7 +41,15 @@ from fp_reduction_3dcnn.data import (
     series_folds,
 )
 from fp_reduction_3dcnn.manifest import FoldManifest, check_split
-from fp_reduction_3dcnn.model import MGICNN, compile_model
+from fp_reduction_3dcnn.model import compile_model
+from fp_reduction_3dcnn.networks import (
+    NETWORK_CLASSES,
+    build_network,
+    mgicnn_architecture,  # noqa: F401  (imported from here by earlier callers)
+    network_architecture,
+    network_classes,
+    network_description,
+)
 from fp_reduction_3dcnn.sampler import BalancedBatchSampler, validation_rows
 from lungct.cache import ScanCache
 from lungct.errors import LungCTError
@@ -89,25 +97,8 @@ def latest_checkpoint(model_dir: str | os.PathLike) -> tuple[int, Path] | None:
     return max(found) if found else None
 
 
-MGICNN_CLASS = "fp_reduction_3dcnn>MGICNN"
+MGICNN_CLASS = NETWORK_CLASSES["mgicnn"]
 """The registered Keras class an MGI-CNN model file must hold."""
-
-
-def mgicnn_architecture(plan: FPRPlan) -> dict:
-    """The settings the plan gives the MGI-CNN's constructor (:meth:`MGICNN.from_plan`), as
-    the model's config spells them: weights saved with other settings do not fit the plan."""
-    return {
-        "variant": plan.variant,
-        "merge": plan.merge,
-        "conv": plan.conv,
-        "stream_filters": list(plan.stream_filters),
-        "stream_top_filters": plan.stream_top_filters,
-        "head_filters": plan.head_filters,
-        "dense_units": list(plan.dense_units),
-        "dropout": plan.dropout,
-        "leaky_alpha": plan.leaky_alpha,
-        "input_shape": list(plan.input_shape),
-    }
 
 
 def load_keras(
@@ -116,18 +107,20 @@ def load_keras(
     plan: FPRPlan | None = None,
     plan_path: str | os.PathLike | None = None,
 ) -> keras.Model:
-    """Load an MGI-CNN ``.keras`` file in safe mode (no arbitrary code), with a one-line error.
+    """Load a false-positive reducer's ``.keras`` file in safe mode (no arbitrary code), with a
+    one-line error.
 
     The file's config is checked first (:func:`lungct.modeldir.load_keras_model`): foreign
-    classes, Lambda layers and other networks are refused, and with ``plan`` so are weights
-    whose architecture is not the plan's (a file of an earlier version, whose config says
-    ``integration`` for ``merge``, is compared under the new name).
+    classes, Lambda layers and other networks are refused, and with ``plan`` so are a network
+    other than the plan's and weights whose architecture is not the plan's (a file of an
+    earlier version, whose config says ``integration`` for ``merge``, is compared under the new
+    name). Without ``plan`` any of the suite's networks (:data:`NETWORK_CLASSES`) is accepted.
     """
     return load_keras_model(
         path,
-        classes=(MGICNN_CLASS,),
-        what="an MGI-CNN of this suite",
-        architecture=None if plan is None else mgicnn_architecture(plan),
+        classes=network_classes(plan),
+        what=network_description(plan),
+        architecture=None if plan is None else network_architecture(plan),
         plan_path=plan_path,
         compile=compile,
         renamed_keys=RENAMED_FIELDS,
@@ -217,6 +210,36 @@ def predict_inputs(
     return out
 
 
+VALIDATION_MEMORY_MB = 512
+"""Validation patches up to this size are cut once and kept; larger sets (the single-patch
+networks' 48 mm cubes cost 15 times the MGI-CNN's three scales) are cut anew at every epoch."""
+
+
+class ValidationSet:
+    """The validation rows and their patches: held in memory when they fit
+    :data:`VALIDATION_MEMORY_MB`, else cut from the cache batch by batch at every epoch."""
+
+    def __init__(self, cutter: PatchCutter, table: CandidateTable, rows: np.ndarray) -> None:
+        self.cutter, self.table, self.rows = cutter, table, rows
+        self.labels = table.label[rows]
+        plan = cutter.plan
+        mb = len(rows) * plan.scales * math.prod(plan.input_shape) * 4 / 2**20
+        self.inputs = cutter.cut_rows(table, rows) if mb <= VALIDATION_MEMORY_MB else None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def predict(self, model: keras.Model, batch: int = 256) -> np.ndarray:
+        """The model's probabilities ``(N,)`` for the validation rows."""
+        if self.inputs is not None:
+            return predict_inputs(model, self.inputs, batch)
+        out = np.empty(len(self.rows), dtype=np.float64)
+        for start in range(0, len(self.rows), batch):
+            inputs = self.cutter.cut_rows(self.table, self.rows[start : start + batch])
+            out[start : start + batch] = np.asarray(model.predict_on_batch(inputs)).reshape(-1)
+        return out
+
+
 def prepare_split(
     plan: FPRPlan,
     cache: ScanCache,
@@ -270,7 +293,10 @@ def train(
     progress: bool = True,
     provenance: dict | None = None,
 ) -> dict:
-    """Train an MGI-CNN on the candidates of ``folds``; monitor on ``val_folds``.
+    """Train the plan's network on the candidates of ``folds``; monitor on ``val_folds``.
+
+    The network is the MGI-CNN or another classifier (``plan.network``): they share the
+    sampler, the loop, the checkpoints and the sealed model folder.
 
     Args:
         plan: the training plan.
@@ -355,15 +381,14 @@ def train(
         model = load_keras(path, compile=True, plan=plan, plan_path=out / "plan.json")
     else:
         keras.utils.set_random_seed(plan.seed)
-        model = compile_model(MGICNN.from_plan(plan), plan)
+        model = compile_model(build_network(plan), plan)
     manifest.epochs_done = start_epoch
     manifest.save(out)
 
     cutter = PatchCutter(plan, cache)
     sampler = BalancedBatchSampler(plan, cutter, table, train_rows)
     val_rows = validation_rows(table, val_rows, plan.val_max_negatives, plan.seed)
-    val_inputs = cutter.cut_rows(table, val_rows) if len(val_rows) else None
-    val_labels = table.label[val_rows] if len(val_rows) else None
+    validation = ValidationSet(cutter, table, val_rows) if len(val_rows) else None
 
     log_path = out / "train_log.csv"
     log = _read_log(log_path, start_epoch)
@@ -393,8 +418,8 @@ def train(
                 stopped_early = True
                 break
         metrics = {"val_loss": math.nan, "val_auc": math.nan, "val_accuracy": math.nan}
-        if val_inputs is not None:
-            metrics = binary_metrics(val_labels, predict_inputs(model, val_inputs))
+        if validation is not None:
+            metrics = binary_metrics(validation.labels, validation.predict(model))
         timed = max(steps - 1, 1)
         row = {
             "epoch": epoch + 1,
@@ -446,6 +471,7 @@ def train(
         "train_positives": manifest.positives,
         "train_negatives": manifest.negatives,
         "val_candidates": len(val_rows),
+        "network": plan.network,
         "params": int(model.count_params()),
         **({k: log[-1][k] for k in ("val_loss", "val_auc")} if log else {}),
     }

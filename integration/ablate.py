@@ -7,23 +7,28 @@ A grid is a JSON file::
      "configs": {"full": {}, "no_gan": {"gan": false}, "unet_alone": {"fpr": false}, ...}}
 
 Every config is ``base`` with its own overrides; the keys are those of
-:class:`integration.stages.StageSettings` (``unet_preset``, ``gan``, ``fpr``, ``fpr_plan``,
+:class:`integration.stages.StageSettings` (``unet_preset``, ``candidates``, ``gan``, ``fpr``, ``fpr_plan``,
 ``fpr_variant``, ``merge``, ``tta``, the minute budgets, plan overrides...). The grid
 shipped with the package (``integration/data/default_grid.json``, used when ``--grid`` is not
 given) covers: with / without CT-GAN augmentation; the MGI-CNN against its ablations (ri, lr,
-zoom_in, zoom_out); sum / concat / conv1x1 merge of its streams; the 2-D and the 3-D U-Net; the
-U-Net alone (no false-positive reduction); with / without test-time augmentation. A second
-shipped grid, ``quick`` (``--grid quick``), runs five of them with short budgets.
+zoom_in, zoom_out); sum / concat / conv1x1 merge of its streams; the MGI-CNN against two other
+false-positive reducers on the same candidates (``"fpr_plan": "resnet3d"``, a 3-D ResNet, and
+``"cnn3d"``, a small 3-D CNN: the ``default`` plan with only the network and its input
+changed); the 2-D and the 3-D U-Net, and the CenterNet heatmap detector in their place
+(``"candidates": "centernet"``); the U-Net alone (no false-positive reduction); with /
+without test-time augmentation. A second shipped grid, ``quick`` (``--grid quick``), runs five
+of them with short budgets.
 
 All configs use the same folds (default: train 0-6, validate 7, test 8-9, as the demo), and
 trained stages are shared, each keyed by the settings that shape it:
 
-* U-Net: its plan (variant + overrides), budget and folds; its test candidates go with it, so
-  "U-Net alone" costs nothing more;
+* U-Net (or the CenterNet that ``candidates`` names): its plan (preset + overrides), budget
+  and folds; its test candidates go with it, so "U-Net alone" costs nothing more;
 * CT-GAN: its plan, budget, nodules per scan and training folds (the augmented scans and their
   cache overlay go with it);
-* MGI-CNN: its plan (variant, merge...), budget, folds and the CT-GAN key. TTA is not
-  part of it: a config that differs only in ``tta`` rescores with the same model.
+* MGI-CNN (or the plan's other network): its plan (network, variant, merge...; only the
+  fields its network reads), budget, folds and the CT-GAN key. TTA is not part of it: a config
+  that differs only in ``tta`` rescores with the same model.
 
 ``OUT/stages/<key>/key.json`` says what made each shared stage. A config whose
 ``OUT/configs/<name>/result.json`` matches its settings, stages, folds and bootstrap is not run
@@ -74,7 +79,7 @@ if TYPE_CHECKING:
 DEFAULT_SPLIT = Split(train=(0, 1, 2, 3, 4, 5, 6), val=(7,), test=(8, 9))
 """The folds every config uses unless told otherwise (the demo's)."""
 GRID_KEYS = ("description", "base", "configs", "seeds")
-SEED_KEYS = ("unet_overrides", "gan_overrides", "fpr_overrides")
+SEED_KEYS = ("unet_overrides", "centernet_overrides", "gan_overrides", "fpr_overrides")
 """The plan overrides that take a training run's random seed."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -172,14 +177,17 @@ def stage_keys(settings: StageSettings, split: Split) -> dict[str, tuple[str, di
     absent when off). ``content`` is everything that shapes the stage; ``name`` is readable and
     ends with a hash of ``content``, so two configs share a stage exactly when they agree."""
     keys: dict[str, tuple[str, dict[str, Any]]] = {}
-    unet = {
-        "plan": settings.unet_plan().to_dict(),
-        "minutes": settings.unet_minutes,
+    unet = {  # the stage-1 network: a U-Net, or the CenterNet of ``candidates``
+        "plan": settings.candidate_plan().to_dict(),
+        "minutes": settings.candidate_minutes,
         "train": list(split.train),
         "val": list(split.val),
         "test": list(split.test),
     }
-    keys["unet"] = (f"unet-{settings.unet_preset}-{_digest(unet)}", unet)
+    unet_name = (
+        f"unet-{settings.unet_preset}" if settings.candidates == "unet" else settings.candidates
+    )
+    keys["unet"] = (f"{unet_name}-{_digest(unet)}", unet)
     gan_name = None
     if settings.fpr and settings.gan:
         gan = {
@@ -193,15 +201,16 @@ def stage_keys(settings: StageSettings, split: Split) -> dict[str, tuple[str, di
     if settings.fpr:
         plan = settings.fpr_plan_resolved()
         fpr = {
-            "plan": plan.to_dict(),
+            "plan": plan.key_fields(),
             "minutes": settings.fpr_minutes,
             "gan": gan_name,
             "train": list(split.train),
             "val": list(split.val),
             "test": list(split.test),
         }
+        network = f"{plan.variant}-{plan.merge}" if plan.network == "mgicnn" else plan.network
         keys["fpr"] = (
-            f"fpr-{plan.variant}-{plan.merge}-{'gan' if gan_name else 'nogan'}-{_digest(fpr)}",
+            f"fpr-{network}-{'gan' if gan_name else 'nogan'}-{_digest(fpr)}",
             fpr,
         )
     return keys
@@ -305,8 +314,11 @@ def run_config(
     metrics = write_outputs(result, config_dir / "evaluation")
     record.update(metrics=metrics, seconds=clock.seconds, overrides=config.overrides)
     if "fpr" in keys:
-        plan = keys["fpr"][1]["plan"]
-        record["fpr_network"] = {k: plan[k] for k in ("variant", "merge", "conv")}
+        plan = config.settings.fpr_plan_resolved()
+        record["fpr_network"] = {
+            "network": plan.network,
+            **{k: getattr(plan, k) for k in ("variant", "merge", "conv")},
+        }
     write_json_atomic(config_dir / "result.json", record)
     return record
 
@@ -382,7 +394,9 @@ def run_ablation(
     log(
         f"[ablate] {len(configs)} configs"
         + (f" x {seeds} seeds" if seeds > 1 else "")
-        + f" share {shared['unet']} U-Net, {shared['gan']} CT-GAN "
+        + f" share {shared['unet']} U-Net, "
+        + (f"{shared['centernet']} CenterNet, " if shared["centernet"] else "")
+        + f"{shared['gan']} CT-GAN "
         f"and {shared['fpr']} MGI-CNN trainings; folds train "
         f"{','.join(map(str, split.train))} / val {','.join(map(str, split.val))} / test "
         f"{','.join(map(str, split.test))}"
@@ -449,9 +463,11 @@ def compare_configs(
 
 
 def _sharing(configs: Sequence[AblationConfig], split: Split) -> dict[str, int]:
-    distinct: dict[str, set[str]] = {"unet": set(), "gan": set(), "fpr": set()}
+    distinct: dict[str, set[str]] = {"unet": set(), "centernet": set(), "gan": set(), "fpr": set()}
     for c in configs:
         for stage, (name, _) in stage_keys(c.settings, split).items():
+            if stage == "unet" and c.settings.candidates != "unet":
+                stage = "centernet"
             distinct[stage].add(name)
     return {k: len(v) for k, v in distinct.items()}
 
@@ -468,11 +484,22 @@ def _unet_preset(settings: dict[str, Any]) -> str:
     return settings.get("unet_preset") or settings.get("unet_variant") or ""
 
 
+def _candidates(settings: dict[str, Any]) -> str:
+    """The stage-1 network of a result's settings: the U-Net preset, or the CenterNet plan."""
+    found = settings.get("candidates") or "unet"
+    return _unet_preset(settings) if found == "unet" else found
+
+
 def _network(result: dict[str, Any]) -> dict[str, str]:
-    """The MGI-CNN's resolved variant / merge / conv (empty without one)."""
+    """The false-positive reducer's resolved network, and the MGI-CNN's variant / merge /
+    conv (empty for the other networks; results of earlier versions are MGI-CNNs)."""
     settings = result["settings"]
     found = result.get("fpr_network") or {}
+    network = found.get("network") or "mgicnn"
+    if network != "mgicnn":
+        return {"network": network, "variant": "", "merge": "", "conv": found.get("conv", "")}
     return {
+        "network": network,
         "variant": found.get("variant") or settings["fpr_variant"] or "",
         "merge": found.get("merge") or settings.get("merge") or "",
         "conv": found.get("conv", ""),
@@ -483,16 +510,20 @@ def _describe(result: dict[str, Any]) -> dict[str, str]:
     settings = result["settings"]
     if settings["fpr"]:
         net = _network(result)
-        fpr = f"{net['variant']}/{net['merge']}"
-        if net["conv"] and net["conv"] != "2.5d":
-            fpr += f" {net['conv']}"
-        if settings["fpr_plan"] != "default":
+        if net["network"] == "mgicnn":
+            fpr = f"{net['variant']}/{net['merge']}"
+            if net["conv"] and net["conv"] != "2.5d":
+                fpr += f" {net['conv']}"
+        else:
+            fpr = net["network"]
+        if settings["fpr_plan"] not in ("default", net["network"]):
             fpr += f" ({settings['fpr_plan']})"
         tta = "yes" if settings["tta"] else "no"
         gan = "yes" if settings["gan"] else "no"
     else:
-        fpr, tta, gan = "none (U-Net scores)", "-", "-"
-    return {"unet": _unet_preset(settings), "gan": gan, "fpr": fpr, "tta": tta}
+        scorer = "U-Net" if (settings.get("candidates") or "unet") == "unet" else "CenterNet"
+        fpr, tta, gan = f"none ({scorer} scores)", "-", "-"
+    return {"unet": _candidates(settings), "gan": gan, "fpr": fpr, "tta": tta}
 
 
 def write_table(
@@ -513,14 +544,14 @@ def write_table(
         "seeds", "cpm_seed_min", "cpm_seed_max", "cpm_diff_seed_min", "cpm_diff_seed_max",
         *(f"sens_{k}" for k in FP_RATE_KEYS),
         "nodules", "detected", "scans", "unet_preset", "gan", "fpr", "fpr_plan", "fpr_variant",
-        "merge", "tta", "unet_stage", "gan_stage", "fpr_stage",
+        "merge", "tta", "unet_stage", "gan_stage", "fpr_stage", "fpr_network", "candidates",
     )  # fmt: skip
     rows = []
     seed_head = " CPM over seeds | - reference over seeds |" if seeded_runs else ""
     lines = [
         f"| config | CPM [95% CI] | - {reference} [paired 95% CI] | p |{seed_head} "
         + " | ".join(RATE_LABELS)
-        + " | U-Net | CT-GAN | FP reduction | TTA |",
+        + " | candidates | CT-GAN | FP reduction | TTA |",
         "|---|---|---|---|"
         + "---|" * (2 if seeded_runs else 0)
         + "---|" * len(RATE_LABELS)
@@ -530,7 +561,7 @@ def write_table(
         m, s, stages = r["metrics"], r["settings"], r["stages"]
         ci = m.get("cpm_ci95") or [None, None]
         sens = [m["sensitivity"][k] for k in FP_RATE_KEYS]
-        net = _network(r) if s["fpr"] else {"variant": "", "merge": ""}
+        net = _network(r) if s["fpr"] else {"network": "", "variant": "", "merge": ""}
         d = paired.get(r["name"])
         diff = ["", "", "", ""] if d is None else [d.cpm_difference, *d.ci, d.p_value]
         seed_cpms = r.get("seed_cpms") or [m["cpm"]]
@@ -545,7 +576,7 @@ def write_table(
                 m["detected"],
                 m["scans"], _unet_preset(s), s["gan"], s["fpr"], s["fpr_plan"],
                 net["variant"], net["merge"], s["tta"], stages.get("unet", ""),
-                stages.get("gan", ""), stages.get("fpr", ""),
+                stages.get("gan", ""), stages.get("fpr", ""), net["network"], _candidates(s),
             ]
         )  # fmt: skip
         cpm = f"{m['cpm']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci[0] is not None else "")

@@ -467,7 +467,8 @@ def _overview(
                               **_mark_style(Mark(0, marks[0].detection, (0, 0, 0), False))))  # fmt: skip
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    # The top 4 % keeps the taller panel's title inside the figure once aspects are applied.
+    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
     fig.canvas.draw()  # the axes' final boxes (equal aspect), for placing the labels
     _label_marks(axes[0], [((m.detection.x, m.detection.y), m) for m in marks])
     _label_marks(axes[1], [((m.detection.x, m.detection.z), m) for m in marks])

@@ -62,25 +62,37 @@ class StageSettings:
             (:data:`unet_candidates.PRESETS`; ``unet_variant`` in settings of earlier versions).
         unet_minutes: U-Net training budget in minutes (all resumed runs together).
         unet_overrides: U-Net plan fields to change (e.g. ``{"epochs": 5}``).
+        candidates: the stage-1 network: ``unet`` (the U-Net of ``unet_preset``) or a named
+            CenterNet plan, ``centernet`` or ``centernet-no-consensus``
+            (:data:`unet_candidates.centernet.CENTERNET_PRESETS`: the 3-D heatmap detector;
+            then the ``unet_*`` settings are not read).
+        centernet_minutes: CenterNet training budget in minutes (all resumed runs together).
+        centernet_overrides: CenterNet plan fields to change.
         gan: augment the training folds with CT-GAN-injected nodules.
         gan_minutes: CT-GAN training budget in minutes (per run).
         gan_per_scan: nodules injected into each augmented copy.
         gan_plan: named CT-GAN plan or ``plan.json`` path.
         gan_overrides: CT-GAN plan fields to change.
-        fpr: score the candidates with the MGI-CNN; ``False`` submits the U-Net's own
-            probabilities (the candidate stage alone).
-        fpr_plan: named MGI-CNN plan (:data:`fp_reduction_3dcnn.config.PLANS`) or a path.
-        fpr_variant: ``mgi``, ``zoom_in``, ``zoom_out``, ``ri`` or ``lr`` (``None``: the plan's).
+        fpr: score the candidates with the MGI-CNN (or the network of ``fpr_plan``); ``False``
+            submits the U-Net's own probabilities (the candidate stage alone).
+        fpr_plan: named false-positive-reduction plan (:data:`fp_reduction_3dcnn.config.PLANS`)
+            or a path. The plan names the network: ``resnet3d`` and ``cnn3d`` train a 3-D ResNet
+            or the small 3-D CNN instead of the MGI-CNN, trained as ``default`` trains it.
+        fpr_variant: ``mgi``, ``zoom_in``, ``zoom_out``, ``ri`` or ``lr`` (``None``: the plan's;
+            MGI-CNN ablations: the other networks take ``mgi`` only).
         merge: how the MGI-CNN merges its streams, ``sum``, ``concat`` or ``conv1x1``
             (``None``: the plan's; ``integration`` in settings of earlier versions).
-        fpr_minutes: MGI-CNN training budget in minutes.
-        fpr_overrides: MGI-CNN plan fields to change.
-        tta: average the MGI-CNN's scores over the 8 axial symmetries.
+        fpr_minutes: MGI-CNN (or other network's) training budget in minutes.
+        fpr_overrides: plan fields of the MGI-CNN (or other network) to change.
+        tta: average the MGI-CNN's (or other network's) scores over the 8 axial symmetries.
     """
 
     unet_preset: str = "2d"
     unet_minutes: float = 3.0
     unet_overrides: dict[str, Any] = field(default_factory=dict)
+    candidates: str = "unet"
+    centernet_minutes: float = 3.0
+    centernet_overrides: dict[str, Any] = field(default_factory=dict)
     gan: bool = True
     gan_minutes: float = 2.0
     gan_per_scan: int = 2
@@ -146,12 +158,12 @@ class StageSettings:
 
     def check(self, source: str | None = None) -> None:
         """Refuse impossible budgets and names that no plan knows (before any training)."""
-        for key in ("unet_minutes", "gan_minutes", "fpr_minutes"):
+        for key in ("unet_minutes", "centernet_minutes", "gan_minutes", "fpr_minutes"):
             if getattr(self, key) <= 0:
                 raise LungCTError(source, f"setting {key!r} must be > 0")
         if self.gan_per_scan < 1:
             raise LungCTError(source, "setting 'gan_per_scan' must be >= 1")
-        self.unet_plan()
+        self.candidate_plan()
         if self.fpr:
             self.fpr_plan_resolved()
 
@@ -164,6 +176,22 @@ class StageSettings:
         except TypeError as exc:
             raise LungCTError(None, f"bad unet_overrides ({exc})") from None
 
+    def candidate_plan(self) -> Any:
+        """The stage-1 plan of these settings: the U-Net's, or the CenterNet's."""
+        if self.candidates == "unet":
+            return self.unet_plan()
+        from unet_candidates.centernet.config import CENTERNET_PRESETS, centernet_preset_plan
+
+        if self.candidates not in CENTERNET_PRESETS:
+            known = ", ".join(["unet", *CENTERNET_PRESETS])
+            raise LungCTError(None, f"setting 'candidates' must be one of {known}")
+        return centernet_preset_plan(self.candidates, **self.centernet_overrides)
+
+    @property
+    def candidate_minutes(self) -> float:
+        """The stage-1 training budget (minutes): the U-Net's or the CenterNet's."""
+        return self.unet_minutes if self.candidates == "unet" else self.centernet_minutes
+
     def gan_plan_resolved(self) -> Any:
         """The CT-GAN plan of these settings (imports Keras)."""
         from ct_gan_augment.config import get_plan
@@ -171,7 +199,7 @@ class StageSettings:
         return get_plan(self.gan_plan, **self.gan_overrides)
 
     def fpr_plan_resolved(self) -> Any:
-        """The MGI-CNN plan of these settings."""
+        """The false-positive-reduction plan of these settings (MGI-CNN or another network)."""
         from fp_reduction_3dcnn.config import get_plan
 
         changes = dict(self.fpr_overrides)
@@ -487,23 +515,27 @@ def evaluate_submission(
 
 
 def train_unet_stage(run: StageRun) -> Path:
-    """Train (or resume, or skip) the U-Net of the run; return its model folder."""
+    """Train (or resume, or skip) the run's stage-1 network (the U-Net, or the CenterNet when
+    ``settings.candidates`` names one); return its model folder."""
+    from unet_candidates.centernet.train import train as centernet_train
     from unet_candidates.train import train as unet_train
 
     unet_dir = run.paths.unet
     if stage_done(unet_dir, "unet"):
         return unet_dir
+    centernet = run.settings.candidates != "unet"
+    train = centernet_train if centernet else unet_train
     summary = run.clock.run(
-        "train U-Net",
-        lambda: unet_train(
-            run.settings.unet_plan(),
+        "train CenterNet" if centernet else "train U-Net",
+        lambda: train(
+            run.settings.candidate_plan(),
             run.data,
             run.cache,
             list(run.split.train),
             list(run.split.val),
             unet_dir,
             resume=(unet_dir / "checkpoints" / "state.json").is_file(),
-            max_minutes=run.settings.unet_minutes,
+            max_minutes=run.settings.candidate_minutes,
             progress=run.progress,
         ),
     )
@@ -512,7 +544,8 @@ def train_unet_stage(run: StageRun) -> Path:
 
 
 def run_candidate_stage(run: StageRun) -> Path:
-    """Train the U-Net (if needed) and extract the candidates of the test folds; return the CSV.
+    """Train the stage-1 network (if needed) and extract the candidates of the test folds;
+    return the CSV (the same columns from a U-Net or a CenterNet).
 
     Raises:
         LungCTError: every test scan failed in extraction (nothing to score).
@@ -624,10 +657,11 @@ def train_fpr_stage(run: StageRun) -> Path:
         overlay_cache(run.cache, run.paths.fpr_cache)
     train_candidates = merge_candidates(sources, run.paths.train_candidates)
     resume = (fpr_dir / MANIFEST_NAME).is_file() or latest_checkpoint(fpr_dir) is not None
+    plan = run.settings.fpr_plan_resolved()
     summary = run.clock.run(
-        "train MGI-CNN",
+        f"train {plan.network_label}",
         lambda: fpr_train(
-            run.settings.fpr_plan_resolved(),
+            plan,
             run.fpr_cache,
             train_candidates,
             list(run.split.train),

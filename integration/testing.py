@@ -1,8 +1,9 @@
 """Small fixtures for tests and quick checks of the integration commands.
 
 Nothing here is needed at run time. :func:`tiny_settings` gives stage settings whose networks
-build and train in seconds (a 2-level 4/8-filter U-Net on a 4 mm grid, a 4-filter CT-GAN on
-16-voxel cubes, a 4-filter MGI-CNN, one or two steps each), so ``crossval`` and ``ablate`` run
+build and train in seconds (a 2-level 4/8-filter U-Net on a 4 mm grid, and a CenterNet of the
+same size for ``"candidates": "centernet"``, a 4-filter CT-GAN on 16-voxel cubes, a 4-filter
+MGI-CNN, one or two steps each), so ``crossval`` and ``ablate`` run
 start to finish on a few synthetic scans in a test. Their numbers mean nothing.
 """
 
@@ -30,6 +31,26 @@ TINY_SETTINGS: dict[str, Any] = {
         "patch_size": [3, 16, 16],
         "window_size": [3, 32, 32],
         # An untrained-looking map must still leave candidates for the MGI-CNN to score.
+        "threshold": 0.001,
+        "max_candidates": 10,
+    },
+    "centernet_minutes": 1.0,
+    "centernet_overrides": {
+        "name": "tinycenternet",
+        "spacing": [4.0, 4.0, 4.0],
+        "backbone_filters": [4, 8],
+        "neck_filters": 8,
+        "head_filters": 8,
+        "patch_size": [16, 16, 16],
+        "window_size": [32, 32, 32],
+        "window_batch": 4,
+        "batch_size": 2,
+        "epochs": 1,
+        "steps_per_epoch": 2,
+        "val_patches": 4,
+        "buffer_size": 8,
+        "min_sigma_mm": 4.0,
+        "max_sigma_mm": 8.0,
         "threshold": 0.001,
         "max_candidates": 10,
     },

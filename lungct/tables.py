@@ -8,7 +8,10 @@ no list of per-row Python objects), and checked as it is read. A bad input raise
 Column layout of the tables (world millimetres, the ITK/DICOM patient frame):
 
 - annotations.csv / annotations_excluded.csv: ``seriesuid,coordX,coordY,coordZ,diameter_mm``
-  (in the excluded findings a negative diameter means "unknown"; the evaluation uses 10 mm);
+  (in the excluded findings a negative diameter means "unknown"; the evaluation uses 10 mm),
+  optionally with ``reader_count``: how many LIDC readers marked the finding (1-4; an empty
+  cell or 0 = unknown). LUNA16's own tables have no such column; the synthetic generator
+  writes one;
 - candidates.csv / candidates_V2.csv: ``seriesuid,coordX,coordY,coordZ,class``, optionally with
   ``diameter_mm`` and/or ``probability`` columns;
 - results (a submission): ``seriesuid,coordX,coordY,coordZ,probability``;
@@ -43,6 +46,8 @@ FOLD_COUNT = 10
 
 COORD_COLUMNS = ("coordX", "coordY", "coordZ")
 ANNOTATION_COLUMNS = ("seriesuid", *COORD_COLUMNS, "diameter_mm")
+READER_COUNT_COLUMN = "reader_count"
+"""Optional last column of an annotation table: how many readers marked the finding."""
 CANDIDATE_COLUMNS = ("seriesuid", *COORD_COLUMNS, "class")
 RESULT_COLUMNS = ("seriesuid", *COORD_COLUMNS, "probability")
 
@@ -153,13 +158,20 @@ class AnnotationTable(PointTable):
 
     Attributes:
         diameter_mm: ``(N,)`` float64; in excluded findings a negative value means unknown.
+        reader_count: ``(N,)`` int8, how many readers marked each finding (0 = unknown), or
+            ``None`` when the table has no ``reader_count`` column (LUNA16's tables).
     """
 
     diameter_mm: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    reader_count: np.ndarray | None = None
 
     @classmethod
     def _row_columns(cls) -> tuple[str, ...]:
-        return ("diameter_mm",)
+        return ("diameter_mm", "reader_count")
+
+    @classmethod
+    def _column_dtype(cls, name: str) -> Any:
+        return np.int8 if name == "reader_count" else np.float64
 
     @classmethod
     def from_rows(cls, rows: Iterable[Sequence[Any]]) -> AnnotationTable:
@@ -279,6 +291,8 @@ class _Column:
     required: bool
     check: _Check | None = None
     problem: str = ""
+    blank: float | None = None
+    """The value of an empty cell (``None``: an empty cell is an error)."""
 
 
 def _open_text(path: Path) -> Any:
@@ -396,6 +410,8 @@ def _read_point_csv(
 
 def _convert(path: Path, col: _Column, values: list[str], lines: list[int]) -> np.ndarray:
     """Parse one chunk of one column to float64 and apply its checks."""
+    if col.blank is not None:
+        values = [v if v.strip() else str(col.blank) for v in values]
     try:
         out = np.fromiter(map(float, values), dtype=np.float64, count=len(values))
     except ValueError:
@@ -442,9 +458,12 @@ def read_annotations(
         allow_negative_diameter: accept negative diameters ("unknown size", as in
             ``annotations_excluded.csv``); otherwise every diameter must be positive.
 
+    An optional ``reader_count`` column (how many readers marked each finding; empty or 0 =
+    unknown) is read into :attr:`AnnotationTable.reader_count`.
+
     Raises:
         LungCTError: missing file or column, non-numeric or non-finite value, unknown series,
-            bad diameter; the message names the file and the line.
+            bad diameter or reader count; the message names the file and the line.
     """
     if allow_negative_diameter:
         diameter = _Column("diameter_mm", True)
@@ -455,9 +474,21 @@ def read_annotations(
             check=lambda d: ~(d > 0),
             problem="is not a positive diameter (negative sizes belong in the excluded findings)",
         )
-    uids, index, coords, extra = _read_point_csv(path, [diameter], known_series)
+    readers = _Column(
+        READER_COUNT_COLUMN,
+        False,
+        check=lambda n: (n < 0) | (n > 127) | (n != np.round(n)),
+        problem="is not a reader count (a whole number >= 0; empty or 0 = unknown)",
+        blank=0.0,
+    )
+    uids, index, coords, extra = _read_point_csv(path, [diameter, readers], known_series)
     return AnnotationTable(
-        uids, index, coords, diameter_mm=extra["diameter_mm"], path=os.fspath(path)
+        uids,
+        index,
+        coords,
+        diameter_mm=extra["diameter_mm"],
+        reader_count=extra["reader_count"],
+        path=os.fspath(path),
     )
 
 

@@ -266,6 +266,12 @@ def _unet_presets() -> dict[str, Any]:
     return {name: preset_plan(name) for name in PRESETS}
 
 
+def _centernet_presets() -> dict[str, Any]:
+    from unet_candidates.centernet.config import CENTERNET_PRESETS, centernet_preset_plan
+
+    return {name: centernet_preset_plan(name) for name in CENTERNET_PRESETS}
+
+
 def _plans_of(module: str) -> Callable[[], dict[str, Any]]:
     return lambda: dict(importlib.import_module(module).PLANS)
 
@@ -286,9 +292,18 @@ PLAN_SPECS = (
         preset_word="preset (`--preset`)",
     ),
     PlanSpec(
+        "unet_candidates.centernet.config.CenterNetPlan",
+        "`python -m unet_candidates train --preset centernet` or `--plan FILE` (a file may name "
+        "a `preset`); `plan.json` of a CenterNet model folder; `candidates` and "
+        "`centernet_overrides` of the stage settings.",
+        presets=_centernet_presets,
+        preset_word="preset (`--preset`)",
+    ),
+    PlanSpec(
         "fp_reduction_3dcnn.config.FPRPlan",
         "`python -m fp_reduction_3dcnn train --plan NAME_OR_FILE` (`python -m fp_reduction_3dcnn "
-        "plan` prints one to edit); `plan.json` of an MGI-CNN model folder; `fpr_plan` and "
+        "plan` prints one to edit); `plan.json` of a false-positive-reduction model folder "
+        "(MGI-CNN, ResNet-3D or CNN-3D); `fpr_plan` and "
         "`fpr_overrides` of the stage settings.",
         presets=_plans_of("fp_reduction_3dcnn.config"),
         preset_word="named plan (`--plan NAME`)",

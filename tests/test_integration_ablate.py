@@ -24,16 +24,23 @@ def test_default_grid_covers_the_ablations() -> None:
     assert {s.gan for s in settings if s.fpr} == {True, False}
     assert {s.fpr_variant for s in settings if s.fpr} == {"mgi", "ri", "lr", "zoom_in", "zoom_out"}
     assert {s.merge for s in settings if s.fpr} == {"sum", "concat", "conv1x1"}
-    assert {s.unet_preset for s in settings} == {"2d", "3d"}
+    assert {s.unet_preset for s in settings if s.candidates == "unet"} == {"2d", "3d"}
+    assert {s.candidates for s in settings} == {"unet", "centernet"}
     assert any(not s.fpr for s in settings)
     assert {s.tta for s in settings if s.fpr} == {True, False}
-    # Shared trainings: the U-Net per variant, one CT-GAN, one MGI-CNN per network / GAN choice.
+    # Shared trainings: the U-Net per variant, one CT-GAN, one MGI-CNN per network / GAN choice
+    # (the MGI-CNN's variants and merges, the 3-D ResNet and the small 3-D CNN).
     keys = {name: stage_keys(s, DEFAULT_SPLIT) for name, s in by_name.items()}
     distinct = {
         stage: {k[stage][0] for k in keys.values() if stage in k}
         for stage in ("unet", "gan", "fpr")
     }
-    assert {k: len(v) for k, v in distinct.items()} == {"unet": 2, "gan": 1, "fpr": 8}
+    # The stage-1 slot holds the two U-Nets and the CenterNet.
+    assert {k: len(v) for k, v in distinct.items()} == {"unet": 3, "gan": 1, "fpr": 10}
+    assert keys["centernet"]["unet"][0].startswith("centernet-")
+    # The CenterNet config differs from the reference in stage 1 only.
+    assert keys["centernet"]["fpr"] == keys["full"]["fpr"]
+    assert keys["centernet"]["gan"] == keys["full"]["gan"]
     assert keys["tta"]["fpr"] == keys["full"]["fpr"]  # TTA rescores the same model
     assert keys["unet3d"]["fpr"] == keys["full"]["fpr"]  # the MGI-CNN does not see the U-Net
     assert keys["unet_alone"]["unet"] == keys["full"]["unet"] and "fpr" not in keys["unet_alone"]

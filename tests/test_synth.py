@@ -85,13 +85,10 @@ def test_series_uid_format():
 def test_layout(dataset: Path):
     for k in range(10):
         assert len(list((dataset / f"subset{k}").glob("*.mhd"))) == 1
-    assert (
-        _csv_lines(dataset / "annotations.csv")[0] == "seriesuid,coordX,coordY,coordZ,diameter_mm"
-    )
-    assert (
-        _csv_lines(dataset / "annotations_excluded.csv")[0]
-        == "seriesuid,coordX,coordY,coordZ,diameter_mm"
-    )
+    # LUNA16's columns, then the optional reader count (tables read columns by name).
+    header = "seriesuid,coordX,coordY,coordZ,diameter_mm,reader_count"
+    assert _csv_lines(dataset / "annotations.csv")[0] == header
+    assert _csv_lines(dataset / "annotations_excluded.csv")[0] == header
     assert _csv_lines(dataset / "candidates.csv")[0] == "seriesuid,coordX,coordY,coordZ,class"
     uids = read_seriesuids(dataset / "seriesuids.csv")  # rejects a header line
     assert len(uids) == N_SCANS

@@ -4,6 +4,8 @@ A 2-D U-Net on axial slices (the original code's design) or a 3-D U-Net on cubic
 the per-scan cache of :mod:`lungct` with sphere / disk targets around the annotated nodules,
 applied by sliding windows over the lungs; the probability map becomes candidate marks in
 world millimetres (threshold, 3-D components, weighted centres, volumetric NMS).
+:mod:`unet_candidates.centernet` is the alternative stage-1 network: a CenterNet-style 3-D
+heatmap detector trained and applied with the same machinery.
 
 Python API::
 

@@ -1,5 +1,9 @@
 """``python -m unet_candidates <verb>``: train, extract.
 
+``train --preset centernet`` (or a CenterNet ``--plan``) trains the CenterNet heatmap
+detector (:mod:`unet_candidates.centernet`) instead of a U-Net; ``extract`` reads either kind
+of model folder.
+
 Every verb has ``--help``. A bad input prints one line ``error: <file>: <problem>`` on stderr
 and exits with status 2.
 """
@@ -20,13 +24,26 @@ from lungct.cli import (
     run_command,
 )
 from lungct.errors import LungCTError
+from unet_candidates.centernet.config import CENTERNET_PRESETS
 from unet_candidates.config import PRESETS
 
 
 def _plan_from_args(args: argparse.Namespace):
+    from unet_candidates.centernet.config import (
+        CenterNetPlan,
+        centernet_preset_plan,
+        is_centernet_plan,
+    )
     from unet_candidates.config import UNetPlan, preset_plan
 
-    if args.plan:
+    centernet = args.preset in CENTERNET_PRESETS or (args.plan and is_centernet_plan(args.plan))
+    if centernet:
+        if args.plan and not is_centernet_plan(args.plan):
+            raise LungCTError(args.plan, f"plan is a U-Net's, not preset {args.preset!r}")
+        if args.plan and args.preset and args.preset not in CENTERNET_PRESETS:
+            raise LungCTError(args.plan, f"plan is a CenterNet's, not preset {args.preset!r}")
+        plan = CenterNetPlan.load(args.plan) if args.plan else centernet_preset_plan(args.preset)
+    elif args.plan:
         plan = UNetPlan.load(args.plan)
         if args.preset and preset_plan(args.preset).dims != plan.dims:
             raise LungCTError(
@@ -41,18 +58,27 @@ def _plan_from_args(args: argparse.Namespace):
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if overrides:
-        plan = UNetPlan.from_dict({**plan.to_dict(), **overrides})
+        plan = type(plan).from_dict({**plan.to_dict(), **overrides})
     return plan
 
 
 def _train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from lungct.tables import parse_folds
-    from unet_candidates.train import train
+    from unet_candidates.centernet.config import CenterNetPlan, is_centernet_plan
+    from unet_candidates.centernet.train import train as train_centernet
+    from unet_candidates.train import train as train_unet
 
     folds = parse_folds(args.folds)
     val_folds = parse_folds(args.val_folds) if args.val_folds.strip() else []
     explicit = args.plan or args.preset or args.epochs or args.steps_per_epoch or args.seed
     plan = None if (args.resume and not explicit) else _plan_from_args(args)
+    if plan is None:  # resuming: the folder's plan says which network it trains
+        centernet = is_centernet_plan(Path(args.out))
+    else:
+        centernet = isinstance(plan, CenterNetPlan)
+    train = train_centernet if centernet else train_unet
     summary = train(
         plan,
         args.data,
@@ -106,15 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line parser (exposed for tests and documentation)."""
     parser = argparse.ArgumentParser(
         prog="python -m unet_candidates",
-        description="Stage 1 of the nodule detector: U-Net candidate extraction.",
+        description="Stage 1 of the nodule detector: U-Net (or CenterNet) candidate extraction.",
     )
     sub = parser.add_subparsers(dest="verb", required=True)
 
     p = sub.add_parser(
         "train",
-        help="train a 2-D or 3-D U-Net from the per-scan cache",
-        description="Train a candidate U-Net. Writes OUT/plan.json, manifest.json, model.keras, "
-        "train_log.csv and checkpoints/ (one per epoch; --resume continues).",
+        help="train a 2-D or 3-D U-Net (or the CenterNet detector) from the per-scan cache",
+        description="Train a candidate U-Net, or the CenterNet heatmap detector (--preset "
+        "centernet). Writes OUT/plan.json, manifest.json, model.keras, train_log.csv and "
+        "checkpoints/ (one per epoch; --resume continues).",
     )
     p.add_argument(
         "--data", required=True, help="LUNA16-layout folder (subset0..9, annotations.csv)"
@@ -123,7 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", default="0-7", help="training subsets (default 0-7)")
     p.add_argument("--val-folds", default="8", help="validation subsets (default 8; '' = none)")
     p.add_argument("--out", required=True, help="model folder")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="named plan (default 2d)")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS) + sorted(CENTERNET_PRESETS),
+        help="named plan (default 2d; centernet* train the CenterNet heatmap detector)",
+    )
     p.add_argument("--plan", help="plan JSON (a preset's defaults + any overridden fields)")
     p.add_argument("--annotations", help="nodule table (default DATA/annotations.csv)")
     p.add_argument(
@@ -156,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scan", action="append", help=".mhd/.nii(.gz) file or DICOM folder (repeatable)"
     )
-    p.add_argument("--model", required=True, help="model folder (plan.json + model.keras)")
+    p.add_argument(
+        "--model", required=True, help="model folder (plan.json + model.keras; U-Net or CenterNet)"
+    )
     p.add_argument("--out", required=True, help="candidates CSV")
     p.add_argument("--prob-maps", help="folder for <seriesuid>_prob.mhd probability maps")
     p.add_argument("--threshold", type=fraction, help="override the plan's probability threshold")
@@ -176,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--runtime",
         choices=("auto", "keras", "onnx"),
         help="where the U-Net runs: onnx (ONNX Runtime, the fastest on a CPU), keras, or auto "
-        "(onnx on a CPU, keras on a GPU; default, or the LUNGCT_RUNTIME variable)",
+        "(onnx on a CPU, keras on a GPU, keras for a CenterNet; default, or the LUNGCT_RUNTIME "
+        "variable)",
     )
     p.add_argument(
         "--allow-unfinished",

@@ -62,6 +62,8 @@ class ScanSamples:
             non-nodules; a negative diameter means unknown).
         nodule_hu: ``(N,)`` mean HU inside each nodule's sphere (:func:`nodule_mean_hu`);
             empty when not measured (then every nodule counts as solid).
+        reader_count: ``(N,)`` how many readers marked each nodule (0 = unknown; the optional
+            ``reader_count`` column of the annotation table); empty when the table has none.
     """
 
     seriesuid: str
@@ -70,6 +72,7 @@ class ScanSamples:
     vessel_points: np.ndarray
     excluded: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
     nodule_hu: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    reader_count: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 SOLID_MEAN_HU = -450.0
@@ -170,12 +173,15 @@ def build_scan_samples(
     points: int = 400,
     rng: np.random.Generator | None = None,
     excluded: np.ndarray | None = None,
+    radii_mm: np.ndarray | None = None,
 ) -> ScanSamples:
     """Pick lung and hard-negative centres of one cached scan.
 
     Reads the lung mask and volume on a strided grid (every 2nd voxel), so a whole-lung scan
     costs a few tens of megabytes once, and keeps ``points`` world points of each kind. An
-    empty cached lung mask is segmented again on that grid.
+    empty cached lung mask is segmented again on that grid. Hard negatives keep
+    :data:`NODULE_CLEARANCE_MM` outside each nodule's target radius: ``radii_mm`` (one per
+    nodule), else the plan's target sphere (:func:`target_radius_mm`).
     """
     rng = rng or np.random.default_rng(0)
     nodule_hu = nodule_mean_hu(scan.volume, scan.geometry, nodules)
@@ -204,7 +210,8 @@ def build_scan_samples(
     lung_points = to_world(lung_idx, points)
     vessel_points = to_world(bright_idx, 4 * points)
     if len(nodules) and len(vessel_points):
-        radii = target_radius_mm(nodules[:, 3], plan) + NODULE_CLEARANCE_MM
+        radii = target_radius_mm(nodules[:, 3], plan) if radii_mm is None else radii_mm
+        radii = np.asarray(radii, np.float64) + NODULE_CLEARANCE_MM
         d2 = ((vessel_points[:, None, :] - nodules[None, :, :3]) ** 2).sum(-1)
         vessel_points = vessel_points[np.all(d2 > radii[None, :] ** 2, axis=1)]
     return ScanSamples(
@@ -379,13 +386,17 @@ class PatchSampler:
         for patch, _ in self.patches(steps * plan.batch_size, epoch):
             batch.append(patch)
             if len(batch) == plan.batch_size:
-                yield to_model_layout(np.stack(batch), plan)
+                yield self.model_layout(np.stack(batch))
                 batch = []
 
     def fixed_set(self, n: int, epoch: int = -1) -> tuple[np.ndarray, np.ndarray]:
         """``n`` patches without augmentation (a validation set), in the model's layout."""
         patches = [p for p, _ in self.patches(n, epoch=epoch % 2**31, augment=False)]
-        return to_model_layout(np.stack(patches), self.plan)
+        return self.model_layout(np.stack(patches))
+
+    def model_layout(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Stacked patches as the network's ``(x, y)`` (:func:`to_model_layout`)."""
+        return to_model_layout(batch, self.plan)
 
 
 def to_model_layout(batch: np.ndarray, plan: UNetPlan) -> tuple[np.ndarray, np.ndarray]:

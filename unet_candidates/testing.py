@@ -42,6 +42,33 @@ def tiny_plan(dims: str = "2d", **overrides: Any) -> UNetPlan:
     return preset_plan(dims, **base)
 
 
+def tiny_centernet_plan(**overrides: Any) -> Any:
+    """A CenterNet plan with a 2-level 4/8-filter backbone on a 4 mm grid: trains in seconds."""
+    from unet_candidates.centernet.config import centernet_preset_plan
+
+    base: dict[str, Any] = {
+        "name": "tinycenternet",
+        "spacing": (4.0, 4.0, 4.0),
+        "backbone_filters": (4, 8),
+        "neck_filters": 8,
+        "head_filters": 8,
+        "patch_size": (16, 16, 16),
+        "window_size": (32, 32, 32),
+        "window_batch": 4,
+        "batch_size": 4,
+        "epochs": 2,
+        "steps_per_epoch": 2,
+        "val_patches": 4,
+        "buffer_size": 16,
+        # On a 4 mm grid a 2 mm sigma would be a single voxel.
+        "min_sigma_mm": 4.0,
+        "max_sigma_mm": 8.0,
+        "threshold": 0.005,
+    }
+    base.update(overrides)
+    return centernet_preset_plan("centernet", **base)
+
+
 def phantom_chest(
     shape_zyx: tuple[int, int, int] = (40, 80, 96),
     nodules_zyx: tuple[tuple[float, float, float], ...] = ((20, 40, 29),),

@@ -27,7 +27,8 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,48 @@ LOG_COLUMNS = (
     "elapsed_s",
 )
 KEEP_CHECKPOINTS = 2
+
+
+@dataclass(frozen=True)
+class CandidateNetwork:
+    """What the training loop needs to know about one kind of candidate network.
+
+    The loop (:func:`fit_candidate_network`: cache, patch stream, cosine schedule, time
+    budget, checkpoints, ``--resume``, sealed model folder) is the same for the U-Net and the
+    CenterNet heatmap detector (:mod:`unet_candidates.centernet`); these hooks are what differ.
+
+    Attributes:
+        stage: the stage name of the model folder's seal (``unet``, ``centernet``).
+        plan_class: the plan dataclass (its ``load`` reads ``plan.json``).
+        build: a freshly initialised, compiled model of a plan.
+        keras_class: the registered Keras class a plan's ``model.keras`` holds.
+        architecture: the constructor settings a plan gives the network (checked on resume).
+        what: the network in words, for messages (``"a 3d U-Net"``).
+        sampler: the patch sampler class (:class:`unet_candidates.data.PatchSampler` or a
+            subclass), called as ``sampler(cache, samples, plan, augment=, seed=)``.
+        scan_samples: one scan's sampling index, called as ``scan_samples(scan, nodules,
+            plan, rng=, excluded=, reader_count=, excluded_reader_count=)`` (reader counts
+            per row of the two tables, 0 = unknown).
+        validate: ``(model, val_set, plan) -> (val_loss, val_metric)`` (``None`` without a
+            validation set).
+        metric: the log column of the second value ``validate`` returns.
+    """
+
+    stage: str
+    plan_class: Any
+    build: Callable[[Any], Any]
+    keras_class: Callable[[Any], str]
+    architecture: Callable[[Any], dict[str, Any]]
+    what: Callable[[Any], str]
+    sampler: Any
+    scan_samples: Callable[..., ScanSamples]
+    validate: Callable[[Any, Any, Any], tuple[float | None, float | None]]
+    metric: str = "val_dice"
+
+    @property
+    def log_columns(self) -> tuple[str, ...]:
+        """The columns of ``train_log.csv``."""
+        return tuple(self.metric if c == "val_dice" else c for c in LOG_COLUMNS)
 
 
 def compile_model(model: Any, plan: UNetPlan) -> Any:
@@ -115,21 +158,55 @@ def _save_model(model: Any, path: Path) -> None:
 def _nodules_by_series(
     annotations_path: Path, uids: Iterable[str], excluded: bool = False
 ) -> dict[str, np.ndarray]:
+    return _findings_by_series(annotations_path, uids, excluded)[0]
+
+
+def _findings_by_series(
+    annotations_path: Path, uids: Iterable[str], excluded: bool = False
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per series: ``(N, 4)`` ``x, y, z, diameter_mm`` rows, and their ``(N,)`` reader
+    counts (0 = unknown, all 0 when the table has no ``reader_count`` column)."""
     from lungct.tables import read_annotations
 
     table = read_annotations(annotations_path, allow_negative_diameter=excluded)
-    out = {}
+    readers = (
+        np.zeros(len(table), np.int64)
+        if table.reader_count is None
+        else table.reader_count.astype(np.int64)
+    )
+    rows_out, readers_out = {}, {}
     for uid in uids:
         rows = table.rows_in_series(uid)
-        out[uid] = np.column_stack([table.coords[rows], table.diameter_mm[rows]]).reshape(-1, 4)
-    return out
+        rows_out[uid] = np.column_stack([table.coords[rows], table.diameter_mm[rows]]).reshape(
+            -1, 4
+        )
+        readers_out[uid] = readers[rows]
+    return rows_out, readers_out
+
+
+def unet_scan_samples(
+    scan: Any,
+    nodules: np.ndarray,
+    plan: UNetPlan,
+    rng: np.random.Generator | None = None,
+    excluded: np.ndarray | None = None,
+    reader_count: np.ndarray | None = None,
+    excluded_reader_count: np.ndarray | None = None,
+) -> ScanSamples:
+    """:func:`unet_candidates.data.build_scan_samples`, keeping the nodules' reader counts
+    (the U-Net leaves every excluded finding out of its loss, whatever its count)."""
+    samples = build_scan_samples(scan, nodules, plan, rng=rng, excluded=excluded)
+    if reader_count is not None:
+        samples.reader_count = np.asarray(reader_count, np.int64).reshape(-1)
+    return samples
 
 
 class _Logger:
     """``train_log.csv``, rewritten atomically after every epoch."""
 
-    def __init__(self, path: Path, resume: bool) -> None:
+    def __init__(self, path: Path, resume: bool, columns: tuple[str, ...] = LOG_COLUMNS) -> None:
         self.path = path
+        self.columns = columns
         self.rows: list[dict] = []
         if resume and path.is_file():
             with path.open(newline="") as f:
@@ -139,9 +216,9 @@ class _Logger:
         self.rows = [r for r in self.rows if int(r["epoch"]) <= epochs]
 
     def append(self, row: dict) -> None:
-        self.rows.append({k: row.get(k, "") for k in LOG_COLUMNS})
+        self.rows.append({k: row.get(k, "") for k in self.columns})
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(buf, fieldnames=self.columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.rows)
         write_text_atomic(self.path, buf.getvalue())
@@ -179,11 +256,13 @@ def _resolve_scans(
 
 
 def _samples(
+    network: CandidateNetwork,
     cache: ScanCache,
     uids: list[str],
     nodules: dict[str, np.ndarray],
     excluded: dict[str, np.ndarray],
-    plan: UNetPlan,
+    readers: tuple[dict[str, np.ndarray], dict[str, np.ndarray]],
+    plan: Any,
     seed: int,
     progress: bool,
     desc: str,
@@ -194,8 +273,14 @@ def _samples(
         scan = cache.open(uid)
         none = np.zeros((0, 4))
         out.append(
-            build_scan_samples(
-                scan, nodules.get(uid, none), plan, rng=rng, excluded=excluded.get(uid, none)
+            network.scan_samples(
+                scan,
+                nodules.get(uid, none),
+                plan,
+                rng=rng,
+                excluded=excluded.get(uid, none),
+                reader_count=readers[0].get(uid, np.zeros(0, np.int64)),
+                excluded_reader_count=readers[1].get(uid, np.zeros(0, np.int64)),
             )
         )
     return out
@@ -216,9 +301,11 @@ def train(
     progress: bool = True,
     prepare_workers: int = 2,
 ) -> dict:
-    """Train (or resume training) a candidate U-Net; return a summary dict.
+    """Train (or resume training) a candidate network of ``network``'s kind into a model
+    folder; return a summary dict. :func:`train` is this for the U-Net.
 
     Args:
+        network: the kind of network (:data:`UNET_NETWORK`, or the CenterNet's).
         plan: the plan (``None`` with ``resume``: the saved one).
         data_dir: LUNA16-layout folder (``subsetN/*.mhd``, ``annotations.csv``).
         cache_dir: per-scan cache; missing entries of the folds are prepared first.
@@ -236,6 +323,66 @@ def train(
     Raises:
         LungCTError: bad folds, missing data, a folder holding another run, a plan mismatch.
     """
+    return fit_candidate_network(
+        UNET_NETWORK,
+        plan,
+        data_dir,
+        cache_dir,
+        folds,
+        val_folds,
+        out_dir,
+        annotations=annotations,
+        excluded=excluded,
+        resume=resume,
+        max_minutes=max_minutes,
+        progress=progress,
+        prepare_workers=prepare_workers,
+    )
+
+
+def fit_candidate_network(
+    network: CandidateNetwork,
+    plan: Any | None,
+    data_dir: str | os.PathLike,
+    cache_dir: str | os.PathLike,
+    folds: list[int],
+    val_folds: list[int],
+    out_dir: str | os.PathLike,
+    *,
+    annotations: str | os.PathLike | None = None,
+    excluded: str | os.PathLike | None = None,
+    resume: bool = False,
+    max_minutes: float | None = None,
+    progress: bool = True,
+    prepare_workers: int = 2,
+) -> dict:
+    """Train (or resume training) a candidate network of ``network``'s kind into a model
+    folder; return a summary dict. :func:`train` is this for the U-Net.
+
+    Args:
+        network: the kind of network (:data:`UNET_NETWORK`, or the CenterNet's).
+        plan: the plan (``None`` with ``resume``: the saved one).
+        data_dir: LUNA16-layout folder (``subsetN/*.mhd``, ``annotations.csv``).
+        cache_dir: per-scan cache; missing entries of the folds are prepared first.
+        folds: training subsets; val_folds: validation subsets (may be empty).
+        out_dir: the model folder.
+        annotations: nodule table (default ``data_dir/annotations.csv``).
+        excluded: findings the loss ignores (default ``data_dir/annotations_excluded.csv``
+            when it exists; ``""`` = none).
+        resume: continue from the newest checkpoint in ``out_dir``.
+        max_minutes: stop after the epoch during which this much wall time (all runs of this
+            folder together) has passed; the stopped epoch is validated and checkpointed.
+        progress: progress bars.
+        prepare_workers: processes for preparing missing cache entries.
+
+    Raises:
+        LungCTError: bad folds, missing data, a folder holding another run, a plan mismatch.
+    """
+    if plan is not None and not isinstance(plan, network.plan_class):
+        raise TypeError(
+            f"{network.what(plan)} trains from a {network.plan_class.__name__}, "
+            f"not a {type(plan).__name__}"
+        )
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     ckpt_dir = out_dir / CHECKPOINT_DIR
     state_path = ckpt_dir / STATE_FILE
@@ -245,7 +392,7 @@ def train(
     if resume:
         if not state_path.is_file():
             raise LungCTError(out_dir, "nothing to resume: no checkpoints/state.json")
-        saved = UNetPlan.load(out_dir / PLAN_FILE)
+        saved = network.plan_class.load(out_dir / PLAN_FILE)
         if plan is not None and plan != saved:
             raise LungCTError(
                 out_dir / PLAN_FILE, "the saved plan differs from the requested one; not resuming"
@@ -288,13 +435,17 @@ def train(
 
     import unet_candidates.model  # noqa: F401  (registers the custom classes)
 
-    nodules = _nodules_by_series(annotations, train_uids + val_uids)
+    nodules, readers = _findings_by_series(annotations, train_uids + val_uids)
     if excluded is None and (data_dir / "annotations_excluded.csv").is_file():
         excluded = data_dir / "annotations_excluded.csv"
-    ignored = {}
+    ignored: dict[str, np.ndarray] = {}
+    ignored_readers: dict[str, np.ndarray] = {}
     if excluded:
         excluded = Path(excluded)
-        ignored = _nodules_by_series(excluded, train_uids + val_uids, excluded=True)
+        ignored, ignored_readers = _findings_by_series(
+            excluded, train_uids + val_uids, excluded=True
+        )
+    counts = (readers, ignored_readers)
     manifest = {
         "plan": plan.name,
         "dims": plan.dims,
@@ -318,16 +469,18 @@ def train(
     write_json_atomic(out_dir / MANIFEST_NAME, manifest)
 
     train_samples = _samples(
-        cache, train_uids, nodules, ignored, plan, plan.seed, progress, "index"
+        network, cache, train_uids, nodules, ignored, counts, plan, plan.seed, progress, "index"
     )
-    sampler = PatchSampler(cache, train_samples, plan, augment=True, seed=plan.seed)
+    sampler = network.sampler(cache, train_samples, plan, augment=True, seed=plan.seed)
     val_set = None
     if val_uids and plan.val_patches > 0:
         val_samples = _samples(
-            cache, val_uids, nodules, ignored, plan, plan.seed + 1, progress, "val"
+            network, cache, val_uids, nodules, ignored, counts, plan, plan.seed + 1, progress, "val"
         )
         if val_samples:
-            val_sampler = PatchSampler(cache, val_samples, plan, augment=False, seed=plan.seed + 1)
+            val_sampler = network.sampler(
+                cache, val_samples, plan, augment=False, seed=plan.seed + 1
+            )
             val_set = val_sampler.fixed_set(plan.val_patches)
 
     keras.utils.set_random_seed(plan.seed + state["epoch"])
@@ -335,16 +488,16 @@ def train(
         ckpt = ckpt_dir / state["checkpoint"]
         model = load_keras_model(
             ckpt,
-            classes=(UNET_CLASSES[plan.dims],),
-            what=f"a {plan.dims} U-Net checkpoint of this plan",
-            architecture=unet_architecture(plan),
+            classes=(network.keras_class(plan),),
+            what=f"{network.what(plan)} checkpoint of this plan",
+            architecture=network.architecture(plan),
             plan_path=out_dir / PLAN_FILE,
             compile=True,
         )
     else:
-        model = compile_model(plan.build_model(), plan)
+        model = network.build(plan)
 
-    logger = _Logger(out_dir / LOG_FILE, resume)
+    logger = _Logger(out_dir / LOG_FILE, resume, network.log_columns)
     logger.truncate(state["epoch"])
     t_start = time.perf_counter()
     elapsed0 = float(state["elapsed_s"])
@@ -378,13 +531,13 @@ def train(
             if max_minutes and elapsed0 + time.perf_counter() - t_start > 60.0 * max_minutes:
                 stopped_by_time = True
                 break
-        val_loss, val_dice = _validate(model, val_set, plan)
+        val_loss, val_metric = network.validate(model, val_set, plan)
         row = {
             "epoch": epoch + 1,
             "steps": steps,
             "loss": f"{np.mean(losses):.5f}" if losses else "",
             "val_loss": "" if val_loss is None else f"{val_loss:.5f}",
-            "val_dice": "" if val_dice is None else f"{val_dice:.5f}",
+            network.metric: "" if val_metric is None else f"{val_metric:.5f}",
             "learning_rate": f"{lr:.3g}",
             "epoch_seconds": f"{time.perf_counter() - t_epoch:.1f}",
             "samples_per_s": f"{timed_samples / timed_seconds:.2f}" if timed_seconds else "",
@@ -414,7 +567,7 @@ def train(
         if progress:
             print(
                 f"epoch {epoch + 1}/{plan.epochs}: loss {row['loss']} val_loss {row['val_loss']} "
-                f"val_dice {row['val_dice']} ({row['samples_per_s']} samples/s)"
+                f"{network.metric} {row[network.metric]} ({row['samples_per_s']} samples/s)"
                 + (" *" if improved else ""),
                 file=sys.stderr,
             )
@@ -436,7 +589,7 @@ def train(
     plan.save(out_dir / PLAN_FILE)  # what was trained, should the file have been edited meanwhile
     seal_model_dir(  # last: the seal is the folder's done marker
         out_dir,
-        "unet",
+        network.stage,
         train_seconds=state["elapsed_s"],
         data_dir=data_dir,
         seeds={"plan": plan.seed},
@@ -448,6 +601,7 @@ def train(
 
 
 def _validate(model, val_set, plan: UNetPlan) -> tuple[float | None, float | None]:
+    """``(1 - soft Dice, Dice of the thresholded map)`` on the validation patches."""
     if val_set is None:
         return None, None
     x, y = val_set
@@ -460,3 +614,17 @@ def _validate(model, val_set, plan: UNetPlan) -> tuple[float | None, float | Non
     soft = dice_score(y, pred, plan.dice_smooth)
     hard = dice_score(y, (pred > plan.threshold).astype(np.float32), plan.dice_smooth)
     return 1.0 - soft, hard
+
+
+UNET_NETWORK = CandidateNetwork(
+    stage="unet",
+    plan_class=UNetPlan,
+    build=lambda plan: compile_model(plan.build_model(), plan),
+    keras_class=lambda plan: UNET_CLASSES[plan.dims],
+    architecture=unet_architecture,
+    what=lambda plan: f"a {plan.dims} U-Net",
+    sampler=PatchSampler,
+    scan_samples=unet_scan_samples,
+    validate=_validate,
+)
+"""The U-Net's hooks of the training loop."""

@@ -35,8 +35,15 @@ from scipy import ndimage
 from lungct.geometry import Geometry
 from lungct.io import read_scan, series_uid_from_path
 from lungct.scan import Scan
-from lungct.synth.case import Candidate, Finding, SyntheticCase, case_rngs, series_uid
-from lungct.synth.nodules import PlannedFinding, render_finding
+from lungct.synth.case import (
+    Candidate,
+    Finding,
+    SyntheticCase,
+    case_rngs,
+    reader_rng,
+    series_uid,
+)
+from lungct.synth.nodules import PlannedFinding, draw_reader_count, render_finding
 from lungct.synth.placement import (
     KeepOut,
     LungMap,
@@ -332,6 +339,8 @@ def synthesize_on_background(
     array = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
     del hu, delta
 
+    r_readers = reader_rng(seed, index, "full", tag=tag)
+
     def synthetic(fs: list[PlannedFinding]) -> list[Finding]:
         out = []
         for f in fs:
@@ -346,6 +355,7 @@ def synthesize_on_background(
                     location=f.location,
                     reason=f.reason,
                     voxel_zyx=tuple(float(v) for v in idx),
+                    readers=draw_reader_count(r_readers, f.table, f.reason),
                 )
             )
         return out

@@ -18,7 +18,7 @@ from scipy import ndimage
 from lungct.geometry import Geometry
 from lungct.scan import Scan
 from lungct.synth.anatomy import TISSUE_HU, sample_anatomy
-from lungct.synth.nodules import PlannedFinding, render_finding
+from lungct.synth.nodules import PlannedFinding, draw_reader_count, render_finding
 from lungct.synth.placement import LungMap, TubeSamples, plan_candidates, plan_findings
 from lungct.synth.render import BodyGrid, render_anatomy, splat_tubes
 from lungct.synth.trees import (
@@ -58,6 +58,9 @@ class Finding:
         location: 'isolated', 'juxtavascular' or 'juxtapleural'.
         reason: for excluded findings: '< 3 mm', 'one reader' or 'non-nodule'.
         voxel_zyx: continuous voxel index in the stored array.
+        readers: how many of LIDC's four readers "marked" it (3-4 for annotations, 1-2 for
+            'one reader' findings, drawn like LIDC's; 0 = unknown: micronodules, non-nodules,
+            a real background's own findings).
     """
 
     world: tuple[float, float, float]
@@ -67,6 +70,7 @@ class Finding:
     location: str
     reason: str
     voxel_zyx: tuple[float, float, float]
+    readers: int = 0
 
     def to_dict(self) -> dict:
         """Plain-JSON form."""
@@ -78,6 +82,7 @@ class Finding:
             "location": self.location,
             "reason": self.reason,
             "voxel_zyx": list(self.voxel_zyx),
+            "readers": self.readers,
         }
 
 
@@ -140,6 +145,21 @@ def case_rngs(
     """
     ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index), SIZES.index(size), tag])
     return [np.random.default_rng(s) for s in ss.spawn(n)]
+
+
+READER_STREAM = 7
+"""Entropy word of the reader-count stream (:func:`reader_rng`)."""
+
+
+def reader_rng(seed: int, index: int, size: str, tag: int = 0) -> np.random.Generator:
+    """The generator the findings' reader counts are drawn from.
+
+    A stream of its own, apart from :func:`case_rngs`: drawing the counts changes no voxel and
+    no other table value of a scan made before the counts existed.
+    """
+    return np.random.default_rng(
+        [int(seed) & 0xFFFFFFFF, int(index), SIZES.index(size), tag, READER_STREAM]
+    )
 
 
 # LUNA16's acquisitions, measured on its 888 scans by scripts/luna16_acquisition_mix.py (the
@@ -331,6 +351,8 @@ def synthesize_scan(
             idx[:, ax] = shape[ax] - 1 - idx[:, ax]
         return idx
 
+    r_readers = reader_rng(seed, index, size)
+
     def findings(fs: list[PlannedFinding]) -> list[Finding]:
         out = []
         for f in fs:
@@ -345,6 +367,7 @@ def synthesize_scan(
                     location=f.location,
                     reason=f.reason,
                     voxel_zyx=tuple(float(v) for v in idx),
+                    readers=draw_reader_count(r_readers, f.table, f.reason),
                 )
             )
         return out

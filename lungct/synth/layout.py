@@ -4,9 +4,12 @@
 
     OUT/
       subset0/ .. subset9/<seriesuid>.mhd + .zraw   scan i goes to subset i % 10
-      annotations.csv            seriesuid,coordX,coordY,coordZ,diameter_mm   (>= 3 mm nodules)
+      annotations.csv            seriesuid,coordX,coordY,coordZ,diameter_mm,reader_count
+                                 (>= 3 mm nodules; reader_count: 3 or 4 readers, drawn like
+                                 LIDC's; LUNA16's own table has no such column)
       annotations_excluded.csv   same columns; < 3 mm, one-reader and non-nodule findings
-                                 (diameter -1 = unknown, as in LUNA16)
+                                 (diameter -1 = unknown, as in LUNA16; reader_count 1 or 2 for
+                                 the one-reader nodules, empty = unknown for the others)
       candidates.csv             seriesuid,coordX,coordY,coordZ,class
       seriesuids.csv             one UID a line, no header
       synth.json                 how it was made (seed, size, counts, generator version)
@@ -22,6 +25,8 @@ with each scan's mirror and crop (:mod:`lungct.synth.background`).
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import time
@@ -38,7 +43,12 @@ from lungct.synth.background import (
     synthesize_on_background,
 )
 from lungct.synth.case import GENERATOR_VERSION, SIZES, SyntheticCase, synthesize_scan
-from lungct.tables import ANNOTATION_COLUMNS, CANDIDATE_COLUMNS, write_csv_atomic
+from lungct.tables import (
+    ANNOTATION_COLUMNS,
+    CANDIDATE_COLUMNS,
+    READER_COUNT_COLUMN,
+    write_csv_atomic,
+)
 
 RECORD_DIR = ".synth"
 N_SUBSETS = 10
@@ -86,11 +96,23 @@ def case_record(case: SyntheticCase, key: dict, out_dir: Path, mhd: Path) -> dic
         "raw_bytes": raw.stat().st_size if raw.exists() else None,
         "geometry": case.scan.geometry.to_dict(),
         "annotations": [
-            [*(_round(v) for v in n.world), _round(n.diameter_mm), n.category, n.location]
+            [
+                *(_round(v) for v in n.world),
+                _round(n.diameter_mm),
+                n.category,
+                n.location,
+                n.readers,
+            ]
             for n in case.nodules
         ],
         "excluded": [
-            [*(_round(v) for v in n.world), _round(n.listed_diameter_mm), n.category, n.reason]
+            [
+                *(_round(v) for v in n.world),
+                _round(n.listed_diameter_mm),
+                n.category,
+                n.reason,
+                n.readers,
+            ]
             for n in case.excluded
         ],
         "candidates": [[*(_round(v) for v in c.world), c.label, c.source] for c in case.candidates],
@@ -295,14 +317,18 @@ def write_tables(out: Path, records: list[dict]) -> None:
     """annotations.csv, annotations_excluded.csv, candidates.csv and seriesuids.csv."""
     write_csv_atomic(
         out / "annotations.csv",
-        ANNOTATION_COLUMNS,
-        ([r["seriesuid"], *row[:4]] for r in records for row in r["annotations"]),
+        (*ANNOTATION_COLUMNS, READER_COUNT_COLUMN),
+        (
+            [r["seriesuid"], *row[:4], _readers_text(row)]
+            for r in records
+            for row in r["annotations"]
+        ),
     )
     write_csv_atomic(
         out / "annotations_excluded.csv",
-        ANNOTATION_COLUMNS,
+        (*ANNOTATION_COLUMNS, READER_COUNT_COLUMN),
         (
-            [r["seriesuid"], *row[:3], _diameter_text(row[3])]
+            [r["seriesuid"], *row[:3], _diameter_text(row[3]), _readers_text(row)]
             for r in records
             for row in r["excluded"]
         ),
@@ -321,6 +347,13 @@ def write_tables(out: Path, records: list[dict]) -> None:
 def _diameter_text(d: float) -> float | int:
     # LUNA16 writes unknown sizes as a bare -1.
     return -1 if d < 0 else d
+
+
+def _readers_text(row: list) -> int | str:
+    """A record row's reader count; empty when unknown (0, or a record written before the
+    generator drew reader counts)."""
+    readers = row[6] if len(row) > 6 else 0
+    return int(readers) if readers else ""
 
 
 class _NoBar:
@@ -345,6 +378,34 @@ SOURCES_FILE = "sources.json"
 """Written by :func:`merge_layouts`: the data sets a merged folder is made of."""
 
 _TABLES = ("annotations.csv", "annotations_excluded.csv", "candidates.csv")
+
+
+def _merged_table(parts: list[tuple[list[str], list[str]]]) -> tuple[str, list[str]]:
+    """One CSV (header line, row lines) from several parts' ``(header, row lines)``.
+
+    Parts with the same columns are joined line by line; when their columns differ (a part
+    with an optional column such as ``reader_count`` and one without), the header is the union
+    of the columns in order of appearance and a part's missing cells are empty.
+    """
+    columns: list[str] = []
+    for header, _ in parts:
+        columns += [c for c in header if c not in columns]
+    out: list[str] = []
+    for header, lines in parts:
+        if header == columns:
+            out += lines
+            continue
+        where = [header.index(c) if c in header else None for c in columns]
+        for row in csv.reader(lines):
+            if not row:
+                continue
+            cells = ["" if i is None or i >= len(row) else row[i] for i in where]
+            buffer = io.StringIO()
+            csv.writer(buffer, lineterminator="").writerow(cells)
+            out.append(buffer.getvalue())
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="").writerow(columns)
+    return buffer.getvalue(), out
 
 
 def merge_layouts(
@@ -373,7 +434,7 @@ def merge_layouts(
                     link.unlink()
     seen: dict[str, str] = {}
     tables: dict[str, list[str]] = {name: [] for name in (*_TABLES, "seriesuids.csv")}
-    headers: dict[str, str] = {}
+    parts_of: dict[str, list[tuple[list[str], list[str]]]] = {name: [] for name in _TABLES}
     sources = []
     for folder, folds in parts:
         folder = Path(folder).resolve()
@@ -395,8 +456,7 @@ def merge_layouts(
             if not path.is_file():
                 raise LungCTError(path, "missing: a merged part needs the LUNA16 tables")
             lines = path.read_text().splitlines()
-            headers.setdefault(name, lines[0])
-            tables[name] += lines[1:]
+            parts_of[name].append((next(csv.reader(lines[:1]), []), lines[1:]))
         tables["seriesuids.csv"] += [s.seriesuid for s in scans]
         synth = folder / "synth.json"
         sources.append(
@@ -409,7 +469,8 @@ def merge_layouts(
             }
         )
     for name in _TABLES:
-        write_text_atomic(out / name, "\n".join([headers[name], *tables[name]]) + "\n")
+        header, rows = _merged_table(parts_of[name])
+        write_text_atomic(out / name, "\n".join([header, *rows]) + "\n")
     write_text_atomic(out / "seriesuids.csv", "".join(f"{u}\n" for u in tables["seriesuids.csv"]))
     summary = {"parts": sources, "scans": len(seen)}
     write_json_atomic(out / SOURCES_FILE, summary)

@@ -86,6 +86,41 @@ def pick_category(rng: np.random.Generator, readers: str = "nodule") -> str:
     return str(rng.choice(CATEGORY_NAMES, p=TEXTURE_MIX[readers]))
 
 
+READER_COUNTS: dict[int, int] = {1: 686, 2: 414, 3: 413, 4: 774}
+"""How many LIDC-IDRI nodules >= 3 mm on the LUNA16 scans 1, 2, 3 and 4 of the four readers
+marked, measured in the LIDC annotation database by ``scripts/lidc_reader_counts.py`` (each
+reader's outlines clustered into nodules as ``scripts/lidc_texture_mix.py`` does). LUNA16's
+``annotations.csv`` holds the 3-4-reader nodules, ``annotations_excluded.csv`` the 1-2-reader
+ones (among other findings)."""
+
+
+def reader_count_mix(readers: str = "nodule") -> dict[int, float]:
+    """The probability of each reader count among LUNA16's nodules (``readers="nodule"``: 3
+    or 4, the annotations) or among the nodules it excluded for want of readers (``"one
+    reader"``: 1 or 2), from :data:`READER_COUNTS`."""
+    counts = (3, 4) if readers == "nodule" else (1, 2)
+    total = sum(READER_COUNTS[k] for k in counts)
+    return {k: READER_COUNTS[k] / total for k in counts}
+
+
+def draw_reader_count(rng: np.random.Generator, table: str, reason: str = "") -> int:
+    """How many readers marked a finding, drawn like LIDC's (0 = not a reader-counted finding).
+
+    Annotated nodules (``table="annotations"``) get 3 or 4 readers, excluded nodules that
+    readers disagreed on (``reason="one reader"``) 1 or 2, in LIDC's proportions
+    (:func:`reader_count_mix`). Micronodules and non-nodules get 0: the LIDC annotation database
+    outlines nodules >= 3 mm only, so their reader counts are unknown.
+    """
+    if table == "annotations":
+        mix = reader_count_mix("nodule")
+    elif reason == "one reader":
+        mix = reader_count_mix("one reader")
+    else:
+        return 0
+    keys = list(mix)
+    return int(keys[int(rng.choice(len(keys), p=list(mix.values())))])
+
+
 def render_finding(
     hu: np.ndarray, lungs: np.ndarray, grid: BodyGrid, f: PlannedFinding, rng: np.random.Generator
 ) -> None:
