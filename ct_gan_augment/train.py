@@ -369,7 +369,7 @@ class GANTrainer:
             t0 = time.perf_counter()
             out = self.train_step()
             elapsed = time.perf_counter() - t0
-            # A session's first step traces the graph (seconds to tens of seconds): it is kept
+            # The first step of a run traces the graph (seconds to tens of seconds): it is kept
             # out of the time and speed figures.
             if session_steps:
                 self.train_seconds += elapsed

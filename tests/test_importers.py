@@ -228,11 +228,11 @@ def non_nodule(label: str, sop: str, z: float, x: int, y: int) -> str:
     )
 
 
-def lidc_xml(path: Path, series_uid: str, sessions: list[list[str]]) -> Path:
+def lidc_xml(path: Path, series_uid: str, readings: list[list[str]]) -> Path:
     body = "".join(
         f"<readingSession><servicingRadiologistID>R{i}</servicingRadiologistID>"
         f"{''.join(marks)}</readingSession>"
-        for i, marks in enumerate(sessions)
+        for i, marks in enumerate(readings)
     )
     path.write_text(
         '<?xml version="1.0" encoding="UTF-8"?>\n'
@@ -300,12 +300,12 @@ def test_merging_needs_three_readers_and_overlap(tmp_path: Path) -> None:
     uid, sops = write_series(tmp_path / "s")
     big = square(10, 10, 16, 16)
     shifted = square(11, 10, 17, 16)  # one pixel to the side: the same finding
-    sessions = [
+    readings = [
         [nodule("A", [roi(sops[4], None, big)])],
         [nodule("B", [roi(sops[4], None, shifted)])],
         [nodule("C", [roi(sops[4], None, square(24, 24, 28, 28))])],  # elsewhere
     ]
-    readings = parse_lidc_xml(lidc_xml(tmp_path / "s" / "r.xml", uid, sessions))
+    readings = parse_lidc_xml(lidc_xml(tmp_path / "s" / "r.xml", uid, readings))
     from lungct.importers.lidc import series_slices
     from lungct.importers.lidc_xml import place_marks
 
@@ -322,9 +322,9 @@ def test_merging_needs_three_readers_and_overlap(tmp_path: Path) -> None:
 
 def test_lidc_xml_found_in_an_xml_folder(tmp_path: Path, capsys) -> None:
     uid, sops = write_series(tmp_path / "dicom" / "series")
-    sessions = [[nodule(r, [roi(sops[2], None, square(4, 4, 9, 9))])] for r in "ABC"]
+    readings = [[nodule(r, [roi(sops[2], None, square(4, 4, 9, 9))])] for r in "ABC"]
     (tmp_path / "xml").mkdir()
-    lidc_xml(tmp_path / "xml" / "x.xml", uid, sessions)
+    lidc_xml(tmp_path / "xml" / "x.xml", uid, readings)
     out = tmp_path / "luna"
     code, stdout, err = _run(
         capsys, "import", "lidc", tmp_path / "dicom", "--xml", tmp_path / "xml", "--out", out
@@ -353,11 +353,11 @@ def test_xml_of_another_series_is_refused(tmp_path: Path, capsys) -> None:
 
 def test_reading_with_no_contours_is_refused(tmp_path: Path, capsys) -> None:
     uid, sops = write_series(tmp_path / "series")
-    sessions = [
+    readings = [
         [nodule("A1", [roi(sops[3], None, square(10, 10, 16, 16))])],
         ["<unblindedReadNodule><noduleID>B7</noduleID></unblindedReadNodule>"],
     ]
-    xml = lidc_xml(tmp_path / "series" / "001.xml", uid, sessions)
+    xml = lidc_xml(tmp_path / "series" / "001.xml", uid, readings)
     code, _, err = _run(capsys, "import", "lidc", tmp_path / "series", "--out", tmp_path / "o")
     assert code == 2
     _one_error_line(err, str(xml), "reading 2 (radiologist R1)", "'B7'", "no contours")

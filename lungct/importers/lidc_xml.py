@@ -96,7 +96,7 @@ class Reading:
     """One reader's mark as written in the XML.
 
     Attributes:
-        reader: the reading session's index in the file (0-based).
+        reader: the reader's index in the file (its readingSession element, 0-based).
         radiologist: its ``servicingRadiologistID`` (for messages).
         kind: ``"nodule"`` (outlined, >= 3 mm), ``"small nodule"`` (a centre point, < 3 mm)
             or ``"non-nodule"`` (a point).
@@ -123,7 +123,7 @@ class LidcReadings:
     Attributes:
         path: the XML file.
         series_uid: the ``SeriesInstanceUid`` of its header (None if the header has none).
-        readers: the number of reading sessions.
+        readers: the number of readers (readingSession elements).
         marks: every reader's mark, in the file's order.
     """
 
@@ -138,7 +138,7 @@ class ReaderMark:
     """One reader's mark placed in the world.
 
     Attributes:
-        reader: the reading session's index (0-based).
+        reader: the reader's index (0-based).
         kind: as :attr:`Reading.kind`.
         label: the mark's id in the XML.
         world: centre, world ``(x, y, z)`` mm.
@@ -162,7 +162,7 @@ class Finding:
     Attributes:
         world: mean of the readers' centres, world ``(x, y, z)`` mm.
         diameter_mm: mean of the readers' diameters.
-        readers: the readers who marked it (session indices).
+        readers: the readers who marked it (reader indices).
         marks: the merged marks.
     """
 
