@@ -444,9 +444,9 @@ def _outcomes(
         for scan in todo:
             yield detect_one(detector, scan, out, options)
         return
-    from lungct.raypool import ray_session, stream_on_actors, worker_count
+    from lungct.raypool import ray_runtime, stream_on_actors, worker_count
 
-    with ray_session(ray_options) as ray:
+    with ray_runtime(ray_options) as ray:
         workers = worker_count(ray, ray_options, len(todo))
         log(f"[batch] {workers} Ray workers are loading the models")
         for scan, outcome in stream_on_actors(

@@ -400,9 +400,9 @@ def _prepare_on_ray(
     bar: tqdm,
 ) -> None:
     """Prepare ``todo`` as Ray tasks; a worker that died fails its scan, the others go on."""
-    from lungct.raypool import WorkerLost, ray_session, stream_on_actors, worker_count
+    from lungct.raypool import WorkerLost, ray_runtime, stream_on_actors, worker_count
 
-    with ray_session(options) as ray:
+    with ray_runtime(options) as ray:
         workers = worker_count(ray, options, len(todo))
         for s, outcome in stream_on_actors(ray, PrepareWorker, (str(root), plan), todo, workers):
             if isinstance(outcome, WorkerLost):

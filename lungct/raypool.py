@@ -123,7 +123,7 @@ def import_ray() -> ModuleType:
 
 
 @contextlib.contextmanager
-def ray_session(options: RayOptions) -> Iterator[ModuleType]:
+def ray_runtime(options: RayOptions) -> Iterator[ModuleType]:
     """Start a local Ray (or join ``options.address``) for the block; yield the ``ray`` module.
 
     A Ray this process had already started or joined is used as it is and left running;

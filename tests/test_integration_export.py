@@ -108,13 +108,13 @@ def test_onnx_matches_keras(models: Path, tmp_path: Path) -> None:
     assert main(["export", "--models", str(models), "--out", str(out), "--format", "onnx"]) == 0
     unet, fpr = _keras_models(models)
     slab, patches = _inputs(2)
-    session = ort.InferenceSession(str(out / "unet" / "model.onnx"))
-    (got,) = session.run(None, {session.get_inputs()[0].name: slab})
+    runner = ort.InferenceSession(str(out / "unet" / "model.onnx"))
+    (got,) = runner.run(None, {runner.get_inputs()[0].name: slab})
     np.testing.assert_allclose(got, unet.predict(slab, verbose=0), atol=1e-5)
-    session = ort.InferenceSession(str(out / "fpr" / "model.onnx"))
-    feed = {i.name: p for i, p in zip(session.get_inputs(), patches, strict=True)}
+    runner = ort.InferenceSession(str(out / "fpr" / "model.onnx"))
+    feed = {i.name: p for i, p in zip(runner.get_inputs(), patches, strict=True)}
     assert sorted(feed) == ["scale_1", "scale_2", "scale_3"]
-    (got,) = session.run(None, feed)
+    (got,) = runner.run(None, feed)
     np.testing.assert_allclose(got, fpr.predict(patches, verbose=0), atol=1e-5)
     manifest = json.loads((out / "export_manifest.json").read_text())
     assert manifest["models"]["fpr"]["inputs"][0]["shape"][1:] == [20, 20, 6]

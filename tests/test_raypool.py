@@ -18,7 +18,7 @@ from lungct.errors import LungCTError
 from lungct.fileio import WriteError
 from lungct.io import write_scan
 from lungct.preprocess import PreprocessPlan
-from lungct.raypool import RayOptions, WorkerLost, ray_session, stream_on_actors, worker_count
+from lungct.raypool import RayOptions, WorkerLost, ray_runtime, stream_on_actors, worker_count
 from unet_candidates.testing import phantom_chest, write_tiny_luna
 
 
@@ -60,18 +60,18 @@ def test_actors_on_a_local_ray_and_prepare(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     argv = ["prepare", "--data", str(data), "--cache", str(cache), "--plan", str(plan), "--ray"]
 
-    with ray_session(RayOptions(cpus=2)) as session:
-        assert worker_count(session, RayOptions(cpus=2), 10) == 2
-        assert worker_count(session, RayOptions(cpus=2), 1) == 1
-        results = list(stream_on_actors(session, Doubler, (), [1, "die", 3, 4, 5], 2))
+    with ray_runtime(RayOptions(cpus=2)) as ray_module:
+        assert worker_count(ray_module, RayOptions(cpus=2), 10) == 2
+        assert worker_count(ray_module, RayOptions(cpus=2), 1) == 1
+        results = list(stream_on_actors(ray_module, Doubler, (), [1, "die", 3, 4, 5], 2))
         assert sorted(item for item, _ in results if item != "die") == [1, 3, 4, 5]
         assert all(r == 2 * i for i, r in results if i != "die")
         lost = next(r for i, r in results if i == "die")
         assert isinstance(lost, WorkerLost) and "worker process died" in lost.reason
         with pytest.raises(LungCTError, match="models: cannot be loaded"):
-            list(stream_on_actors(session, Doubler, (True,), [1, 2], 2))
+            list(stream_on_actors(ray_module, Doubler, (True,), [1, 2], 2))
         with pytest.raises(WriteError, match="No space left") as info:
-            list(stream_on_actors(session, Doubler, (), ["write", 1], 1))
+            list(stream_on_actors(ray_module, Doubler, (), ["write", 1], 1))
         assert str(info.value) == "/out/x.csv: cannot be written (No space left on device)"
 
         # prepare --ray on the Ray already running: two scans prepared, the broken one named.
@@ -86,7 +86,7 @@ def test_actors_on_a_local_ray_and_prepare(tmp_path: Path) -> None:
         assert len(errors) == 1 and "1.2.3.9.9.mhd" in errors[0]
         assert ScanCache(cache).seriesuids() == ["1.2.3.0.0", "1.2.3.1.0"]
         assert all(ScanCache(cache).is_complete(uid) for uid in ("1.2.3.0.0", "1.2.3.1.0"))
-    assert not ray.is_initialized()  # the session it started is stopped
+    assert not ray.is_initialized()  # the Ray it started is stopped
 
     code, out, _ = _prepare(argv[:-1])  # a re-run (here without Ray) prepares nothing again
     assert code == 1

@@ -238,16 +238,18 @@ def parse_lidc_xml(path: str | os.PathLike) -> LidcReadings:
             if _split_tag(child.tag)[1].lower() == "seriesinstanceuid" and child.text:
                 series_uid = child.text.strip() or None
     marks: list[Reading] = []
-    sessions = root.findall(q("readingSession"))
-    for reader, session in enumerate(sessions):
-        radiologist = _text(session, q("servicingRadiologistID")) or "?"
-        for elem in session:
+    readings_found = root.findall(q("readingSession"))
+    for reader, reading in enumerate(readings_found):
+        radiologist = _text(reading, q("servicingRadiologistID")) or "?"
+        for elem in reading:
             kind = _split_tag(elem.tag)[1]
             if kind == "unblindedReadNodule":
                 marks.append(_nodule_reading(path, q, elem, reader, radiologist))
             elif kind == "nonNodule":
                 marks.append(_non_nodule_reading(path, q, elem, reader, radiologist))
-    return LidcReadings(path=path, series_uid=series_uid, readers=len(sessions), marks=tuple(marks))
+    return LidcReadings(
+        path=path, series_uid=series_uid, readers=len(readings_found), marks=tuple(marks)
+    )
 
 
 def read_xml_series_uid(path: str | os.PathLike) -> str | None:
