@@ -35,10 +35,10 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Circle
-from scipy import ndimage
 
 from lungct.fileio import WriteError, new_figure, write_figure_atomic, write_text_atomic
 from lungct.geometry import Geometry
+from lungct.lungmask import dilate_ellipsoid
 from lungct.patches import crop_patch
 from lungct.preprocess import WINDOWS, resample_onto
 from lungct.scan import AIR_HU, Scan
@@ -55,6 +55,12 @@ CROP_WINDOW = "lung"
 OVERVIEW_WINDOW = (-1000.0, 300.0)
 """The HU window of the overview's projections."""
 SCALE_BAR_MM = 10.0
+INNER_MM = (8.0, 4.0, 4.0)
+"""The overview projects the lung mask eroded by this ellipsoid (z, y, x radii in mm): more
+along z, where the mask reaches into the diaphragm and the apex's soft tissue."""
+PNG_COMPRESSION = 1
+"""zlib level of the report's PNGs: the fastest (level 6 takes three times as long for files a
+fifth smaller)."""
 ABOVE_COLOUR = "#ff3b30"
 BELOW_COLOUR = "#ffd60a"
 
@@ -210,7 +216,9 @@ def numbered_count(marks: Sequence[Mark], top: int = OVERVIEW_TOP) -> int:
 
 
 def _save(fig: Figure, path: Path, dpi: int = 90) -> None:
-    write_figure_atomic(fig, path, dpi=dpi, format="png")
+    write_figure_atomic(
+        fig, path, dpi=dpi, format="png", pil_kwargs={"compress_level": PNG_COMPRESSION}
+    )
 
 
 def _slice_words(geometry: Geometry, ijk: tuple[int, int, int], world_axis: int) -> str:
@@ -278,7 +286,8 @@ def _crop_views(scan: Scan, original: Scan, mark: Mark, half_mm: float, path: Pa
         va="bottom",
         fontsize=8.5,
     )
-    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
+    # The margins tight_layout finds for this layout, fixed: it costs a third of the drawing.
+    fig.subplots_adjust(left=0.014, right=0.986, bottom=0.087, top=0.842, wspace=0.045)
     _save(fig, path)
 
 
@@ -293,14 +302,23 @@ def lung_on_grid(lung: np.ndarray | None, geometry: Geometry, shown: Scan) -> np
     return resample_onto(lung.astype(np.uint8, copy=False), geometry, shown.geometry)
 
 
+def inner_lung(lung: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """The lung mask eroded by the ellipsoid :data:`INNER_MM` on its own grid.
+
+    The mask reaches into the chest wall; its inner part keeps the ribs out of the overview's
+    projections. Eroded before it is resampled onto the scan's finer grid, where the same
+    erosion would cost several times more.
+    """
+    radii = tuple(r / s for r, s in zip(INNER_MM, geometry.spacing[::-1], strict=True))
+    return ~dilate_ellipsoid(~(lung > 0), radii)
+
+
 def overview_volume(scan: Scan, lung: np.ndarray | None) -> np.ndarray:
-    """The HU volume the overview projects: air outside the (eroded) lungs, if a mask is given."""
+    """The HU volume the overview projects: air outside ``lung`` (the inner lung mask on the
+    scan's grid, :func:`inner_lung`), if a mask is given."""
     if lung is None:
         return scan.array
-    # The mask is dilated into the chest wall; erode it so ribs do not fill the projection.
-    steps = max(1, round(4.0 / min(scan.geometry.spacing)))
-    inner = ndimage.binary_erosion(lung > 0, iterations=steps)
-    return np.where(inner, scan.array, AIR_HU)
+    return np.where(lung > 0, scan.array, AIR_HU)
 
 
 def _mark_style(mark: Mark) -> dict[str, Any]:
@@ -697,7 +715,9 @@ def write_report(
     marks = rank_marks(scan, detections, threshold)
     n_numbered = numbered_count(marks)
     n_above = sum(m.above for m in marks)
-    lung_shown = lung_on_grid(lung, lung_geometry or scan.geometry, shown)
+    grid = lung_geometry or scan.geometry
+    inner = inner_lung(lung, grid) if lung is not None else None
+    lung_shown = lung_on_grid(inner, grid, shown)
     _overview(shown, lung_shown, marks[:n_numbered], threshold, out / "overview.png")
 
     cropped = [m for m in marks if m.above][:max_crops]
