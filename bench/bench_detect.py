@@ -58,9 +58,10 @@ def main() -> int:
     parser.add_argument("--models", help="model set (default: the shipped set)")
     parser.add_argument(
         "--runtime",
-        choices=("auto", "keras", "onnx"),
+        choices=("auto", "keras", "onnx", "int8"),
         default="auto",
-        help="where the U-Net runs (default auto: ONNX Runtime on a CPU)",
+        help="where the U-Net runs (default auto: ONNX Runtime on a CPU, the 8-bit copy where "
+        "the set has one)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs (default 3)")
     parser.add_argument("--out", help="also write the results as JSON here")

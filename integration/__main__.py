@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from lungct.cli import fraction, non_negative_int, positive_float, positive_int, run_command
 from lungct.fileio import read_json
+from unet_candidates.runtime import RUNTIMES
 
 if TYPE_CHECKING:
     from integration.stages import StageSettings
@@ -305,9 +306,10 @@ def _add_detect(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-report", action="store_true", help="only detections.csv + summary.json")
     p.add_argument(
         "--runtime",
-        choices=("auto", "keras", "onnx"),
-        help="where the U-Net runs: onnx (ONNX Runtime, the fastest on a CPU), keras, or auto "
-        "(onnx on a CPU, keras on a GPU; default, or the LUNGCT_RUNTIME variable)",
+        choices=RUNTIMES,
+        help="where the U-Net runs: onnx (ONNX Runtime, float32), int8 (the set's 8-bit copy "
+        "of the U-Net, the fastest on a CPU), keras, or auto (int8 where the set has one, else "
+        "onnx, on a CPU; keras on a GPU; default, or the LUNGCT_RUNTIME variable)",
     )
     p.add_argument(
         "--allow-training-scans",

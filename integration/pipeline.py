@@ -136,7 +136,9 @@ class Detector:
         model_set = open_model_set(models_dir, allow_unfinished=allow_unfinished)
         models_dir = model_set.root
         unet_model, unet_plan = load_unet(models_dir / "unet", allow_unfinished=allow_unfinished)
-        unet_model = predictor(unet_model, runtime or default_runtime(), threads=threads)
+        unet_model = predictor(
+            unet_model, runtime or default_runtime(), threads=threads, model_dir=models_dir / "unet"
+        )
         fpr = None
         if "fpr" in model_set.stages:
             from fp_reduction_3dcnn.predict import open_model

@@ -1,4 +1,4 @@
-"""``python -m unet_candidates <verb>``: train, extract.
+"""``python -m unet_candidates <verb>``: train, extract, quantize.
 
 ``train --preset centernet`` (or a CenterNet ``--plan``) trains the CenterNet heatmap
 detector (:mod:`unet_candidates.centernet`) instead of a U-Net; ``extract`` reads either kind
@@ -128,6 +128,41 @@ def _extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    from lungct.cache import ScanCache, find_scans
+    from lungct.io import read_scan
+    from unet_candidates.quantize import quantize_model_dir
+
+    if bool(args.scan) == bool(args.data):
+        raise LungCTError(None, "give either --data DIR --folds F or --scan PATH")
+    if args.data and not args.folds:
+        raise LungCTError(args.data, "--data needs --folds (e.g. --folds 8, the validation fold)")
+    loaders = []
+    if args.data:
+        from lungct.tables import parse_folds
+
+        cache = ScanCache(args.cache) if args.cache else None
+        for f in find_scans(args.data, parse_folds(args.folds)):
+            if cache is not None and cache.is_complete(f.seriesuid):
+                loaders.append(lambda uid=f.seriesuid: cache.open(uid))
+            else:
+                loaders.append(lambda p=f.path: read_scan(p))
+        if not loaders:
+            raise LungCTError(args.data, f"no scans in folds {args.folds}")
+    for path in args.scan or ():
+        loaders.append(lambda p=path: read_scan(p))
+    record = quantize_model_dir(
+        args.model,
+        loaders,
+        len(loaders),
+        batches=args.batches,
+        seed=args.seed,
+        allow_unfinished=args.allow_unfinished,
+    )
+    print(json.dumps(record))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser (exposed for tests and documentation)."""
     parser = argparse.ArgumentParser(
@@ -207,10 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--runtime",
-        choices=("auto", "keras", "onnx"),
-        help="where the U-Net runs: onnx (ONNX Runtime, the fastest on a CPU), keras, or auto "
-        "(onnx on a CPU, keras on a GPU, keras for a CenterNet; default, or the LUNGCT_RUNTIME "
-        "variable)",
+        choices=("auto", "keras", "onnx", "int8"),
+        help="where the U-Net runs: onnx (ONNX Runtime, float32), int8 (the folder's 8-bit "
+        "copy in ONNX Runtime, the fastest on a CPU), keras, or auto (int8 where the folder "
+        "has a fitting copy, else onnx, on a CPU; keras on a GPU and for a CenterNet; default, "
+        "or the LUNGCT_RUNTIME variable)",
     )
     p.add_argument(
         "--allow-unfinished",
@@ -219,6 +255,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_extract)
+
+    p = sub.add_parser(
+        "quantize",
+        help="write an 8-bit copy of a 2-D U-Net for CPUs, calibrated on scans",
+        description="Write MODEL/model.int8.onnx and MODEL/model.int8.json: the 2-D U-Net "
+        "quantized to 8 bits (ONNX Runtime, static), its ranges measured on the extraction's "
+        "inputs from the scans given. Calibrate on the training data's validation fold, never "
+        "on a test set. Extraction on a CPU then uses it (runtime auto or int8).",
+    )
+    p.add_argument("--model", required=True, help="a trained 2-D U-Net model folder")
+    p.add_argument("--data", help="LUNA16-layout folder (with --folds)")
+    p.add_argument("--folds", help="subsets of --data to calibrate on, e.g. 8")
+    p.add_argument("--cache", help="per-scan cache to read prepared scans from (optional)")
+    p.add_argument(
+        "--scan", action="append", help=".mhd/.nii(.gz) file or DICOM folder (repeatable)"
+    )
+    p.add_argument(
+        "--batches", type=positive_int, default=24, help="batches to calibrate on (default 24)"
+    )
+    p.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed (default 0)")
+    p.add_argument(
+        "--allow-unfinished",
+        action="store_true",
+        help="use a model folder whose training has not ended (its last saved weights)",
+    )
+    p.set_defaults(func=_quantize)
     return parser
 
 

@@ -646,7 +646,7 @@ def extract_paths(
         test_time_flips=test_time_flips,
     )
     plan.validate()
-    model = predictor(model, runtime)
+    model = predictor(model, runtime, model_dir=model_dir)
     jobs: list[tuple[str, Any]] = []
     if data_dir is not None:
         if isinstance(folds, str):
