@@ -16,7 +16,7 @@ import SimpleITK as sitk
 
 from lungct.errors import LungCTError
 from lungct.fileio import read_json, write_json_atomic
-from lungct.geometry import Geometry
+from lungct.geometry import IDENTITY, Geometry
 from lungct.io import image_from_array
 from lungct.plans import check_field_types
 from lungct.scan import AIR_HU, Scan
@@ -204,6 +204,49 @@ def resample_mask(
         default_value=0,
         align_to_world=align_to_world,
     )
+
+
+def subsample_aligned(
+    array: np.ndarray, geometry: Geometry, spacing: Sequence[float], interpolation: str
+) -> tuple[np.ndarray, Geometry] | None:
+    """:func:`resample_array` (``align_to_world``) by slicing, where that is what it computes.
+
+    On a world-aligned grid whose spacing divides ``spacing`` a whole number of times per axis
+    (and whose size that factor divides), every voxel of the coarser grid lies on a voxel of
+    ``geometry`` (odd factor) or halfway between two (even factor): linear interpolation is
+    that voxel or the mean of the two, nearest neighbour that voxel or the upper one. Linear
+    results are float32 and exact (:func:`resample_array` returns the input's type, which
+    truncates the half HU of a mean); masks are the same voxels. Returns ``None`` where the
+    grids do not fit so (then resample).
+    """
+    if interpolation not in ("linear", "nearest") or not np.allclose(geometry.direction, IDENTITY):
+        return None
+    source = np.asarray(geometry.spacing, float)
+    factors = np.asarray([float(s) for s in spacing]) / source
+    whole = np.rint(factors).astype(int)
+    sizes = np.asarray(geometry.size)
+    if np.any(whole < 1) or not np.allclose(factors, whole, atol=1e-9) or np.any(sizes % whole):
+        return None
+    target = world_aligned_geometry(geometry, spacing)
+    if not np.array_equal(np.asarray(target.size), sizes // whole):
+        return None
+    out = array
+    for axis_xyz, f in enumerate(whole):
+        if f == 1:
+            continue
+        axis = 2 - axis_xyz
+        take = [slice(None)] * 3
+        if f % 2 or interpolation == "nearest":
+            take[axis] = slice(f // 2, None, f)
+            out = out[tuple(take)]
+        else:
+            take[axis] = slice(f // 2 - 1, None, f)
+            low = out[tuple(take)].astype(np.float32)
+            take[axis] = slice(f // 2, None, f)
+            out = (low + out[tuple(take)]) * np.float32(0.5)
+    if interpolation == "linear":
+        out = out.astype(np.float32, copy=False)
+    return np.ascontiguousarray(out), target
 
 
 def apply_window(

@@ -87,3 +87,36 @@ def test_plan_json_round_trip_and_errors(tmp_path: Path) -> None:
         PreprocessPlan.load(tmp_path / "broken.json")
     with pytest.raises(LungCTError, match="empty HU window"):
         PreprocessPlan(hu_window=(400, -1000))
+
+
+@pytest.mark.parametrize(
+    "spacing", [(1.0, 1.0, 2.0), (2.0, 2.0, 2.0), (1.0, 1.0, 3.0), (1.0, 2.0, 1.0)]
+)
+def test_aligned_subsampling_is_what_the_resampler_computes(spacing) -> None:
+    """Slicing the 1 mm grid gives SimpleITK's voxels: masks the same, CT within its rounding."""
+    from lungct.preprocess import resample_array, subsample_aligned
+
+    rng = np.random.default_rng(0)
+    geo = Geometry((36, 30, 24), (1.0, 1.0, 1.0), (-17.5, 3.25, -300.0))
+    hu = rng.integers(-1000, 400, geo.shape_zyx).astype(np.int16)
+    mask = (rng.random(geo.shape_zyx) > 0.5).astype(np.uint8)
+    fast, grid = subsample_aligned(hu, geo, spacing, "linear")
+    slow, slow_grid = resample_array(hu.astype(np.float32), geo, spacing, "linear", -1000, True)
+    assert grid == slow_grid and fast.dtype == np.float32
+    np.testing.assert_allclose(fast, slow, atol=1e-3)
+    fast_mask, _ = subsample_aligned(mask, geo, spacing, "nearest")
+    slow_mask, _ = resample_mask(mask, geo, spacing, align_to_world=True)
+    np.testing.assert_array_equal(fast_mask, slow_mask)
+    # Where slicing is not the resampler's result, there is no shortcut.
+    assert subsample_aligned(hu, geo, (1.5, 1.0, 1.0), "linear") is None  # not whole
+    odd = replace_size(geo, 1)  # 23 slices: a factor of 2 or 3 along z leaves a remainder
+    assert subsample_aligned(hu[:-1], odd, (2.0, 2.0, 2.0), "linear") is None
+    flipped = Geometry(geo.size, geo.spacing, geo.origin, DIRS["flip_z"])
+    assert subsample_aligned(hu, flipped, spacing, "linear") is None
+    assert subsample_aligned(hu, geo, spacing, "bspline") is None
+
+
+def replace_size(geo: Geometry, fewer_z: int) -> Geometry:
+    """The grid with ``fewer_z`` slices less (sizes the factor may not divide)."""
+    x, y, z = geo.size
+    return Geometry((x, y, z - fewer_z), geo.spacing, geo.origin, geo.direction)

@@ -45,7 +45,7 @@ from lungct.modeldir import (
     read_keras_config,
     verify_model_dir,
 )
-from lungct.preprocess import apply_window, resample_array, resample_mask
+from lungct.preprocess import apply_window, resample_array, resample_mask, subsample_aligned
 from lungct.scan import AIR_HU, Scan
 from unet_candidates.config import PLAN_FILE, UNetPlan
 from unet_candidates.postprocess import Candidate, candidates_from_probability
@@ -171,6 +171,10 @@ def prepare_input(source: Scan | CachedScan, plan: UNetPlan) -> ModelInput:
         if _on_model_grid(source.geometry, plan):
             hu, geometry = np.asarray(source.volume), source.geometry
             lung = np.asarray(source.lung)
+        elif fast := subsample_aligned(source.volume, source.geometry, plan.spacing, "linear"):
+            # The 1 mm cache grid to a plan spacing of whole millimetres: slicing, no resampler.
+            hu, geometry = fast
+            lung = subsample_aligned(source.lung, source.geometry, plan.spacing, "nearest")[0]
         else:
             hu, geometry = resample_array(
                 source.volume, source.geometry, plan.spacing, "linear", AIR_HU, True
@@ -245,8 +249,10 @@ def search_region(data: ModelInput, plan: UNetPlan) -> tuple[np.ndarray, tuple[s
     lung = data.lung > 0
     if plan.lung_dilation_mm > 0:
         lung = dilate_ellipsoid(lung, tuple(plan.lung_dilation_mm / np.asarray(plan.spacing_zyx)))
-    idx = np.argwhere(lung)
-    lo, hi = idx.min(axis=0), idx.max(axis=0) + 1
+    lo, hi = np.zeros(3, int), np.zeros(3, int)
+    for axis in range(3):  # the box from the mask's projections (argwhere costs 10x more)
+        present = np.flatnonzero(lung.any(axis=tuple(a for a in range(3) if a != axis)))
+        lo[axis], hi[axis] = present[0], present[-1] + 1
     # Grow to at least one window, centred on the lungs, kept inside the volume.
     size = np.maximum(hi - lo, window)
     lo = np.clip((lo + hi) // 2 - size // 2, 0, shape - size)
