@@ -230,6 +230,23 @@ def write_model_set(
 _STAGE_NAMES = {"unet": "U-Net candidates", "fpr": "MGI-CNN false-positive reduction"}
 
 
+def _int8_lines(unet_dir: Path) -> list[str]:
+    """The model card's words on the U-Net's 8-bit copy, if the set has a fitting one."""
+    from unet_candidates.runtime import INT8_FILE, INT8_RECORD, int8_problem
+
+    if int8_problem(unet_dir) is not None:
+        return []
+    calibration = read_json(unet_dir / INT8_RECORD).get("calibration") or {}
+    return [
+        f"On a CPU the U-Net runs as its 8-bit copy, `unet/{INT8_FILE}` (ONNX Runtime static",
+        f"quantization calibrated on {len(calibration.get('series') or [])} scans, "
+        f"{calibration.get('batches')} batches; `unet/{INT8_RECORD}`",
+        "names them and the `model.keras` it was made from); `detect --runtime onnx` runs the",
+        "float32 network instead.",
+        "",
+    ]
+
+
 def model_card(model_set: ModelSet, performance: str = "", limitations: str = "") -> str:
     """``MODEL_CARD.md`` of a model set, from its stages' manifests."""
     lines = [
@@ -268,8 +285,8 @@ def model_card(model_set: ModelSet, performance: str = "", limitations: str = ""
             f"{gpus} |"
         )
     versions = (model_set.manifests["unet"].get("provenance") or {}).get("versions") or {}
+    lines += ["", *_int8_lines(model_set.root / "unet")]
     lines += [
-        "",
         "Packages: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) + ".",
         "Each stage folder's `manifest.json` holds its seeds, series, steps and a sha256 per",
         "file; the suite checks them when it loads the set.",

@@ -85,6 +85,10 @@ class StageSettings:
         fpr_minutes: MGI-CNN (or other network's) training budget in minutes.
         fpr_overrides: plan fields of the MGI-CNN (or other network) to change.
         tta: average the MGI-CNN's (or other network's) scores over the 8 axial symmetries.
+        quantize: once a 2-D U-Net is trained, write its 8-bit copy for CPUs
+            (:mod:`unet_candidates.quantize`), calibrated on the validation folds (the
+            training folds where there are none); the test folds' candidates then come from
+            it on a CPU, as ``detect``'s would.
     """
 
     unet_preset: str = "2d"
@@ -105,6 +109,7 @@ class StageSettings:
     fpr_minutes: float = 4.0
     fpr_overrides: dict[str, Any] = field(default_factory=dict)
     tta: bool = False
+    quantize: bool = False
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str | None = None) -> StageSettings:
@@ -553,6 +558,8 @@ def run_candidate_stage(run: StageRun) -> Path:
     from unet_candidates.extract import extract_paths
 
     unet_dir = train_unet_stage(run)
+    if run.settings.quantize and run.settings.candidates == "unet":
+        quantize_unet_stage(run, unet_dir)
     out = run.paths.test_candidates
     if run.reuse and _fresh(out, unet_dir):
         return out
@@ -573,6 +580,25 @@ def run_candidate_stage(run: StageRun) -> Path:
             unet_dir, f"candidate extraction failed on every test scan (e.g. {scan}: {problem})"
         )
     return out
+
+
+def quantize_unet_stage(run: StageRun, unet_dir: Path) -> None:
+    """Write the trained 2-D U-Net's 8-bit copy, calibrated on the validation folds (else the
+    training folds), unless a copy of these weights is there."""
+    from lungct.cache import ScanCache, find_scans
+    from unet_candidates.config import UNetPlan
+    from unet_candidates.quantize import quantize_model_dir
+    from unet_candidates.runtime import int8_problem
+
+    if int8_problem(unet_dir) is None or UNetPlan.load(unet_dir / "plan.json").dims != "2d":
+        return
+    cache = ScanCache(run.cache)
+    files = find_scans(run.data, list(run.split.val) or list(run.split.train))
+    loaders = [lambda uid=f.seriesuid: cache.open(uid) for f in files]
+    log = None if run.progress else (lambda message: None)
+    run.clock.run(
+        "quantize U-Net", lambda: quantize_model_dir(unet_dir, loaders, len(loaders), log=log)
+    )
 
 
 def train_gan_stage(run: StageRun) -> Path:

@@ -14,6 +14,7 @@ from integration.recipe import Recipe
 from integration.testing import tiny_settings
 from lungct.errors import LungCTError
 from lungct.modeldir import verify_model_dir
+from unet_candidates.runtime import int8_problem
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -26,7 +27,7 @@ def tiny_recipe(**changes) -> dict:
         "data": {"scans": 4, "seed": 0, "size": "small"},
         "split": {"train": [0, 1], "val": [2], "test": [3]},
         "preprocess": {"name": "test2mm", "spacing": [2.0, 2.0, 2.0]},
-        "settings": tiny_settings(),
+        "settings": tiny_settings(quantize=True),
         "bootstrap": 10,
         "workers": 1,
     }
@@ -57,7 +58,12 @@ def test_train_models_writes_a_sealed_model_set(trained: dict[str, Path], capsys
     assert "Not a medical device" in card and "Demo-grade training" in card
     assert "Held-out subset [3]" in card
     summary = json.loads((trained["out"] / "train_models.json").read_text())
-    assert set(summary["seconds"]) >= {"synth", "prepare", "train U-Net", "train MGI-CNN"}
+    assert set(summary["seconds"]) >= {
+        "synth", "prepare", "train U-Net", "quantize U-Net", "train MGI-CNN"
+    }  # fmt: skip
+    record = json.loads((models / "unet" / "model.int8.json").read_text())
+    assert len(record["calibration"]["series"]) == 1  # the validation subset's scan
+    assert int8_problem(models / "unet") is None
     assert summary["heldout"]["nodules"] >= 0
 
     # Rerunning resumes: nothing is trained again, the sealed weights stay as they were.
@@ -67,6 +73,7 @@ def test_train_models_writes_a_sealed_model_set(trained: dict[str, Path], capsys
     assert (models / "unet" / "model.keras").stat().st_mtime_ns == stamp
     again = json.loads((trained["out"] / "train_models.json").read_text())
     assert "train U-Net" not in again["seconds"] and len(again["runs"]) == 2
+    assert "quantize U-Net" not in again["seconds"]
     capsys.readouterr()
 
     # Another recipe into the same folder is refused in one line.
@@ -111,7 +118,8 @@ def test_evaluate_models_on_fresh_data_and_detect(trained: dict[str, Path], tmp_
         "--out", str(report),
     ])  # fmt: skip
     assert code == 0, capsys.readouterr().err
-    assert json.loads((report / "summary.json").read_text())["model_set"]["name"] == "tiny"
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["model_set"]["name"] == "tiny" and summary["unet_runtime"] == "int8"
 
 
 @pytest.mark.parametrize(
