@@ -27,6 +27,9 @@ def test_onnx_forward_pass_equals_keras(dims: str) -> None:
         assert got.shape == expected.shape
         np.testing.assert_allclose(got, expected, atol=1e-5)
     assert runtime_of(onnx) == "onnx" and runtime_of(model) == "keras"
+    # Giving the arena back between scans changes no later prediction.
+    onnx.release_memory()
+    np.testing.assert_array_equal(onnx.predict_on_batch(x), got)
 
 
 def test_runtime_choice_and_errors(monkeypatch) -> None:

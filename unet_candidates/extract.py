@@ -273,12 +273,13 @@ def predict_probability_map(
     """
     lung, region = search_region(data, plan)
     if plan.dims == "2d":
-        prob = _predict_2d(model, data.image, lung, region, plan, progress, data.seriesuid)
-        region = (region[0], slice(None), slice(None))
+        out = _predict_2d(model, data.image, lung, region, plan, progress, data.seriesuid)
     else:
-        prob = _predict_3d(model, data.image[region], plan, progress, data.seriesuid)
-    out = np.zeros(data.image.shape, np.float32)
-    out[region] = prob
+        out = np.zeros(data.image.shape, np.float32)
+        out[region] = _predict_3d(model, data.image[region], plan, progress, data.seriesuid)
+    release = getattr(model, "release_memory", None)
+    if release is not None:  # ONNX Runtime: the arena's growth is not needed until next scan
+        release()
     out *= lung
     return out
 
@@ -400,21 +401,31 @@ def _predict_2d(model, volume, lung, region, plan, progress, desc):
     channels = plan.window_size[0]
     half = channels // 2
     multiple = 2 ** len(plan.filters)
-    pad = max(CONTEXT_MARGIN, FLIP_MARGIN) + multiple
     air = float(apply_window(np.float32(AIR_HU), plan.hu_window, (0.0, 1.0)))
-    padded = np.pad(volume, ((half, half), (pad, pad), (pad, pad)), constant_values=air)
+    nz, ny, nx = volume.shape
     z_first, z_stop = region[0].start, region[0].stop
-    out = np.zeros((z_stop - z_first, *volume.shape[1:]), np.float32)
+    out = np.zeros(volume.shape, np.float32)
     batch = plan.window_batch
     chunks = range(z_first, z_stop, batch)
     bar = tqdm(total=len(chunks), desc=desc, unit="batch", disable=not progress, leave=False)
 
+    def cut(zs: list[int], crop: list[slice]) -> np.ndarray:
+        """The batch's input, channels last: slices z - half .. z + half of each z over the
+        crop, air outside the volume; ``batch`` rows whatever ``len(zs)`` (a fixed batch size
+        keeps the compiled shapes few)."""
+        (ya, yb), (xa, xb) = (crop[0].start, crop[0].stop), (crop[1].start, crop[1].stop)
+        x = np.full((batch, yb - ya, xb - xa, channels), air, np.float32)
+        y0, y1, x0, x1 = max(ya, 0), min(yb, ny), max(xa, 0), min(xb, nx)
+        for i, z in enumerate(zs):
+            for c in range(channels):
+                if 0 <= z - half + c < nz:
+                    x[i, y0 - ya : y1 - ya, x0 - xa : x1 - xa, c] = volume[
+                        z - half + c, y0:y1, x0:x1
+                    ]
+        return x
+
     def predict(zs: list[int], crop: list[slice], axes: tuple[int, ...]) -> np.ndarray:
-        ys = slice(crop[0].start + pad, crop[0].stop + pad)
-        xs = slice(crop[1].start + pad, crop[1].stop + pad)
-        x = np.stack([np.moveaxis(padded[z : z + channels, ys, xs], 0, -1) for z in zs])
-        if len(zs) < batch:  # a fixed batch size keeps the compiled shapes few
-            x = np.concatenate([x, np.zeros((batch - len(zs), *x.shape[1:]), x.dtype)])
+        x = cut(zs, crop)
         if axes:
             x = np.flip(x, axis=axes)
         y = np.asarray(model.predict_on_batch(np.ascontiguousarray(x)))[: len(zs), ..., 0]
@@ -438,7 +449,7 @@ def _predict_2d(model, volume, lung, region, plan, progress, desc):
         zs = list(range(z0, min(z0 + batch, z_stop)))
         bar.update(1)
         near = lung[zs[0] : zs[-1] + 1] > 0
-        block = out[zs[0] - z_first : zs[-1] + 1 - z_first]
+        block = out[zs[0] : zs[-1] + 1]
         for crop, pixels in _crops(near.any(axis=0), CONTEXT_MARGIN, multiple):
             paste(block, predict(zs, crop, ()), crop, pixels)
         if plan.test_time_flips == 0:
