@@ -101,6 +101,44 @@ def _lung_components(air: np.ndarray, voxel_ml: float, params: LungMaskParams) -
     return np.isin(labels, keep) if keep else np.zeros(air.shape, bool)
 
 
+def close_slices(mask: np.ndarray, disk: np.ndarray) -> np.ndarray:
+    """Binary closing of each axial slice of ``mask`` by the 2-D structure ``disk`` (bool).
+
+    The voxels of ``ndimage.binary_closing(mask, structure=disk[None])`` where the mask keeps
+    clear of the in-plane edge by the disk's radius (pad it first), with OpenCV's 2-D
+    morphology.
+    """
+    import cv2
+
+    kernel = disk.astype(np.uint8)
+    src = np.ascontiguousarray(mask, dtype=np.uint8)
+    out = np.zeros(src.shape, bool)
+    for z in range(src.shape[0]):
+        if src[z].any():
+            out[z] = cv2.morphologyEx(src[z], cv2.MORPH_CLOSE, kernel) > 0
+    return out
+
+
+def small_holes(mask: np.ndarray, max_area: float) -> np.ndarray:
+    """The holes of each axial slice of ``mask`` of at most ``max_area`` pixels.
+
+    A hole is a 4-connected part of a slice's background that does not touch the slice's edge
+    (what ``ndimage.binary_fill_holes`` fills slice by slice); all slices are labelled in one
+    call, several times faster than filling them one by one.
+    """
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    labels, n = ndimage.label(~mask, structure=in_plane)
+    if n == 0:
+        return np.zeros(mask.shape, bool)
+    areas = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = areas <= max_area
+    edges = (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1])
+    keep[np.concatenate([e.ravel() for e in edges])] = False
+    keep[0] = False  # the mask itself
+    return keep[labels]
+
+
 def segment_lungs_array(
     hu: np.ndarray, geometry: Geometry, params: LungMaskParams = LungMaskParams()
 ) -> np.ndarray:
@@ -131,19 +169,12 @@ def segment_lungs_array(
     # Close and fill per axial slice: pad so the closing cannot stick to the array edge.
     radius = params.closing_radius_mm / min(sx, sy)
     pad = int(np.ceil(radius)) + 1
-    padded = np.pad(lung, ((0, 0), (pad, pad), (pad, pad)))
-    padded = ndimage.binary_closing(padded, structure=_disk(radius)[None])
-    lung = padded[:, pad:-pad, pad:-pad]
+    padded = np.pad(lung, ((0, 0), (pad, pad), (pad, pad))).astype(np.uint8)
+    lung = close_slices(padded, _disk(radius))[:, pad:-pad, pad:-pad]
     # Fill holes (vessels, nodules) but not the mediastinum: where the lungs meet in front of
     # and behind the heart, the heart is a hole too, so only holes smaller than a big nodule go.
     max_hole = params.max_hole_cm2 * 100.0 / (sx * sy)
-    for z in range(lung.shape[0]):
-        holes = ndimage.binary_fill_holes(lung[z]) & ~lung[z]
-        if holes.any():
-            labels2d, n_holes = ndimage.label(holes)
-            areas = np.bincount(labels2d.ravel(), minlength=n_holes + 1)
-            small = np.flatnonzero(areas <= max_hole)
-            lung[z] |= np.isin(labels2d, small[small > 0])
+    lung |= small_holes(lung, max_hole)
     if params.dilation_mm > 0:
         radii = (params.dilation_mm / sz, params.dilation_mm / sy, params.dilation_mm / sx)
         lung = dilate_ellipsoid(lung, radii)
