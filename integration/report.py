@@ -40,7 +40,7 @@ from lungct.fileio import WriteError, new_figure, write_figure_atomic, write_tex
 from lungct.geometry import Geometry
 from lungct.lungmask import dilate_ellipsoid
 from lungct.patches import crop_patch
-from lungct.preprocess import WINDOWS, resample_onto
+from lungct.preprocess import WINDOWS, nearest_onto
 from lungct.scan import AIR_HU, Scan
 from lungct.show import world_aligned
 
@@ -299,7 +299,7 @@ def lung_on_grid(lung: np.ndarray | None, geometry: Geometry, shown: Scan) -> np
         raise ValueError(f"lung mask shape {lung.shape} does not fit its grid {geometry.shape_zyx}")
     if geometry == shown.geometry:
         return lung
-    return resample_onto(lung.astype(np.uint8, copy=False), geometry, shown.geometry)
+    return nearest_onto(lung.astype(np.uint8, copy=False), geometry, shown.geometry)
 
 
 def inner_lung(lung: np.ndarray, geometry: Geometry) -> np.ndarray:

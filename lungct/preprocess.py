@@ -192,6 +192,38 @@ def resample_onto(
     return sitk.GetArrayFromImage(out)
 
 
+def nearest_onto(
+    array: np.ndarray, geometry: Geometry, target: Geometry, default_value: float = 0
+) -> np.ndarray:
+    """:func:`resample_onto` with nearest neighbour, by indexing where both grids are
+    world-aligned (identity direction): each target axis takes the source voxel whose centre
+    is nearest (a half-way point goes to the upper one), ``default_value`` outside the source.
+
+    Several times faster than the resampler for a mask shown on a scan's finer grid; other
+    grids go through :func:`resample_onto`.
+    """
+    if not (np.allclose(geometry.direction, IDENTITY) and np.allclose(target.direction, IDENTITY)):
+        return resample_onto(array, geometry, target, "nearest", default_value)
+    out = np.asarray(array)
+    inside = []
+    for axis_xyz in range(3):
+        axis = 2 - axis_xyz
+        centres = target.origin[axis_xyz] + target.spacing[axis_xyz] * np.arange(
+            target.size[axis_xyz]
+        )
+        index = (centres - geometry.origin[axis_xyz]) / geometry.spacing[axis_xyz]
+        n = geometry.size[axis_xyz]
+        inside.append((index >= -0.5) & (index < n - 0.5))
+        out = np.take(out, np.clip(np.floor(index + 0.5).astype(np.int64), 0, n - 1), axis=axis)
+    ix, iy, iz = inside
+    if not (ix.all() and iy.all() and iz.all()):
+        out = out.copy()
+        out[~iz] = default_value
+        out[:, ~iy] = default_value
+        out[:, :, ~ix] = default_value
+    return np.ascontiguousarray(out)
+
+
 def resample_mask(
     mask: np.ndarray, geometry: Geometry, spacing: Sequence[float], align_to_world: bool = False
 ) -> tuple[np.ndarray, Geometry]:

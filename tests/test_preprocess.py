@@ -120,3 +120,28 @@ def replace_size(geo: Geometry, fewer_z: int) -> Geometry:
     """The grid with ``fewer_z`` slices less (sizes the factor may not divide)."""
     x, y, z = geo.size
     return Geometry((x, y, z - fewer_z), geo.spacing, geo.origin, geo.direction)
+
+
+def test_nearest_by_indexing_is_the_resampler_s() -> None:
+    """A mask onto a finer or shifted world-aligned grid: SimpleITK's nearest voxels (away
+    from exact half-way points, which floating point decides either way)."""
+    from lungct.preprocess import nearest_onto, resample_onto
+
+    rng = np.random.default_rng(1)
+    source = Geometry((30, 28, 20), (1.0, 1.0, 1.0), (-15.0, 4.0, -120.0))
+    mask = (rng.random(source.shape_zyx) > 0.5).astype(np.uint8)
+    targets = [
+        Geometry((44, 41, 16), (0.683, 0.683, 1.25), (-15.3, 3.8, -120.4)),  # finer, inside
+        Geometry((50, 20, 30), (0.9, 1.3, 0.8), (-30.13, -3.7, -126.2)),  # reaching outside
+        Geometry((30, 28, 20), (1.0, 1.0, 1.0), (-14.6, 4.3, -119.7)),  # shifted
+    ]
+    for target in targets:
+        fast = nearest_onto(mask, source, target, default_value=0)
+        slow = resample_onto(mask, source, target, "nearest", 0)
+        assert fast.shape == slow.shape == target.shape_zyx
+        np.testing.assert_array_equal(fast, slow)
+    flipped = Geometry(source.size, source.spacing, source.origin, DIRS["flip_xy"])
+    np.testing.assert_array_equal(  # another direction: the resampler itself
+        nearest_onto(mask, flipped, targets[0]),
+        resample_onto(mask, flipped, targets[0], "nearest", 0),
+    )
