@@ -307,10 +307,25 @@ def inner_lung(lung: np.ndarray, geometry: Geometry) -> np.ndarray:
 
     The mask reaches into the chest wall; its inner part keeps the ribs out of the overview's
     projections. Eroded before it is resampled onto the scan's finer grid, where the same
-    erosion would cost several times more.
+    erosion would cost several times more, and only inside the mask's bounding box (the edge
+    of the scan is not an edge of the lung).
     """
+    mask = lung > 0
+    inner = np.zeros(mask.shape, bool)
     radii = tuple(r / s for r, s in zip(INNER_MM, geometry.spacing[::-1], strict=True))
-    return ~dilate_ellipsoid(~(lung > 0), radii)
+    box = []
+    for axis in range(3):  # the mask's box, grown by the radius where the scan allows
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        if not len(present):
+            return inner
+        grow = int(np.ceil(radii[axis]))
+        box.append(
+            slice(
+                max(int(present[0]) - grow, 0), min(int(present[-1]) + 1 + grow, mask.shape[axis])
+            )
+        )
+    inner[tuple(box)] = ~dilate_ellipsoid(~mask[tuple(box)], radii)
+    return inner
 
 
 def overview_volume(scan: Scan, lung: np.ndarray | None) -> np.ndarray:

@@ -289,8 +289,11 @@ def apply_window(
     """Clip HU to ``window`` and map it linearly to ``output_range`` as float32."""
     lo, hi = float(window[0]), float(window[1])
     a, b = float(output_range[0]), float(output_range[1])
-    x = np.clip(np.asarray(hu, dtype=np.float32), lo, hi)
-    return ((x - lo) * ((b - a) / (hi - lo)) + a).astype(np.float32, copy=False)
+    x = np.clip(np.asarray(hu, dtype=np.float32), lo, hi)  # a new array: work in place
+    x -= np.float32(lo)
+    x *= np.float32((b - a) / (hi - lo))
+    x += np.float32(a)
+    return x
 
 
 def normalize(hu: np.ndarray, plan: PreprocessPlan) -> np.ndarray:

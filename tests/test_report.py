@@ -235,3 +235,22 @@ def test_the_report_renders_in_chromium(chromium: str, tmp_path: Path, capsys) -
     assert seen["images"] == 1 + crops  # the overview and every crop, each loaded
     assert seen["rows"] == len(marks) == summary["candidates"]
     assert seen["above"] == summary["detections_above_threshold"]
+
+
+def test_inner_lung_is_the_ellipsoid_erosion_inside_the_scan() -> None:
+    """The erosion of the overview's mask, cut to the lungs' box, is the whole volume's."""
+    from scipy import ndimage
+
+    from integration.report import inner_lung
+    from lungct.geometry import Geometry
+    from lungct.lungmask import dilate_ellipsoid
+
+    rng = np.random.default_rng(0)
+    lung = np.zeros((40, 60, 60), bool)
+    lung[5:30, 10:50, 12:40] = ndimage.binary_opening(rng.random((25, 40, 28)) > 0.3)
+    lung[:12, 20:30, 20:30] = True  # touching the first slice: not eroded from there
+    geometry = Geometry((60, 60, 40), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0))
+    expected = ~dilate_ellipsoid(~lung, (4.0, 4.0, 4.0))  # 8 mm along z, 4 mm in-plane
+    np.testing.assert_array_equal(inner_lung(lung, geometry), expected)
+    assert inner_lung(lung, geometry)[0].any()
+    assert not inner_lung(np.zeros_like(lung), geometry).any()

@@ -67,22 +67,32 @@ def components_to_marks(
             f"{geometry.shape_zyx}"
         )
     mask = probability > threshold
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
-    if n == 0:
-        return np.zeros((0, 3)), np.zeros(0), np.zeros(0)
-    counts = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    # Each component is measured inside its own box (plus the smoothing's reach, clipped to
-    # the map: at a clipped side the box's edge is the map's, so the filter's reflection
-    # there is the same): the same numbers as whole-map reductions, at a fraction of the work.
+    # Components are labelled inside the box of the voxels above the threshold (a small part
+    # of the map), and each is measured inside its own box (plus the smoothing's reach,
+    # clipped to the map: at a clipped side the box's edge is the map's, so the filter's
+    # reflection there is the same): the same numbers as whole-map reductions, at a fraction
+    # of the work.
+    where = []
+    for axis in range(3):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        if not len(present):
+            return np.zeros((0, 3)), np.zeros(0), np.zeros(0)
+        where.append(slice(int(present[0]), int(present[-1]) + 1))
+    labels, _ = ndimage.label(mask[tuple(where)], structure=np.ones((3, 3, 3), bool))
+    corner = np.array([w.start for w in where])
     reach = int(4.0 * score_sigma_voxels + 0.5) if score_sigma_voxels > 0 else 0
     shape = np.asarray(probability.shape)
     centres, peaks, sizes = [], [], []
-    for k, box in enumerate(ndimage.find_objects(labels), start=1):
-        if box is None or counts[k - 1] < min_component_voxels:
+    for k, part in enumerate(ndimage.find_objects(labels), start=1):
+        if part is None:
             continue
-        lo = np.array([b.start for b in box])
-        hi = np.array([b.stop for b in box])
-        own = labels[box] == k
+        own = labels[part] == k
+        count = int(np.count_nonzero(own))
+        if count < min_component_voxels:
+            continue
+        lo = np.array([b.start for b in part]) + corner
+        hi = np.array([b.stop for b in part]) + corner
+        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
         weights = np.where(own, probability[box], 0.0).astype(np.float64)
         centres.append(np.asarray(ndimage.center_of_mass(weights), np.float64) + lo)
         if reach:
@@ -95,7 +105,7 @@ def components_to_marks(
             peaks.append(float(smooth[inner][own].max()))
         else:
             peaks.append(float(probability[box][own].max()))
-        sizes.append(counts[k - 1])
+        sizes.append(count)
     if not centres:
         return np.zeros((0, 3)), np.zeros(0), np.zeros(0)
     world = geometry.voxel_to_world(np.asarray(centres).reshape(-1, 3)).reshape(-1, 3)
