@@ -50,6 +50,20 @@ def test_detect_uses_the_shipped_set_by_default(tmp_path: Path, capsys) -> None:
     assert summary["model_set"]["name"] == read_model_set(SHIPPED_MODELS).name
     assert not summary["model_set"]["demo_grade"]
     assert summary["candidates"] >= 1 and (out / "detections.csv").is_file()
+    from unet_candidates.runtime import _gpu_visible
+
+    if not _gpu_visible():  # on a CPU the U-Net runs as the set's 8-bit copy
+        assert summary["unet_runtime"] == "int8"
+
+
+def test_the_shipped_8_bit_copy_fits_its_u_net() -> None:
+    from unet_candidates.runtime import INT8_RECORD, int8_problem
+
+    assert int8_problem(SHIPPED_MODELS / "unet") is None
+    record = json.loads((SHIPPED_MODELS / "unet" / INT8_RECORD).read_text())
+    assert len(record["calibration"]["series"]) == 6
+    assert LIDC_IDRI_0001 not in record["calibration"]["series"]  # a test scan
+    assert "8-bit copy" in (SHIPPED_MODELS / MODEL_CARD_FILE).read_text()
 
 
 def test_a_changed_shipped_weight_is_refused(tmp_path: Path, capsys) -> None:
