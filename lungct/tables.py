@@ -410,7 +410,9 @@ def _read_point_csv(
 
 def _convert(path: Path, col: _Column, values: list[str], lines: list[int]) -> np.ndarray:
     """Parse one chunk of one column to float64 and apply its checks."""
-    if col.blank is not None:
+    empty = np.zeros(len(values), bool)
+    if col.blank is not None:  # an empty cell takes the blank value, unchecked (NaN allowed)
+        empty = np.fromiter((not v.strip() for v in values), dtype=bool, count=len(values))
         values = [v if v.strip() else str(col.blank) for v in values]
     try:
         out = np.fromiter(map(float, values), dtype=np.float64, count=len(values))
@@ -423,13 +425,14 @@ def _convert(path: Path, col: _Column, values: list[str], lines: list[int]) -> n
                     path, f"line {lines[i]}: column {col.name!r}: {text.strip()!r} is not a number"
                 ) from None
         raise  # pragma: no cover - float() failed on the whole but on no single value
-    bad = ~np.isfinite(out)
+    bad = ~np.isfinite(out) & ~empty
     if bad.any():
         i = int(np.argmax(bad))
         kind = "NaN" if math.isnan(out[i]) else "infinite"
         raise LungCTError(path, f"line {lines[i]}: column {col.name!r}: value is {kind}")
     if col.check is not None:
-        bad = col.check(out)
+        with np.errstate(invalid="ignore"):
+            bad = col.check(out) & ~empty
         if bad.any():
             i = int(np.argmax(bad))
             raise LungCTError(
@@ -488,6 +491,110 @@ def read_annotations(
         coords,
         diameter_mm=extra["diameter_mm"],
         reader_count=extra["reader_count"],
+        path=os.fspath(path),
+    )
+
+
+RATING_COLUMNS = (
+    "subtlety",
+    "internalStructure",
+    "calcification",
+    "sphericity",
+    "margin",
+    "lobulation",
+    "spiculation",
+    "texture",
+    "malignancy",
+)
+"""The LIDC readers' 1-5 ratings of a nodule (``internalStructure`` 1-4 and ``calcification``
+1-6 in LIDC's own scales are kept as rated)."""
+NODULE_ATTRIBUTE_COLUMNS = (
+    *ANNOTATION_COLUMNS,
+    READER_COUNT_COLUMN,
+    "rating_readers",
+    *RATING_COLUMNS,
+    "lidc_annotation_ids",
+)
+"""``nodule_attributes.csv``: one row per row of ``annotations.csv``, the same point, with the
+median rating of the ``rating_readers`` readers who rated it (empty cells: not rated) and the
+LIDC annotation ids the ratings came from (``;``-separated)."""
+
+RATING_SCALES = {
+    name: {"internalStructure": (1, 4), "calcification": (1, 6)}.get(name, (1, 5))
+    for name in RATING_COLUMNS
+}
+"""Each rating's LIDC scale (lowest, highest)."""
+
+
+@dataclass(eq=False)
+class NoduleAttributeTable(PointTable):
+    """Nodule ratings: a point, its diameter, and the readers' median ratings.
+
+    Attributes:
+        diameter_mm: ``(N,)`` float64.
+        rating_readers: ``(N,)`` how many readers' ratings each row's medians come from
+            (0 = not rated).
+        ratings: ``(N, 9)`` float64 median ratings in :data:`RATING_COLUMNS` order, NaN where
+            not rated.
+    """
+
+    diameter_mm: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    rating_readers: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))
+    ratings: np.ndarray = field(default_factory=lambda: np.zeros((0, len(RATING_COLUMNS))))
+
+    def rating(self, name: str) -> np.ndarray:
+        """One rating's column (NaN where not rated)."""
+        return self.ratings[:, RATING_COLUMNS.index(name)]
+
+
+def read_nodule_attributes(
+    path: str | os.PathLike, known_series: Collection[str] | None = None
+) -> NoduleAttributeTable:
+    """Read ``nodule_attributes.csv`` (:data:`NODULE_ATTRIBUTE_COLUMNS`).
+
+    Raises:
+        LungCTError: missing file or column, a series UID outside ``known_series``, a rating
+            outside its scale (1-5; ``internalStructure`` 1-4, ``calcification`` 1-6) or not a
+            multiple of 0.5 (a median), a row with ratings but no rating readers; the message
+            names the file and the line.
+    """
+
+    def rating(name: str) -> _Column:
+        lo, hi = RATING_SCALES[name]
+        return _Column(
+            name,
+            True,
+            check=lambda v, lo=lo, hi=hi: (v < lo) | (v > hi) | (v * 2 != np.round(v * 2)),
+            problem=f"is not a rating from {lo} to {hi} (empty = not rated)",
+            blank=math.nan,
+        )
+
+    columns = [
+        _Column("diameter_mm", True, check=lambda d: ~(d > 0), problem="is not a diameter"),
+        _Column(
+            "rating_readers",
+            True,
+            check=lambda n: (n < 0) | (n > 127) | (n != np.round(n)),
+            problem="is not a reader count",
+            blank=0.0,
+        ),
+        *(rating(name) for name in RATING_COLUMNS),
+    ]
+    uids, index, coords, extra = _read_point_csv(path, columns, known_series)
+    ratings = np.column_stack([extra[n] for n in RATING_COLUMNS]).reshape(-1, len(RATING_COLUMNS))
+    readers = extra["rating_readers"].astype(np.int8)
+    unrated = (readers == 0) & ~np.isnan(ratings).all(axis=1)
+    if unrated.any():
+        raise LungCTError(
+            path, f"row {int(np.argmax(unrated)) + 1}: ratings given but rating_readers is 0"
+        )
+    return NoduleAttributeTable(
+        uids,
+        index,
+        coords,
+        diameter_mm=extra["diameter_mm"],
+        rating_readers=readers,
+        ratings=ratings,
         path=os.fspath(path),
     )
 

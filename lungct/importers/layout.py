@@ -49,7 +49,12 @@ from lungct.errors import LungCTError
 from lungct.fileio import WriteError, write_json_atomic, write_text_atomic
 from lungct.io import scan_suffix, series_uid_from_path, write_scan
 from lungct.scan import Scan
-from lungct.tables import ANNOTATION_COLUMNS, FOLD_COUNT, write_csv_atomic
+from lungct.tables import (
+    ANNOTATION_COLUMNS,
+    FOLD_COUNT,
+    NODULE_ATTRIBUTE_COLUMNS,
+    write_csv_atomic,
+)
 
 IMPORTER_VERSION = 1
 """Bumped when the importers' output changes; older records are then redone."""
@@ -57,6 +62,8 @@ IMPORTER_VERSION = 1
 RECORD_DIR = ".import"
 SUMMARY_FILE = "import.json"
 TABLES = ("annotations.csv", "annotations_excluded.csv", "seriesuids.csv")
+ATTRIBUTES_TABLE = "nodule_attributes.csv"
+"""The nodules' LIDC ratings, written by the LIDC importer."""
 
 # Files that are never DICOM slices; skipped without being opened when looking for series.
 _NOT_DICOM = (
@@ -547,13 +554,32 @@ def write_tables(
     excluded: Sequence[Sequence[Any]],
     summary: dict[str, Any],
     reader_counts: bool = False,
+    attributes: Sequence[Sequence[Any]] | None = None,
 ) -> None:
     """Write annotations.csv, annotations_excluded.csv, seriesuids.csv and import.json.
 
     ``annotations`` and ``excluded`` hold ``(seriesuid, x, y, z, diameter_mm)`` rows, with
     ``reader_counts`` a sixth value: how many readers marked the finding (the optional
     ``reader_count`` column of the suite's tables; 0 is written empty, unknown).
+    ``attributes``, when given, are the rows of ``nodule_attributes.csv``
+    (:data:`lungct.tables.NODULE_ATTRIBUTE_COLUMNS`), one per annotation.
     """
+    if attributes is not None:
+        write_csv_atomic(
+            out / ATTRIBUTES_TABLE,
+            NODULE_ATTRIBUTE_COLUMNS,
+            (
+                [
+                    row[0],
+                    *(_round(v) for v in row[1:4]),
+                    _diameter(row[4]),
+                    int(row[5]) or "",
+                    *row[6:],
+                ]
+                for row in attributes
+            ),
+        )
+        (out / ATTRIBUTES_TABLE).chmod(0o644)
     header = (*ANNOTATION_COLUMNS, READER_COUNT) if reader_counts else ANNOTATION_COLUMNS
     for name, rows in (("annotations.csv", annotations), ("annotations_excluded.csv", excluded)):
         write_csv_atomic(

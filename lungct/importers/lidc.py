@@ -4,7 +4,9 @@ Every CT series folder under the inputs (in a TCIA download:
 ``LIDC-IDRI-0001/<study>/<series>/``, its reading XML inside it) becomes
 ``subsetN/<SeriesInstanceUID>.mhd``; its readings become rows of ``annotations.csv`` (nodules
 >= 3 mm marked by at least 3 of the 4 readers, merged) and ``annotations_excluded.csv`` (every
-other mark), as LUNA16 built them. Both tables carry the suite's optional ``reader_count``
+other mark), as LUNA16 built them, and ``nodule_attributes.csv`` the nodules' ratings (the
+median over the readers who rated each, and their number). Both tables carry the suite's
+optional ``reader_count``
 column: how many readers outlined the finding (empty for nodules < 3 mm and non-nodules). How a reader's mark is placed, how big it is and how readers
 are merged is in :mod:`lungct.importers.lidc_xml`. Folds go by patient
 (:mod:`lungct.importers.layout`). X-ray series (CR, DX) are skipped with a note.
@@ -164,10 +166,24 @@ def convert_lidc_series(
         kinds[m.kind] += 1
     return scan, {
         "annotations": [[*f.world, f.diameter_mm, len(f.readers)] for f in nodules],
+        "attributes": [_attribute_row(f) for f in nodules],
         "excluded": [[*m.world, m.diameter_mm, m.finding_readers] for m in excluded],
         "readers": readings.readers,
         "marks": dict(kinds),
     }
+
+
+def _attribute_row(nodule: Any) -> list:
+    """``rating_readers``, the median ratings (``""`` where none) and the LIDC annotation
+    labels of one nodule, for ``nodule_attributes.csv``."""
+    readers, medians = nodule.ratings()
+    labels = ";".join(sorted({m.label for m in nodule.marks}))
+    return [readers, *("" if v is None else _half(v) for v in medians), labels]
+
+
+def _half(value: float) -> float | int:
+    """A median as written: a whole number without its ``.0``."""
+    return int(value) if value == int(value) else value
 
 
 def import_lidc(
@@ -252,5 +268,14 @@ def import_lidc(
         "skipped": {**skipped, **result["skipped"]},
         "failed": {**failed, **result["failed"]},
     }
-    write_tables(out, records, annotations, excluded, summary, reader_counts=True)
+    attributes = None
+    if all("attributes" in r for r in records):  # records of an earlier version have none
+        attributes = [
+            [r["seriesuid"], *row[:5], *attrs]
+            for r in records
+            for row, attrs in zip(r["annotations"], r["attributes"], strict=True)
+        ]
+    write_tables(
+        out, records, annotations, excluded, summary, reader_counts=True, attributes=attributes
+    )
     return summary

@@ -102,6 +102,8 @@ class Reading:
             or ``"non-nodule"`` (a point).
         label: the ``noduleID`` / ``nonNoduleID``.
         rois: the slices of the mark (a non-nodule has one, its locus).
+        ratings: the reader's ``characteristics`` of an outlined nodule, in
+            :data:`lungct.tables.RATING_COLUMNS` order (``None`` where not given).
     """
 
     reader: int
@@ -109,6 +111,7 @@ class Reading:
     kind: str
     label: str
     rois: tuple[Roi, ...]
+    ratings: tuple[int | None, ...] = ()
 
     def describe(self) -> str:
         """``reading 2 (radiologist 1234), nodule 'Nodule 001'``: where a problem lies."""
@@ -145,6 +148,7 @@ class ReaderMark:
         diameter_mm: equivalent-sphere diameter of an outlined nodule; -1 (unknown) otherwise.
         finding_readers: how many readers marked the finding this outlined mark belongs to
             (set by :func:`merge_readers`; 0 = unknown, as for small nodules and non-nodules).
+        ratings: as :attr:`Reading.ratings`.
     """
 
     reader: int
@@ -153,6 +157,7 @@ class ReaderMark:
     world: tuple[float, float, float]
     diameter_mm: float
     finding_readers: int = 0
+    ratings: tuple[int | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -170,6 +175,24 @@ class Finding:
     diameter_mm: float
     readers: tuple[int, ...]
     marks: tuple[ReaderMark, ...]
+
+    def ratings(self) -> tuple[int, list[float | None]]:
+        """How many of its readers rated it, and the median of each rating over them (a reader
+        with two marks in it counts once, by the first that has the rating)."""
+        from lungct.tables import RATING_COLUMNS
+
+        per_reader: dict[int, list[int | None]] = {}
+        for m in self.marks:
+            mine = per_reader.setdefault(m.reader, [None] * len(RATING_COLUMNS))
+            for i, value in enumerate(m.ratings):
+                if mine[i] is None and value is not None:
+                    mine[i] = value
+        rated = [r for r in per_reader.values() if any(v is not None for v in r)]
+        medians: list[float | None] = []
+        for i in range(len(RATING_COLUMNS)):
+            values = [r[i] for r in rated if r[i] is not None]
+            medians.append(float(np.median(values)) if values else None)
+        return len(rated), medians
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,7 +306,35 @@ def _nodule_reading(path: Path, q: _Names, elem: Element, reader: int, who: str)
     kind = "nodule" if outlined else "small nodule"
     if not any(r.inclusion for r in rois):
         raise LungCTError(path, f"{draft.describe()}: has only exclusion outlines")
-    return Reading(reader, who, kind, label, tuple(rois))
+    return Reading(reader, who, kind, label, tuple(rois), _ratings(path, q, elem, draft))
+
+
+def _ratings(path: Path, q: _Names, elem: Element, mark: Reading) -> tuple[int | None, ...]:
+    """A nodule reading's ``characteristics`` (``None`` for a rating it does not give).
+
+    Raises:
+        LungCTError: a rating that is not a whole number in its LIDC scale.
+    """
+    from lungct.tables import RATING_COLUMNS, RATING_SCALES
+
+    found = elem.find(q("characteristics"))
+    out: list[int | None] = []
+    for name in RATING_COLUMNS:
+        text = _text(found, q(name)) if found is not None else None
+        if text is None or not text.strip():
+            out.append(None)
+            continue
+        lo, hi = RATING_SCALES[name]
+        try:
+            value = int(text.strip())
+        except ValueError:
+            value = None
+        if value is None or not lo <= value <= hi:
+            raise LungCTError(
+                path, f"{mark.describe()}: {name} {text.strip()!r} is not a rating {lo}-{hi}"
+            )
+        out.append(value)
+    return tuple(out)
 
 
 def _non_nodule_reading(path: Path, q: _Names, elem: Element, reader: int, who: str) -> Reading:
@@ -476,6 +527,7 @@ def place_marks(readings: LidcReadings, slices: SeriesSlices) -> list[ReaderMark
                 label=mark.label,
                 world=(float(world[0]), float(world[1]), float(world[2])),
                 diameter_mm=float(diameter),
+                ratings=mark.ratings,
             )
         )
     return placed

@@ -356,6 +356,7 @@ def synthesize_on_background(
                     reason=f.reason,
                     voxel_zyx=tuple(float(v) for v in idx),
                     readers=draw_reader_count(r_readers, f.table, f.reason),
+                    shape=int(f.shape),
                 )
             )
         return out

@@ -61,6 +61,8 @@ class Finding:
         readers: how many of LIDC's four readers "marked" it (3-4 for annotations, 1-2 for
             'one reader' findings, drawn like LIDC's; 0 = unknown: micronodules, non-nodules,
             a real background's own findings).
+        shape: index of the LIDC outline in the shape library it was drawn from (its reader's
+            ratings are the nodule's); -1 for analytic shapes and real findings.
     """
 
     world: tuple[float, float, float]
@@ -71,6 +73,7 @@ class Finding:
     reason: str
     voxel_zyx: tuple[float, float, float]
     readers: int = 0
+    shape: int = -1
 
     def to_dict(self) -> dict:
         """Plain-JSON form."""
@@ -83,6 +86,7 @@ class Finding:
             "reason": self.reason,
             "voxel_zyx": list(self.voxel_zyx),
             "readers": self.readers,
+            "shape": self.shape,
         }
 
 
@@ -368,6 +372,7 @@ def synthesize_scan(
                     reason=f.reason,
                     voxel_zyx=tuple(float(v) for v in idx),
                     readers=draw_reader_count(r_readers, f.table, f.reason),
+                    shape=int(f.shape),
                 )
             )
         return out

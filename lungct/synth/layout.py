@@ -11,6 +11,9 @@
                                  (diameter -1 = unknown, as in LUNA16; reader_count 1 or 2 for
                                  the one-reader nodules, empty = unknown for the others)
       candidates.csv             seriesuid,coordX,coordY,coordZ,class
+      nodule_attributes.csv      one row per annotations.csv row: the LIDC ratings (subtlety ...
+                                 malignancy) of the outline its shape came from (one reader),
+                                 empty for analytic shapes and a background's own nodules
       seriesuids.csv             one UID a line, no header
       synth.json                 how it was made (seed, size, counts, generator version)
       seg-lungs/<seriesuid>.mhd  ground-truth lung masks (only with lung_masks=True)
@@ -43,9 +46,12 @@ from lungct.synth.background import (
     synthesize_on_background,
 )
 from lungct.synth.case import GENERATOR_VERSION, SIZES, SyntheticCase, synthesize_scan
+from lungct.synth.shapes import shape_ratings
 from lungct.tables import (
     ANNOTATION_COLUMNS,
     CANDIDATE_COLUMNS,
+    NODULE_ATTRIBUTE_COLUMNS,
+    RATING_COLUMNS,
     READER_COUNT_COLUMN,
     write_csv_atomic,
 )
@@ -102,6 +108,7 @@ def case_record(case: SyntheticCase, key: dict, out_dir: Path, mhd: Path) -> dic
                 n.category,
                 n.location,
                 n.readers,
+                n.shape,
             ]
             for n in case.nodules
         ],
@@ -338,10 +345,29 @@ def write_tables(out: Path, records: list[dict]) -> None:
         CANDIDATE_COLUMNS,
         ([r["seriesuid"], *row[:4]] for r in records for row in r["candidates"]),
     )
+    write_csv_atomic(
+        out / "nodule_attributes.csv",
+        NODULE_ATTRIBUTE_COLUMNS,
+        (
+            [r["seriesuid"], *row[:4], _readers_text(row), *_ratings_of(row)]
+            for r in records
+            for row in r["annotations"]
+        ),
+    )
     text = "".join(f"{r['seriesuid']}\n" for r in records)
     write_text_atomic(out / "seriesuids.csv", text)
-    for name in ("annotations.csv", "annotations_excluded.csv", "candidates.csv", "seriesuids.csv"):
+    for name in (*_TABLES, "seriesuids.csv"):
         (out / name).chmod(0o644)  # temporary files are created private; tables are not
+
+
+def _ratings_of(row: list) -> list:
+    """``rating_readers``, the 9 ratings and the LIDC annotation id of a record's nodule: those
+    of the reader whose outline its shape is (one reader), or empty cells."""
+    shape = int(row[7]) if len(row) > 7 else -1
+    if shape < 0:
+        return [0, *[""] * len(RATING_COLUMNS), ""]
+    ratings, ids = shape_ratings()
+    return [1, *(int(v) for v in ratings[shape]), int(ids[shape])]
 
 
 def _diameter_text(d: float) -> float | int:
@@ -377,7 +403,8 @@ def _progress(total: int, enabled: bool, initial_note: str = ""):
 SOURCES_FILE = "sources.json"
 """Written by :func:`merge_layouts`: the data sets a merged folder is made of."""
 
-_TABLES = ("annotations.csv", "annotations_excluded.csv", "candidates.csv")
+_TABLES = ("annotations.csv", "annotations_excluded.csv", "candidates.csv", "nodule_attributes.csv")
+_OPTIONAL_TABLES = ("nodule_attributes.csv",)
 
 
 def _merged_table(parts: list[tuple[list[str], list[str]]]) -> tuple[str, list[str]]:
@@ -434,7 +461,7 @@ def merge_layouts(
                     link.unlink()
     seen: dict[str, str] = {}
     tables: dict[str, list[str]] = {name: [] for name in (*_TABLES, "seriesuids.csv")}
-    parts_of: dict[str, list[tuple[list[str], list[str]]]] = {name: [] for name in _TABLES}
+    parts_of: dict[str, list[tuple[list[str], list[str]] | None]] = {name: [] for name in _TABLES}
     sources = []
     for folder, folds in parts:
         folder = Path(folder).resolve()
@@ -454,6 +481,9 @@ def merge_layouts(
         for name in _TABLES:
             path = folder / name
             if not path.is_file():
+                if name in _OPTIONAL_TABLES:  # a part made before the table existed
+                    parts_of[name].append(None)
+                    continue
                 raise LungCTError(path, "missing: a merged part needs the LUNA16 tables")
             lines = path.read_text().splitlines()
             parts_of[name].append((next(csv.reader(lines[:1]), []), lines[1:]))
@@ -469,6 +499,9 @@ def merge_layouts(
             }
         )
     for name in _TABLES:
+        if any(part is None for part in parts_of[name]):
+            (out / name).unlink(missing_ok=True)  # not every part has it: none
+            continue
         header, rows = _merged_table(parts_of[name])
         write_text_atomic(out / name, "\n".join([header, *rows]) + "\n")
     write_text_atomic(out / "seriesuids.csv", "".join(f"{u}\n" for u in tables["seriesuids.csv"]))

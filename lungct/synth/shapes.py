@@ -68,6 +68,19 @@ class ShapeLibrary:
         return int(idx[rng.integers(idx.size)])
 
 
+@lru_cache(maxsize=4)
+def shape_ratings(path: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The LIDC ratings of every library shape, ``(n, 9)`` int in
+    :data:`lungct.tables.RATING_COLUMNS` order (those of the one reader whose outline it is),
+    and the LIDC annotation id of each shape."""
+    from lungct.tables import RATING_COLUMNS
+
+    with np.load(path or SHAPES_PATH) as data:
+        ratings = np.column_stack([data[name].astype(np.int64) for name in RATING_COLUMNS])
+        ids = data["lidc_annotation_id"].astype(np.int64)
+    return ratings, ids
+
+
 @lru_cache(maxsize=512)
 def _signed_distance_cached(path: str, i: int) -> np.ndarray:
     lib = load_shape_library(path)
