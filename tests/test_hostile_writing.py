@@ -474,10 +474,11 @@ def test_lung_mask_of_another_shape_is_rebuilt(coarse_cache: dict, tmp_path: Pat
 
 
 @pytest.fixture(scope="module")
-def six_scans(tmp_path_factory) -> Path:
-    """Six phantoms that take a few seconds to prepare at 1 mm with two workers."""
-    root = tmp_path_factory.mktemp("six")
-    dataset(root, 6)
+def phantoms(tmp_path_factory) -> Path:
+    """Twenty phantoms that take several seconds to prepare at 1 mm with two workers, so an
+    interrupt sent once the first entry is written lands while most are still to do."""
+    root = tmp_path_factory.mktemp("phantoms")
+    dataset(root, 20)
     return root
 
 
@@ -486,7 +487,7 @@ def six_scans(tmp_path_factory) -> Path:
     [("SIGINT to the group", 130), ("SIGTERM", 143), ("SIGKILL", -signal.SIGKILL)],
 )
 def test_interrupted_prepare_leaves_no_worker(
-    six_scans: Path, tmp_path: Path, how: str, status: int
+    phantoms: Path, tmp_path: Path, how: str, status: int
 ) -> None:
     cache = tmp_path / "cache"
     tag = uuid.uuid4().hex
@@ -497,7 +498,7 @@ def test_interrupted_prepare_leaves_no_worker(
         "lungct",
         "prepare",
         "--data",
-        str(six_scans),
+        str(phantoms),
         "--cache",
         str(cache),
     ]
@@ -538,10 +539,10 @@ def test_interrupted_prepare_leaves_no_worker(
     for uid in entries.seriesuids():
         assert entries.entry_problem(uid) is None, uid
     if how == "SIGTERM":  # the next prepare finishes the job
-        rerun = run("lungct", "prepare", "--data", six_scans, "--cache", cache)
+        rerun = run("lungct", "prepare", "--data", phantoms, "--cache", cache)
         assert rerun.returncode == 0, rerun.stderr
         summary = json.loads(rerun.stdout.splitlines()[-1])
-        assert summary["prepared"] + summary["skipped"] == 6 and summary["failed"] == 0
+        assert summary["prepared"] + summary["skipped"] == 20 and summary["failed"] == 0
         assert not list(cache.rglob(".partial-*"))
 
 
