@@ -98,6 +98,7 @@ class BatchOptions:
     threshold: float | None = None
     tta: bool = False
     report: bool = True
+    view3d: bool = False
     allow_training_scans: bool = False
     allow_unfinished: bool = False
     retry_failed: bool = False
@@ -280,6 +281,7 @@ def detect_one(
             detector,
             Path(out) / SCANS_DIR / scan.folder,
             report=options.report,
+            view3d=options.view3d,
             allow_training_scans=options.allow_training_scans,
             log=_quiet,
         )

@@ -44,7 +44,7 @@ DETECTION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability", "
 OUTPUT_MARKER = "summary.json"
 """The file :func:`detect` publishes last: an output folder without it is incomplete."""
 
-REPORT_OUTPUTS = ("report.html", "overview.png", "detection_*.png")
+REPORT_OUTPUTS = ("report.html", "overview.png", "detection_*.png", "view3d.png")
 """The report's files; an earlier run's are removed when a new run publishes (a run without
 the report, or with fewer crops, must not leave pages about other detections beside it)."""
 
@@ -211,8 +211,10 @@ def detect(
     report: bool = True,
     allow_training_scans: bool = False,
     log: Callable[[str], None] = print,
+    view3d: bool = False,
 ) -> DetectionResult:
-    """Run every stage on one scan; write ``detections.csv``, ``summary.json`` and the report.
+    """Run every stage on one scan; write ``detections.csv``, ``summary.json`` and the report
+    (with ``view3d``, also the lungs in 3-D with the marks, ``view3d.png``).
 
     The outputs are written and checked in a staging folder and published together, with
     ``summary.json`` last (:func:`lungct.fileio.staged_outputs`): a failed write leaves an
@@ -282,6 +284,7 @@ def detect(
                 model_set=model_set_facts(detector.model_set) if detector.model_set else None,
                 warning=detector.model_set.warning() if detector.model_set else None,
                 tta=detector.config.tta if detector.fpr is not None else None,
+                view3d=view3d,
             )
             lap("report")
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -704,6 +704,7 @@ def write_report(
     warning: str | None = None,
     lung_geometry: Geometry | None = None,
     tta: bool | None = None,
+    view3d: bool = False,
 ) -> Path:
     """Write ``report.html`` and its figures into ``out_dir``; return the page's path.
 
@@ -715,7 +716,9 @@ def write_report(
     is resampled onto the grid shown. ``model_set`` (:func:`model_set_facts` or
     :meth:`integration.modelset.ModelSet.summary`) names the models that made the marks;
     ``warning`` is shown as a banner at the top (a demo-grade model set); ``tta`` says whether
-    the scores were test-time augmented (``None``: not said).
+    the scores were test-time augmented (``None``: not said). ``view3d`` adds ``view3d.png``,
+    the lungs in 3-D with the marks (:mod:`integration.view3d`; needs ``lung`` on a
+    world-aligned grid).
 
     Raises:
         ValueError: a lung mask whose shape does not fit its grid.
@@ -772,6 +775,18 @@ def write_report(
         )
     else:
         crop_words = f"The {n_above} marks at or above the threshold {threshold:g}"
+    view_section = ""
+    if view3d and lung is not None:
+        from integration.view3d import render_view3d
+
+        ranked = [m.detection for m in marks]
+        render_view3d(lung, grid, ranked, out / "view3d.png", threshold, top=numbered_count(marks))
+        view_section = (
+            '<h2>3-D view</h2><figure><img src="view3d.png" alt="the lungs in 3-D with the '
+            'numbered marks"><figcaption>The lung mask as a shaded surface from the front, '
+            "halfway and the patient's left, with the numbered marks of the overview (the lungs "
+            "drawn as glass: every mark shows, wherever it lies).</figcaption></figure>\n"
+        )
     overview_caption = _overview_caption(
         len(marks), n_numbered, n_above, threshold, lung_shown is not None
     )
@@ -798,7 +813,7 @@ def write_report(
 <figure><img src="overview.png" alt="maximum-intensity projections with the numbered marks">
 <figcaption>{overview_caption} Letters: R/L right/left, A/P anterior/posterior, S/I
 superior/inferior of the patient.</figcaption></figure>
-<h2>Marks</h2>
+{view_section}<h2>Marks</h2>
 <p class="note">All {len(marks)} marks, most probable first; highlighted rows are at or above the
 report threshold {threshold:g}. World coordinates are millimetres in the patient (LPS) frame,
 as LUNA16 tables; the voxel index (i, j, k) is the nearest voxel of the scan as read, 0-based

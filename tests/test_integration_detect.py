@@ -74,6 +74,7 @@ def test_detect_writes_detections_and_report(models: Path, tmp_path: Path, capsy
     html = (out / "report.html").read_text()
     assert "9.8.7.6" in html and "overview.png" in html
     assert (out / "overview.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (out / "view3d.png").exists() and "view3d.png" not in html  # on request only
     back = read_scan(scan_path)
     for row in rows[1:]:
         assert row[0] == "9.8.7.6"
@@ -95,6 +96,11 @@ def test_detect_writes_detections_and_report(models: Path, tmp_path: Path, capsy
     argv = ["detect", "--scan", str(scan_path), "--models", str(models), "--out", str(again)]
     assert main([*argv, "--runtime", "keras", "--no-report"]) == 0
     assert json.loads((again / "summary.json").read_text())["unet_runtime"] == "keras"
+    viewed = tmp_path / "detect-3d"
+    argv3 = ["detect", "--scan", str(scan_path), "--models", str(models), "--out", str(viewed)]
+    assert main([*argv3, "--view-3d"]) == 0
+    assert (viewed / "view3d.png").read_bytes()[:4] == b"\x89PNG"
+    assert '<img src="view3d.png"' in (viewed / "report.html").read_text()
     with open(again / "detections.csv", newline="") as f:
         keras_rows = list(csv.reader(f))
     assert len(keras_rows) == len(rows)

@@ -254,3 +254,34 @@ def test_inner_lung_is_the_ellipsoid_erosion_inside_the_scan() -> None:
     np.testing.assert_array_equal(inner_lung(lung, geometry), expected)
     assert inner_lung(lung, geometry)[0].any()
     assert not inner_lung(np.zeros_like(lung), geometry).any()
+
+
+def test_view3d_puts_each_side_where_the_patient_has_it(tmp_path) -> None:
+    """Front view: the patient's left on the image's right, the front surface nearest; left
+    view: the left side nearest. The figure is written off screen; detect adds it on request."""
+    from integration.report import Detection
+    from integration.view3d import projected, render_view3d, surface_depth
+    from lungct.fileio import png_problem
+    from lungct.geometry import Geometry
+
+    grid = Geometry((60, 50, 40), (2.0, 2.0, 2.0), (-60.0, -50.0, -40.0))  # x, y, z sizes
+    mask = np.zeros(grid.shape_zyx, bool)
+    mask[10:30, 10:40, 5:20] = True  # the patient's right (small x)
+    mask[10:30, 20:40, 40:55] = True  # the patient's left, starting further back
+    left_centre = grid.voxel_to_world((20, 30, 47))
+    right_centre = grid.voxel_to_world((20, 25, 12))
+    front, hit = surface_depth(mask, 0.0)
+    (z_l, u_l, _), (z_r, u_r, _) = projected(np.array([left_centre, right_centre]), grid, 0.0)
+    assert u_l > u_r  # radiological: the patient's left on the right of the image
+    assert hit[round(z_l), round(u_l)] and hit[round(z_r), round(u_r)]
+    assert front[round(z_r), round(u_r)] < front[round(z_l), round(u_l)]  # the right starts at y 10
+    side, hit = surface_depth(mask, 90.0)
+    (z_l, u_l, d_l), (z_r, u_r, d_r) = projected(np.array([left_centre, right_centre]), grid, 90.0)
+    assert d_l < d_r  # seen from the patient's left, the left part is nearer
+    assert side[round(z_l), round(u_l)] <= d_l
+    marks = [Detection(*left_centre, 0.9, 8.0), Detection(*right_centre, 0.2, 5.0)]
+    out = render_view3d(mask.astype(np.uint8), grid, marks, tmp_path / "view3d.png")
+    assert png_problem(out) is None
+    with pytest.raises(ValueError, match="world-aligned"):
+        flipped = Geometry(grid.size, grid.spacing, grid.origin, (-1, 0, 0, 0, 1, 0, 0, 0, 1))
+        render_view3d(mask, flipped, marks, tmp_path / "x.png")
