@@ -38,7 +38,7 @@ from matplotlib.patches import Circle
 
 from lungct.fileio import WriteError, new_figure, write_figure_atomic, write_text_atomic
 from lungct.geometry import Geometry
-from lungct.lungmask import dilate_ellipsoid
+from lungct.lungmask import dilate_ellipsoid, mask_box
 from lungct.patches import crop_patch
 from lungct.preprocess import WINDOWS, nearest_onto
 from lungct.scan import AIR_HU, Scan
@@ -313,18 +313,10 @@ def inner_lung(lung: np.ndarray, geometry: Geometry) -> np.ndarray:
     mask = lung > 0
     inner = np.zeros(mask.shape, bool)
     radii = tuple(r / s for r, s in zip(INNER_MM, geometry.spacing[::-1], strict=True))
-    box = []
-    for axis in range(3):  # the mask's box, grown by the radius where the scan allows
-        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        if not len(present):
-            return inner
-        grow = int(np.ceil(radii[axis]))
-        box.append(
-            slice(
-                max(int(present[0]) - grow, 0), min(int(present[-1]) + 1 + grow, mask.shape[axis])
-            )
-        )
-    inner[tuple(box)] = ~dilate_ellipsoid(~mask[tuple(box)], radii)
+    box = mask_box(mask, [int(np.ceil(r)) for r in radii])  # grown by the radius
+    if box is None:
+        return inner
+    inner[box] = ~dilate_ellipsoid(~mask[box], radii)
     return inner
 
 

@@ -18,6 +18,7 @@ Steps, on a coarse working grid (default 2 mm) for speed, then mapped back to th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +50,21 @@ def _disk(radius_vox: float) -> np.ndarray:
     r = int(np.ceil(radius_vox))
     yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
     return (yy**2 + xx**2) <= radius_vox**2 + 1e-9
+
+
+def mask_box(mask: np.ndarray, grow: Sequence[int] = (0, 0, 0)) -> tuple[slice, ...] | None:
+    """The bounding box of a 3-D mask's voxels, grown by ``grow`` voxels per axis and kept
+    inside the array; ``None`` when the mask is empty. From the mask's projections (several
+    times faster than ``argwhere`` on a CT-sized mask)."""
+    box = []
+    for axis in range(3):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        if not len(present):
+            return None
+        lo = max(int(present[0]) - int(grow[axis]), 0)
+        hi = min(int(present[-1]) + 1 + int(grow[axis]), mask.shape[axis])
+        box.append(slice(lo, hi))
+    return tuple(box)
 
 
 def dilate_ellipsoid(mask: np.ndarray, radii_zyx: tuple[float, float, float]) -> np.ndarray:

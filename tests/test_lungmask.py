@@ -128,3 +128,13 @@ def test_slice_closing_and_hole_filling_are_scipy_s() -> None:
                 small = np.flatnonzero((areas <= max_area) & (np.arange(n + 1) > 0))
                 expected[z] |= np.isin(labels, small)
             np.testing.assert_array_equal(mask | small_holes(mask, max_area), expected)
+
+
+def test_mask_box_is_the_voxels_box_grown_inside_the_array() -> None:
+    from lungct.lungmask import mask_box
+
+    mask = np.zeros((10, 12, 14), bool)
+    assert mask_box(mask) is None
+    mask[2, 3:5, 13] = True
+    assert mask_box(mask) == (slice(2, 3), slice(3, 5), slice(13, 14))
+    assert mask_box(mask, (3, 1, 2)) == (slice(0, 6), slice(2, 6), slice(11, 14))

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 CHROMIUM = Path("/usr/bin/chromium")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium() -> str:
     """Debian's Chromium: installed with apt-get once when missing; skip only if that fails."""
     found = shutil.which("chromium") or (str(CHROMIUM) if CHROMIUM.exists() else None)

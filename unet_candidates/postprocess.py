@@ -22,6 +22,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from lungct.geometry import Geometry
+from lungct.lungmask import mask_box
 from lungct.tables import write_csv_atomic
 
 CANDIDATE_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability", "diameter_mm")
@@ -72,13 +73,10 @@ def components_to_marks(
     # clipped to the map: at a clipped side the box's edge is the map's, so the filter's
     # reflection there is the same): the same numbers as whole-map reductions, at a fraction
     # of the work.
-    where = []
-    for axis in range(3):
-        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        if not len(present):
-            return np.zeros((0, 3)), np.zeros(0), np.zeros(0)
-        where.append(slice(int(present[0]), int(present[-1]) + 1))
-    labels, _ = ndimage.label(mask[tuple(where)], structure=np.ones((3, 3, 3), bool))
+    where = mask_box(mask)
+    if where is None:
+        return np.zeros((0, 3)), np.zeros(0), np.zeros(0)
+    labels, _ = ndimage.label(mask[where], structure=np.ones((3, 3, 3), bool))
     corner = np.array([w.start for w in where])
     reach = int(4.0 * score_sigma_voxels + 0.5) if score_sigma_voxels > 0 else 0
     shape = np.asarray(probability.shape)
