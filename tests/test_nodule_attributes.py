@@ -85,3 +85,18 @@ def test_unrated_rows_and_medians_read_back(tmp_path: Path) -> None:
     assert table.rating_readers.tolist() == [0, 4]
     assert np.isnan(table.ratings[0]).all()
     assert table.rating("malignancy")[1] == 4.5 and table.rating("subtlety")[1] == 3.5
+
+
+def test_a_nodule_takes_the_outline_of_a_nodule_of_about_its_size() -> None:
+    from lungct.synth.shapes import SOLID, load_shape_library
+
+    lib = load_shape_library()
+    ratings, _ = shape_ratings()
+    rng = np.random.default_rng(4)
+    small = [lib.pick(rng, SOLID, 4.0) for _ in range(300)]
+    large = [lib.pick(rng, SOLID, 22.0) for _ in range(300)]
+    assert np.median(lib.diameter_eq_mm[large]) > 2.5 * np.median(lib.diameter_eq_mm[small])
+    # In LIDC the readers rate large nodules as more malignant, and so do the picked outlines.
+    malignancy = RATING_COLUMNS.index("malignancy")
+    assert ratings[large, malignancy].mean() > ratings[small, malignancy].mean() + 1.0
+    assert lib.category[small + large].tolist() == [SOLID] * 600

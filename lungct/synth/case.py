@@ -34,9 +34,10 @@ from lungct.synth.trees import (
 SIZES = ("small", "full")
 UID_PREFIX = "1.3.6.1.4.1.14519.5.2.1.6279.6001."
 """The LIDC-IDRI / LUNA16 series UID root; synthetic suffixes are hashed from (seed, index)."""
-GENERATOR_VERSION = "5"
+GENERATOR_VERSION = "6"
 """Bump when the output for a given seed changes, so resumed runs do not mix versions.
-5: full-size spacing, slice spacing and z extent follow LUNA16's measured spread."""
+5: full-size spacing, slice spacing and z extent follow LUNA16's measured spread.
+6: each nodule takes the outline (and ratings) of a LIDC nodule of about its own size."""
 
 DIRECTIONS = {
     "identity": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),

@@ -239,7 +239,7 @@ def plan_findings(
             category=cat,
             location=location,
             listed_diameter=d,
-            shape=lib.pick(rng, category_code(cat)),
+            shape=lib.pick(rng, category_code(cat), d),
             rotation=random_rotation(rng),
         )
         placed.append(f)
@@ -280,7 +280,7 @@ def plan_findings(
             table="excluded",
             reason=reason,
             listed_diameter=listed,
-            shape=lib.pick(rng, category_code(cat)) if use_shape else -1,
+            shape=lib.pick(rng, category_code(cat), d) if use_shape else -1,
             rotation=random_rotation(rng),
         )
         placed.append(f)
