@@ -1,4 +1,5 @@
-"""``python -m fp_reduction_3dcnn <verb>``: train, predict, gradcam, params, plan.
+"""``python -m fp_reduction_3dcnn <verb>``: train, predict, gradcam, params, plan,
+malignancy-train, malignancy-evaluate.
 
 Every verb has ``--help``. A bad input prints one line ``error: <file>: <problem>`` on stderr
 and exits with status 2.
@@ -133,6 +134,92 @@ def _show_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _malignancy_plan(args: argparse.Namespace):
+    from fp_reduction_3dcnn.malignancy import MalignancyPlan
+    from lungct.tables import parse_folds
+
+    plan = MalignancyPlan.load(args.plan) if args.plan else MalignancyPlan()
+    changes = {
+        name: value
+        for name, value in (("epochs", args.epochs), ("seed", args.seed))
+        if value is not None
+    }
+    for name in ("train_folds", "val_folds", "test_folds"):
+        text = getattr(args, name)
+        if text is not None:
+            changes[name] = tuple(parse_folds(text)) if text else ()
+    return plan.replace(**changes) if changes else plan
+
+
+def _malignancy_train(args: argparse.Namespace) -> int:
+    from fp_reduction_3dcnn.malignancy import train_malignancy
+
+    summary = train_malignancy(
+        _malignancy_plan(args),
+        data_dir=args.data,
+        cache_dir=args.cache,
+        out_dir=args.out,
+        resume=args.resume,
+        progress=not args.quiet,
+    )
+    print(json.dumps(summary))
+    return 0
+
+
+def _malignancy_evaluate(args: argparse.Namespace) -> int:
+    from fp_reduction_3dcnn.malignancy import evaluate_malignancy
+
+    metrics = evaluate_malignancy(
+        args.model, args.data, args.cache, args.out, rounds=args.rounds, progress=not args.quiet
+    )
+    keys = ("labelled_nodules", "malignant", "benign", "cnn_auc", "cnn_auc_ci95")
+    keys += ("baseline_auc", "baseline_auc_ci95", "auc_difference", "auc_difference_ci95")
+    print(json.dumps({k: metrics[k] for k in (*keys, "auc_difference_p", "rating_mae")}))
+    return 0
+
+
+def _add_malignancy_parsers(sub) -> None:
+    p = sub.add_parser(
+        "malignancy-train",
+        help="train the malignancy CNN on the rated nodules of nodule_attributes.csv",
+        description=(
+            "Train the malignancy CNN (median rating >= 4 against <= 2, 3 left out; the rating "
+            "regressed too) on nodule-centred patches of the plan's training folds. A killed "
+            "run continues from its last finished epoch with --resume."
+        ),
+    )
+    p.add_argument("--data", required=True, help="LUNA16-layout folder with nodule_attributes.csv")
+    p.add_argument("--cache", required=True, help="per-scan cache (python -m lungct prepare)")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--plan", help="plan JSON (default: the built-in plan)")
+    p.add_argument("--epochs", type=positive_int, help="epochs (plan default 30)")
+    p.add_argument("--seed", type=non_negative_int, help="seed for weights and sampling")
+    p.add_argument("--train-folds", help="training folds (plan default 0-5)")
+    p.add_argument("--val-folds", help="validation folds (plan default 6; '' for none)")
+    p.add_argument("--test-folds", help="held-out folds (plan default 7-9)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted training")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_malignancy_train)
+
+    p = sub.add_parser(
+        "malignancy-evaluate",
+        help="held-out AUC of the malignancy CNN against the shape-only baseline",
+        description=(
+            "Score the rated nodules of the model's held-out folds; fit the shape-only "
+            "baseline (logistic regression on size, sphericity, spiculation) on its training "
+            "folds; write predictions.csv, metrics.json (AUCs with bootstrap intervals, the "
+            "paired difference) and calibration.png."
+        ),
+    )
+    p.add_argument("--model", required=True, help="model folder written by malignancy-train")
+    p.add_argument("--data", required=True, help="LUNA16-layout folder with nodule_attributes.csv")
+    p.add_argument("--cache", required=True, help="per-scan cache holding its scans")
+    p.add_argument("--out", required=True, help="folder to write the results into")
+    p.add_argument("--rounds", type=positive_int, default=2000, help="bootstrap rounds")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_malignancy_evaluate)
+
+
 def _add_plan_args(p: argparse.ArgumentParser, training: bool = False) -> None:
     from fp_reduction_3dcnn.config import CONV_MODES, MERGES, PLANS, RESIZE_MODES, VARIANTS
 
@@ -234,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="print a plan as JSON (to edit and pass with --plan)")
     _add_plan_args(p, training=True)
     p.set_defaults(func=_show_plan)
+    _add_malignancy_parsers(sub)
     return parser
 
 

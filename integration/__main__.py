@@ -227,9 +227,12 @@ def _run_detect(args: argparse.Namespace) -> int:
     warning = detector.model_set.warning() if detector.model_set else None
     if warning:  # after the run, so a bad input still ends in exactly one line
         print(f"warning: {warning}", file=sys.stderr)
+    patient = ""
+    if result.patient is not None:
+        patient = f"patient malignancy score {result.patient['score']:.3f}; "
     print(
         f"{result.seriesuid}: {len(result.detections)} detections from {result.candidates} "
-        f"candidates; suspicion {result.suspicion:.3f}; "
+        f"candidates; suspicion {result.suspicion:.3f}; {patient}"
         f"{sum(result.timings.values()):.1f} s, peak {result.peak_rss_mb:.0f} MB; outputs in {args.out}"
     )
     return 0
@@ -682,13 +685,13 @@ def _add_modelset(subparsers: argparse._SubParsersAction) -> None:
         "modelset",
         help="describe a folder of trained stages as a model set for `detect --models`",
         description=(
-            "Check the sealed stage folders in --models (unet/ required, fpr/ optional: each "
-            "trained to its end, so its manifest holds a sha256 per file) and write "
+            "Check the sealed stage folders in --models (unet/ required, fpr/ and malignancy/ "
+            "optional: each trained to its end, so its manifest holds a sha256 per file) and write "
             "modelset.json and MODEL_CARD.md (intended use, training data and time from the "
             "manifests, the measured numbers you pass with --performance)."
         ),
     )
-    p.add_argument("--models", required=True, help="folder holding unet/ (and fpr/)")
+    p.add_argument("--models", required=True, help="folder holding unet/ (and fpr/, malignancy/)")
     p.add_argument("--name", required=True, help="name of the set")
     p.add_argument("--version", default="", help="version of the set")
     p.add_argument("--description", default="", help="one paragraph for the card")

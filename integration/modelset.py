@@ -7,6 +7,7 @@ A models folder is::
     DIR/pipeline.json   report threshold and TTA (optional, see PipelineConfig)
     DIR/unet/           a sealed U-Net model folder (lungct.modeldir)
     DIR/fpr/            a sealed MGI-CNN model folder
+    DIR/malignancy/     a sealed malignancy CNN folder (optional)
 
 :func:`read_model_set` checks all of it before a weight is loaded: the set's format and shape,
 that every stage it lists is there, and each stage's seal (training ended, file checksums, the
@@ -32,8 +33,9 @@ from lungct.plans import check_format_version, check_value_types
 MODELSET_FILE = "modelset.json"
 MODEL_CARD_FILE = "MODEL_CARD.md"
 MODELSET_FORMAT = 1
-DETECTOR_STAGES = ("unet", "fpr")
-"""Stages the detector can run, in order; ``unet`` is required, ``fpr`` rescoring optional."""
+DETECTOR_STAGES = ("unet", "fpr", "malignancy")
+"""Stages the detector can run, in order; ``unet`` is required, ``fpr`` rescoring and
+``malignancy`` scoring of the reported marks optional."""
 SHIPPED_MODELS = Path(__file__).resolve().parent / "shipped_models"
 """The model set that ships with the suite (``integration detect`` without ``--models``)."""
 MODELSET_TYPES: dict[str, Any] = {
@@ -227,7 +229,11 @@ def write_model_set(
     return model_set
 
 
-_STAGE_NAMES = {"unet": "U-Net candidates", "fpr": "MGI-CNN false-positive reduction"}
+_STAGE_NAMES = {
+    "unet": "U-Net candidates",
+    "fpr": "MGI-CNN false-positive reduction",
+    "malignancy": "malignancy CNN",
+}
 
 
 def _int8_lines(unet_dir: Path) -> list[str]:
@@ -245,6 +251,11 @@ def _int8_lines(unet_dir: Path) -> list[str]:
         "float32 network instead.",
         "",
     ]
+
+
+def _plan_name(manifest: dict) -> str:
+    """The plan a stage was trained with: the manifest's name for it, else the trained plan's."""
+    return str(manifest.get("plan") or (manifest.get("trained_plan") or {}).get("name") or "")
 
 
 def model_card(model_set: ModelSet, performance: str = "", limitations: str = "") -> str:
@@ -278,7 +289,7 @@ def model_card(model_set: ModelSet, performance: str = "", limitations: str = ""
         gpus = ", ".join(hw.get("gpus") or []) or "no GPU"
         folds = m.get("train_folds", m.get("training_folds", []))
         lines.append(
-            f"| {_STAGE_NAMES.get(stage, stage)} | {m.get('plan', '')} | "
+            f"| {_STAGE_NAMES.get(stage, stage)} | {_plan_name(m)} | "
             f"{data_phrase(prov.get('data') or {})} | {folds} | {prov.get('steps')} | "
             f"{(prov.get('train_seconds') or 0) / 60:.0f} min | "
             f"{hw.get('cpu_count')} CPU cores ({hw.get('processor') or hw.get('machine')}), "

@@ -20,8 +20,8 @@ from __future__ import annotations
 import os
 import resource
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +108,7 @@ class Detector:
     config: PipelineConfig
     models_dir: Path
     model_set: ModelSet | None = None
+    malignancy: Any | None = None
 
     @classmethod
     def load(
@@ -144,8 +145,15 @@ class Detector:
             from fp_reduction_3dcnn.predict import open_model
 
             fpr = open_model(models_dir / "fpr", allow_unfinished=allow_unfinished)
+        malignancy = None
+        if "malignancy" in model_set.stages:
+            from fp_reduction_3dcnn.malignancy import open_malignancy_model
+
+            malignancy = open_malignancy_model(
+                models_dir / "malignancy", allow_unfinished=allow_unfinished
+            )
         config = PipelineConfig.load(models_dir)
-        return cls(unet_model, unet_plan, fpr, config, models_dir, model_set)
+        return cls(unet_model, unet_plan, fpr, config, models_dir, model_set, malignancy)
 
 
 @dataclass
@@ -157,6 +165,8 @@ class DetectionResult:
     candidates: int
     timings: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: float = 0.0
+    patient: dict[str, Any] | None = None
+    """The patient-level malignancy score (:func:`patient_summary`), with a malignancy stage."""
 
     @property
     def suspicion(self) -> float:
@@ -204,6 +214,45 @@ def score_candidates(detector: Detector, cached: CachedScan, centres: np.ndarray
     return out
 
 
+def score_malignancy(
+    detector: Detector, cached: CachedScan, detections: list[Detection]
+) -> list[Detection]:
+    """The detections with the malignancy CNN's probability and rating on those at or above
+    the report threshold (the others unchanged)."""
+    chosen = [i for i, d in enumerate(detections) if d.probability >= detector.config.threshold]
+    if detector.malignancy is None or not chosen:
+        return detections
+    centres = np.asarray([[detections[i].x, detections[i].y, detections[i].z] for i in chosen])
+    scores = detector.malignancy.predict(cached, centres)
+    out = list(detections)
+    for i, (p, rating) in zip(chosen, scores, strict=True):
+        out[i] = replace(out[i], malignancy=float(p), malignancy_rating=float(rating))
+    return out
+
+
+def patient_summary(detections: Sequence[Detection], threshold: float) -> dict[str, Any]:
+    """The patient-level malignancy score (:func:`fp_reduction_3dcnn.malignancy.patient_score`)
+    as ``summary.json`` and the report state it."""
+    from fp_reduction_3dcnn.malignancy import patient_score
+
+    scored = [d for d in detections if d.malignancy is not None]
+    score, n = patient_score(
+        [d.probability for d in scored], [float(d.malignancy) for d in scored], threshold
+    )
+    return {
+        "score": score,
+        "rule": "highest malignancy probability among the marks at or above the threshold",
+        "threshold": threshold,
+        "nodules": n,
+        "note": (
+            ""
+            if n
+            else f"no mark reached the detection threshold {threshold:g}: the score is 0, which "
+            "says only that nothing was detected"
+        ),
+    }
+
+
 def detect(
     scan_path: str | os.PathLike,
     detector: Detector,
@@ -243,14 +292,20 @@ def detect(
 
     scan = read_scan(scan_path)
     lap("read")
-    if detector.fpr is not None and not allow_training_scans:
-        trained_on = set(getattr(detector.fpr.manifest, "train_series", []) or [])
-        if scan.seriesuid in trained_on:
-            raise LungCTError(
-                scan_path,
-                "this scan was in the MGI-CNN's training set; its scores would be optimistic "
-                "(pass --allow-training-scans to run anyway)",
-            )
+    if not allow_training_scans:
+        trained_on = {
+            "MGI-CNN": getattr(detector.fpr.manifest, "train_series", []) if detector.fpr else [],
+            "malignancy CNN": (
+                detector.malignancy.manifest.get("train_series", []) if detector.malignancy else []
+            ),
+        }
+        for stage, series in trained_on.items():
+            if scan.seriesuid in set(series or []):
+                raise LungCTError(
+                    scan_path,
+                    f"this scan was in the {stage}'s training set; its scores would be "
+                    "optimistic (pass --allow-training-scans to run anyway)",
+                )
     cached = to_cache_grid(scan)
     lap("resample + lung mask")
     candidates = extract_candidates(cached, detector.unet_model, detector.unet_plan)
@@ -266,6 +321,11 @@ def detect(
         for (x, y, z), p, c in zip(centres, probs, candidates, strict=True)
     ]
     detections.sort(key=lambda d: -d.probability)
+    patient = None
+    if detector.malignancy is not None:
+        detections = score_malignancy(detector, cached, detections)
+        lap("malignancy")
+        patient = patient_summary(detections, detector.config.threshold)
     with staged_outputs(out, OUTPUT_MARKER, stale=REPORT_OUTPUTS) as stage:
         write_csv_atomic(
             stage / "detections.csv",
@@ -285,10 +345,13 @@ def detect(
                 warning=detector.model_set.warning() if detector.model_set else None,
                 tta=detector.config.tta if detector.fpr is not None else None,
                 view3d=view3d,
+                patient=patient,
             )
             lap("report")
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        result = DetectionResult(scan.seriesuid, detections, len(candidates), timings, peak)
+        result = DetectionResult(
+            scan.seriesuid, detections, len(candidates), timings, peak, patient
+        )
         write_json_atomic(
             stage / OUTPUT_MARKER,
             {
@@ -303,6 +366,19 @@ def detect(
                 ),
                 "threshold": detector.config.threshold,
                 "suspicion": result.suspicion,
+                "patient": patient,
+                "nodules": [
+                    {
+                        "x": d.x,
+                        "y": d.y,
+                        "z": d.z,
+                        "probability": d.probability,
+                        "malignancy": d.malignancy,
+                        "malignancy_rating": d.malignancy_rating,
+                    }
+                    for d in detections
+                    if d.malignancy is not None
+                ],
                 "seconds": timings,
                 "total_seconds": round(sum(timings.values()), 2),
                 "peak_rss_mb": round(peak, 1),

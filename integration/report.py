@@ -64,7 +64,11 @@ fifth smaller)."""
 ABOVE_COLOUR = "#ff3b30"
 BELOW_COLOUR = "#ffd60a"
 
-_STAGE_NAMES = {"unet": "U-Net candidates", "fpr": "MGI-CNN false-positive reduction"}
+_STAGE_NAMES = {
+    "unet": "U-Net candidates",
+    "fpr": "MGI-CNN false-positive reduction",
+    "malignancy": "malignancy CNN",
+}
 _OUTLINE = [path_effects.withStroke(linewidth=2.5, foreground="black")]
 
 
@@ -77,6 +81,10 @@ class Detection:
     z: float
     probability: float
     diameter_mm: float
+    malignancy: float | None = None
+    """Probability that the nodule is malignant (median rating >= 4), where it was scored."""
+    malignancy_rating: float | None = None
+    """The predicted 1-5 malignancy rating, where it was scored."""
 
 
 def suspicion_score(detections: Sequence[Detection]) -> float:
@@ -612,25 +620,57 @@ def _score_explained(model_set: dict | None, threshold: float) -> str:
 
 
 def _table(marks: Sequence[Mark], n_slices: int, crops: dict[int, str]) -> str:
+    scored = any(m.detection.malignancy is not None for m in marks)
     rows = []
     for m in marks:
         d = m.detection
         i, j, k = m.ijk
         rank = f'<a href="#{crops[m.rank]}">{m.rank}</a>' if m.rank in crops else str(m.rank)
+        malignancy = ""
+        if scored:
+            malignancy = (
+                "<td>&ndash;</td><td>&ndash;</td>"
+                if d.malignancy is None
+                else f"<td>{d.malignancy:.3f}</td><td>{d.malignancy_rating or 0:.1f}</td>"
+            )
         rows.append(
             f'<tr class="{"above" if m.above else "below"}"><td>{rank}</td>'
-            f"<td>{d.probability:.3f}</td><td>{d.x:.1f}</td><td>{d.y:.1f}</td><td>{d.z:.1f}</td>"
-            f"<td>{i}</td><td>{j}</td><td>{k}</td><td>{m.slice_number} / {n_slices}</td>"
-            f"<td>{d.diameter_mm:.1f}</td></tr>"
+            f"<td>{d.probability:.3f}</td>{malignancy}<td>{d.x:.1f}</td><td>{d.y:.1f}</td>"
+            f"<td>{d.z:.1f}</td><td>{i}</td><td>{j}</td><td>{k}</td>"
+            f"<td>{m.slice_number} / {n_slices}</td><td>{d.diameter_mm:.1f}</td></tr>"
         )
+    malignancy_head = (
+        '<th rowspan="2">malignancy<br>probability&#8225;</th>'
+        '<th rowspan="2">malignancy<br>rating (1-5)&#8225;</th>'
+        if scored
+        else ""
+    )
     return (
         '<table class="marks" id="marks"><thead>'
-        '<tr><th rowspan="2">rank</th><th rowspan="2">probability</th>'
+        f'<tr><th rowspan="2">rank</th><th rowspan="2">probability</th>{malignancy_head}'
         '<th colspan="3">world (mm, LPS)</th><th colspan="3">voxel index in the scan</th>'
         '<th rowspan="2">slice<br>(k + 1)</th>'
         '<th rowspan="2">U-Net blob<br>diameter (mm)&#8224;</th></tr>'
         "<tr><th>x</th><th>y</th><th>z</th><th>i (x)</th><th>j (y)</th><th>k (z)</th></tr>"
         f"</thead><tbody>{''.join(rows)}</tbody></table>\n"
+    )
+
+
+def _patient_section(patient: dict | None) -> str:
+    """The patient-level score and what it is (empty without a malignancy stage)."""
+    if not patient:
+        return ""
+    note = f" {html.escape(patient['note'])}" if patient.get("note") else ""
+    return (
+        f'<p class="score">Patient-level malignancy score: <b>{patient["score"]:.3f}</b>'
+        f" (over {patient['nodules']} marks at or above {patient['threshold']:g}).{note}</p>\n"
+        '<p class="explain">&#8225; Each mark at or above the report threshold is scored by the '
+        "malignancy CNN: the probability that readers would rate it malignant (median LIDC "
+        "rating 4-5 against 1-2) and the rating it predicts. The patient-level score is the "
+        "highest of these probabilities, as in the PyTorch-book LUNA project; 0 when no mark "
+        "reaches the threshold. The network learned from synthetic nodules labelled with the "
+        "ratings of LIDC readers (see Models): it is <b>not a diagnosis</b> and not a "
+        "calibrated cancer risk.</p>\n"
     )
 
 
@@ -697,6 +737,7 @@ def write_report(
     lung_geometry: Geometry | None = None,
     tta: bool | None = None,
     view3d: bool = False,
+    patient: dict | None = None,
 ) -> Path:
     """Write ``report.html`` and its figures into ``out_dir``; return the page's path.
 
@@ -710,7 +751,8 @@ def write_report(
     ``warning`` is shown as a banner at the top (a demo-grade model set); ``tta`` says whether
     the scores were test-time augmented (``None``: not said). ``view3d`` adds ``view3d.png``,
     the lungs in 3-D with the marks (:mod:`integration.view3d`; needs ``lung`` on a
-    world-aligned grid).
+    world-aligned grid). ``patient`` (:func:`integration.pipeline.patient_summary`) adds the
+    patient-level malignancy score; marks with a ``malignancy`` get it in the table.
 
     Raises:
         ValueError: a lung mask whose shape does not fit its grid.
@@ -799,7 +841,7 @@ def write_report(
 {[round(s, 3) for s in g.spacing]} mm, index axes {_axis_words(g)}.</p>
 <p class="score">Scan-level suspicion (most probable mark): <b>{suspicion_score(detections):.3f}</b></p>
 <p>{len(marks)} marks; <b>{n_above}</b> at or above the report threshold {threshold:g}.</p>
-<h2>What the score is</h2>
+{_patient_section(patient)}<h2>What the score is</h2>
 {_score_explained(model_set, threshold)}<h2>Models</h2>
 {_provenance(model_set, threshold, tta)}<h2>Overview</h2>
 <figure><img src="overview.png" alt="maximum-intensity projections with the numbered marks">

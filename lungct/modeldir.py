@@ -52,7 +52,13 @@ PLAN_NAME = "plan.json"
 MANIFEST_FORMAT = 1
 SEAL_KEYS = ("format", "files", "plan_sha256", "trained_plan", "provenance")
 PLAN_RECORD_KEYS = ("plan_sha256", "trained_plan")
-STAGE_NAMES = {"unet": "U-Net", "centernet": "CenterNet", "fpr": "MGI-CNN", "gan": "CT-GAN"}
+STAGE_NAMES = {
+    "unet": "U-Net",
+    "centernet": "CenterNet",
+    "fpr": "MGI-CNN",
+    "gan": "CT-GAN",
+    "malignancy": "malignancy CNN",
+}
 TRUSTED_PACKAGES = ("keras", "unet_candidates", "fp_reduction_3dcnn", "ct_gan_augment")
 """Packages whose classes a model file may name: Keras and the suite's own stages."""
 CODE_CLASSES = ("Lambda", "__lambda__")
@@ -317,7 +323,7 @@ def seal_model_dir(
 
     Args:
         model_dir: the model folder; its ``manifest.json`` must exist.
-        stage: ``unet``, ``centernet``, ``fpr`` or ``gan``.
+        stage: ``unet``, ``centernet``, ``fpr``, ``gan`` or ``malignancy``.
         train_seconds: wall time of training, all sittings together.
         data_dir: the training data folder (described, not linked).
         seeds: the random seeds that made the model (data, sampler, initialisation).
@@ -423,7 +429,7 @@ def verify_model_dir(
             folder may go on training).
         allow_unfinished: accept a folder whose training has not ended (no seal): its last
             saved weights, with nothing to check them against.
-        stage: ``unet``, ``centernet``, ``fpr`` or ``gan``: refuse a sealed folder of another
+        stage: ``unet``, ``centernet``, ``fpr``, ``gan`` or ``malignancy``: refuse a sealed folder of another
             stage.
 
     Raises:

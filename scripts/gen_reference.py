@@ -309,6 +309,11 @@ PLAN_SPECS = (
         preset_word="named plan (`--plan NAME`)",
     ),
     PlanSpec(
+        "fp_reduction_3dcnn.malignancy.MalignancyPlan",
+        "`python -m fp_reduction_3dcnn malignancy-train --plan FILE`; `plan.json` of a "
+        "malignancy model folder.",
+    ),
+    PlanSpec(
         "ct_gan_augment.config.GANPlan",
         "`python -m ct_gan_augment train --plan NAME_OR_FILE` and `--set KEY=VALUE`; `plan.json` "
         "of a CT-GAN model folder; `gan_plan` and `gan_overrides` of the stage settings.",
