@@ -20,12 +20,14 @@ LIDC_IDRI_0001 = "1.3.6.1.4.1.14519.5.2.1.6279.6001.1790493736364387050597206031
 
 def test_the_shipped_set_is_sealed_small_and_not_demo_grade() -> None:
     model_set = read_model_set(SHIPPED_MODELS)
-    assert model_set.stages == ["unet", "fpr"]
+    assert model_set.stages == ["unet", "fpr", "malignancy"]
     assert not model_set.demo_grade, model_set.warning()
     for stage in model_set.stages:
         data = verify_model_dir(SHIPPED_MODELS / stage)["provenance"]["data"]
         parts = data["parts"] if data.get("kind") == "merged" else [data]
-        assert any(part["size"] == "full" for part in parts)
+        # Full-resolution training data: full-size synthetic chests or a real background.
+        wanted = ("full",) if stage != "malignancy" else ("full", "real background")
+        assert any(part["size"] in wanted for part in parts)
         # LIDC-IDRI-0001 is a test scan: never a training background.
         backgrounds = [str(part.get("background")) for part in parts]
         assert not any(LIDC_IDRI_0001 in b or "0001" in Path(b).name for b in backgrounds)
@@ -50,6 +52,9 @@ def test_detect_uses_the_shipped_set_by_default(tmp_path: Path, capsys) -> None:
     assert summary["model_set"]["name"] == read_model_set(SHIPPED_MODELS).name
     assert not summary["model_set"]["demo_grade"]
     assert summary["candidates"] >= 1 and (out / "detections.csv").is_file()
+    patient = summary["patient"]  # the shipped set scores malignancy
+    assert patient["nodules"] == summary["detections_above_threshold"] == len(summary["nodules"])
+    assert "patient malignancy score" in captured.out
     from unet_candidates.runtime import _gpu_visible
 
     if not _gpu_visible():  # on a CPU the U-Net runs as the set's 8-bit copy
