@@ -29,7 +29,9 @@ from lungct.tables import AnnotationTable, ResultTable
 LABS = REPO / "labs"
 REPOSITORY = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
 NOTEBOOKS = sorted(LABS.glob("[0-9]*.ipynb"))
-QUICK_LIMIT_S = 90.0
+QUICK_LIMIT_S = 180.0
+"""A quick-mode lab that takes longer than this has lost its quick mode (a bound, not a
+benchmark: the full suite on 2 shared cores runs a 60 s lab in up to 95 s)."""
 
 
 def _load_run_labs() -> ModuleType:
