@@ -25,6 +25,27 @@ def apply_conv_pool_block(x, filters: int, name: str):
     return keras.layers.MaxPooling3D(2, name=f"{name}_pool")(x)
 
 
+def book_trunk(block_filters: tuple[int, ...], input_shape: tuple[int, ...]):
+    """The book's trunk: the patch input, batch norm of it, one conv-conv-maxpool block per
+    width, flattened. Returns ``(input, features)``.
+
+    Raises:
+        ValueError: no or non-positive widths, or a patch too small for the poolings.
+    """
+    if not block_filters or min(block_filters) < 1:
+        raise ValueError(f"block_filters needs positive widths, got {block_filters}")
+    if min(input_shape) < 2 ** len(block_filters):
+        raise ValueError(
+            f"input_shape {input_shape} is too small for {len(block_filters)} poolings"
+        )
+    patch = keras.Input(shape=input_shape, name="patch")
+    x = keras.layers.Reshape((*input_shape, 1), name="patch_volume")(patch)
+    x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name="input_bn")(x)
+    for i, filters in enumerate(block_filters, start=1):
+        x = apply_conv_pool_block(x, filters, f"block{i}")
+    return patch, keras.layers.Flatten(name="flatten")(x)
+
+
 @keras.saving.register_keras_serializable(package="fp_reduction_3dcnn")
 class CNN3D(keras.Model):
     """A small 3-D CNN classifier of one patch: the probability that a candidate is a nodule.
@@ -68,20 +89,9 @@ class CNN3D(keras.Model):
     ) -> None:
         block_filters = tuple(int(f) for f in block_filters)
         input_shape = tuple(int(s) for s in input_shape)
-        if not block_filters or min(block_filters) < 1:
-            raise ValueError(f"block_filters needs positive widths, got {block_filters}")
-        if min(input_shape) < 2 ** len(block_filters):
-            raise ValueError(
-                f"input_shape {input_shape} is too small for {len(block_filters)} poolings"
-            )
 
         # === Functional Model ===
-        patch = keras.Input(shape=input_shape, name="patch")
-        x = keras.layers.Reshape((*input_shape, 1), name="patch_volume")(patch)
-        x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name="input_bn")(x)
-        for i, filters in enumerate(block_filters, start=1):
-            x = apply_conv_pool_block(x, filters, f"block{i}")
-        x = keras.layers.Flatten(name="flatten")(x)
+        patch, x = book_trunk(block_filters, input_shape)
         logit = keras.layers.Dense(1, name="logit")(x)
         probability = keras.layers.Activation("sigmoid", dtype="float32", name="probability")(logit)
         super().__init__(inputs=[patch], outputs=probability, **kwargs)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import keras
 
-from fp_reduction_3dcnn.cnn3d import apply_conv_pool_block
+from fp_reduction_3dcnn.cnn3d import book_trunk
 
 
 @keras.saving.register_keras_serializable(package="fp_reduction_3dcnn")
@@ -47,20 +47,9 @@ class MalignancyCNN(keras.Model):
     ) -> None:
         block_filters = tuple(int(f) for f in block_filters)
         input_shape = tuple(int(s) for s in input_shape)
-        if not block_filters or min(block_filters) < 1:
-            raise ValueError(f"block_filters needs positive widths, got {block_filters}")
-        if min(input_shape) < 2 ** len(block_filters):
-            raise ValueError(
-                f"input_shape {input_shape} is too small for {len(block_filters)} poolings"
-            )
 
         # === Functional Model ===
-        patch = keras.Input(shape=input_shape, name="patch")
-        x = keras.layers.Reshape((*input_shape, 1), name="patch_volume")(patch)
-        x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name="input_bn")(x)
-        for i, filters in enumerate(block_filters, start=1):
-            x = apply_conv_pool_block(x, filters, f"block{i}")
-        x = keras.layers.Flatten(name="flatten")(x)
+        patch, x = book_trunk(block_filters, input_shape)
         x = keras.layers.Dropout(float(dropout), name="dropout")(x)
         x = keras.layers.Dense(int(dense_units), activation="relu", name="hidden")(x)
         logit = keras.layers.Dense(1, name="logit")(x)
