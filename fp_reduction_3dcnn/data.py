@@ -9,7 +9,6 @@ coordinates; at most a handful of scans are open at a time.
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from scipy import ndimage
 
 from fp_reduction_3dcnn.config import FPRPlan
 from fp_reduction_3dcnn.symmetries import augment_batch
-from lungct.cache import CachedScan, ScanCache
+from lungct.cache import CachedScan, RecentScans, ScanCache
 from lungct.errors import LungCTError
 from lungct.patches import crop_patch, sample_patch
 from lungct.preprocess import apply_window
@@ -188,20 +187,16 @@ class PatchCutter:
         self.plan = plan
         self.cache = cache
         self.max_open = max_open
-        self._open: OrderedDict[str, CachedScan] = OrderedDict()
+        self._scans = RecentScans(cache, keep=max_open) if cache is not None else None
         self.sizes_zyx = [tuple(reversed(s)) for s in plan.patch_sizes]
         self.input_zyx = tuple(reversed(plan.input_size))
         self.spacing_zyx = tuple(reversed(plan.cut_spacing))
 
     def scan(self, uid: str) -> CachedScan:
         """Open (or reuse) the memory-mapped cache entry of a series."""
-        scan = self._open.pop(uid, None)
-        if scan is None:
-            scan = self.cache.open(uid)
-        self._open[uid] = scan
-        while len(self._open) > self.max_open:
-            self._open.popitem(last=False)
-        return scan
+        if self._scans is None:
+            raise LungCTError(None, "this patch cutter has no cache to open scans from")
+        return self._scans(uid)
 
     def _exact_crop(self, scan: CachedScan) -> bool:
         g = scan.geometry

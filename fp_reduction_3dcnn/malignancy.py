@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,21 +238,6 @@ def cut_patches(
         out[i] = crop_patch(scan.volume, scan.geometry, c, size)
     x = apply_window(out, plan.hu_window, (0.0, 1.0))
     return np.ascontiguousarray(np.transpose(x, (0, 2, 3, 1)), dtype=np.float32)
-
-
-class _OpenScans:
-    """A few memory-mapped cache entries kept open at once."""
-
-    def __init__(self, cache: Any, keep: int = 6) -> None:
-        self.cache, self.keep = cache, keep
-        self._open: OrderedDict[str, Any] = OrderedDict()
-
-    def __call__(self, uid: str) -> Any:
-        scan = self._open.pop(uid, None) or self.cache.open(uid)
-        self._open[uid] = scan
-        while len(self._open) > self.keep:
-            self._open.popitem(last=False)
-        return scan
 
 
 def nodule_patches(
@@ -560,7 +544,7 @@ def train_malignancy(
     import keras
 
     from fp_reduction_3dcnn.data import check_cache_has
-    from lungct.cache import ScanCache
+    from lungct.cache import RecentScans, ScanCache
     from lungct.fileio import write_json_atomic
     from lungct.modeldir import MANIFEST_NAME, PLAN_NAME, seal_model_dir
 
@@ -584,7 +568,7 @@ def train_malignancy(
         )
     cache = ScanCache(cache_dir)
     check_cache_has(cache, set(train.uids) | set(val.uids))
-    open_scan = _OpenScans(cache)
+    open_scan = RecentScans(cache, keep=6)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "checkpoints").mkdir(exist_ok=True)
@@ -723,7 +707,7 @@ def evaluate_malignancy(
             missing from the cache, too few labelled test nodules.
     """
     from fp_reduction_3dcnn.data import check_cache_has
-    from lungct.cache import ScanCache
+    from lungct.cache import RecentScans, ScanCache
     from lungct.fileio import write_json_atomic
     from lungct.tables import write_csv_atomic
 
@@ -744,7 +728,7 @@ def evaluate_malignancy(
         raise LungCTError(Path(data_dir), "too few malignant or benign nodules in the test folds")
     cache = ScanCache(cache_dir)
     check_cache_has(cache, set(test.uids))
-    open_scan = _OpenScans(cache)
+    open_scan = RecentScans(cache, keep=6)
     preds = np.empty((len(test), 2))
     order = np.argsort(np.array(test.uids), kind="stable")
     for start in range(0, len(order), 64):

@@ -216,6 +216,31 @@ class ScanCache:
             plan.save(path)
 
 
+class RecentScans:
+    """Cache entries opened on demand, the ``keep`` most recently used kept open (memory maps).
+
+    Patch streaming asks for scans in any order; keeping a few open saves reopening them
+    without holding every scan of a dataset.
+
+    Example:
+        >>> scans = RecentScans(ScanCache("cache"), keep=8)  # doctest: +SKIP
+        >>> scan = scans(uid)  # doctest: +SKIP
+    """
+
+    def __init__(self, cache: ScanCache, keep: int = 8) -> None:
+        self.cache, self.keep = cache, keep
+        self._open: dict[str, CachedScan] = {}
+
+    def __call__(self, seriesuid: str) -> CachedScan:
+        scan = self._open.pop(seriesuid, None)
+        if scan is None:
+            scan = self.cache.open(seriesuid)
+        self._open[seriesuid] = scan  # most recent last
+        while len(self._open) > self.keep:
+            del self._open[next(iter(self._open))]
+        return scan
+
+
 def prepare_one(scan_file: ScanFile, cache_root: str | os.PathLike, plan: PreprocessPlan) -> dict:
     """Read, resample and lung-mask one scan into the cache; return its meta."""
     scan = read_scan(scan_file.path)
