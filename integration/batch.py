@@ -507,13 +507,16 @@ class _Tables:
     """``detections.csv`` and ``failures.csv`` of OUT, kept in memory and rebuilt whole.
 
     The detections are those of every finished scan folder under ``OUT/scans`` (read once
-    each); the failures start as the earlier run's ``failures.csv``. A table whose content
-    has not changed is not written again (a run with nothing to do changes no file).
+    each), each scan's rows kept as their CSV text: about 170 bytes a detection with the
+    bookkeeping (as lists of strings they took three times that). The failures start as the
+    earlier run's ``failures.csv``. A table whose content has not changed is not written again
+    (a run with nothing to do changes no file).
     """
 
     def __init__(self, out: Path) -> None:
         self.out = out
-        self.rows: dict[str, list[list[str]]] = {}
+        self.rows: dict[str, str] = {}
+        self.counts: dict[str, int] = {}
         self.sources: dict[str, str] = {}
         self.failures: dict[str, tuple[str, str]] = _read_failures(out / FAILURES_FILE)
         self.last = time.monotonic()
@@ -542,36 +545,42 @@ class _Tables:
             if just_written:
                 raise LungCTError(entry, f"cannot be read back ({exc})") from None
             return
-        self.rows[folder] = [r[:5] for r in rows[1:] if len(r) >= 5]
+        kept = [r[:5] for r in rows[1:] if len(r) >= 5]
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerows(kept)
+        self.rows[folder] = buffer.getvalue()
+        self.counts[folder] = len(kept)
         self.sources[folder] = source
 
     def rows_total(self) -> int:
         """Detections in ``detections.csv``."""
-        return sum(len(r) for r in self.rows.values())
+        return sum(self.counts.values())
 
     def publish(self, force: bool) -> None:
         """Rebuild both tables (now when ``force``, else at most every TABLE_INTERVAL_S)."""
         if not force and time.monotonic() - self.last < TABLE_INTERVAL_S:
             return
-        _write_table_if_changed(
+        _write_text_if_changed(
             self.out / DETECTIONS_FILE,
-            SUBMISSION_COLUMNS,
-            (row for folder in sorted(self.rows) for row in self.rows[folder]),
+            _csv_text([SUBMISSION_COLUMNS]) + "".join(self.rows[f] for f in sorted(self.rows)),
         )
-        _write_table_if_changed(
+        _write_text_if_changed(
             self.out / FAILURES_FILE,
-            FAILURE_COLUMNS,
-            ([scan, uid, reason] for scan, (uid, reason) in sorted(self.failures.items())),
+            _csv_text(
+                [FAILURE_COLUMNS]
+                + [[scan, uid, reason] for scan, (uid, reason) in sorted(self.failures.items())]
+            ),
         )
         self.last = time.monotonic()
 
 
-def _write_table_if_changed(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> None:
+def _csv_text(rows: Iterable[Sequence]) -> str:
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    text = buffer.getvalue()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()
+
+
+def _write_text_if_changed(path: Path, text: str) -> None:
     try:
         if path.read_text() == text:
             return
