@@ -357,7 +357,7 @@ def run_batch(
     if ray is not None:
         from lungct.raypool import import_ray
 
-        import_ray()  # a missing Ray is said before anything is read or written
+        import_ray(ray)  # a missing Ray is said before anything is read or written
     t_start = time.perf_counter()
     out = Path(out)
     scans = find_batch_scans(source, exclude=out)

@@ -302,7 +302,7 @@ def prepare_dataset(
     if ray is not None:
         from lungct.raypool import import_ray
 
-        import_ray()  # a missing Ray is said before anything is written
+        import_ray(ray)  # a missing Ray is said before anything is written
     cache = ScanCache(cache_dir)
     try:
         cache.root.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -105,12 +106,23 @@ def ray_options_from_args(args: argparse.Namespace) -> RayOptions | None:
     return RayOptions(cpus=args.ray_cpus, address=args.ray_address)
 
 
-def import_ray() -> ModuleType:
-    """The ``ray`` module.
+def import_ray(options: RayOptions | None = None) -> ModuleType:
+    """The ``ray`` module, imported for a run with ``options`` (None: only to see that it is
+    installed).
+
+    To join a cluster with a token on this machine, Ray is told to send it: ``ray start``
+    turns token authentication on by default, but a driver joining with
+    ``ray.init(address=...)`` sends no token unless ``RAY_AUTH_MODE`` says so when Ray is
+    first imported, and is turned away. A cluster without authentication accepts a driver
+    that sends one.
 
     Raises:
         LungCTError: Ray is not installed.
     """
+    joining = options is not None and options.address is not None
+    if joining and "ray" not in sys.modules and "RAY_AUTH_MODE" not in os.environ:
+        if _auth_token_available():
+            os.environ["RAY_AUTH_MODE"] = "token"
     try:
         import ray
     except ImportError:
@@ -132,17 +144,23 @@ def ray_runtime(options: RayOptions) -> Iterator[ModuleType]:
     Raises:
         LungCTError: Ray is not installed, or the cluster cannot be reached.
     """
-    ray = import_ray()
+    token = _auth_token_available() if options.address else False
+    ray = import_ray(options)
     if ray.is_initialized():
         yield ray
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports from a run
     common: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False}
+    if options.address:
+        _check_reachable(options.address)
     try:
         if options.address:
             ray.init(address=options.address, **common)
         else:
             ray.init(
+                # "local": a Ray of its own, even where a cluster runs on this machine
+                # (ray.init() alone would join that one).
+                address="local",
                 num_cpus=options.cpus or os.cpu_count() or 1,
                 include_dashboard=False,
                 object_store_memory=LOCAL_OBJECT_STORE_BYTES,
@@ -151,12 +169,53 @@ def ray_runtime(options: RayOptions) -> Iterator[ModuleType]:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {options.address}" if options.address else "a local Ray"
         reason = " ".join(str(exc).split())[:200]
-        raise LungCTError(None, f"cannot start or reach {where} ({reason})") from None
+        hint = ""
+        if options.address and not token:
+            hint = (
+                "; a cluster with token authentication (ray start's default) needs its token "
+                f"here too: {DEFAULT_TOKEN_FILE} or RAY_AUTH_TOKEN"
+            )
+        raise LungCTError(None, f"cannot start or reach {where} ({reason}){hint}") from None
     try:
         with _sigterm_exits():
             yield ray
     finally:
         ray.shutdown()
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Refuse at once a ``host:port`` where nothing answers: ``ray.init`` would retry for
+    minutes before it gives up. Other forms (``auto``, ``ray://...``) are left to Ray.
+
+    Raises:
+        LungCTError: nothing accepts a connection at ``address``.
+    """
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or "/" in address:
+        return
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise LungCTError(
+            None, f"cannot reach the Ray cluster at {address} (nothing answers there: {reason})"
+        ) from None
+
+
+DEFAULT_TOKEN_FILE = "~/.ray/auth_token"
+"""Where ``ray start`` keeps the token of a cluster with token authentication."""
+
+
+def _auth_token_available() -> bool:
+    """Whether this machine holds a Ray authentication token (``RAY_AUTH_TOKEN``, the file of
+    ``RAY_AUTH_TOKEN_PATH``, or ``~/.ray/auth_token``)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser(DEFAULT_TOKEN_FILE)
+    return os.path.isfile(path)
 
 
 @contextlib.contextmanager

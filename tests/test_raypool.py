@@ -101,3 +101,92 @@ def test_ray_options_need_ray(tmp_path: Path, monkeypatch) -> None:
     code, _, err = _prepare(["prepare", "--data", str(tmp_path), "--cache", str(cache), "--ray"])
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--ray needs Ray" in err
     assert not cache.exists()
+
+
+def test_prepare_joins_a_running_cluster(tmp_path: Path) -> None:
+    """``--ray-address``: a cluster started apart (``ray start --head``, as on a cluster's head
+    machine) runs the scans; the command leaves it running."""
+    pytest.importorskip("ray")
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import tempfile
+    import time
+
+    ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
+    if ray_cli is None:
+        pytest.skip("the ray command is not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(repo),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+    }
+    # Its own session folder, never another Ray's; short, since Ray's socket paths inside it
+    # must stay under the system's limit of about 107 characters.
+    temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    head_log = tmp_path / "ray-head.log"
+    start = [ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=2"]
+    start += ["--include-dashboard=false", f"--temp-dir={temp}"]
+    # --block keeps the head in this process group, so the test stops this cluster alone
+    # (``ray stop`` would stop every Ray of the machine).
+    with open(head_log, "w") as log:
+        head = subprocess.Popen(
+            start, cwd=repo, env=env, stdout=log, stderr=log, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "Ray runtime started" not in head_log.read_text():
+            if head.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ray start failed: {head_log.read_text()[-1500:]}")
+            time.sleep(0.5)
+        data = write_tiny_luna(tmp_path / "data", scans_per_fold=1, folds=3)
+        plan = tmp_path / "plan.json"
+        PreprocessPlan(name="test4mm", spacing=(4.0, 4.0, 4.0)).save(plan)
+        cache = tmp_path / "cache"
+        argv = [sys.executable, "-m", "lungct", "prepare", "--data", str(data), "--cache"]
+        argv += [str(cache), "--plan", str(plan), "--ray", "--ray-address", f"127.0.0.1:{port}"]
+        done = subprocess.run(argv, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+            "prepared": 3,
+            "skipped": 0,
+            "failed": 0,
+        }
+        assert len(ScanCache(cache).seriesuids()) == 3
+        # The cluster outlives the command that joined it: a second run joins it again.
+        assert head.poll() is None
+        done = subprocess.run(argv, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert json.loads(done.stdout.strip().splitlines()[-1])["skipped"] == 3
+
+        # An address where no cluster runs: one line, exit 2.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            nobody = s.getsockname()[1]
+        argv[-1] = f"127.0.0.1:{nobody}"
+        argv[argv.index(str(cache))] = str(tmp_path / "cache2")  # work to do: Ray is needed
+        done = subprocess.run(argv, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2
+        assert f"cannot reach the Ray cluster at 127.0.0.1:{nobody}" in done.stderr
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the head may have ended already
+            os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+        # ``ray start`` names its cluster in /tmp/ray for a later ray.init() to join: not this
+        # one, now stopped.
+        current = Path("/tmp/ray/ray_current_cluster")
+        with contextlib.suppress(OSError):
+            if current.read_text().strip().endswith(f":{port}"):
+                current.unlink()
