@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from lungct.cli import non_negative_int, positive_float, positive_int, run_command
 from lungct.errors import LungCTError
+from lungct.training import add_device_arguments
 
 PAPER_PARAMS = 9_472_000
 _ALLOW_UNFINISHED = (
@@ -60,6 +61,8 @@ def _train(args: argparse.Namespace) -> int:
         max_minutes=args.max_minutes,
         keep_checkpoints=args.keep_checkpoints,
         progress=not args.quiet,
+        strategy=args.strategy,
+        mixed_precision=args.mixed_precision,
     )
     print(json.dumps(summary))
     return 0
@@ -161,6 +164,9 @@ def _malignancy_train(args: argparse.Namespace) -> int:
         out_dir=args.out,
         resume=args.resume,
         progress=not args.quiet,
+        max_minutes=args.max_minutes,
+        strategy=args.strategy,
+        mixed_precision=args.mixed_precision,
     )
     print(json.dumps(summary))
     return 0
@@ -197,7 +203,17 @@ def _add_malignancy_parsers(sub) -> None:
     p.add_argument("--train-folds", help="training folds (plan default 0-5)")
     p.add_argument("--val-folds", help="validation folds (plan default 6; '' for none)")
     p.add_argument("--test-folds", help="held-out folds (plan default 7-9)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted training")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the folder's training to the plan's last epoch",
+    )
+    p.add_argument(
+        "--max-minutes",
+        type=positive_float,
+        help="this run's budget: stop after the batch under way, end the epoch and seal",
+    )
+    add_device_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_malignancy_train)
 
@@ -268,13 +284,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-folds", help="validation folds, e.g. 8")
     p.add_argument("--test-folds", help="folds declared held out (checked, recorded)")
     p.add_argument("--out", required=True, help="model folder to write")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.add_argument(
-        "--max-minutes", type=positive_float, help="stop and save after this much wall time"
+        "--resume",
+        action="store_true",
+        help="continue the folder's training to the plan's last epoch (after a kill, from the "
+        "epoch under way; after --max-minutes, from where it stopped)",
+    )
+    p.add_argument(
+        "--max-minutes",
+        type=positive_float,
+        help="this run's budget: stop after the batch under way, end the epoch and seal",
     )
     p.add_argument(
         "--keep-checkpoints", type=non_negative_int, default=0, help="keep the newest N (0 = all)"
     )
+    add_device_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress output")
     _add_plan_args(p, training=True)
     p.set_defaults(func=_train)

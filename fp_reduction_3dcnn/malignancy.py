@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,12 +286,14 @@ def make_dataset(
     plan: MalignancyPlan,
     shuffle: bool,
     seed: int,
+    epoch: int = 0,
 ) -> Any:
     """A :class:`keras.utils.PyDataset` of ``(patches, targets, sample weights)`` batches.
 
     Targets are ``{"malignancy": 0/1, "rating": (rating - 3) / 2}``; an indeterminate nodule
     (rating 3) weighs 0 in the two-class loss and 1 in the regression. Training batches
-    (``shuffle``) are reshuffled and augmented each epoch; memory is one batch of patches.
+    (``shuffle``) are reshuffled and augmented each epoch from ``(seed, epoch)``, counting from
+    ``epoch`` (where a resumed run starts); memory is one batch of patches.
     """
     import keras
 
@@ -301,7 +302,7 @@ def make_dataset(
     class _Batches(keras.utils.PyDataset):
         def __init__(self) -> None:
             super().__init__(workers=1, use_multiprocessing=False, max_queue_size=4)
-            self.epoch = 0
+            self.epoch = epoch
             self.order = np.arange(len(nodules))
             self._shuffle()
 
@@ -496,33 +497,6 @@ def _log(message: str, progress: bool) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def _epoch_line_class() -> type:
-    import keras
-
-    class EpochLine(keras.callbacks.Callback):
-        """One line per epoch on stderr (stdout is for results)."""
-
-        def __init__(self, epochs: int) -> None:
-            super().__init__()
-            self.epochs = epochs
-            self.t0 = time.perf_counter()
-
-        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-            self.t0 = time.perf_counter()
-
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            shown = ("loss", "malignancy_auc", "val_loss", "val_malignancy_auc")
-            text = ", ".join(f"{k} {float(logs[k]):.4f}" for k in shown if k in (logs or {}))
-            seconds = time.perf_counter() - self.t0
-            _log(f"[malignancy] epoch {epoch + 1}/{self.epochs}: {text} ({seconds:.0f} s)", True)
-
-    return EpochLine
-
-
-def _epoch_line(epochs: int) -> Any:
-    return _epoch_line_class()(epochs)
-
-
 def train_malignancy(
     plan: MalignancyPlan,
     data_dir: str | os.PathLike,
@@ -530,11 +504,15 @@ def train_malignancy(
     out_dir: str | os.PathLike,
     resume: bool = False,
     progress: bool = True,
+    max_minutes: float | None = None,
+    strategy: str = "none",
+    mixed_precision: bool = False,
 ) -> dict[str, Any]:
     """Train the malignancy CNN on the plan's training folds; write a sealed model folder.
 
-    ``model.fit`` with ``BackupAndRestore`` (a killed run continues from its last finished
-    epoch with ``resume``), ``CSVLogger`` (``logs/train_log.csv``) and the cosine schedule.
+    ``model.fit`` on the suite's training contract (:mod:`lungct.training`): a killed run, or
+    one stopped by ``max_minutes``, continues to the plan's last epoch with ``resume``;
+    ``logs/train_log.csv``, TensorBoard under ``logs/``, the cosine schedule.
 
     Raises:
         LungCTError: bad data (see :func:`read_rated_nodules`), scans missing from the cache,
@@ -547,6 +525,15 @@ def train_malignancy(
     from lungct.cache import RecentScans, ScanCache
     from lungct.fileio import write_json_atomic
     from lungct.modeldir import MANIFEST_NAME, PLAN_NAME, seal_model_dir
+    from lungct.training import (
+        fit_callbacks,
+        log_float,
+        read_log,
+        replicas,
+        restored_epoch,
+        save_model_atomic,
+        strategy_scope,
+    )
 
     out = Path(out_dir)
     manifest_path = out / MANIFEST_NAME
@@ -592,50 +579,74 @@ def train_malignancy(
             },
         },
     )
-    keras.utils.set_random_seed(plan.seed)
-    data = make_dataset(train, open_scan, plan, shuffle=True, seed=plan.seed)
+    start_epoch = restored_epoch(out) if resume else 0
+    data = make_dataset(train, open_scan, plan, shuffle=True, seed=plan.seed, epoch=start_epoch)
     val_data = (
         make_dataset(val, open_scan, plan, shuffle=False, seed=plan.seed) if len(val) else None
     )
-    model = build_network(plan)
-    compile_network(model, plan, len(data))
-    callbacks = [
-        keras.callbacks.BackupAndRestore(str(out / "checkpoints"), delete_checkpoint=False),
-        keras.callbacks.CSVLogger(str(out / "logs" / "train_log.csv"), append=resume),
-    ]
-    if progress:
-        callbacks.append(_epoch_line(plan.epochs))
+    with strategy_scope(strategy, mixed_precision) as scope:
+        keras.utils.set_random_seed(plan.seed)
+        model = build_network(plan)
+        compile_network(model, plan, len(data))
+    callbacks, budget = fit_callbacks(
+        out,
+        label="malignancy",
+        epochs=plan.epochs,
+        batch_size=plan.batch_size,
+        max_minutes=max_minutes,
+        resume=resume,
+        shown=("loss", "malignancy_auc", "val_loss", "val_malignancy_auc"),
+        keep_checkpoints=3,
+        progress=progress,
+        seed=plan.seed,
+    )
     _log(
         f"[malignancy] {len(train)} training nodules ({int((train.labels >= 0).sum())} "
-        f"labelled), {len(val)} validation, {plan.epochs} epochs",
+        f"labelled), {len(val)} validation, epochs {start_epoch + 1}-{plan.epochs}"
+        + (f" on {replicas(scope)} replicas" if scope is not None else ""),
         progress,
     )
-    t0 = time.perf_counter()
-    history = model.fit(
-        data,
-        validation_data=val_data,
-        epochs=plan.epochs,
-        callbacks=callbacks,
-        verbose=0,
-    )
-    seconds = time.perf_counter() - t0
-    from lungct.fileio import atomic_path
-    from lungct.modeldir import keras_file_problem
-
-    with atomic_path(out / MODEL_FILE, suffix=".keras", check=keras_file_problem) as tmp:
-        model.save(tmp)
-    last = {k: float(v[-1]) for k, v in history.history.items() if v}
+    if start_epoch < plan.epochs:
+        model.fit(
+            data,
+            validation_data=val_data,
+            epochs=plan.epochs,
+            callbacks=callbacks,
+            shuffle=False,  # the dataset orders each epoch from (seed, epoch): resumable
+            verbose=0,
+        )
+    log = read_log(out)
+    save_model_atomic(model, out / MODEL_FILE)
+    last = {
+        k: log_float(log[-1], k)
+        for k in ("loss", "malignancy_auc", "val_loss", "val_malignancy_auc", "val_rating_mae")
+        if log and k in log[-1]
+    }
+    epochs_done = int(log_float(log[-1], "epoch")) + 1 if log else start_epoch
+    seconds = sum(log_float(r, "seconds") for r in log if r.get("seconds"))
     seal_model_dir(
         out,
         "malignancy",
         train_seconds=seconds,
         data_dir=data_dir,
         seeds={"plan": plan.seed},
-        steps=plan.epochs * len(data),
-        extra={"epochs": plan.epochs, "last_epoch": last},
+        steps=int(sum(log_float(r, "steps") for r in log if r.get("steps"))),
+        extra={
+            "epochs": epochs_done,
+            "stopped_by_time": bool(budget.stopped),
+            "last_epoch": last,
+            "strategy": strategy,
+            "replicas": replicas(scope),
+        },
         plan=plan.to_dict(),
     )
-    return {"out_dir": str(out), "seconds": round(seconds, 1), **last}
+    return {
+        "out_dir": str(out),
+        "seconds": round(seconds, 1),
+        "epochs_done": epochs_done,
+        "stopped_early": bool(budget.stopped),
+        **last,
+    }
 
 
 @dataclass

@@ -1,31 +1,31 @@
-"""Training: balanced streamed batches, per-epoch checkpoints, resume, and the fold guard.
+"""Training of the false-positive reducers: balanced streamed batches, ``model.fit`` on the
+suite's training contract, resume, and the fold guard.
 
-Model folder layout::
+Model folder layout (:mod:`lungct.training`)::
 
     OUT/plan.json                    the plan (FPRPlan) the model was trained with
     OUT/manifest.json                folds and series trained / validated / held out; sealed
                                      (checksums, trained plan) when training ends: the seal
                                      is the folder's done marker (:mod:`lungct.modeldir`)
     OUT/checkpoints/epoch_NNN.keras  model + optimiser state after epoch NNN
-    OUT/train_log.csv                one row per epoch (loss, accuracy, validation AUC, speed)
+    OUT/checkpoints/backup/          the state ``--resume`` continues from
+    OUT/logs/train_log.csv           one row per epoch (loss, accuracy, learning rate,
+                                     validation loss / AUC / accuracy, seconds, samples/s)
+    OUT/logs/train/                  TensorBoard event files
     OUT/model.keras                  the final model (what ``predict`` loads), written
                                      atomically
 
-A manual loop of ``train_on_batch`` (rather than ``fit``) keeps the time per batch measurable,
-sets the learning rate each epoch (decayed 2.5 %), and stops cleanly at a time budget.
+The learning rate is decayed each epoch (2.5 % in the paper's plan); validation AUC is
+computed over the validation candidates after each epoch.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
-import queue
-import re
-import threading
+import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import keras
@@ -53,49 +53,21 @@ from fp_reduction_3dcnn.networks import (
 from fp_reduction_3dcnn.sampler import BalancedBatchSampler, validation_rows
 from lungct.cache import ScanCache
 from lungct.errors import LungCTError
-from lungct.fileio import atomic_path, write_text_atomic
-from lungct.modeldir import (
-    MANIFEST_NAME,
-    file_sha256,
-    keras_file_problem,
-    load_keras_model,
-    seal_model_dir,
-)
+from lungct.modeldir import MANIFEST_NAME, file_sha256, load_keras_model, seal_model_dir
 from lungct.tables import CandidateTable, folds_from_layout
-
-LOG_COLUMNS = (
-    "epoch",
-    "steps",
-    "learning_rate",
-    "loss",
-    "binary_accuracy",
-    "val_loss",
-    "val_auc",
-    "val_accuracy",
-    "seconds",
-    "train_samples_per_s",
+from lungct.training import (
+    fit_callbacks,
+    has_training_state,
+    latest_checkpoint,
+    log_float,
+    read_log,
+    replicas,
+    restored_epoch,
+    save_model_atomic,
+    strategy_scope,
 )
 
-_CHECKPOINT = re.compile(r"^epoch_(\d+)\.keras$")
-
-
-def save_model_atomic(model: keras.Model, path: str | os.PathLike) -> None:
-    """``model.save`` to a temporary ``.keras`` file, check it, then rename (never a
-    half-written model)."""
-    with atomic_path(path, suffix=".keras", check=keras_file_problem) as tmp:
-        model.save(tmp)
-
-
-def latest_checkpoint(model_dir: str | os.PathLike) -> tuple[int, Path] | None:
-    """``(epoch, path)`` of the newest ``checkpoints/epoch_NNN.keras``, or ``None``."""
-    folder = Path(model_dir) / "checkpoints"
-    found = []
-    for p in folder.glob("epoch_*.keras") if folder.is_dir() else ():
-        m = _CHECKPOINT.match(p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    return max(found) if found else None
-
+__all__ = ["latest_checkpoint", "load_keras", "save_model_atomic", "train"]
 
 MGICNN_CLASS = NETWORK_CLASSES["mgicnn"]
 """The registered Keras class an MGI-CNN model file must hold."""
@@ -127,43 +99,6 @@ def load_keras(
     )
 
 
-def prefetch(iterator: Iterator, depth: int = 3) -> Iterator:
-    """Run ``iterator`` in a background thread, ``depth`` items ahead (patch cutting overlaps
-    the training step). An exception in the producer is raised in the consumer."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in iterator:
-                if stop.is_set():
-                    return
-                q.put(item)
-        except BaseException as exc:  # handed to the consumer
-            q.put(exc)
-            return
-        q.put(done)
-
-    thread = threading.Thread(target=produce, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.05)
-
-
 def binary_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     """Cross-entropy, ROC AUC (NaN with one class) and accuracy at 0.5."""
     y = np.asarray(labels, dtype=np.float64).reshape(-1)
@@ -176,22 +111,6 @@ def binary_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
         auc = float(roc_auc_score(y, p))
     acc = float(np.mean((p >= 0.5) == (y > 0.5))) if len(y) else math.nan
     return {"val_loss": loss, "val_auc": auc, "val_accuracy": acc}
-
-
-def _read_log(path: Path, upto_epoch: int) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as handle:
-        return [r for r in csv.DictReader(handle) if int(r["epoch"]) <= upto_epoch]
-
-
-def _write_log(path: Path, rows: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: row.get(k, "") for k in LOG_COLUMNS})
-    write_text_atomic(path, buffer.getvalue())
 
 
 def _fmt(v: float) -> str:
@@ -276,6 +195,57 @@ def prepare_split(
     return train_rows, val_rows, folds_of
 
 
+def _batches_class() -> type:
+    class EpochBatches(keras.utils.PyDataset):
+        """The sampler's batches of one epoch as a ``keras.utils.PyDataset``: batch ``i`` of
+        epoch ``e`` is the same whatever cuts it or in which order (the epoch's plan is drawn
+        once, its patches are cut on demand by ``workers`` threads, ``queue`` batches ahead)."""
+
+        def __init__(
+            self, sampler: BalancedBatchSampler, epoch: int, workers: int, queue: int
+        ) -> None:
+            super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=queue)
+            self.sampler = sampler
+            self.epoch = epoch
+            self._plans = list(sampler.epoch_plan(epoch))
+
+        def __len__(self) -> int:
+            return len(self.sampler)
+
+        def __getitem__(self, i: int):
+            inputs, labels = self.sampler.cut(self._plans[i])
+            return (inputs[0] if len(inputs) == 1 else tuple(inputs)), labels
+
+        def on_epoch_end(self) -> None:
+            self.epoch += 1
+            self._plans = list(self.sampler.epoch_plan(self.epoch))
+
+    return EpochBatches
+
+
+def _validation_callback(validation: ValidationSet | None) -> keras.callbacks.Callback:
+    class Validation(keras.callbacks.Callback):
+        """Cross-entropy, ROC AUC and accuracy on the validation candidates, into each
+        epoch's logs (Keras' own validation would need the whole set as one dataset and has
+        no AUC over the epoch)."""
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            metrics = {"val_loss": math.nan, "val_auc": math.nan, "val_accuracy": math.nan}
+            if validation is not None:
+                metrics = binary_metrics(validation.labels, validation.predict(self.model))
+            if logs is not None:
+                logs.update(metrics)
+
+    return Validation()
+
+
+def _learning_rate(plan: FPRPlan) -> Callable[[int], float]:
+    def rate(epoch: int, current: float | None = None) -> float:
+        return float(plan.learning_rate * (1.0 - plan.lr_decay_per_epoch) ** epoch)
+
+    return rate
+
+
 def train(
     plan: FPRPlan,
     cache_dir: str | os.PathLike,
@@ -292,11 +262,17 @@ def train(
     keep_checkpoints: int = 0,
     progress: bool = True,
     provenance: dict | None = None,
+    strategy: str = "none",
+    mixed_precision: bool = False,
+    workers: int = 2,
 ) -> dict:
     """Train the plan's network on the candidates of ``folds``; monitor on ``val_folds``.
 
     The network is the MGI-CNN or another classifier (``plan.network``): they share the
-    sampler, the loop, the checkpoints and the sealed model folder.
+    sampler, the training, the checkpoints and the sealed model folder. Training is
+    ``model.fit`` on the suite's contract (:mod:`lungct.training`): ``BackupAndRestore``,
+    epoch checkpoints, ``CSVLogger``, TensorBoard, the learning rate decayed each epoch, the
+    run's time budget.
 
     Args:
         plan: the training plan.
@@ -311,13 +287,17 @@ def train(
         annotations: label the candidates by the hit rule against this table.
         excluded: ``annotations_excluded.csv``; negatives on these irrelevant findings are left
             out of training and validation (the evaluation ignores them too).
-        resume: continue from the newest checkpoint of ``out_dir``.
-        max_minutes: stop (and save) once this much wall time is spent.
+        resume: continue the folder's training to the plan's last epoch.
+        max_minutes: this run's time budget: it stops after the batch under way once this
+            much wall time is spent, ends the epoch and seals the folder.
         keep_checkpoints: keep only the newest N epoch checkpoints (0 = all).
-        progress: show a progress bar.
+        progress: one line per epoch on stderr.
         provenance: what the caller knows of the training data, sealed into the manifest
             (e.g. ``{"data": lungct.modeldir.describe_data(folder)}`` when the cache holds a
             data set plus its augmented copies).
+        strategy: ``none`` or ``mirrored`` (:func:`lungct.training.make_strategy`).
+        mixed_precision: compute in float16 (GPUs).
+        workers: threads cutting patches ahead of the training step.
 
     Returns:
         A summary dict (epochs, final validation metrics, timings).
@@ -358,9 +338,7 @@ def train(
         negatives=int((table.label[train_rows] == 0).sum()),
     )
 
-    start_epoch = 0
-    checkpoint = latest_checkpoint(out)
-    if (out / MANIFEST_NAME).is_file() or checkpoint is not None:
+    if (out / MANIFEST_NAME).is_file() or has_training_state(out):
         if not resume:
             raise LungCTError(
                 out, "already holds a model; pass --resume to continue it, or use a new --out"
@@ -376,12 +354,17 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     plan.save(out / "plan.json")
 
-    if checkpoint is not None:
-        start_epoch, path = checkpoint
-        model = load_keras(path, compile=True, plan=plan, plan_path=out / "plan.json")
-    else:
-        keras.utils.set_random_seed(plan.seed)
-        model = compile_model(build_network(plan), plan)
+    # Where this run starts: Keras' backup (weights, optimiser, epoch) or, in a folder of an
+    # earlier version of the suite, its newest epoch checkpoint.
+    start_epoch = restored_epoch(out)
+    legacy = None if start_epoch else latest_checkpoint(out)
+    with strategy_scope(strategy, mixed_precision) as scope:
+        if legacy is not None:
+            start_epoch = legacy[0]
+            model = load_keras(legacy[1], compile=True, plan=plan, plan_path=out / "plan.json")
+        else:
+            keras.utils.set_random_seed(plan.seed)
+            model = compile_model(build_network(plan), plan)
     manifest.epochs_done = start_epoch
     manifest.save(out)
 
@@ -389,80 +372,67 @@ def train(
     sampler = BalancedBatchSampler(plan, cutter, table, train_rows)
     val_rows = validation_rows(table, val_rows, plan.val_max_negatives, plan.seed)
     validation = ValidationSet(cutter, table, val_rows) if len(val_rows) else None
-
-    log_path = out / "train_log.csv"
-    log = _read_log(log_path, start_epoch)
-    deadline = None if max_minutes is None else time.monotonic() + 60.0 * max_minutes
-    stopped_early = False
+    batches = _batches_class()(sampler, start_epoch, workers=max(1, workers), queue=3)
+    callbacks, budget = fit_callbacks(
+        out,
+        label=plan.network_label,
+        epochs=plan.epochs,
+        batch_size=plan.batch_size,
+        max_minutes=max_minutes,
+        resume=resume,
+        shown=("loss", "val_loss", "val_auc"),
+        keep_checkpoints=keep_checkpoints,
+        progress=progress,
+        seed=plan.seed,
+        before=(
+            keras.callbacks.LearningRateScheduler(_learning_rate(plan)),
+            _validation_callback(validation),
+        ),
+    )
+    if progress:
+        print(
+            f"[{plan.network_label}] {manifest.positives} positive and {manifest.negatives} "
+            f"negative training candidates, {len(val_rows)} validation; epochs "
+            f"{start_epoch + 1}-{plan.epochs} of {len(sampler)} steps"
+            + (f" on {replicas(scope)} replicas" if scope is not None else ""),
+            file=sys.stderr,
+            flush=True,
+        )
     t_start = time.monotonic()
-    epoch = start_epoch
-    for epoch in range(start_epoch, plan.epochs):
-        lr = plan.learning_rate * (1.0 - plan.lr_decay_per_epoch) ** epoch
-        model.optimizer.learning_rate = lr
-        bar = keras.utils.Progbar(len(sampler), verbose=1 if progress else 0, unit_name="step")
-        if progress:
-            print(f"epoch {epoch + 1}/{plan.epochs} (lr {lr:.5g})", flush=True)
-        t0 = time.monotonic()
-        step_time = 0.0
-        steps = 0
-        sums = {"loss": 0.0, "binary_accuracy": 0.0}
-        for inputs, labels in prefetch(sampler.epoch(epoch)):
-            ts = time.monotonic()
-            logs = model.train_on_batch(inputs, labels, return_dict=True)
-            step_time += time.monotonic() - ts if steps else 0.0  # first step traces
-            steps += 1
-            for k in sums:
-                sums[k] += float(logs.get(k, math.nan))
-            bar.update(steps, [(k, float(logs.get(k, math.nan))) for k in sums])
-            if deadline is not None and time.monotonic() > deadline:
-                stopped_early = True
-                break
-        metrics = {"val_loss": math.nan, "val_auc": math.nan, "val_accuracy": math.nan}
-        if validation is not None:
-            metrics = binary_metrics(validation.labels, validation.predict(model))
-        timed = max(steps - 1, 1)
-        row = {
-            "epoch": epoch + 1,
-            "steps": steps,
-            "learning_rate": _fmt(lr),
-            "loss": _fmt(sums["loss"] / max(steps, 1)),
-            "binary_accuracy": _fmt(sums["binary_accuracy"] / max(steps, 1)),
-            **{k: _fmt(v) for k, v in metrics.items()},
-            "seconds": f"{time.monotonic() - t0:.1f}",
-            "train_samples_per_s": _fmt(timed * plan.batch_size / step_time) if step_time else "",
-        }
-        log.append(row)
-        if progress:
-            print(
-                "  " + ", ".join(f"{k} {row[k]}" for k in ("loss", "val_loss", "val_auc")),
-                flush=True,
-            )
-        save_model_atomic(model, out / "checkpoints" / f"epoch_{epoch + 1:03d}.keras")
-        _prune_checkpoints(out, keep_checkpoints)
-        _write_log(log_path, log)
-        manifest.epochs_done = epoch + 1
-        manifest.save(out)
-        if stopped_early:
-            if progress:
-                print(f"time budget of {max_minutes} min reached; stopping", flush=True)
-            break
+    if start_epoch < plan.epochs:
+        model.fit(
+            batches,
+            epochs=plan.epochs,
+            initial_epoch=start_epoch,
+            callbacks=callbacks,
+            shuffle=False,  # the sampler orders each epoch from (seed, epoch): resumable
+            verbose=0,
+        )
+    log = read_log(out)
+    manifest.epochs_done = int(log_float(log[-1], "epoch")) + 1 if log else start_epoch
+    stopped_early = bool(budget.stopped)
+    if progress and stopped_early:
+        print(f"time budget of {max_minutes} min reached; stopping", file=sys.stderr, flush=True)
     save_model_atomic(model, out / "model.keras")
     manifest.save(out)
     plan.save(out / "plan.json")  # what was trained, should the file have been edited meanwhile
     seal_model_dir(  # last: the seal is the folder's done marker
         out,
         "fpr",
-        train_seconds=sum(float(r.get("seconds") or 0.0) for r in log),
+        train_seconds=sum(log_float(r, "seconds") for r in log if r.get("seconds")),
         data_dir=data_dir,
         seeds={"plan": plan.seed},
-        steps=sum(int(r.get("steps") or 0) for r in log),
+        steps=int(sum(log_float(r, "steps") for r in log if r.get("steps"))),
         extra={
             "epochs": manifest.epochs_done,
             "stopped_by_time": stopped_early,
+            "strategy": strategy,
+            "replicas": replicas(scope),
             **(provenance or {}),
         },
         plan=plan.to_dict(),
     )
+    last = log[-1] if log else {}
     return {
         "out": str(out),
         "epochs_done": manifest.epochs_done,
@@ -473,13 +443,6 @@ def train(
         "val_candidates": len(val_rows),
         "network": plan.network,
         "params": int(model.count_params()),
-        **({k: log[-1][k] for k in ("val_loss", "val_auc")} if log else {}),
+        "replicas": replicas(scope),
+        **{k: _fmt(log_float(last, k)) for k in ("val_loss", "val_auc") if last},
     }
-
-
-def _prune_checkpoints(out: Path, keep: int) -> None:
-    if keep <= 0:
-        return
-    found = sorted((out / "checkpoints").glob("epoch_*.keras"))
-    for path in found[:-keep]:
-        path.unlink(missing_ok=True)

@@ -664,9 +664,9 @@ def augment_stage(run: StageRun) -> Path:
 
 def train_fpr_stage(run: StageRun) -> Path:
     """Train (or resume, or skip) the MGI-CNN on the training folds (+ augmented copies)."""
-    from fp_reduction_3dcnn.train import latest_checkpoint
     from fp_reduction_3dcnn.train import train as fpr_train
     from lungct.modeldir import describe_data
+    from lungct.training import has_training_state
 
     fpr_dir = run.paths.fpr
     if stage_done(fpr_dir, "fpr"):
@@ -682,7 +682,7 @@ def train_fpr_stage(run: StageRun) -> Path:
     elif run.paths.fpr_cache is not None:
         overlay_cache(run.cache, run.paths.fpr_cache)
     train_candidates = merge_candidates(sources, run.paths.train_candidates)
-    resume = (fpr_dir / MANIFEST_NAME).is_file() or latest_checkpoint(fpr_dir) is not None
+    resume = (fpr_dir / MANIFEST_NAME).is_file() or has_training_state(fpr_dir)
     plan = run.settings.fpr_plan_resolved()
     summary = run.clock.run(
         f"train {plan.network_label}",

@@ -193,7 +193,7 @@ def test_trains_seals_and_ranks_the_nodules_first(
 
     model_dir = tmp_path / "models" / "fpr"
     assert is_sealed(json.loads((model_dir / "manifest.json").read_text()))
-    with open(model_dir / "train_log.csv", newline="") as handle:
+    with open(model_dir / "logs" / "train_log.csv", newline="") as handle:
         log = list(csv.DictReader(handle))
     assert len(log) == 2 and all(np.isfinite(float(r["val_loss"])) for r in log)
     assert json.loads((model_dir / "plan.json").read_text())["network"] == name

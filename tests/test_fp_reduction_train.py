@@ -57,7 +57,7 @@ def model_dir(tiny, tmp_path_factory):
 
 
 def test_model_folder_layout(model_dir, tiny):
-    for name in ("plan.json", "model.keras", "manifest.json", "train_log.csv"):
+    for name in ("plan.json", "model.keras", "manifest.json", "logs/train_log.csv"):
         assert (model_dir / name).is_file(), name
     assert latest_checkpoint(model_dir)[0] == 1
     manifest = FoldManifest.load(model_dir)
@@ -66,10 +66,11 @@ def test_model_folder_layout(model_dir, tiny):
     assert manifest.held_out_folds == [2, 3, 4, 5, 6, 7, 8, 9]
     assert manifest.train_series == sorted(tiny["uids"][:2])
     assert manifest.val_series == [tiny["uids"][2]]
-    with open(model_dir / "train_log.csv") as handle:
+    with open(model_dir / "logs" / "train_log.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert [r["epoch"] for r in rows] == ["1"]
-    assert float(rows[0]["loss"]) > 0
+    assert [r["epoch"] for r in rows] == ["0"]  # Keras counts epochs from 0
+    assert float(rows[0]["loss"]) > 0 and float(rows[0]["steps"]) == 2
+    assert 0 <= float(rows[0]["val_auc"]) <= 1
 
 
 def test_training_refuses_overlapping_folds(tiny, tmp_path):
@@ -172,9 +173,9 @@ def test_resume_continues_and_checks_the_split(model_dir, tiny, tmp_path):
     )
     assert summary["epochs_done"] == 2
     assert latest_checkpoint(out)[0] == 2
-    with open(out / "train_log.csv") as handle:
-        assert [r["epoch"] for r in csv.DictReader(handle)] == ["1", "2"]
-    with open(out / "train_log.csv") as handle:
+    with open(out / "logs" / "train_log.csv") as handle:
+        assert [r["epoch"] for r in csv.DictReader(handle)] == ["0", "1"]
+    with open(out / "logs" / "train_log.csv") as handle:
         lrs = [float(r["learning_rate"]) for r in csv.DictReader(handle)]
     assert lrs[1] == pytest.approx(lrs[0] * 0.975)
     # The optimiser state came back with the checkpoint: 2 epochs x 2 steps.
