@@ -4,13 +4,15 @@
 per-scan cache entries (the layout of :mod:`lungct.cache`), ``annotations.csv`` and a labelled
 ``candidates.csv``: bright spheres are nodules, points on thin bright tubes and in the background
 are negatives. :func:`write_large_candidates` writes a candidates file of any length quickly (for
-the 750,000-row memory check).
+the 750,000-row memory check). :func:`tiny_plan` is the default plan with a network small enough
+to train in seconds.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,6 +21,9 @@ from lungct.geometry import Geometry
 from lungct.io import write_scan
 from lungct.preprocess import PreprocessPlan
 from lungct.scan import Scan
+
+if TYPE_CHECKING:
+    from fp_reduction_3dcnn.config import FPRPlan
 
 
 def _uid(i: int) -> str:
@@ -144,3 +149,20 @@ def write_large_candidates(
                 f"{uids[j]},{p[0]:.2f},{p[1]:.2f},{p[2]:.2f},{c}\n"
                 for j, p, c in zip(k.tolist(), pts.tolist(), cls.tolist(), strict=True)
             )
+
+
+def tiny_plan(**overrides: Any) -> FPRPlan:
+    """The ``default`` plan with 4-filter streams, an 8-unit dense layer, batches of 8, 2 steps
+    an epoch and 1 epoch (fields of ``overrides`` replaced)."""
+    from fp_reduction_3dcnn.config import get_plan
+
+    fields: dict[str, Any] = {
+        "stream_filters": (4, 4, 4),
+        "stream_top_filters": 4,
+        "head_filters": 4,
+        "dense_units": (8,),
+        "batch_size": 8,
+        "steps_per_epoch": 2,
+        "epochs": 1,
+    }
+    return get_plan("default", **{**fields, **overrides})

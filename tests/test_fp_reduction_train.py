@@ -11,24 +11,15 @@ import numpy as np
 import pytest
 
 from fp_reduction_3dcnn.__main__ import build_parser, main
-from fp_reduction_3dcnn.config import get_plan
 from fp_reduction_3dcnn.manifest import FoldManifest, check_split
 from fp_reduction_3dcnn.predict import predict
-from fp_reduction_3dcnn.testing import make_tiny_dataset
+from fp_reduction_3dcnn.testing import make_tiny_dataset, tiny_plan
 from fp_reduction_3dcnn.train import latest_checkpoint, load_keras, train
 from lungct.errors import LungCTError
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-TINY_PLAN = get_plan("default").replace(
-    stream_filters=(4, 4, 4),
-    stream_top_filters=4,
-    head_filters=4,
-    dense_units=(8,),
-    batch_size=8,
-    steps_per_epoch=2,
-    epochs=1,
-)
+TINY_PLAN = tiny_plan()
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fp_reduction_3dcnn.config import get_plan
 from fp_reduction_3dcnn.testing import make_tiny_dataset
+from fp_reduction_3dcnn.testing import tiny_plan as fpr_tiny_plan
 from fp_reduction_3dcnn.train import train as train_fpr
 from integration.__main__ import main
 from integration.modelset import write_model_set
@@ -41,15 +41,7 @@ def models(tmp_path_factory) -> Path:
     plan = tiny_plan("2d", threshold=1e-3, max_candidates=20)
     train_unet(plan, data, cache, [0], [1], models / "unet", progress=False)
     tiny = make_tiny_dataset(root / "fpr", n_scans=3)
-    fpr_plan = get_plan("default").replace(
-        stream_filters=(4, 4, 4),
-        stream_top_filters=4,
-        head_filters=4,
-        dense_units=(8,),
-        batch_size=8,
-        steps_per_epoch=2,
-        epochs=1,
-    )
+    fpr_plan = fpr_tiny_plan()
     train_fpr(fpr_plan, tiny["cache"], tiny["candidates"], [0, 1], [2], models / "fpr",
               data_dir=tiny["data"], progress=False)  # fmt: skip
     PipelineConfig(threshold=0.0).save(models)

@@ -127,7 +127,7 @@ def test_prepare_joins_a_running_cluster(tmp_path: Path) -> None:
         "RAY_USAGE_STATS_ENABLED": "0",
         "TF_CPP_MIN_LOG_LEVEL": "3",
     }
-    # Its own session folder, never another Ray's; short, since Ray's socket paths inside it
+    # Its own temporary folder, never another Ray's; short, since Ray's socket paths inside it
     # must stay under the system's limit of about 107 characters.
     temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     head_log = tmp_path / "ray-head.log"

@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fp_reduction_3dcnn.config import get_plan
-from fp_reduction_3dcnn.testing import make_tiny_dataset
+from fp_reduction_3dcnn.testing import make_tiny_dataset, tiny_plan
 from fp_reduction_3dcnn.train import train
 from lungct.errors import LungCTError
 from lungct.modeldir import is_sealed
@@ -25,15 +24,7 @@ from lungct.training import LOG_FILE, make_strategy, restored_epoch, strategy_sc
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_PLAN = get_plan("default").replace(
-    stream_filters=(4, 4, 4),
-    stream_top_filters=4,
-    head_filters=4,
-    dense_units=(8,),
-    batch_size=8,
-    steps_per_epoch=3,
-    epochs=4,
-)
+TINY_PLAN = tiny_plan(steps_per_epoch=3, epochs=4)
 
 
 @pytest.fixture(scope="module")
