@@ -329,9 +329,11 @@ def make_dataset(
             }
             return x, y, w
 
-        def on_epoch_end(self) -> None:
-            self.epoch += 1
-            self._shuffle()
+        def set_epoch(self, new_epoch: int) -> None:
+            """The epoch that begins (:func:`lungct.training.fit_callbacks` calls it)."""
+            if new_epoch != self.epoch:
+                self.epoch = new_epoch
+                self._shuffle()
 
     return _Batches()
 
@@ -599,6 +601,7 @@ def train_malignancy(
         keep_checkpoints=3,
         progress=progress,
         seed=plan.seed,
+        data=data,
     )
     _log(
         f"[malignancy] {len(train)} training nodules ({int((train.labels >= 0).sum())} "

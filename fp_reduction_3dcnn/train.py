@@ -216,9 +216,11 @@ def _batches_class() -> type:
             inputs, labels = self.sampler.cut(self._plans[i])
             return (inputs[0] if len(inputs) == 1 else tuple(inputs)), labels
 
-        def on_epoch_end(self) -> None:
-            self.epoch += 1
-            self._plans = list(self.sampler.epoch_plan(self.epoch))
+        def set_epoch(self, epoch: int) -> None:
+            """The epoch that begins (:func:`lungct.training.fit_callbacks` calls it)."""
+            if epoch != self.epoch:
+                self.epoch = epoch
+                self._plans = list(self.sampler.epoch_plan(epoch))
 
     return EpochBatches
 
@@ -384,6 +386,7 @@ def train(
         keep_checkpoints=keep_checkpoints,
         progress=progress,
         seed=plan.seed,
+        data=batches,
         before=(
             keras.callbacks.LearningRateScheduler(_learning_rate(plan)),
             _validation_callback(validation),

@@ -183,6 +183,24 @@ def _epoch_seeds_class(base: type) -> type:
     return EpochSeeds
 
 
+def _epoch_data_class(base: type) -> type:
+    class EpochData(base):
+        """Tells the stage's ``PyDataset`` which epoch begins (``data.set_epoch(epoch)``).
+
+        A ``PyDataset``'s own ``on_epoch_end`` cannot count epochs: Keras also calls it once
+        before the first epoch, and ``initial_epoch`` is not passed to it. The callback's
+        epoch is the one ``fit`` trains (resumed runs included)."""
+
+        def __init__(self, data: Any) -> None:
+            super().__init__()
+            self.data = data
+
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self.data.set_epoch(int(epoch))
+
+    return EpochData
+
+
 def _epoch_line_class(base: type) -> type:
     class EpochLine(base):
         """One line per epoch on stderr (stdout is for results)."""
@@ -256,14 +274,16 @@ def fit_callbacks(
     before: tuple[Any, ...] = (),
     tensorboard: bool = True,
     seed: int = 0,
+    data: Any = None,
 ) -> tuple[list[Any], Any]:
     """The callbacks of a stage's ``model.fit``, in order, and its time-budget callback.
 
     ``before`` are the stage's own callbacks that add to the epoch's logs (a validation
     metric, the learning-rate schedule); they run first, so the log, TensorBoard and the
     stderr line see what they add. ``BackupAndRestore`` runs last. The random layers are
-    seeded from ``(seed, epoch)`` at every epoch, so a resumed run trains as an uninterrupted
-    one does.
+    seeded from ``(seed, epoch)`` at every epoch, and ``data`` (a ``PyDataset`` with a
+    ``set_epoch(epoch)`` method) is told each epoch as it begins, so a resumed run trains as
+    an uninterrupted one does.
     """
     keras = _keras()
     folder = Path(model_dir)
@@ -271,6 +291,7 @@ def fit_callbacks(
     (folder / LOGS).mkdir(parents=True, exist_ok=True)
     budget = time_budget(max_minutes)
     callbacks: list[Any] = [
+        *([_callback_class("EpochData", _epoch_data_class)(data)] if data is not None else []),
         _callback_class("EpochSeeds", _epoch_seeds_class)(seed),
         *before,
         budget,
