@@ -6,6 +6,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from unet_candidates.model.dice_loss import per_sample
+
 TARGET_CHANNELS = ("heatmap", "weight", "size", "size_mask")
 """The channels of a CenterNet training target, in order (:mod:`unet_candidates.centernet.targets`)."""
 
@@ -71,9 +73,11 @@ class CenterNetLoss(keras.losses.Loss):
         )
         focal = ops.sum((pos + neg) * weight) / ops.maximum(ops.sum(centre), 1.0)
         if self.size_weight <= 0:
-            return focal
+            return per_sample(focal, y_pred)
         l1 = ops.sum(ops.abs(y_pred[..., 1] - size) * size_mask)
-        return focal + self.size_weight * l1 / ops.maximum(ops.sum(size_mask), 1.0)
+        return per_sample(
+            focal + self.size_weight * l1 / ops.maximum(ops.sum(size_mask), 1.0), y_pred
+        )
 
     def get_config(self) -> dict:
         return {

@@ -5,8 +5,21 @@ Tversky-weighted: a missed nodule voxel may cost more than a false one.
 
 from __future__ import annotations
 
+from typing import Any
+
 import keras
 from keras import ops
+
+
+def per_sample(loss: Any, y_pred: Any) -> Any:
+    """A loss pooled over the whole batch, repeated once per sample.
+
+    Keras reduces a loss's per-sample values to their mean, and under ``tf.distribute``
+    divides it by the number of replicas so that the replicas' gradients sum to the global
+    batch's. A scalar skips that reduction: on two replicas its gradients would count twice.
+    Repeated per sample, the pooled loss is reduced like any other (its mean is itself).
+    """
+    return ops.broadcast_to(loss, ops.shape(y_pred)[:1])
 
 
 @keras.saving.register_keras_serializable(package="unet_candidates")
@@ -83,7 +96,7 @@ class DiceLoss(keras.losses.Loss):
             else:
                 bce = ops.sum(bce) / ops.maximum(ops.sum(valid), 1.0)
             loss = loss + self.bce_weight * bce
-        return loss
+        return per_sample(loss, y_pred)
 
     def _hard_examples(self, bce, y_true):
         """Mean cross-entropy over the target voxels and each patch's hardest background."""
