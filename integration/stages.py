@@ -60,13 +60,15 @@ class StageSettings:
     Args:
         unet_preset: a named U-Net plan, ``2d``, ``2d-original`` or ``3d``
             (:data:`unet_candidates.PRESETS`; ``unet_variant`` in settings of earlier versions).
-        unet_minutes: U-Net training budget in minutes (all resumed runs together).
+        unet_minutes: U-Net training budget in minutes (of each run: a resumed run goes on
+            for up to this long again).
         unet_overrides: U-Net plan fields to change (e.g. ``{"epochs": 5}``).
         candidates: the stage-1 network: ``unet`` (the U-Net of ``unet_preset``) or a named
             CenterNet plan, ``centernet`` or ``centernet-no-consensus``
             (:data:`unet_candidates.centernet.CENTERNET_PRESETS`: the 3-D heatmap detector;
             then the ``unet_*`` settings are not read).
-        centernet_minutes: CenterNet training budget in minutes (all resumed runs together).
+        centernet_minutes: CenterNet training budget in minutes (of each run, as
+            ``unet_minutes``).
         centernet_overrides: CenterNet plan fields to change.
         gan: augment the training folds with CT-GAN-injected nodules.
         gan_minutes: CT-GAN training budget in minutes (per run).
@@ -522,6 +524,7 @@ def evaluate_submission(
 def train_unet_stage(run: StageRun) -> Path:
     """Train (or resume, or skip) the run's stage-1 network (the U-Net, or the CenterNet when
     ``settings.candidates`` names one); return its model folder."""
+    from lungct.training import has_training_state
     from unet_candidates.centernet.train import train as centernet_train
     from unet_candidates.train import train as unet_train
 
@@ -539,7 +542,7 @@ def train_unet_stage(run: StageRun) -> Path:
             list(run.split.train),
             list(run.split.val),
             unet_dir,
-            resume=(unet_dir / "checkpoints" / "state.json").is_file(),
+            resume=has_training_state(unet_dir),
             max_minutes=run.settings.candidate_minutes,
             progress=run.progress,
         ),

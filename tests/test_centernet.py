@@ -23,6 +23,7 @@ from lungct.synth import generate_dataset
 from lungct.synth.layout import _merged_table
 from lungct.synth.nodules import READER_COUNTS, draw_reader_count, reader_count_mix
 from lungct.tables import read_annotations, read_results
+from lungct.training import restored_epoch
 from unet_candidates.__main__ import main
 from unet_candidates.centernet import (
     CenterNetPlan,
@@ -230,9 +231,9 @@ def test_short_training_finds_the_planted_nodule(phantoms, tmp_path: Path, capsy
     assert loaded == plan
     distances = _top_distances(model, loaded, data, cache)
     assert max(distances) < 8.0, distances  # radius of the 16 mm nodules
-    with (out / "train_log.csv").open() as f:
+    with (out / "logs" / "train_log.csv").open() as f:
         log = list(csv.DictReader(f))
-    assert log[0]["val_hit"] == "1.00000" and np.isfinite(float(log[0]["loss"]))
+    assert float(log[0]["val_hit"]) == 1.0 and np.isfinite(float(log[0]["loss"]))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["provenance"]["stage"] == "centernet"
     with pytest.raises(LungCTError, match="is a CenterNet model folder, not a U-Net one"):
@@ -277,7 +278,7 @@ def test_budget_stop_and_resume(phantoms, tmp_path: Path) -> None:
     assert summary["stopped_by_time"] and summary["epochs_done"] == 1
     assert main(["train", "--data", str(data), "--cache", str(cache), "--folds", "0",
                  "--val-folds", "1", "--out", str(out), "--resume", "--quiet"]) == 0  # fmt: skip
-    assert json.loads((out / "checkpoints" / "state.json").read_text())["epoch"] == 2
+    assert restored_epoch(out) == 2
     load_centernet(out)
     with pytest.raises(TypeError, match="trains from a CenterNetPlan, not a UNetPlan"):
         train(tiny_plan("3d"), data, cache, [0], [1], tmp_path / "x")

@@ -419,8 +419,7 @@ def test_training_records_the_plan_and_refuses_an_edit(world: dict, tmp_path: Pa
     with pytest.raises(LungCTError, match="not sealing"):
         seal_model_dir(folder, "unet", 1.0)
     # Resuming with an edited plan is refused before anything is trained.
-    state = json.loads((folder / "checkpoints" / "state.json").read_text())
-    assert state["plan"]["hu_window"] == [-1000.0, 400.0]
+    assert manifest["training_plan"]["hu_window"] == [-1000.0, 400.0]
     with pytest.raises(LungCTError, match=r"plan\.json: edited since training started"):
         train_unet(None, tmp_path / "data", tmp_path / "cache", [0], [1], folder, resume=True)
 

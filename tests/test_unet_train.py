@@ -15,6 +15,7 @@ from lungct.geometry import Geometry
 from lungct.io import read_scan
 from lungct.preprocess import PreprocessPlan
 from lungct.tables import read_results
+from lungct.training import restored_epoch
 from unet_candidates.__main__ import main
 from unet_candidates.config import UNetPlan
 from unet_candidates.data import (
@@ -161,7 +162,7 @@ def test_train_budget_resume_and_extract(tiny_luna, tmp_path: Path, capsys) -> N
     # A time budget of ~0 stops during the first epoch, which is still checkpointed.
     summary = train(plan, data, cache, [0], [1], out, max_minutes=1e-6, progress=False)
     assert summary["stopped_by_time"] and summary["epochs_done"] == 1
-    for name in ("plan.json", "manifest.json", "model.keras", "train_log.csv"):
+    for name in ("plan.json", "manifest.json", "model.keras", "logs/train_log.csv"):
         assert (out / name).is_file(), name
     assert UNetPlan.load(out / "plan.json") == plan
     manifest = json.loads((out / "manifest.json").read_text())
@@ -171,15 +172,15 @@ def test_train_budget_resume_and_extract(tiny_luna, tmp_path: Path, capsys) -> N
     with pytest.raises(LungCTError, match="already holds a training run"):
         train(plan, data, cache, [0], [1], out, progress=False)
 
-    # --resume continues with epoch 2 and appends to the log.
+    # --resume continues with epoch 2 (epochs counted from 0 in the log) and appends to the log.
     assert main(["train", "--data", str(data), "--cache", str(cache), "--folds", "0",
                  "--val-folds", "1", "--out", str(out), "--resume", "--quiet"]) == 0  # fmt: skip
-    state = json.loads((out / "checkpoints" / "state.json").read_text())
-    assert state["epoch"] == 2
-    with (out / "train_log.csv").open() as f:
+    assert restored_epoch(out) == 2
+    with (out / "logs" / "train_log.csv").open() as f:
         log = list(csv.DictReader(f))
-    assert [row["epoch"] for row in log] == ["1", "2"]
+    assert [row["epoch"] for row in log] == ["0", "1"]
     assert all(np.isfinite(float(row["loss"])) for row in log)
+    assert all(np.isfinite(float(row["val_dice"])) for row in log)
     assert len(list((out / "checkpoints").glob("epoch_*.keras"))) == 2
     capsys.readouterr()
 
@@ -208,7 +209,8 @@ def test_train_budget_resume_and_extract(tiny_luna, tmp_path: Path, capsys) -> N
     assert code == 0
     assert (tmp_path / "none.csv").read_text() == header + "\n"
 
-    # A broken resume state is an error naming the file, not a JSON traceback.
+    # A broken resume state of the former loop is an error naming the file, not a JSON
+    # traceback.
     (out / "checkpoints" / "state.json").write_text("{broken")
     with pytest.raises(LungCTError, match="state.json.*not valid JSON"):
         train(None, data, cache, [0], [1], out, resume=True, progress=False)

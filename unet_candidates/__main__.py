@@ -24,6 +24,7 @@ from lungct.cli import (
     run_command,
 )
 from lungct.errors import LungCTError
+from lungct.training import add_device_arguments
 from unet_candidates.centernet.config import CENTERNET_PRESETS
 from unet_candidates.config import PRESETS
 
@@ -92,6 +93,8 @@ def _train(args: argparse.Namespace) -> int:
         max_minutes=args.max_minutes,
         progress=not args.quiet,
         prepare_workers=args.workers,
+        strategy=args.strategy,
+        mixed_precision=args.mixed_precision,
     )
     print(json.dumps(summary))
     return 0
@@ -175,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a 2-D or 3-D U-Net (or the CenterNet detector) from the per-scan cache",
         description="Train a candidate U-Net, or the CenterNet heatmap detector (--preset "
-        "centernet). Writes OUT/plan.json, manifest.json, model.keras, train_log.csv and "
-        "checkpoints/ (one per epoch; --resume continues).",
+        "centernet). Writes OUT/plan.json, manifest.json, model.keras, checkpoints/ (one per "
+        "epoch; --resume continues) and logs/ (train_log.csv, TensorBoard).",
     )
     p.add_argument(
         "--data", required=True, help="LUNA16-layout folder (subset0..9, annotations.csv)"
@@ -202,11 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=non_negative_int, help="override the plan's seed")
     p.add_argument(
-        "--max-minutes", type=positive_float, help="stop after this much training wall time"
+        "--max-minutes",
+        type=positive_float,
+        help="this run's time budget: stop after this much training wall time (the epoch under "
+        "way ends and is checkpointed)",
     )
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the folder's training to the plan's end"
+    )
     p.add_argument("--workers", type=positive_int, default=2, help="processes preparing the cache")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_device_arguments(p)
     p.set_defaults(func=_train)
 
     p = sub.add_parser(

@@ -1,31 +1,35 @@
-"""Training of the candidate U-Net from the per-scan cache, resumable, with a time budget.
+"""Training of the candidate networks (the U-Net and the CenterNet) from the per-scan cache,
+on the suite's training contract (:mod:`lungct.training`).
 
 The model folder::
 
-    OUT/plan.json              the resolved plan (written first; a resumed run must match it)
-    OUT/manifest.json          data folder, cache, training/validation folds and series;
-                               sealed (checksums, trained plan) when training ends: the
-                               seal is the folder's done marker (:mod:`lungct.modeldir`)
-    OUT/model.keras            the model after the last finished epoch, written atomically
-                               (the validation loss of each epoch is in the log, its best in
-                               the manifest); usable before the seal with --allow-unfinished
-    OUT/train_log.csv          one row per epoch
-    OUT/checkpoints/epoch_NNN.keras + state.json   model + optimiser after each epoch
+    OUT/plan.json                    the resolved plan (written first; a resumed run must
+                                     match it)
+    OUT/manifest.json                data folder, cache, training/validation folds and series;
+                                     sealed (checksums, trained plan) when training ends: the
+                                     seal is the folder's done marker (:mod:`lungct.modeldir`)
+    OUT/model.keras                  the model after the last finished epoch, written
+                                     atomically (the validation loss of each epoch is in the
+                                     log, its best in the manifest); usable before the seal
+                                     with --allow-unfinished
+    OUT/checkpoints/epoch_NNN.keras  model + optimiser after each epoch (the newest two kept)
+    OUT/checkpoints/backup/          the state ``--resume`` continues from
+    OUT/logs/train_log.csv           one row per epoch (epochs counted from 0)
+    OUT/logs/train/                  TensorBoard event files
 
-``--resume`` reloads the newest checkpoint (optimiser state included) and continues with the
-next epoch; the learning rate follows a cosine over the planned steps or ``--max-minutes``,
-whichever ends first; epoch ``e`` always draws the same patches, so an
-interrupted run continues the stream it would have seen.
+Training is ``model.fit`` on a ``keras.utils.PyDataset`` of the sampler's batches: epoch ``e``
+always draws the same patches, so a resumed run continues the stream an uninterrupted one
+would have seen. The learning rate follows a cosine over the plan's steps, or over this run's
+``--max-minutes`` where that ends first; ``--resume`` continues to the plan's last epoch.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 import platform
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -37,33 +41,30 @@ from tqdm.auto import tqdm
 
 from lungct.cache import ScanCache, find_scans, prepare_dataset
 from lungct.errors import LungCTError
-from lungct.fileio import atomic_path, read_json, write_json_atomic, write_text_atomic
+from lungct.fileio import read_json, write_json_atomic
 from lungct.modeldir import (
     MANIFEST_NAME,
     describe_plan_changes,
-    keras_file_problem,
     load_keras_model,
     seal_model_dir,
 )
-from lungct.patches import prefetch
+from lungct.training import (
+    fit_callbacks,
+    has_training_state,
+    log_float,
+    read_log,
+    replicas,
+    restored_epoch,
+    save_model_atomic,
+    strategy_scope,
+)
 from unet_candidates.config import PLAN_FILE, UNetPlan
 from unet_candidates.data import PatchSampler, ScanSamples, build_scan_samples
 from unet_candidates.extract import MODEL_FILE, UNET_CLASSES, unet_architecture
 
-LOG_FILE = "train_log.csv"
 CHECKPOINT_DIR = "checkpoints"
-STATE_FILE = "state.json"
-LOG_COLUMNS = (
-    "epoch",
-    "steps",
-    "loss",
-    "val_loss",
-    "val_dice",
-    "learning_rate",
-    "epoch_seconds",
-    "samples_per_s",
-    "elapsed_s",
-)
+LEGACY_STATE_FILE = "state.json"
+"""``checkpoints/state.json``: the resume state of folders written by the former loop."""
 KEEP_CHECKPOINTS = 2
 
 
@@ -102,11 +103,6 @@ class CandidateNetwork:
     scan_samples: Callable[..., ScanSamples]
     validate: Callable[[Any, Any, Any], tuple[float | None, float | None]]
     metric: str = "val_dice"
-
-    @property
-    def log_columns(self) -> tuple[str, ...]:
-        """The columns of ``train_log.csv``."""
-        return tuple(self.metric if c == "val_dice" else c for c in LOG_COLUMNS)
 
 
 def compile_model(model: Any, plan: UNetPlan) -> Any:
@@ -148,11 +144,6 @@ def dice_score(y_true: np.ndarray, y_pred: np.ndarray, smooth: float = 1.0) -> f
     y_true, y_pred = y_true * valid, y_pred * valid
     inter = float(np.sum(y_true * y_pred))
     return (2.0 * inter + smooth) / (float(np.sum(y_true) + np.sum(y_pred)) + smooth)
-
-
-def _save_model(model: Any, path: Path) -> None:
-    with atomic_path(path, suffix=".keras", check=keras_file_problem) as tmp:
-        model.save(tmp)
 
 
 def _nodules_by_series(
@@ -199,29 +190,6 @@ def unet_scan_samples(
     if reader_count is not None:
         samples.reader_count = np.asarray(reader_count, np.int64).reshape(-1)
     return samples
-
-
-class _Logger:
-    """``train_log.csv``, rewritten atomically after every epoch."""
-
-    def __init__(self, path: Path, resume: bool, columns: tuple[str, ...] = LOG_COLUMNS) -> None:
-        self.path = path
-        self.columns = columns
-        self.rows: list[dict] = []
-        if resume and path.is_file():
-            with path.open(newline="") as f:
-                self.rows = list(csv.DictReader(f))
-
-    def truncate(self, epochs: int) -> None:
-        self.rows = [r for r in self.rows if int(r["epoch"]) <= epochs]
-
-    def append(self, row: dict) -> None:
-        self.rows.append({k: row.get(k, "") for k in self.columns})
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=self.columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(self.rows)
-        write_text_atomic(self.path, buf.getvalue())
 
 
 def _resolve_scans(
@@ -300,12 +268,13 @@ def train(
     max_minutes: float | None = None,
     progress: bool = True,
     prepare_workers: int = 2,
+    strategy: str = "none",
+    mixed_precision: bool = False,
 ) -> dict:
-    """Train (or resume training) a candidate network of ``network``'s kind into a model
-    folder; return a summary dict. :func:`train` is this for the U-Net.
+    """Train (or resume training) a U-Net into a model folder; return a summary dict
+    (:func:`fit_candidate_network` with :data:`UNET_NETWORK`).
 
     Args:
-        network: the kind of network (:data:`UNET_NETWORK`, or the CenterNet's).
         plan: the plan (``None`` with ``resume``: the saved one).
         data_dir: LUNA16-layout folder (``subsetN/*.mhd``, ``annotations.csv``).
         cache_dir: per-scan cache; missing entries of the folds are prepared first.
@@ -314,11 +283,13 @@ def train(
         annotations: nodule table (default ``data_dir/annotations.csv``).
         excluded: findings the loss ignores (default ``data_dir/annotations_excluded.csv``
             when it exists; ``""`` = none).
-        resume: continue from the newest checkpoint in ``out_dir``.
-        max_minutes: stop after the epoch during which this much wall time (all runs of this
-            folder together) has passed; the stopped epoch is validated and checkpointed.
-        progress: progress bars.
+        resume: continue the folder's training to the plan's last epoch.
+        max_minutes: this run's time budget: once spent, the run stops after the batch under
+            way, ends its epoch (validation, checkpoint, log row) and seals the folder.
+        progress: one line per epoch on stderr.
         prepare_workers: processes for preparing missing cache entries.
+        strategy: ``none`` or ``mirrored`` (:func:`lungct.training.make_strategy`).
+        mixed_precision: compute in float16 (GPUs).
 
     Raises:
         LungCTError: bad folds, missing data, a folder holding another run, a plan mismatch.
@@ -337,7 +308,139 @@ def train(
         max_minutes=max_minutes,
         progress=progress,
         prepare_workers=prepare_workers,
+        strategy=strategy,
+        mixed_precision=mixed_precision,
     )
+
+
+def _candidate_batches_class() -> type:
+    import keras
+
+    class CandidateBatches(keras.utils.PyDataset):
+        """The sampler's batches of one epoch as a ``keras.utils.PyDataset``.
+
+        The sampler streams an epoch's patches through its bounded shuffle buffer (the scans
+        are read in groups, never all at once), so batch ``i`` follows batch ``i - 1``: the
+        batches are made in order by one thread, ``tf.data`` prefetching ahead of the step.
+        The first two batches are held for the epoch (Keras reads them once to learn the
+        shapes, then again to train); a batch asked for out of order restarts the epoch's
+        stream, which gives the same batches again (epoch ``e`` is a function of the seed
+        and ``e``).
+        """
+
+        HELD = 2
+
+        def __init__(self, sampler: Any, epoch: int, steps: int) -> None:
+            super().__init__(workers=1, use_multiprocessing=False)
+            self.sampler, self.epoch, self.steps = sampler, epoch, steps
+            self._lock = threading.Lock()
+            self._restart()
+
+        def _restart(self) -> None:
+            self._stream = self.sampler.batches(self.epoch, self.steps)
+            self._next = 0
+            self._held: dict[int, Any] = {}
+
+        def __len__(self) -> int:
+            return self.steps
+
+        def __getitem__(self, i: int) -> Any:
+            with self._lock:
+                if i in self._held:
+                    return self._held[i]
+                if i < self._next:
+                    self._restart()
+                batch = None
+                while self._next <= i:
+                    batch = next(self._stream)
+                    if self._next < self.HELD:
+                        self._held[self._next] = batch
+                    self._next += 1
+                return batch
+
+        def set_epoch(self, epoch: int) -> None:
+            """The epoch that begins (:func:`lungct.training.fit_callbacks` calls it)."""
+            with self._lock:
+                if epoch != self.epoch:
+                    self.epoch = epoch
+                    self._restart()
+
+    return CandidateBatches
+
+
+def _schedule_callback(plan: Any, max_minutes: float | None) -> Any:
+    import keras
+
+    class CosineSchedule(keras.callbacks.Callback):
+        """The learning rate of every step: a cosine over the plan's steps, or over this
+        run's ``--max-minutes`` where that ends first (a short run ends annealed, not at the
+        top of its schedule). A resumed run follows the plan's steps again from where it is."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.rate = cosine_learning_rate(plan, 0.0)
+            self._epoch = 0
+            self._start = time.monotonic()
+
+        def on_train_begin(self, logs: dict | None = None) -> None:
+            self._start = time.monotonic()
+
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self._epoch = epoch
+
+        def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+            done = (self._epoch * plan.steps_per_epoch + batch) / (
+                plan.epochs * plan.steps_per_epoch
+            )
+            if max_minutes:
+                done = max(done, (time.monotonic() - self._start) / (60.0 * max_minutes))
+            self.rate = cosine_learning_rate(plan, done)
+            self.model.optimizer.learning_rate.assign(self.rate)
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            if logs is not None:
+                logs["learning_rate"] = float(self.rate)
+
+    return CosineSchedule()
+
+
+def _stage_callback(network: CandidateNetwork, plan: Any, val_set: Any, out_dir: Path) -> Any:
+    import keras
+
+    class Validation(keras.callbacks.Callback):
+        """At the end of every epoch: the validation loss and the network's metric into the
+        epoch's logs, and ``model.keras`` refreshed (atomically) with the epoch's weights, so
+        a folder in training is usable with ``--allow-unfinished``."""
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            val_loss, metric = network.validate(self.model, val_set, plan)
+            if logs is not None:
+                logs["val_loss"] = math.nan if val_loss is None else float(val_loss)
+                logs[network.metric] = math.nan if metric is None else float(metric)
+            save_model_atomic(self.model, out_dir / MODEL_FILE)
+
+    return Validation()
+
+
+def _read_manifest(out_dir: Path) -> dict | None:
+    try:
+        value = read_json(out_dir / MANIFEST_NAME)
+    except LungCTError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _legacy_state(out_dir: Path) -> dict | None:
+    """``checkpoints/state.json`` of a folder written by the suite's former training loop."""
+    path = out_dir / CHECKPOINT_DIR / LEGACY_STATE_FILE
+    if not path.is_file():
+        return None
+    state = read_json(path)
+    if not isinstance(state, dict) or not (
+        isinstance(state.get("epoch"), int) and isinstance(state.get("checkpoint"), str)
+    ):
+        raise LungCTError(path, "broken training state (no epoch count or checkpoint): start anew")
+    return state
 
 
 def fit_candidate_network(
@@ -355,6 +458,8 @@ def fit_candidate_network(
     max_minutes: float | None = None,
     progress: bool = True,
     prepare_workers: int = 2,
+    strategy: str = "none",
+    mixed_precision: bool = False,
 ) -> dict:
     """Train (or resume training) a candidate network of ``network``'s kind into a model
     folder; return a summary dict. :func:`train` is this for the U-Net.
@@ -369,11 +474,13 @@ def fit_candidate_network(
         annotations: nodule table (default ``data_dir/annotations.csv``).
         excluded: findings the loss ignores (default ``data_dir/annotations_excluded.csv``
             when it exists; ``""`` = none).
-        resume: continue from the newest checkpoint in ``out_dir``.
-        max_minutes: stop after the epoch during which this much wall time (all runs of this
-            folder together) has passed; the stopped epoch is validated and checkpointed.
-        progress: progress bars.
+        resume: continue the folder's training to the plan's last epoch.
+        max_minutes: this run's time budget: once spent, the run stops after the batch under
+            way, ends its epoch (validation, checkpoint, log row) and seals the folder.
+        progress: one line per epoch on stderr.
         prepare_workers: processes for preparing missing cache entries.
+        strategy: ``none`` or ``mirrored`` (:func:`lungct.training.make_strategy`).
+        mixed_precision: compute in float16 (GPUs).
 
     Raises:
         LungCTError: bad folds, missing data, a folder holding another run, a plan mismatch.
@@ -384,28 +491,26 @@ def fit_candidate_network(
             f"not a {type(plan).__name__}"
         )
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    ckpt_dir = out_dir / CHECKPOINT_DIR
-    state_path = ckpt_dir / STATE_FILE
     overlap = sorted(set(folds) & set(val_folds))
     if overlap:
         raise LungCTError(None, f"folds {overlap} are both training and validation folds")
+    legacy = _legacy_state(out_dir)
+    started = has_training_state(out_dir) or (out_dir / MODEL_FILE).is_file()
     if resume:
-        if not state_path.is_file():
-            raise LungCTError(out_dir, "nothing to resume: no checkpoints/state.json")
+        if not has_training_state(out_dir):
+            raise LungCTError(out_dir, "nothing to resume: no checkpoints/ of a training run")
         saved = network.plan_class.load(out_dir / PLAN_FILE)
         if plan is not None and plan != saved:
             raise LungCTError(
                 out_dir / PLAN_FILE, "the saved plan differs from the requested one; not resuming"
             )
         plan = saved
-        state = read_json(state_path)
-        if not isinstance(state, dict) or not (
-            isinstance(state.get("epoch"), int) and isinstance(state.get("checkpoint"), str)
-        ):
-            raise LungCTError(
-                state_path, "broken training state (no epoch count or checkpoint): start anew"
-            )
-        trained = state.get("plan")
+        previous = _read_manifest(out_dir)
+        trained = None
+        if isinstance(previous, dict):
+            trained = previous.get("training_plan") or previous.get("trained_plan")
+        if trained is None and legacy is not None:
+            trained = legacy.get("plan")
         if isinstance(trained, dict):  # the plan the checkpoints were trained with
             changes = describe_plan_changes(trained, plan.to_dict())
             if changes:
@@ -416,11 +521,10 @@ def fit_candidate_network(
     else:
         if plan is None:
             raise TypeError("plan is required for a new run")
-        if state_path.is_file() or (out_dir / MODEL_FILE).is_file():
+        if started:
             raise LungCTError(
                 out_dir, "already holds a training run; use --resume or another --out folder"
             )
-        state = {"epoch": 0, "elapsed_s": 0.0, "best_val_loss": None, "best_epoch": None}
     annotations = Path(annotations) if annotations else data_dir / "annotations.csv"
     if not annotations.is_file():
         raise LungCTError(annotations, "annotation table not found (pass --annotations)")
@@ -460,6 +564,7 @@ def fit_candidate_network(
         "val_series": val_uids,
         "train_nodules": int(sum(len(nodules[u]) for u in train_uids)),
         "val_nodules": int(sum(len(nodules[u]) for u in val_uids)),
+        "training_plan": plan.to_dict(),
         "versions": {
             "python": platform.python_version(),
             "keras": keras.__version__,
@@ -483,105 +588,87 @@ def fit_candidate_network(
             )
             val_set = val_sampler.fixed_set(plan.val_patches)
 
-    keras.utils.set_random_seed(plan.seed + state["epoch"])
-    if resume:
-        ckpt = ckpt_dir / state["checkpoint"]
-        model = load_keras_model(
-            ckpt,
-            classes=(network.keras_class(plan),),
-            what=f"{network.what(plan)} checkpoint of this plan",
-            architecture=network.architecture(plan),
-            plan_path=out_dir / PLAN_FILE,
-            compile=True,
-        )
-    else:
-        model = network.build(plan)
-
-    logger = _Logger(out_dir / LOG_FILE, resume, network.log_columns)
-    logger.truncate(state["epoch"])
-    t_start = time.perf_counter()
-    elapsed0 = float(state["elapsed_s"])
-    stopped_by_time = False
-    first_step = True
-    total_steps = plan.epochs * plan.steps_per_epoch
-    lr = cosine_learning_rate(plan, state["epoch"] / plan.epochs)
-    for epoch in range(state["epoch"], plan.epochs):
-        t_epoch = time.perf_counter()
-        bar = keras.utils.Progbar(plan.steps_per_epoch, verbose=1 if progress else 0)
-        losses, steps, timed_samples, timed_seconds = [], 0, 0, 0.0
-        for x, y in prefetch(sampler.batches(epoch), depth=plan.prefetch_batches):
-            # The learning rate follows a cosine over the run's budget: the planned steps, or
-            # --max-minutes when that ends first (a resumed run picks up where it was).
-            done = (epoch * plan.steps_per_epoch + steps) / total_steps
-            if max_minutes:
-                elapsed = elapsed0 + time.perf_counter() - t_start
-                done = max(done, elapsed / (60.0 * max_minutes))
-            lr = cosine_learning_rate(plan, done)
-            model.optimizer.learning_rate.assign(lr)
-            t_step = time.perf_counter()
-            logs = model.train_on_batch(x, y, return_dict=True)
-            dt = time.perf_counter() - t_step
-            if not first_step:  # the first step traces the graph
-                timed_samples += len(x)
-                timed_seconds += dt
-            first_step = False
-            losses.append(float(logs["loss"]))
-            steps += 1
-            bar.update(steps, values=[("loss", losses[-1])])
-            if max_minutes and elapsed0 + time.perf_counter() - t_start > 60.0 * max_minutes:
-                stopped_by_time = True
-                break
-        val_loss, val_metric = network.validate(model, val_set, plan)
-        row = {
-            "epoch": epoch + 1,
-            "steps": steps,
-            "loss": f"{np.mean(losses):.5f}" if losses else "",
-            "val_loss": "" if val_loss is None else f"{val_loss:.5f}",
-            network.metric: "" if val_metric is None else f"{val_metric:.5f}",
-            "learning_rate": f"{lr:.3g}",
-            "epoch_seconds": f"{time.perf_counter() - t_epoch:.1f}",
-            "samples_per_s": f"{timed_samples / timed_seconds:.2f}" if timed_seconds else "",
-            "elapsed_s": f"{elapsed0 + time.perf_counter() - t_start:.1f}",
-        }
-        logger.append(row)
-        name = f"epoch_{epoch + 1:03d}.keras"
-        _save_model(model, ckpt_dir / name)
-        # The model is the last epoch's: the learning rate has decayed along a cosine to the
-        # end of the budget, and on a few dozen validation patches the loss is too noisy to
-        # pick an epoch by (picking by it cost 13 points of sensitivity in a 10-minute run).
-        # The best validation epoch is recorded for the record.
-        _save_model(model, out_dir / MODEL_FILE)
-        best = state["best_val_loss"]
-        improved = val_loss is not None and (best is None or val_loss < best)
-        if improved:
-            state.update(best_val_loss=val_loss, best_epoch=epoch + 1)
-        state.update(
-            epoch=epoch + 1,
-            checkpoint=name,
-            elapsed_s=round(elapsed0 + time.perf_counter() - t_start, 1),
-            plan=plan.to_dict(),
-        )
-        write_json_atomic(state_path, state)
-        for old in sorted(ckpt_dir.glob("epoch_*.keras"))[:-KEEP_CHECKPOINTS]:
-            old.unlink()
-        if progress:
-            print(
-                f"epoch {epoch + 1}/{plan.epochs}: loss {row['loss']} val_loss {row['val_loss']} "
-                f"{network.metric} {row[network.metric]} ({row['samples_per_s']} samples/s)"
-                + (" *" if improved else ""),
-                file=sys.stderr,
+    # Where this run starts: Keras' backup (weights, optimiser, epoch), or the newest
+    # checkpoint of a folder written by the suite's former loop.
+    start_epoch = restored_epoch(out_dir)
+    with strategy_scope(strategy, mixed_precision) as scope:
+        if not start_epoch and legacy is not None:
+            start_epoch = int(legacy["epoch"])
+            model = load_keras_model(
+                out_dir / CHECKPOINT_DIR / legacy["checkpoint"],
+                classes=(network.keras_class(plan),),
+                what=f"{network.what(plan)} checkpoint of this plan",
+                architecture=network.architecture(plan),
+                plan_path=out_dir / PLAN_FILE,
+                compile=True,
             )
-        if stopped_by_time:
-            break
+        else:
+            keras.utils.set_random_seed(plan.seed)
+            model = network.build(plan)
+    batches = _candidate_batches_class()(sampler, start_epoch, plan.steps_per_epoch)
+    callbacks, budget = fit_callbacks(
+        out_dir,
+        label=network.stage,
+        epochs=plan.epochs,
+        batch_size=plan.batch_size,
+        max_minutes=max_minutes,
+        resume=resume,
+        shown=("loss", "val_loss", network.metric),
+        keep_checkpoints=KEEP_CHECKPOINTS,
+        progress=progress,
+        seed=plan.seed,
+        data=batches,
+        before=(
+            _schedule_callback(plan, max_minutes),
+            _stage_callback(network, plan, val_set, out_dir),
+        ),
+    )
+    if progress:
+        print(
+            f"[{network.stage}] {len(train_samples)} training scans, "
+            f"{manifest['train_nodules']} nodules; epochs {start_epoch + 1}-{plan.epochs} of "
+            f"{plan.steps_per_epoch} steps"
+            + (f" on {replicas(scope)} replicas" if scope is not None else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+    if start_epoch < plan.epochs:
+        model.fit(
+            batches,
+            epochs=plan.epochs,
+            initial_epoch=start_epoch,
+            callbacks=callbacks,
+            shuffle=False,  # epoch e's batches are drawn from (seed, e): resumable
+            verbose=0,
+        )
+    log = read_log(out_dir)
+    epochs_done = int(log_float(log[-1], "epoch")) + 1 if log else start_epoch
+    stopped_by_time = bool(budget.stopped)
+    if progress and stopped_by_time:
+        print(f"time budget of {max_minutes} min reached; stopping", file=sys.stderr, flush=True)
+    val_losses = [(log_float(r, "val_loss"), int(log_float(r, "epoch")) + 1) for r in log]
+    val_losses = [(v, e) for v, e in val_losses if math.isfinite(v)]
+    best_val_loss, best_epoch = min(val_losses) if val_losses else (None, None)
+    elapsed = sum(log_float(r, "seconds") for r in log if r.get("seconds"))
+    elapsed += float(legacy.get("elapsed_s", 0.0)) if legacy else 0.0
+    steps = int(sum(log_float(r, "steps") for r in log if r.get("steps")))
+    if legacy:
+        steps += int(legacy["epoch"]) * plan.steps_per_epoch
+    # The model is the last epoch's: the learning rate has decayed along a cosine to the
+    # end of the budget, and on a few dozen validation patches the loss is too noisy to
+    # pick an epoch by (picking by it cost 13 points of sensitivity in a 10-minute run).
+    # The best validation epoch is recorded for the record.
+    save_model_atomic(model, out_dir / MODEL_FILE)
     summary = {
-        "epochs_done": state["epoch"],
+        "epochs_done": epochs_done,
         "epochs_planned": plan.epochs,
         "stopped_by_time": stopped_by_time,
-        "best_epoch": state["best_epoch"],
-        "best_val_loss": state["best_val_loss"],
-        "elapsed_s": state["elapsed_s"],
+        "best_epoch": best_epoch,
+        "best_val_loss": best_val_loss,
+        "elapsed_s": round(elapsed, 1),
         "train_scans": len(train_samples),
         "train_nodules": manifest["train_nodules"],
+        "replicas": replicas(scope),
         "model": str(out_dir / MODEL_FILE),
     }
     manifest["training"] = summary
@@ -590,11 +677,16 @@ def fit_candidate_network(
     seal_model_dir(  # last: the seal is the folder's done marker
         out_dir,
         network.stage,
-        train_seconds=state["elapsed_s"],
+        train_seconds=round(elapsed, 1),
         data_dir=data_dir,
         seeds={"plan": plan.seed},
-        steps=state["epoch"] * plan.steps_per_epoch,
-        extra={"epochs": state["epoch"], "stopped_by_time": stopped_by_time},
+        steps=steps,
+        extra={
+            "epochs": epochs_done,
+            "stopped_by_time": stopped_by_time,
+            "strategy": strategy,
+            "replicas": replicas(scope),
+        },
         plan=plan.to_dict(),
     )
     return summary
