@@ -15,9 +15,10 @@ validation, each way in a fresh process, alternately, ``--repeats`` times:
   training contract's callbacks: checkpoint, log, TensorBoard, the learning-rate schedule);
 - ``fit-2-replicas``: the same with ``--strategy mirrored`` over two logical CPU devices.
 
-Each figure is samples per second over the timed steps (the first step, which traces the
-graph, left out): the ``train_samples_per_s`` the trainer logs, or the same timing in the
-loop. Printed: per network the medians and the ratios fit / loop and 2 replicas / fit, as one
+Each figure is samples per second over the steps after the first (which traces the graph),
+waiting for data included: the ``train_samples_per_s`` the trainer logs (its steps' time, each
+from the step's start, when it asks for its batch, to its end), and in the loop the wall time
+from the end of the first step to the end of the last. Printed: per network the medians and the ratios fit / loop and 2 replicas / fit, as one
 JSON object.
 """
 
@@ -68,14 +69,14 @@ if mode == "loop":
     keras.utils.set_random_seed(plan.seed)
     model = hooks.build(plan)
     total = plan.epochs * plan.steps_per_epoch
-    step_time, steps = 0.0, 0
+    steps, first_end = 0, 0.0
     for x, y in prefetch(sampler.batches(0), depth=plan.prefetch_batches):
         model.optimizer.learning_rate.assign(cosine_learning_rate(plan, steps / total))
-        ts = time.monotonic()
         model.train_on_batch(x, y)
-        step_time += time.monotonic() - ts if steps else 0.0
         steps += 1
-    rate = (steps - 1) * plan.batch_size / step_time
+        if steps == 1:
+            first_end = time.monotonic()
+    rate = (steps - 1) * plan.batch_size / (time.monotonic() - first_end)
 else:
     from lungct.training import read_log
     strategy = "mirrored" if mode == "fit-2-replicas" else "none"

@@ -65,8 +65,7 @@ from integration.stages import (
     fold_uids,
     prepare_cache,
     read_json_or_empty,
-    run_candidate_stage,
-    run_fpr_stage,
+    run_stages,
     write_series,
 )
 from lungct.errors import LungCTError
@@ -300,12 +299,10 @@ def run_config(
         workers=workers,
         progress=progress,
     )
-    test_candidates = run_candidate_stage(run)
-    if config.settings.fpr:
-        submission = run_fpr_stage(run, test_candidates)
-    else:  # the candidate stage alone: the U-Net's probabilities are the scores
-        submission = paths.submission
-        write_text_atomic(submission, test_candidates.read_text())
+    outputs = run_stages(run)
+    submission = paths.submission
+    if not config.settings.fpr:  # the candidate stage alone: its probabilities are the scores
+        write_text_atomic(submission, outputs.test_candidates.read_text())
     series = write_series(config_dir / "seriesuids.csv", fold_uids(data, split.test))
     result = clock.run(
         "evaluate",

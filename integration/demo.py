@@ -38,13 +38,13 @@ from typing import Any
 
 from integration.stages import (
     Split,
+    Stage,
     StageClock,
     StagePaths,
     StageRun,
     StageSettings,
     fold_uids,
-    run_candidate_stage,
-    run_fpr_stage,
+    run_stages,
     write_series,
 )
 from lungct.errors import LungCTError
@@ -279,16 +279,28 @@ def _short_run(out: Path, config: DemoConfig, clock: StageClock) -> dict[str, An
         workers=config.workers,
         reuse=False,
     )
-    test_candidates = run_candidate_stage(run)
     test_uids = fold_uids(data, config.test_folds)
     test_series = write_series(out / "seriesuids_test.csv", test_uids)
-    stage1 = clock.run(
-        "short run: evaluate candidates",
-        lambda: evaluate_submission(
-            data, test_series, test_candidates, bootstrap=0, label="U-Net candidates", cap=False
-        ),
-    )
-    submission = run_fpr_stage(run, test_candidates)
+    stage1: list[Any] = []
+
+    def evaluate_candidates(stage: Stage) -> None:
+        if stage.name == "candidates":
+            stage1.append(
+                clock.run(
+                    "short run: evaluate candidates",
+                    lambda: evaluate_submission(
+                        data,
+                        test_series,
+                        run.paths.test_candidates,
+                        bootstrap=0,
+                        label="U-Net candidates",
+                        cap=False,
+                    ),
+                )
+            )
+
+    submission = run_stages(run, after=evaluate_candidates).submission
+    stage1_result = stage1[0]
     result = clock.run(
         "short run: evaluate",
         lambda: evaluate_submission(
@@ -325,8 +337,8 @@ def _short_run(out: Path, config: DemoConfig, clock: StageClock) -> dict[str, An
             "shipped set's number"
         ),
         **_interval(result.to_json()),
-        "candidate_sensitivity": stage1.to_json().get("candidate_sensitivity"),
-        "candidates_per_scan": stage1.to_json().get("candidates_per_scan"),
+        "candidate_sensitivity": stage1_result.to_json().get("candidate_sensitivity"),
+        "candidates_per_scan": stage1_result.to_json().get("candidates_per_scan"),
         "froc": str(out / "evaluation" / "froc.png"),
         "models": str(models),
     }

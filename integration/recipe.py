@@ -41,8 +41,7 @@ from integration.stages import (
     StageSettings,
     fold_uids,
     read_json_or_empty,
-    run_candidate_stage,
-    run_fpr_stage,
+    run_stages,
     write_series,
 )
 from lungct.errors import LungCTError
@@ -301,8 +300,7 @@ def train_models(
         workers=recipe.workers,
         progress=progress,
     )
-    test_candidates = run_candidate_stage(run)
-    submission = run_fpr_stage(run, test_candidates) if settings.fpr else test_candidates
+    submission = run_stages(run).submission
     test_series = write_series(out / "heldout" / "seriesuids.csv", fold_uids(data, split.test))
     result = clock.run(
         "evaluate held-out subset",

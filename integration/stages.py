@@ -1,21 +1,24 @@
-"""The stage sequence every integration command runs: U-Net candidates, CT-GAN, MGI-CNN scores.
+"""The stages every integration command runs, as one flat list (:data:`STAGES`).
 
 One run of the detector on one split of the LUNA16 subsets::
 
-    train U-Net (train folds, validated on the val folds) -> extract candidates (test folds)
-    [-> train CT-GAN (train folds only) -> augment the train folds -> prepare them]
-    -> train MGI-CNN (train folds + their augmented copies) -> score the test candidates
+    candidate network (U-Net or CenterNet; train folds, validated on the val folds)
+    -> candidates (test folds)
+    [-> CT-GAN (train folds only) -> augmentation (train folds, prepared into the cache)]
+    -> FP reducer (MGI-CNN or another network; train folds + their augmented copies)
+    -> scores (the test candidates: the submission)
 
-``integration demo`` runs it once, ``integration crossval`` once per test fold and
-``integration ablate`` once per configuration, with the trained stages shared between the
-configurations that agree on them. Everything a stage needs to know is in
-:class:`StageSettings` (a JSON-ready dataclass: the keys of an ablation grid) and
-:class:`Split`; where each stage writes is :class:`StagePaths`, so the callers choose the
-layout (one models folder for the demo, one per fold, one per stage key).
+``integration demo`` runs the list once, ``integration crossval`` once per test fold,
+``integration ablate`` once per configuration (the trained stages shared between the
+configurations that agree on them) and ``integration train-models`` once. Everything a stage
+needs to know is in :class:`StageSettings` (a JSON-ready dataclass: the keys of an ablation
+grid) and :class:`Split`; where each stage writes is :class:`StagePaths`, so the callers choose
+the layout (one models folder for the demo, one per fold, one per stage key).
 
-Resuming: a stage whose folder holds a finished model is skipped, a half-trained one continues
-from its checkpoint (each trainer's own ``resume``); with ``reuse`` a candidates or submission
-CSV newer than the model that made it is kept.
+Resuming: a stage that trains asks its model folder (:func:`lungct.training.training_state`):
+a sealed folder is trained and skipped, a started one is resumed with ``--resume``'s meaning
+(to the plan's end, with the stage's budget again), an empty one trains; with ``reuse`` a
+candidates or submission CSV newer than the model that made it is kept.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from typing import Any
 
 from lungct.errors import LungCTError
 from lungct.fileio import write_json_atomic, write_text_atomic
-from lungct.modeldir import MANIFEST_NAME, is_sealed
 from lungct.tables import FOLD_COUNT, write_csv_atomic
 
 DONE_MARKER = "integration_done.json"
@@ -453,23 +455,6 @@ def overlay_cache(base: str | os.PathLike, overlay: str | os.PathLike) -> Path:
     return overlay
 
 
-def stage_done(model_dir: Path, stage: str = "") -> bool:
-    """Whether a stage's training has finished in this folder: its training function returned
-    here (:data:`DONE_MARKER`), or the folder carries the trainer's own end-of-training sign
-    (a U-Net manifest with its ``training`` summary; an MGI-CNN ``model.keras`` with the seal
-    that its trainer writes into the manifest after it, so that a run killed between the two
-    is trained again). A CT-GAN writes ``generator.keras`` at every checkpoint, so only the
-    marker counts for it."""
-    if (model_dir / DONE_MARKER).is_file():
-        return True
-    if stage == "unet":
-        return "training" in read_json_or_empty(model_dir / MANIFEST_NAME)
-    if stage == "fpr":
-        manifest = read_json_or_empty(model_dir / MANIFEST_NAME)
-        return (model_dir / "model.keras").is_file() and is_sealed(manifest)
-    return False
-
-
 def _mark_done(model_dir: Path, summary: Any) -> None:
     write_json_atomic(model_dir / DONE_MARKER, {"summary": _jsonable(summary)})
 
@@ -521,51 +506,92 @@ def evaluate_submission(
 # ----------------------------------------------------------------------------------------------
 
 
-def train_unet_stage(run: StageRun) -> Path:
-    """Train (or resume, or skip) the run's stage-1 network (the U-Net, or the CenterNet when
-    ``settings.candidates`` names one); return its model folder."""
-    from lungct.training import has_training_state
+@dataclass(frozen=True)
+class Stage:
+    """One step of a run, in :data:`STAGES`.
+
+    Args:
+        name: what the clock and the messages call it.
+        applies: whether the run's settings include it.
+        run: does it; it reads what earlier stages wrote from ``run.paths``.
+        model_dir: for a stage that trains, its model folder; the folder's state
+            (:func:`lungct.training.training_state`) says whether it is trained (skipped),
+            started (resumed) or new.
+        budget: for a stage that trains, its budget in minutes of each run (``--max-minutes``
+            of its trainer): the one place the settings' budgets are read.
+    """
+
+    name: str
+    applies: Callable[[StageSettings], bool]
+    run: Callable[[StageRun], Any]
+    model_dir: Callable[[StagePaths], Path] | None = None
+    budget: Callable[[StageSettings], float] | None = None
+
+
+def stage_done(model_dir: Path) -> bool:
+    """Whether a stage's training has ended in this folder: its manifest is sealed (every
+    trainer seals its folder last), or, in a folder of an earlier version, the marker
+    (:data:`DONE_MARKER`) the stages wrote when a trainer returned."""
+    from lungct.training import training_state
+
+    return (model_dir / DONE_MARKER).is_file() or training_state(model_dir) == "done"
+
+
+def _train(run: StageRun, stage: Stage, label: str, train: Callable[..., Any]) -> Path:
+    """Run a trainer into the stage's folder, unless it is trained: resumed where a training
+    was started, with the stage's budget; ``train(resume=, max_minutes=)`` does the rest."""
+    from lungct.training import training_state
+
+    assert stage.model_dir is not None and stage.budget is not None
+    folder = stage.model_dir(run.paths)
+    if stage_done(folder):
+        return folder
+    resume = training_state(folder) == "started"
+    minutes = stage.budget(run.settings)
+    summary = run.clock.run(label, lambda: train(resume=resume, max_minutes=minutes))
+    _mark_done(folder, summary)
+    return folder
+
+
+def train_candidate_network(run: StageRun) -> None:
+    """Train (or resume, or skip) the run's stage-1 network: the U-Net, or the CenterNet when
+    ``settings.candidates`` names one; then, where the settings ask, the U-Net's 8-bit copy."""
     from unet_candidates.centernet.train import train as centernet_train
     from unet_candidates.train import train as unet_train
 
-    unet_dir = run.paths.unet
-    if stage_done(unet_dir, "unet"):
-        return unet_dir
     centernet = run.settings.candidates != "unet"
     train = centernet_train if centernet else unet_train
-    summary = run.clock.run(
+    folder = _train(
+        run,
+        STAGE["candidate network"],
         "train CenterNet" if centernet else "train U-Net",
-        lambda: train(
+        lambda **budget: train(
             run.settings.candidate_plan(),
             run.data,
             run.cache,
             list(run.split.train),
             list(run.split.val),
-            unet_dir,
-            resume=has_training_state(unet_dir),
-            max_minutes=run.settings.candidate_minutes,
+            run.paths.unet,
             progress=run.progress,
+            **budget,
         ),
     )
-    _mark_done(unet_dir, summary)
-    return unet_dir
+    if run.settings.quantize and not centernet:
+        quantize_unet_stage(run, folder)
 
 
-def run_candidate_stage(run: StageRun) -> Path:
-    """Train the stage-1 network (if needed) and extract the candidates of the test folds;
-    return the CSV (the same columns from a U-Net or a CenterNet).
+def extract_candidates(run: StageRun) -> None:
+    """The stage-1 network's candidates of the test folds (the same columns from a U-Net or
+    a CenterNet), unless a file newer than the model is there and ``run.reuse``.
 
     Raises:
         LungCTError: every test scan failed in extraction (nothing to score).
     """
     from unet_candidates.extract import extract_paths
 
-    unet_dir = train_unet_stage(run)
-    if run.settings.quantize and run.settings.candidates == "unet":
-        quantize_unet_stage(run, unet_dir)
-    out = run.paths.test_candidates
+    unet_dir, out = run.paths.unet, run.paths.test_candidates
     if run.reuse and _fresh(out, unet_dir):
-        return out
+        return
     summary = run.clock.run(
         "extract candidates",
         lambda: extract_paths(
@@ -582,7 +608,6 @@ def run_candidate_stage(run: StageRun) -> Path:
         raise LungCTError(
             unet_dir, f"candidate extraction failed on every test scan (e.g. {scan}: {problem})"
         )
-    return out
 
 
 def quantize_unet_stage(run: StageRun, unet_dir: Path) -> None:
@@ -604,45 +629,40 @@ def quantize_unet_stage(run: StageRun, unet_dir: Path) -> None:
     )
 
 
-def train_gan_stage(run: StageRun) -> Path:
+def train_gan(run: StageRun) -> None:
     """Train (or resume, or skip) the CT-GAN injector on the training folds only."""
-    from ct_gan_augment.train import train_gan
+    from ct_gan_augment.train import train_gan as gan_train
 
-    gan_dir = run.paths.gan
-    if stage_done(gan_dir, "gan"):
-        return gan_dir
     plan = run.settings.gan_plan_resolved()
-    summary = run.clock.run(
+    _train(
+        run,
+        STAGE["CT-GAN"],
         "train CT-GAN",
-        lambda: train_gan(
+        lambda **budget: gan_train(
             run.data,
             run.cache,
             run.split.train,
             "injector",
-            gan_dir,
+            run.paths.gan,
             plan=plan,
-            resume=(gan_dir / "plan.json").is_file(),
-            max_seconds=60.0 * run.settings.gan_minutes,
             progress=run.progress,
+            **budget,
         ),
     )
-    _mark_done(gan_dir, summary)
-    return gan_dir
 
 
-def augment_stage(run: StageRun) -> Path:
+def augment_training_folds(run: StageRun) -> None:
     """Augment the training folds with the run's CT-GAN and prepare the new scans into the
-    MGI-CNN's cache; return the labelled candidates of the augmented scans."""
+    FP reducer's cache (their labelled candidates: ``paths.augmented/candidates.csv``)."""
     from ct_gan_augment.augment import augment_dataset
     from lungct.cache import ScanCache, prepare_dataset
 
-    gan_dir = train_gan_stage(run)
     augmented = run.paths.augmented
     run.clock.run(
         "augment training folds",
         lambda: augment_dataset(
             run.data,
-            gan_dir,
+            run.paths.gan,
             augmented,
             run.split.train,
             run.settings.gan_per_scan,
@@ -662,18 +682,17 @@ def augment_stage(run: StageRun) -> Path:
     if report["failed"]:
         uid, problem = next(iter(report["failed"].items()))
         raise LungCTError(augmented, f"augmented scan {uid} could not be prepared ({problem})")
-    return augmented / "candidates.csv"
 
 
-def train_fpr_stage(run: StageRun) -> Path:
-    """Train (or resume, or skip) the MGI-CNN on the training folds (+ augmented copies)."""
+def train_fp_reducer(run: StageRun) -> None:
+    """Train (or resume, or skip) the FP reducer (the MGI-CNN or the network of the plan) on
+    the training folds' candidates, and those of their augmented copies where the CT-GAN ran.
+    """
     from fp_reduction_3dcnn.train import train as fpr_train
     from lungct.modeldir import describe_data
-    from lungct.training import has_training_state
 
-    fpr_dir = run.paths.fpr
-    if stage_done(fpr_dir, "fpr"):
-        return fpr_dir
+    if stage_done(run.paths.fpr):
+        return
     candidates = run.candidates or run.data / "candidates.csv"
     if not candidates.is_file():
         raise LungCTError(
@@ -681,50 +700,47 @@ def train_fpr_stage(run: StageRun) -> Path:
         )
     sources = [candidates]
     if run.settings.gan:
-        sources.append(augment_stage(run))
-    elif run.paths.fpr_cache is not None:
+        sources.append(run.paths.augmented / "candidates.csv")
+    if run.paths.fpr_cache is not None:
         overlay_cache(run.cache, run.paths.fpr_cache)
     train_candidates = merge_candidates(sources, run.paths.train_candidates)
-    resume = (fpr_dir / MANIFEST_NAME).is_file() or has_training_state(fpr_dir)
     plan = run.settings.fpr_plan_resolved()
-    summary = run.clock.run(
+    _train(
+        run,
+        STAGE["FP reducer"],
         f"train {plan.network_label}",
-        lambda: fpr_train(
+        lambda **budget: fpr_train(
             plan,
             run.fpr_cache,
             train_candidates,
             list(run.split.train),
             list(run.split.val),
-            fpr_dir,
+            run.paths.fpr,
             test_folds=list(run.split.test),
-            resume=resume,
-            max_minutes=run.settings.fpr_minutes,
             progress=run.progress,
             provenance={
                 "data": describe_data(run.data),
                 "ct_gan_copies_per_scan": run.settings.gan_per_scan if run.settings.gan else 0,
             },
+            **budget,
         ),
     )
-    _mark_done(fpr_dir, summary)
-    return fpr_dir
 
 
-def run_fpr_stage(run: StageRun, test_candidates: Path) -> Path:
-    """Train the MGI-CNN (after the CT-GAN augmentation when the settings ask for it) and score
-    the test candidates; return the submission CSV."""
+def score_candidates(run: StageRun) -> None:
+    """Score the test candidates with the FP reducer (the submission), unless a submission
+    newer than the model and the candidates is there and ``run.reuse``."""
     from fp_reduction_3dcnn.predict import predict as fpr_predict
 
-    fpr_dir = train_fpr_stage(run)
+    fpr_dir, out, test_candidates = run.paths.fpr, run.paths.submission, run.paths.test_candidates
     if run.paths.fpr_cache is not None:
         overlay_cache(run.cache, run.paths.fpr_cache)
-    out = run.paths.submission
     if (
         run.reuse
         and _fresh(out, fpr_dir)
         and out.stat().st_mtime >= test_candidates.stat().st_mtime
     ):
-        return out
+        return
     run.clock.run(
         "score candidates",
         lambda: fpr_predict(
@@ -736,16 +752,75 @@ def run_fpr_stage(run: StageRun, test_candidates: Path) -> Path:
             progress=run.progress,
         ),
     )
-    return out
 
 
-def run_stages(run: StageRun) -> StageOutputs:
-    """Every stage of one run: candidates, then (unless ``settings.fpr`` is off) the CT-GAN
-    augmentation and the MGI-CNN; return the test candidates, the submission and the test
-    series. Without the MGI-CNN the submission is the U-Net's candidates file itself."""
-    test_candidates = run_candidate_stage(run)
-    if run.settings.fpr:
-        submission = run_fpr_stage(run, test_candidates)
-    else:
-        submission = test_candidates
-    return StageOutputs(test_candidates, submission, fold_uids(run.data, run.split.test))
+def _always(settings: StageSettings) -> bool:
+    return True
+
+
+def _augmenting(settings: StageSettings) -> bool:
+    return settings.fpr and settings.gan
+
+
+def _reducing(settings: StageSettings) -> bool:
+    return settings.fpr
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        "candidate network",
+        _always,
+        train_candidate_network,
+        model_dir=lambda paths: paths.unet,
+        budget=lambda settings: settings.candidate_minutes,
+    ),
+    Stage("candidates", _always, extract_candidates),
+    Stage(
+        "CT-GAN",
+        _augmenting,
+        train_gan,
+        model_dir=lambda paths: paths.gan,
+        budget=lambda settings: settings.gan_minutes,
+    ),
+    Stage("augmentation", _augmenting, augment_training_folds),
+    Stage(
+        "FP reducer",
+        _reducing,
+        train_fp_reducer,
+        model_dir=lambda paths: paths.fpr,
+        budget=lambda settings: settings.fpr_minutes,
+    ),
+    Stage("scores", _reducing, score_candidates),
+)
+"""Every stage of a run, in order: ``demo``, ``crossval``, ``ablate`` and ``train-models``
+run this list. Stages that train ask their folder whether they are done; none calls another."""
+
+STAGE = {stage.name: stage for stage in STAGES}
+
+
+def run_stages(
+    run: StageRun,
+    only: Sequence[str] | None = None,
+    after: Callable[[Stage], None] | None = None,
+) -> StageOutputs:
+    """Run the stages of :data:`STAGES` that the settings include, in order; return the test
+    candidates, the submission and the test series. Without the FP reducer the submission is
+    the candidates file itself.
+
+    Args:
+        run: the run.
+        only: the names of the stages to run (default: all); the others' outputs must be
+            in place.
+        after: called after each stage that ran (e.g. to evaluate the candidates).
+    """
+    unknown = sorted(set(only or ()) - set(STAGE))
+    if unknown:
+        raise ValueError(f"unknown stages {unknown}; known: {list(STAGE)}")
+    for stage in STAGES:
+        if not stage.applies(run.settings) or (only is not None and stage.name not in only):
+            continue
+        stage.run(run)
+        if after is not None:
+            after(stage)
+    submission = run.paths.submission if run.settings.fpr else run.paths.test_candidates
+    return StageOutputs(run.paths.test_candidates, submission, fold_uids(run.data, run.split.test))

@@ -76,6 +76,24 @@ def has_training_state(model_dir: str | os.PathLike) -> bool:
     return (folder / BACKUP).is_dir() or latest_checkpoint(folder) is not None
 
 
+def training_state(model_dir: str | os.PathLike) -> str:
+    """What a model folder holds, for whoever runs the stages: ``"done"`` (its manifest is
+    sealed: the training ended, whatever the stage), ``"started"`` (a manifest or a training
+    state: ``--resume`` continues it) or ``"none"``."""
+    from lungct.modeldir import MANIFEST_NAME, is_sealed
+
+    folder = Path(model_dir)
+    try:
+        manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if isinstance(manifest, dict) and is_sealed(manifest):
+        return "done"
+    if manifest is not None or has_training_state(folder):
+        return "started"
+    return "none"
+
+
 def _keras() -> Any:
     import keras
 

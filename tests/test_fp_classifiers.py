@@ -152,7 +152,7 @@ def test_trains_seals_and_ranks_the_nodules_first(
         StagePaths,
         StageRun,
         StageSettings,
-        run_fpr_stage,
+        run_stages,
     )
     from lungct.modeldir import is_sealed
 
@@ -187,7 +187,7 @@ def test_trains_seals_and_ranks_the_nodules_first(
         candidates=Path(tiny["candidates"]),
         progress=False,
     )
-    submission = run_fpr_stage(run, test_candidates)
+    submission = run_stages(run, only=("FP reducer", "scores")).submission
     label = get_plan(name).network_label
     assert f"[demo] train {label} ..." in logged
 

@@ -497,8 +497,9 @@ def fit_candidate_network(
     legacy = _legacy_state(out_dir)
     started = has_training_state(out_dir) or (out_dir / MODEL_FILE).is_file()
     if resume:
-        if not has_training_state(out_dir):
-            raise LungCTError(out_dir, "nothing to resume: no checkpoints/ of a training run")
+        # A folder killed before its first checkpoint holds only its plan: it starts over.
+        if not has_training_state(out_dir) and not (out_dir / PLAN_FILE).is_file():
+            raise LungCTError(out_dir, "nothing to resume: no training run in this folder")
         saved = network.plan_class.load(out_dir / PLAN_FILE)
         if plan is not None and plan != saved:
             raise LungCTError(
