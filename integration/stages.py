@@ -619,7 +619,7 @@ def train_gan_stage(run: StageRun) -> Path:
             gan_dir,
             plan=plan,
             resume=(gan_dir / "plan.json").is_file(),
-            max_seconds=60.0 * run.settings.gan_minutes,
+            max_minutes=run.settings.gan_minutes,
             progress=run.progress,
         ),
     )
