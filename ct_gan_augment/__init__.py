@@ -20,6 +20,7 @@ _EXPORTS = {
     "GANPlan": "ct_gan_augment.config",
     "get_plan": "ct_gan_augment.config",
     "PatchDiscriminator": "ct_gan_augment.discriminator",
+    "InpaintingGAN": "ct_gan_augment.gan",
     "InpaintingGenerator": "ct_gan_augment.generator",
     "CubeTamperer": "ct_gan_augment.inject",
     "InjectedNodule": "ct_gan_augment.injected_nodule",

@@ -20,6 +20,7 @@ from lungct.cli import (
     run_command,
 )
 from lungct.errors import LungCTError
+from lungct.training import add_device_arguments
 
 _ALLOW_UNFINISHED = "use an injector or remover whose training has not ended (its last checkpoint)"
 
@@ -53,8 +54,10 @@ def _train(args: argparse.Namespace) -> int:
         excluded=args.excluded,
         resume=args.resume,
         steps=args.steps,
-        max_seconds=None if args.max_minutes is None else 60.0 * args.max_minutes,
+        max_minutes=args.max_minutes,
         progress=not args.quiet,
+        strategy=args.strategy,
+        mixed_precision=args.mixed_precision,
     )
     print(json.dumps(summary))
     return 0
@@ -175,14 +178,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model folder (GAN_DIR)")
     p.add_argument("--plan", help="named plan (default, paper, code, code-gf40) or plan.json")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="change a plan value")
-    p.add_argument("--steps", type=positive_int, help="training steps (overrides the plan)")
     p.add_argument(
-        "--max-minutes", type=positive_float, help="stop (with a checkpoint) after this long"
+        "--steps",
+        type=positive_int,
+        help="training steps (overrides the plan; rounded up to whole epochs of the plan's "
+        "checkpoint_every steps)",
+    )
+    p.add_argument(
+        "--max-minutes",
+        type=positive_float,
+        help="this run's budget: stop after the batch under way, end the epoch and seal",
     )
     p.add_argument("--annotations", help="nodule table (default DATA/annotations.csv)")
     p.add_argument("--excluded", help="excluded findings (default DATA/annotations_excluded.csv)")
-    p.add_argument("--resume", action="store_true", help="continue the newest checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the folder's training to the plan's last epoch (after a kill, from the "
+        "epoch under way; after --max-minutes, from where it stopped)",
+    )
+    add_device_arguments(p)
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("inject", help="inject nodules into a scan at given or automatic sites")

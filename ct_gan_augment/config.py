@@ -70,12 +70,16 @@ class GANPlan(JSONPlan):
             effort on the in-painted centre, which is all that is pasted back).
         real_label: discriminator target for real pairs (code 0).
         fake_label: discriminator target for generated pairs (code 1).
-        batch_size: cubes per training step.
-        steps: training steps (one step updates D and G once).
-        checkpoint_every: steps between checkpoints (also writes ``generator.keras``).
-        grid_every: steps between PNG grids (condition | generated | real).
-        log_every: steps between rows of ``train_log.csv``.
-        keep_checkpoints: newest checkpoints kept (older ones are deleted).
+        batch_size: cubes per training step (the global batch, split between replicas).
+        steps: training steps (one step updates D and G once), rounded up to whole epochs.
+        checkpoint_every: steps of an epoch: the log's row, the checkpoint and the refreshed
+            ``generator.keras`` come at the end of each (a plan with fewer ``steps`` trains
+            one epoch of them).
+        grid_every: steps between PNG grids (condition | generated | real), written at the
+            end of the epoch that passes a multiple of it (and at the end of a run).
+        log_every: unused since training runs on ``model.fit`` (the log has one row per
+            epoch); kept so that every plan file loads.
+        keep_checkpoints: newest epoch checkpoints kept (older ones are deleted).
         max_shift_vox: largest random shift of the cube centre, voxels per axis (paper 4).
         shift_probability: share of training cubes that get a shift (the code shifts 4 of its
             67 copies, ~6 %; shifting every cube blurs what the L1 term asks for at the centre).

@@ -56,8 +56,8 @@ class ModelManifest:
         nodule_diameters_mm: diameters of the injector's training nodules; an injection
             without a given size draws one of them (size channel, see ``GANPlan``).
         steps_done: training steps completed.
-        train_seconds: wall time spent in training steps, all resumed runs together.
-        final: last logged losses and discriminator accuracy.
+        train_seconds: wall time of the training epochs, all resumed runs together.
+        final: the last epoch's mean losses and discriminator accuracy.
         versions: library versions and platform.
 
     Example:

@@ -9,9 +9,14 @@ A model folder (``GAN_DIR``) holds::
     normaliser.npz / .json  histogram equalisation + normalisation (no pickle)
     generator.keras         the in-painting U-Net (load with safe_mode=True)
     discriminator.keras     the PatchGAN
-    train_log.csv           step, losses, discriminator accuracy
     grids/step_NNNNNN.png   condition | generated | real, middle slices
-    checkpoints/step_NNNNNN/  weights, optimiser states and sampler state for --resume
+    checkpoints/            epoch_NNN.keras (both networks and optimisers) and backup/, the
+                            state --resume continues from
+    logs/                   train_log.csv (one row per epoch: mean losses, discriminator
+                            accuracy) and TensorBoard's event files
+
+(:mod:`ct_gan_augment.train` has the details; folders of earlier versions have
+``checkpoints/step_NNNNNN/`` and ``train_log.csv`` instead, and still resume.)
 """
 
 from __future__ import annotations

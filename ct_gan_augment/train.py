@@ -1,85 +1,92 @@
-"""Training a CT-GAN injector or remover: least squares GAN + L1, checkpoints, ``--resume``.
+"""Training a CT-GAN injector or remover: ``model.fit`` on the suite's training contract.
 
-One step updates both networks from one generator pass (as TensorFlow's pix2pix tutorial):
+The step (least squares GAN + L1, one generator pass updating both networks) is
+:class:`ct_gan_augment.gan.InpaintingGAN`'s ``train_step``; everything around it is
+:mod:`lungct.training`'s: ``BackupAndRestore``, epoch checkpoints, ``CSVLogger``, TensorBoard,
+the run's time budget, the device strategy.
 
-* D: ``0.5 * (mean((D(real, cond) - real_label)^2) + mean((D(fake, cond) - fake_label)^2))``;
-* G: ``mean((D(fake, cond) - real_label)^2) + l1_weight * mean(w * |fake - real|)``, where ``w``
-  weighs the hole ``l1_hole_weight`` times the context (mean 1; the code's ``w = 1``);
+**Epochs.** An epoch is ``checkpoint_every`` steps: the plan's ``steps`` are rounded up to
+whole epochs (a plan with fewer steps than ``checkpoint_every`` trains one epoch of all its
+steps, and a new folder's ``plan.json`` records ``checkpoint_every`` lowered to ``steps``).
+Batch ``i`` of epoch ``e`` is drawn from ``(seed, e, i)`` alone, so a resumed run trains on the
+batches an uninterrupted one would have.
 
-each with its own Adam (``g_learning_rate``, ``d_learning_rate``; the code's D used 1e-6).
-The step is a TensorFlow ``GradientTape`` function: other Keras backends stop with a clear
-message (the models themselves are backend-agnostic and run inference anywhere).
+Model folder (``GAN_DIR``)::
 
-Every ``checkpoint_every`` steps ``checkpoints/step_NNNNNN/`` gets both networks' weights
-(``.weights.h5``), both optimisers' variables (``.npz``, no pickle) and the sampler state
-(``state.json``, written last: a checkpoint with it is complete); ``generator.keras`` and
-``discriminator.keras`` in the model folder are refreshed at the same time (atomically), so a
-model is usable while it trains, with ``--allow-unfinished``: the folder is sealed
-(:mod:`lungct.modeldir`, its done marker) only when training ends, and a resumed run takes the
-seal away until it ends again. ``train_log.csv`` gets a row every ``log_every`` steps and
-``grids/`` a PNG every ``grid_every`` steps.
+    plan.json, manifest.json       the plan; kind, folds, series, steps done, last losses
+                                   (sealed when training ends: the folder's done marker,
+                                   :mod:`lungct.modeldir`)
+    normaliser.npz / .json         histogram equalisation + normalisation (no pickle)
+    generator.keras                the in-painting U-Net, refreshed (atomically) after every
+    discriminator.keras            epoch, so a model is usable while it trains, with
+                                   ``--allow-unfinished``
+    grids/step_NNNNNN.png          condition | generated | real after NNNNNN steps, at the end
+                                   of the epochs that pass a multiple of ``grid_every`` and
+                                   at the end of each run
+    checkpoints/epoch_NNN.keras    both networks and both optimisers after epoch NNN (the
+                                   newest ``keep_checkpoints`` kept)
+    checkpoints/backup/            the state ``--resume`` continues from
+    logs/train_log.csv             one row per epoch: the epoch's mean d_loss, g_loss, g_adv,
+                                   g_l1, d_acc, d_acc_real, d_acc_fake; seconds, steps,
+                                   train_samples_per_s (epochs counted from 0)
+    logs/train/                    TensorBoard event files
+
+**Time budget and resume.** ``max_minutes`` is the budget of this run: once it is spent the
+run stops after the batch under way, ends its epoch (which counts as done with the steps it
+ran) and seals the folder. ``resume`` continues to the plan's last epoch: after a ``kill -9``
+from the epoch under way, after a budget from where it stopped. A resumed run takes the seal
+away until it ends again.
+
+**Folders of the former loop** (``checkpoints/step_NNNNNN/`` with ``state.json``, the log in
+``train_log.csv``) resume too: the newest step checkpoint's weights and optimiser variables
+are loaded and training goes on at the epoch its step count completes (``step //
+checkpoint_every``), on the new layout; the old files are left as they were.
 """
 
 from __future__ import annotations
 
-import csv
 import json
+import math
 import os
-import shutil
-import time
+import sys
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
-from tqdm.auto import tqdm
 
 from ct_gan_augment.config import GANPlan
 from ct_gan_augment.data import TrainingCubes
+from ct_gan_augment.gan import METRICS, InpaintingGAN
 from ct_gan_augment.grid import save_grid
 from ct_gan_augment.inject import generated_to_hu, make_condition, run_generator
 from ct_gan_augment.manifest import ModelManifest, format_folds, library_versions
-from ct_gan_augment.model import (
-    DISCRIMINATOR_FILE,
-    GENERATOR_FILE,
-    NORMALISER_FILE,
-    PLAN_FILE,
-    build_discriminator,
-    build_generator,
-)
+from ct_gan_augment.model import DISCRIMINATOR_FILE, GENERATOR_FILE, NORMALISER_FILE, PLAN_FILE
 from ct_gan_augment.normaliser import CubeNormaliser
 from lungct.errors import LungCTError
-from lungct.fileio import atomic_path, write_json_atomic
-from lungct.modeldir import (
-    MANIFEST_NAME,
-    describe_plan_changes,
-    keras_file_problem,
-    seal_model_dir,
+from lungct.modeldir import MANIFEST_NAME, describe_plan_changes, seal_model_dir
+from lungct.training import (
+    BACKUP,
+    CHECKPOINTS,
+    fit_callbacks,
+    log_float,
+    read_log,
+    replicas,
+    restored_epoch,
+    save_model_atomic,
+    strategy_scope,
 )
-from lungct.tables import write_csv_atomic
 
-LOG_COLUMNS = (
-    "step",
-    "d_loss",
-    "g_loss",
-    "g_adv",
-    "g_l1",
-    "d_acc",
-    "d_acc_real",
-    "d_acc_fake",
-    "train_seconds",
-    "steps_per_s",
-)
-LOG_FILE = "train_log.csv"
-CHECKPOINTS = "checkpoints"
 GRIDS = "grids"
 GRID_ROWS = 4
+LEGACY_LOG = "train_log.csv"
+"""The former loop's log (one row every ``log_every`` steps), left in folders it wrote."""
 
 
 def require_tensorflow() -> None:
-    """Training uses a TensorFlow GradientTape step; say so clearly on another backend."""
-    import keras
-
+    """Training uses a TensorFlow ``GradientTape`` step; say so clearly on another backend."""
     backend = keras.backend.backend()
     if backend != "tensorflow":
         raise LungCTError(
@@ -89,156 +96,165 @@ def require_tensorflow() -> None:
         )
 
 
-def _save_optimizer(optimizer, path: Path) -> None:
-    arrays = {f"v{i:04d}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)}
-    with atomic_path(path, suffix=".npz") as tmp:
-        np.savez(tmp, **arrays)
+# --- epochs ---------------------------------------------------------------------------------
 
 
-def _load_optimizer(optimizer, variables, path: Path) -> None:
-    optimizer.build(variables)
-    with np.load(path, allow_pickle=False) as data:
-        arrays = [data[f"v{i:04d}"] for i in range(len(data.files))]
-    if len(arrays) != len(optimizer.variables):
-        raise LungCTError(path, "optimiser checkpoint does not match the model (plan changed?)")
-    for var, value in zip(optimizer.variables, arrays, strict=True):
-        if tuple(var.shape) != value.shape:
-            raise LungCTError(path, f"optimiser variable {var.path} has another shape")
-        var.assign(value)
+def fitted_plan(plan: GANPlan) -> GANPlan:
+    """The plan as a new folder trains it: ``checkpoint_every`` lowered to ``steps`` when the
+    plan has fewer steps than one epoch."""
+    if 0 < plan.steps < plan.checkpoint_every:
+        return plan.replace(checkpoint_every=plan.steps)
+    return plan
 
 
-def latest_checkpoint(model_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint folder (one with ``state.json``), or None."""
-    root = Path(model_dir) / CHECKPOINTS
-    done = sorted(p.parent for p in root.glob("step_*/state.json"))
-    return done[-1] if done else None
+def plan_epochs(plan: GANPlan) -> int:
+    """Epochs of ``checkpoint_every`` steps the plan's ``steps`` round up to."""
+    return math.ceil(plan.steps / plan.checkpoint_every)
 
 
-class GANTrainer:
-    """Trains a generator / discriminator pair on augmented cubes (see the module docstring).
+def _logged_epochs(model_dir: Path) -> dict[int, dict[str, str]]:
+    """The log's last row of every epoch (an epoch cut short by a kill is logged again when
+    the resumed run repeats it)."""
+    rows: dict[int, dict[str, str]] = {}
+    for row in read_log(model_dir):
+        epoch = log_float(row, "epoch")
+        if not math.isnan(epoch):
+            rows[int(epoch)] = row
+    return rows
+
+
+def steps_done(model_dir: Path, plan: GANPlan, epochs: int) -> int:
+    """Training steps of the first ``epochs`` epochs: those the log counted (a run stopped by
+    its budget ends its epoch early), whole epochs for those it has no row of (trained by the
+    former loop)."""
+    rows = _logged_epochs(model_dir)
+    total = 0
+    for epoch in range(epochs):
+        steps = log_float(rows[epoch], "steps") if epoch in rows else math.nan
+        total += plan.checkpoint_every if math.isnan(steps) else int(steps)
+    return total
+
+
+# --- batches --------------------------------------------------------------------------------
+
+
+class GANBatches(keras.utils.PyDataset):
+    """One epoch of training batches, ``(condition, real)``: batch ``i`` of epoch ``e`` is
+    ``plan.batch_size`` augmented cubes drawn from ``(plan.seed, e, i)`` alone, whoever cuts it
+    and whenever (the epoch is set by :func:`lungct.training.fit_callbacks` as it begins).
 
     Args:
-        plan: sizes, rates, labels, schedule.
-        model_dir: the model folder (``plan.json``, ``normaliser.npz`` and
-            ``manifest.json`` are written by :func:`train_gan`).
         cubes: the training cubes.
-        normaliser: fitted on the training cubes.
-        manifest: provenance; updated with the steps done and the last losses.
-        progress: show a progress bar.
-
-    Example:
-        >>> trainer = GANTrainer(plan, "runs/injector", cubes, normaliser, manifest)  # doctest: +SKIP
-        >>> trainer.fit()  # doctest: +SKIP
+        normaliser: fitted on them.
+        plan: batch size, cube and hole size, seed.
+        sized: whether the condition has the size channel.
+        epoch: the first epoch this dataset serves.
     """
 
     def __init__(
         self,
+        cubes: TrainingCubes,
+        normaliser: CubeNormaliser,
         plan: GANPlan,
-        model_dir: str | os.PathLike,
+        sized: bool,
+        epoch: int = 0,
+    ) -> None:
+        super().__init__(workers=1, use_multiprocessing=False)
+        self.cubes, self.normaliser, self.plan, self.sized = cubes, normaliser, plan, sized
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.plan.checkpoint_every
+
+    def batch(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Batch ``index`` of ``epoch``: the condition ``(B, c, c, c, C)`` and the normalised
+        real cubes ``(B, c, c, c, 1)``, float32."""
+        rng = np.random.default_rng([self.plan.seed, int(epoch), int(index)])
+        cubes, diameters, centres = self.cubes.sample_sized(rng, self.plan.batch_size)
+        real = self.normaliser.transform(cubes).astype(np.float32)
+        sizes = (diameters, centres) if self.sized else (None, None)
+        return make_condition(real, self.plan, *sizes), real[..., None]
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.batch(self.epoch, index)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch that begins (Keras also calls ``on_epoch_end`` once before the first
+        epoch, so counting there would be one ahead)."""
+        self.epoch = int(epoch)
+
+
+# --- what an epoch leaves in the folder ------------------------------------------------------
+
+
+class EpochLog(keras.callbacks.CSVLogger):
+    """Keras' ``CSVLogger`` without the empty ``val_`` columns it adds to the log of a run
+    that has no validation: the columns are the first epoch's keys."""
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self.keys is None and logs:
+            self.keys = sorted(logs)
+        super().on_epoch_end(epoch, logs)
+
+
+class EpochOutputs(keras.callbacks.Callback):
+    """At the end of every epoch: ``generator.keras`` and ``discriminator.keras`` refreshed
+    (atomically), the manifest's steps and last losses, and a grid PNG when the epoch passed
+    a multiple of ``grid_every`` steps or ends the run.
+
+    Args:
+        model_dir: the model folder.
+        plan: the plan trained.
+        cubes: the training cubes (the grid's rows are fixed ones of them).
+        normaliser: fitted on them.
+        manifest: updated and saved (unsealed) at every epoch.
+        epochs: the run's last epoch (counted from 1).
+        steps_before: steps done before this run's first epoch.
+    """
+
+    def __init__(
+        self,
+        model_dir: Path,
+        plan: GANPlan,
         cubes: TrainingCubes,
         normaliser: CubeNormaliser,
         manifest: ModelManifest,
-        progress: bool = True,
+        epochs: int,
+        steps_before: int,
     ) -> None:
-        require_tensorflow()
-        import keras
-
-        self.plan = plan
-        self.model_dir = Path(model_dir)
-        self.cubes = cubes
-        self.normaliser = normaliser
-        self.manifest = manifest
-        self.progress = progress
-        keras.utils.set_random_seed(plan.seed)
-        self.generator = build_generator(plan, manifest.kind)
-        self.discriminator = build_discriminator(plan, manifest.kind)
+        super().__init__()
+        self.model_dir, self.plan, self.cubes = Path(model_dir), plan, cubes
+        self.normaliser, self.manifest, self.epochs = normaliser, manifest, epochs
+        self.steps = steps_before
         self.sized = plan.condition_channels(manifest.kind) > 1
-        self.g_optimizer = keras.optimizers.Adam(plan.g_learning_rate, beta_1=plan.beta_1)
-        self.d_optimizer = keras.optimizers.Adam(plan.d_learning_rate, beta_1=plan.beta_1)
-        self.g_optimizer.build(self.generator.trainable_variables)
-        self.d_optimizer.build(self.discriminator.trainable_variables)
-        self.rng = np.random.default_rng(plan.seed)
-        self.step = 0
-        self.train_seconds = 0.0
-        self.log_rows: list[dict[str, Any]] = []
         n = len(cubes)
         self.grid_indices = sorted({int(i) for i in np.linspace(0, n - 1, min(GRID_ROWS, n))})
-        self._step_fn = self._make_step()
+        self.last_grid: int | None = None
 
-    # --- the step ---------------------------------------------------------------------------
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        before = self.steps
+        ran = logs.get("steps")
+        self.steps += self.plan.checkpoint_every if ran is None else int(ran)
+        gan = self.model
+        save_model_atomic(gan.generator, self.model_dir / GENERATOR_FILE)
+        save_model_atomic(gan.discriminator, self.model_dir / DISCRIMINATOR_FILE)
+        last = epoch + 1 >= self.epochs or bool(gan.stop_training)
+        if last or self.steps // self.plan.grid_every > before // self.plan.grid_every:
+            self.write_grid(gan.generator)
+        self.manifest.steps_done = self.steps
+        self.manifest.train_seconds = round(
+            self.manifest.train_seconds + float(logs.get("seconds", 0.0)), 1
+        )
+        self.manifest.final = {k: round(float(logs[k]), 5) for k in METRICS if k in logs}
+        self.manifest.save(self.model_dir)
 
-    def _make_step(self):
-        import tensorflow as tf
-
-        plan = self.plan
-        g, d = self.generator, self.discriminator
-        g_opt, d_opt = self.g_optimizer, self.d_optimizer
-        real_label = float(plan.real_label)
-        fake_label = float(plan.fake_label)
-        middle = 0.5 * (real_label + fake_label)
-        real_high = real_label > fake_label
-
-        def is_real(score):
-            return tf.cast(score > middle if real_high else score < middle, tf.float32)
-
-        c = plan.cube_size
-        weight = np.ones((1, c, c, c, 1), np.float32)
-        hole = plan.hole_slice
-        weight[:, hole, hole, hole] = plan.l1_hole_weight
-        l1_weights = tf.constant(weight / weight.mean())
-
-        @tf.function(reduce_retracing=True)
-        def step(real, condition):
-            with tf.GradientTape() as g_tape, tf.GradientTape() as d_tape:
-                fake = g(condition, training=True)
-                score_real = d([real, condition], training=True)
-                score_fake = d([fake, condition], training=True)
-                d_loss = 0.5 * (
-                    tf.reduce_mean(tf.square(score_real - real_label))
-                    + tf.reduce_mean(tf.square(score_fake - fake_label))
-                )
-                g_adv = tf.reduce_mean(tf.square(score_fake - real_label))
-                g_l1 = tf.reduce_mean(l1_weights * tf.abs(fake - real))
-                g_loss = g_adv + plan.l1_weight * g_l1
-            g_vars = g.trainable_variables
-            d_vars = d.trainable_variables
-            g_opt.apply_gradients(zip(g_tape.gradient(g_loss, g_vars), g_vars, strict=True))
-            d_opt.apply_gradients(zip(d_tape.gradient(d_loss, d_vars), d_vars, strict=True))
-            acc_real = tf.reduce_mean(is_real(score_real))
-            acc_fake = tf.reduce_mean(1.0 - is_real(score_fake))
-            return {
-                "d_loss": d_loss,
-                "g_loss": g_loss,
-                "g_adv": g_adv,
-                "g_l1": g_l1,
-                "d_acc_real": acc_real,
-                "d_acc_fake": acc_fake,
-            }
-
-        return step
-
-    def make_batch(self) -> tuple[np.ndarray, np.ndarray]:
-        """One batch: normalised ``real`` ``(B, c, c, c, 1)`` and ``condition``
-        ``(B, c, c, c, C)`` float32 (C = 2 with the size channel)."""
-        cubes, diameters, centres = self.cubes.sample_sized(self.rng, self.plan.batch_size)
-        real = self.normaliser.transform(cubes)
-        sizes = (diameters, centres) if self.sized else (None, None)
-        return real[..., None], make_condition(real, self.plan, *sizes)
-
-    def train_step(self) -> dict[str, float]:
-        """Run one step; return its losses and accuracies as floats."""
-        real, condition = self.make_batch()
-        out = self._step_fn(real, condition)
-        return {k: float(v) for k, v in out.items()}
-
-    # --- outputs ----------------------------------------------------------------------------
-
-    def write_grid(self) -> Path:
+    def write_grid(self, generator: keras.Model) -> Path:
         """``grids/step_NNNNNN.png``: condition | generated | real for fixed training cubes."""
         real_hu = self.cubes.central(self.grid_indices)
         diameters = np.asarray(self.cubes.diameters())[self.grid_indices] if self.sized else None
         x = make_condition(self.normaliser.transform(real_hu), self.plan, diameters)
-        generated = run_generator(self.generator, x)
+        generated = run_generator(generator, x)
         # As pasted: clipped, de-normalised, overflow and underflow fixed, despeckled.
         generated_hu = np.stack(
             [
@@ -246,187 +262,108 @@ class GANTrainer:
                 for g, r in zip(generated, real_hu, strict=True)
             ]
         )
-        path = self.model_dir / GRIDS / f"step_{self.step:06d}.png"
+        path = self.model_dir / GRIDS / f"step_{self.steps:06d}.png"
         save_grid(
             path,
             [self.normaliser.inverse(x[..., 0]), generated_hu, real_hu],
             ["condition", "generated", "real"],
-            suptitle=f"{self.manifest.kind}, step {self.step}",
+            suptitle=f"{self.manifest.kind}, step {self.steps}",
         )
+        self.last_grid = self.steps
         return path
 
-    def write_log(self) -> None:
-        """Rewrite ``train_log.csv`` (atomically) with every row so far."""
-        rows = ([r[c] for c in LOG_COLUMNS] for r in self.log_rows)
-        write_csv_atomic(self.model_dir / LOG_FILE, LOG_COLUMNS, rows)
 
-    def save_models(self) -> None:
-        """Refresh ``generator.keras`` and ``discriminator.keras`` (atomically)."""
-        for model, name in (
-            (self.generator, GENERATOR_FILE),
-            (self.discriminator, DISCRIMINATOR_FILE),
-        ):
-            with atomic_path(
-                self.model_dir / name, suffix=".keras", check=keras_file_problem
-            ) as tmp:
-                model.save(tmp)
+# --- folders of the former loop --------------------------------------------------------------
 
-    def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/step_NNNNNN`` and the usable models; prune old checkpoints."""
-        root = self.model_dir / CHECKPOINTS
-        final = root / f"step_{self.step:06d}"
-        tmp = root / f".step_{self.step:06d}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self.generator.save_weights(tmp / "generator.weights.h5")
-        self.discriminator.save_weights(tmp / "discriminator.weights.h5")
-        _save_optimizer(self.g_optimizer, tmp / "optimizer_g.npz")
-        _save_optimizer(self.d_optimizer, tmp / "optimizer_d.npz")
-        state = {
-            "step": self.step,
-            "train_seconds": self.train_seconds,
-            "rng": self.rng.bit_generator.state,
-            "log_rows": len(self.log_rows),
-            "plan": self.plan.to_dict(),
-        }
-        write_json_atomic(tmp / "state.json", state)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        self.save_models()
-        self.manifest.steps_done = self.step
-        self.manifest.train_seconds = round(self.train_seconds, 1)
-        if self.log_rows:
-            self.manifest.final = {k: v for k, v in self.log_rows[-1].items() if k != "step"}
-        self.manifest.save(self.model_dir)
-        done = sorted(p.parent for p in root.glob("step_*/state.json"))
-        for old in done[: -self.plan.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
 
-    def restore(self, checkpoint: str | os.PathLike) -> None:
-        """Load weights, optimiser and sampler state from a checkpoint folder."""
-        checkpoint = Path(checkpoint)
-        try:
-            state = json.loads((checkpoint / "state.json").read_text())
-            self.generator.load_weights(checkpoint / "generator.weights.h5")
-            self.discriminator.load_weights(checkpoint / "discriminator.weights.h5")
-        except (OSError, ValueError, json.JSONDecodeError) as exc:
-            raise LungCTError(checkpoint, f"broken checkpoint ({exc})") from None
-        _load_optimizer(
-            self.g_optimizer, self.generator.trainable_variables, checkpoint / "optimizer_g.npz"
-        )
-        _load_optimizer(
-            self.d_optimizer, self.discriminator.trainable_variables, checkpoint / "optimizer_d.npz"
-        )
-        try:
-            self.step = int(state["step"])
-            self.train_seconds = float(state["train_seconds"])
-            self.rng.bit_generator.state = state["rng"]
-        except (KeyError, TypeError, ValueError) as exc:
+def legacy_checkpoint(model_dir: str | os.PathLike) -> Path | None:
+    """The newest complete ``checkpoints/step_NNNNNN/`` of the former loop (one with
+    ``state.json``), or None."""
+    root = Path(model_dir) / CHECKPOINTS
+    done = sorted(p.parent for p in root.glob("step_*/state.json"))
+    return done[-1] if done else None
+
+
+def _inner(optimizer: Any) -> Any:
+    return getattr(optimizer, "inner_optimizer", optimizer)
+
+
+def _load_optimizer(optimizer: Any, path: Path) -> None:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = [data[f"v{i:04d}"] for i in range(len(data.files))]
+    except (OSError, ValueError, KeyError) as exc:
+        raise LungCTError(path, f"broken optimiser checkpoint ({exc})") from None
+    variables = _inner(optimizer).variables
+    if len(arrays) != len(variables):
+        raise LungCTError(path, "optimiser checkpoint does not match the model (plan changed?)")
+    for var, value in zip(variables, arrays, strict=True):
+        if tuple(var.shape) != value.shape:
+            raise LungCTError(path, f"optimiser variable {var.path} has another shape")
+    for var, value in zip(variables, arrays, strict=True):
+        var.assign(value)
+
+
+def restore_legacy(gan: InpaintingGAN, checkpoint: Path, plan: GANPlan, model_dir: Path) -> int:
+    """Load a former loop's step checkpoint (both networks' weights, both optimisers'
+    variables) into ``gan``; return its step count.
+
+    Raises:
+        LungCTError: a broken checkpoint, or a plan edited since it was written.
+    """
+    try:
+        state = json.loads((checkpoint / "state.json").read_text())
+        step = int(state["step"])
+        gan.generator.load_weights(checkpoint / "generator.weights.h5")
+        gan.discriminator.load_weights(checkpoint / "discriminator.weights.h5")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LungCTError(checkpoint, f"broken checkpoint ({type(exc).__name__}: {exc})") from None
+    trained = state.get("plan")
+    if isinstance(trained, dict):  # the plan of the first sittings (only steps may change)
+        changes = describe_plan_changes({**trained, "steps": 0}, {**plan.to_dict(), "steps": 0})
+        if changes:
             raise LungCTError(
-                checkpoint / "state.json", f"broken checkpoint state ({type(exc).__name__}: {exc})"
-            ) from None
-        trained = state.get("plan")
-        if isinstance(trained, dict):  # the plan of the first sittings (only steps may change)
-            changes = describe_plan_changes(
-                {**trained, "steps": 0}, {**self.plan.to_dict(), "steps": 0}
+                model_dir / PLAN_FILE,
+                f"edited since training started ({changes}): restore it to resume, or train "
+                "a new folder",
             )
-            if changes:
-                raise LungCTError(
-                    self.model_dir / PLAN_FILE,
-                    f"edited since training started ({changes}): restore it to resume, or "
-                    "train a new folder",
-                )
-        log_path = self.model_dir / LOG_FILE
-        if log_path.is_file():
-            with log_path.open(newline="") as handle:
-                rows = list(csv.DictReader(handle))
-            self.log_rows = [
-                {k: (int(v) if k == "step" else float(v)) for k, v in r.items()}
-                for r in rows
-                if int(r["step"]) <= self.step
-            ]
+    _load_optimizer(gan.g_optimizer, checkpoint / "optimizer_g.npz")
+    _load_optimizer(gan.d_optimizer, checkpoint / "optimizer_d.npz")
+    return step
 
-    # --- the loop ---------------------------------------------------------------------------
 
-    def fit(self, steps: int | None = None, max_seconds: float | None = None) -> dict[str, Any]:
-        """Train until ``steps`` (default: the plan's) or ``max_seconds`` of training.
+# --- training --------------------------------------------------------------------------------
 
-        Returns:
-            ``{"steps_done", "train_seconds", "stopped", **last logged row}``.
-        """
-        plan = self.plan
-        target = plan.steps if steps is None else steps
-        window: list[dict[str, float]] = []
-        session_start = time.perf_counter()
-        stopped = "steps"
-        bar = tqdm(
-            total=target, initial=self.step, desc=f"train {self.manifest.kind}", unit="step",
-            disable=not self.progress,
-        )  # fmt: skip
-        session_steps = 0
-        while self.step < target:
-            t0 = time.perf_counter()
-            out = self.train_step()
-            elapsed = time.perf_counter() - t0
-            # The first step of a run traces the graph (seconds to tens of seconds): it is kept
-            # out of the time and speed figures.
-            if session_steps:
-                self.train_seconds += elapsed
-                window.append({**out, "seconds": elapsed})
-            else:
-                window.append({**out, "seconds": 0.0})
-            session_steps += 1
-            self.step += 1
-            bar.update()
-            if self.step % plan.log_every == 0 or self.step == target:
-                self._log(window)
-                window = []
-                last = self.log_rows[-1]
-                bar.set_postfix(
-                    d=f"{last['d_loss']:.3f}", g=f"{last['g_loss']:.2f}", acc=f"{last['d_acc']:.2f}"
-                )
-            if self.step % plan.grid_every == 0:
-                self.write_grid()
-            if max_seconds is not None and time.perf_counter() - session_start >= max_seconds:
-                stopped = "time limit"
-                break
-            if self.step % plan.checkpoint_every == 0 and self.step < target:
-                self.save_checkpoint()
-        bar.close()
-        if window:
-            self._log(window)
-        if self.step % plan.grid_every:
-            self.write_grid()
-        self.write_log()
-        self.save_checkpoint()
-        last = self.log_rows[-1] if self.log_rows else {}
-        return {
-            "steps_done": self.step,
-            "train_seconds": round(self.train_seconds, 1),
-            "stopped": stopped,
-            **{k: v for k, v in last.items() if k != "step"},
-        }
 
-    def _log(self, window: list[dict[str, float]]) -> None:
-        mean = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-        seconds = sum(w["seconds"] for w in window)
-        row = {
-            "step": self.step,
-            "d_loss": round(mean["d_loss"], 5),
-            "g_loss": round(mean["g_loss"], 4),
-            "g_adv": round(mean["g_adv"], 5),
-            "g_l1": round(mean["g_l1"], 5),
-            "d_acc": round(0.5 * (mean["d_acc_real"] + mean["d_acc_fake"]), 4),
-            "d_acc_real": round(mean["d_acc_real"], 4),
-            "d_acc_fake": round(mean["d_acc_fake"], 4),
-            "train_seconds": round(self.train_seconds, 1),
-            "steps_per_s": round(sum(w["seconds"] > 0 for w in window) / seconds, 3)
-            if seconds > 0
-            else 0.0,
-        }
-        self.log_rows.append(row)
-        self.write_log()
+def _prepare_folder(
+    model_dir: Path,
+    kind: str,
+    folds: list[int],
+    plan: GANPlan | None,
+    steps: int | None,
+    resume: bool,
+) -> tuple[GANPlan, ModelManifest | None]:
+    """The plan to train and, on resume, the folder's manifest (checked against the run)."""
+    plan_path = model_dir / PLAN_FILE
+    if not resume:
+        if plan_path.exists() or (model_dir / MANIFEST_NAME).exists():
+            raise LungCTError(model_dir, "already holds a model; use --resume or another --out")
+        return fitted_plan((plan or GANPlan()).replace(steps=steps)), None
+    if not plan_path.is_file():
+        raise LungCTError(model_dir, "nothing to resume (no plan.json); train without --resume")
+    saved = GANPlan.load(plan_path)
+    if plan is not None and fitted_plan(plan.replace(steps=saved.steps)) != saved:
+        raise LungCTError(
+            model_dir, "a resumed run keeps its plan.json; drop the plan options or use --steps"
+        )
+    manifest = ModelManifest.load(model_dir)
+    if manifest.kind != kind or manifest.training_folds != folds:
+        raise LungCTError(
+            model_dir,
+            f"holds a {manifest.kind} of folds {format_folds(manifest.training_folds)}, not a "
+            f"{kind} of folds {format_folds(folds)}",
+        )
+    return saved.replace(steps=steps), manifest
 
 
 def train_gan(
@@ -440,57 +377,74 @@ def train_gan(
     excluded: str | os.PathLike | None = None,
     resume: bool = False,
     steps: int | None = None,
-    max_seconds: float | None = None,
+    max_minutes: float | None = None,
     progress: bool = True,
+    strategy: str = "none",
+    mixed_precision: bool = False,
+    max_seconds: float | None = None,
 ) -> dict[str, Any]:
     """Cut the training cubes, fit the normaliser, and train (or resume) a model folder.
 
-    A new run refuses a folder that already holds a model; ``resume`` continues the newest
-    checkpoint with the folder's own plan (``steps`` may raise the target) and folds.
+    Training is ``model.fit`` on the suite's contract (see the module docstring): epochs of
+    ``checkpoint_every`` steps, the plan's ``steps`` rounded up to whole epochs.
+
+    Args:
+        data_dir: LUNA16-layout folder (``annotations.csv``...).
+        cache_dir: the per-scan cache (``python -m lungct prepare``).
+        folds: training folds.
+        kind: ``injector`` or ``remover``.
+        model_dir: the model folder.
+        plan: the plan of a new folder (default: the ``default`` plan); a resumed run keeps
+            the folder's own.
+        annotations: nodule table (default ``DATA/annotations.csv``).
+        excluded: excluded findings (default ``DATA/annotations_excluded.csv``).
+        resume: continue the folder's training to the plan's last epoch.
+        steps: training steps (overrides the plan's; on resume, may raise the target).
+        max_minutes: this run's time budget: it stops after the batch under way once this
+            much wall time is spent, ends the epoch and seals the folder.
+        progress: the cube cutting's progress bar and one line per epoch, on stderr.
+        strategy: ``none`` or ``mirrored`` (:func:`lungct.training.make_strategy`).
+        mixed_precision: compute in float16 (GPUs).
+        max_seconds: deprecated: the budget in seconds (``max_minutes`` times 60).
 
     Returns:
-        the summary of :meth:`GANTrainer.fit` plus ``model_dir``, ``kind``, ``n_cubes``.
+        ``model_dir``, ``kind``, ``n_cubes``, ``steps_done``, ``epochs_done``,
+        ``train_seconds``, ``stopped`` (``steps`` or ``time limit``), ``stopped_early``,
+        ``replicas`` and the last epoch's mean losses and accuracies.
+
+    Raises:
+        LungCTError: a folder that holds a model without ``resume``, nothing to resume, a
+            resume with another plan, kind or folds, a cache that now gives other series, a
+            broken checkpoint of the former loop.
     """
     require_tensorflow()
+    if max_seconds is not None:
+        warnings.warn(
+            "train_gan(max_seconds=...) is deprecated: pass max_minutes",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        if max_minutes is None:
+            max_minutes = max_seconds / 60.0
     model_dir = Path(model_dir)
     folds = sorted(set(int(f) for f in folds))
-    plan_path = model_dir / PLAN_FILE
-    if resume:
-        if not plan_path.is_file():
-            raise LungCTError(model_dir, "nothing to resume (no plan.json); train without --resume")
-        saved = GANPlan.load(plan_path)
-        if plan is not None and plan.replace(steps=saved.steps) != saved:
-            raise LungCTError(
-                model_dir, "a resumed run keeps its plan.json; drop the plan options or use --steps"
-            )
-        plan = saved.replace(steps=steps)
-        manifest = ModelManifest.load(model_dir)
-        if manifest.kind != kind or manifest.training_folds != folds:
-            raise LungCTError(
-                model_dir,
-                f"holds a {manifest.kind} of folds {format_folds(manifest.training_folds)}, not "
-                f"a {kind} of folds {format_folds(folds)}",
-            )
-        # Unseal: the networks change from the next checkpoint on, and the folder is not a
-        # finished model again until this run ends.
-        manifest.save(model_dir)
-    else:
-        if plan_path.exists() or (model_dir / MANIFEST_NAME).exists():
-            raise LungCTError(model_dir, "already holds a model; use --resume or another --out")
-        plan = (plan or GANPlan()).replace(steps=steps)
+    plan, manifest = _prepare_folder(model_dir, kind, folds, plan, steps, resume)
 
     cubes = TrainingCubes.from_cache(
         cache_dir, data_dir, folds, kind, plan, annotations, excluded, progress=progress
     )
-    if resume:
+    if manifest is not None:
         normaliser = CubeNormaliser.load(model_dir / NORMALISER_FILE)
         if manifest.series != cubes.series:
             raise LungCTError(model_dir, "the cache now gives other training series; start anew")
+        # Unseal: the networks change from the next epoch on, and the folder is not a finished
+        # model again until this run ends.
+        manifest.save(model_dir)
     else:
         model_dir.mkdir(parents=True, exist_ok=True)
         normaliser = CubeNormaliser.fit(cubes.central(), plan.hist_bins)
         normaliser.save(model_dir / NORMALISER_FILE)
-        plan.save(plan_path)
+        plan.save(model_dir / PLAN_FILE)
         manifest = ModelManifest(
             kind=kind,
             training_folds=folds,
@@ -506,21 +460,136 @@ def train_gan(
             versions=library_versions(),
         )
         manifest.save(model_dir)
-    trainer = GANTrainer(plan, model_dir, cubes, normaliser, manifest, progress=progress)
-    if resume:
-        checkpoint = latest_checkpoint(model_dir)
-        if checkpoint is not None:
-            trainer.restore(checkpoint)
-    summary = trainer.fit(max_seconds=max_seconds)
-    plan.save(plan_path)  # the plan trained (a resumed run may have raised its steps)
+    summary = fit_gan(
+        plan,
+        model_dir,
+        cubes,
+        normaliser,
+        manifest,
+        resume=resume,
+        max_minutes=max_minutes,
+        progress=progress,
+        strategy=strategy,
+        mixed_precision=mixed_precision,
+    )
+    plan.save(model_dir / PLAN_FILE)  # the plan trained (a resumed run may have raised its steps)
     seal_model_dir(  # last: the seal is the folder's done marker
         model_dir,
         "gan",
-        train_seconds=trainer.train_seconds,
+        train_seconds=manifest.train_seconds,
         data_dir=data_dir,
         seeds={"plan": plan.seed},
-        steps=trainer.step,
-        extra={"kind": kind},
+        steps=summary["steps_done"],
+        extra={
+            "kind": kind,
+            "epochs": summary["epochs_done"],
+            "stopped_by_time": summary["stopped_early"],
+            "strategy": strategy,
+            "replicas": summary["replicas"],
+        },
         plan=plan.to_dict(),
     )
     return {"model_dir": str(model_dir), "kind": kind, "n_cubes": len(cubes), **summary}
+
+
+def fit_gan(
+    plan: GANPlan,
+    model_dir: str | os.PathLike,
+    cubes: TrainingCubes,
+    normaliser: CubeNormaliser,
+    manifest: ModelManifest,
+    resume: bool = False,
+    max_minutes: float | None = None,
+    progress: bool = True,
+    strategy: str = "none",
+    mixed_precision: bool = False,
+) -> dict[str, Any]:
+    """Train a model folder whose plan, normaliser and manifest are written (what
+    :func:`train_gan` does after cutting the cubes); the folder is left unsealed.
+
+    Returns:
+        ``steps_done``, ``epochs_done``, ``train_seconds``, ``stopped``, ``stopped_early``,
+        ``replicas`` and the last epoch's mean losses and accuracies.
+    """
+    require_tensorflow()
+    out = Path(model_dir)
+    epochs = plan_epochs(plan)
+    start_epoch = restored_epoch(out)
+    legacy = None if (out / BACKUP).is_dir() else legacy_checkpoint(out)
+    with strategy_scope(strategy, mixed_precision) as scope:
+        keras.utils.set_random_seed(plan.seed)
+        gan = InpaintingGAN.from_plan(plan, manifest.kind)
+        gan.compile(**InpaintingGAN.plan_optimizers(plan), jit_compile=False)
+        if legacy is not None:
+            start_epoch = restore_legacy(gan, legacy, plan, out) // plan.checkpoint_every
+    steps_before = steps_done(out, plan, start_epoch)
+    manifest.steps_done = steps_before
+    manifest.save(out)
+
+    sized = plan.condition_channels(manifest.kind) > 1
+    batches = GANBatches(cubes, normaliser, plan, sized, epoch=start_epoch)
+    outputs = EpochOutputs(out, plan, cubes, normaliser, manifest, epochs, steps_before)
+    callbacks, budget = fit_callbacks(
+        out,
+        label=f"CT-GAN {manifest.kind}",
+        epochs=epochs,
+        batch_size=plan.batch_size,
+        max_minutes=max_minutes,
+        resume=resume,
+        shown=("d_loss", "g_loss", "g_l1", "d_acc"),
+        keep_checkpoints=plan.keep_checkpoints,
+        progress=progress,
+        seed=plan.seed,
+        data=batches,
+    )
+    callbacks = [
+        EpochLog(c.filename, append=c.append) if isinstance(c, keras.callbacks.CSVLogger) else c
+        for c in callbacks
+    ]
+    # Before BackupAndRestore (last), after the log: an epoch counts as done only once the
+    # networks, the grid and the manifest are written too.
+    callbacks.insert(len(callbacks) - 1, outputs)
+    if progress:
+        what = (
+            f"epochs {start_epoch + 1}-{epochs} of {plan.checkpoint_every} steps of "
+            f"{plan.batch_size} cubes"
+            if start_epoch < epochs
+            else f"nothing left to train ({start_epoch} of {epochs} epochs done)"
+        )
+        print(
+            f"[CT-GAN {manifest.kind}] {len(cubes)} training cubes; {what}"
+            + (f" on {replicas(scope)} replicas" if scope is not None else "")
+            + (f" (from the former loop's {legacy.name})" if legacy is not None else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+    if start_epoch < epochs:
+        gan.fit(
+            batches,
+            epochs=epochs,
+            initial_epoch=start_epoch,
+            callbacks=callbacks,
+            shuffle=False,  # batches are drawn from (seed, epoch, index): resumable
+            verbose=0,
+        )
+    else:  # nothing left to train: the networks as they are
+        save_model_atomic(gan.generator, out / GENERATOR_FILE)
+        save_model_atomic(gan.discriminator, out / DISCRIMINATOR_FILE)
+        if not any((out / GRIDS).glob("step_*.png")):
+            outputs.write_grid(gan.generator)
+    rows = _logged_epochs(out)
+    epochs_done = max(rows) + 1 if rows else start_epoch
+    manifest.steps_done = steps_done(out, plan, epochs_done)
+    manifest.save(out)
+    stopped_early = bool(budget.stopped)
+    if progress and stopped_early:
+        print(f"time budget of {max_minutes} min reached; stopping", file=sys.stderr, flush=True)
+    return {
+        "steps_done": manifest.steps_done,
+        "epochs_done": epochs_done,
+        "train_seconds": manifest.train_seconds,
+        "stopped": "time limit" if stopped_early else "steps",
+        "stopped_early": stopped_early,
+        "replicas": replicas(scope),
+        **{k: v for k, v in manifest.final.items() if k in METRICS},
+    }

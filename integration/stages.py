@@ -37,7 +37,8 @@ from lungct.fileio import write_json_atomic, write_text_atomic
 from lungct.tables import FOLD_COUNT, write_csv_atomic
 
 DONE_MARKER = "integration_done.json"
-"""Written into a stage's model folder when its training function has returned."""
+"""Written into a stage's model folder when its training function has returned: the summary
+the trainer returned (what is trained is the seal's to say, :func:`stage_done`)."""
 
 
 def read_json_or_empty(path: Path) -> dict[str, Any]:
@@ -530,11 +531,10 @@ class Stage:
 
 def stage_done(model_dir: Path) -> bool:
     """Whether a stage's training has ended in this folder: its manifest is sealed (every
-    trainer seals its folder last), or, in a folder of an earlier version, the marker
-    (:data:`DONE_MARKER`) the stages wrote when a trainer returned."""
+    trainer seals its folder last) and the files the seal lists are there."""
     from lungct.training import training_state
 
-    return (model_dir / DONE_MARKER).is_file() or training_state(model_dir) == "done"
+    return training_state(model_dir) == "done"
 
 
 def _train(run: StageRun, stage: Stage, label: str, train: Callable[..., Any]) -> Path:

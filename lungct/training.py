@@ -78,8 +78,8 @@ def has_training_state(model_dir: str | os.PathLike) -> bool:
 
 def training_state(model_dir: str | os.PathLike) -> str:
     """What a model folder holds, for whoever runs the stages: ``"done"`` (its manifest is
-    sealed: the training ended, whatever the stage), ``"started"`` (a manifest or a training
-    state: ``--resume`` continues it) or ``"none"``."""
+    sealed, the training ended, whatever the stage, and every file the seal lists is there),
+    ``"started"`` (a manifest or a training state: ``--resume`` continues it) or ``"none"``."""
     from lungct.modeldir import MANIFEST_NAME, is_sealed
 
     folder = Path(model_dir)
@@ -88,7 +88,9 @@ def training_state(model_dir: str | os.PathLike) -> str:
     except (OSError, ValueError):
         manifest = None
     if isinstance(manifest, dict) and is_sealed(manifest):
-        return "done"
+        files = manifest.get("files")
+        if not isinstance(files, dict) or all((folder / name).is_file() for name in files):
+            return "done"
     if manifest is not None or has_training_state(folder):
         return "started"
     return "none"

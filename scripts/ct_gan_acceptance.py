@@ -65,7 +65,7 @@ def train_if_needed(args, kind: str, minutes: float, overrides: list[str]) -> Pa
     t0 = time.perf_counter()
     summary = train_gan(
         args.data, args.cache, parse_folds(args.train_folds), kind, out, plan=plan,
-        max_seconds=60.0 * minutes, progress=not args.quiet,
+        max_minutes=minutes, progress=not args.quiet,
     )  # fmt: skip
     summary["wall_seconds"] = round(time.perf_counter() - t0, 1)
     write_json_atomic(out / "train_summary.json", summary)

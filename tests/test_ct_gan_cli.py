@@ -37,9 +37,8 @@ def _uid(i: int) -> str:
     return f"1.3.6.1.4.1.9999.{i}"
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("ctgan")
+def make_dataset(root: Path) -> dict[str, Path]:
+    """Three phantom scans in folds 0-2 with two nodules each, and their cache."""
     data = root / "data"
     rows, excluded, candidates = [], [], []
     for i in range(3):
@@ -69,6 +68,11 @@ def dataset(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> dict[str, Path]:
+    return make_dataset(tmp_path_factory.mktemp("ctgan"))
+
+
+@pytest.fixture(scope="module")
 def injector(dataset) -> Path:
     out = dataset["root"] / "injector"
     argv = ["train", "--data", str(dataset["data"]), "--cache", str(dataset["cache"]),
@@ -91,20 +95,23 @@ def remover(dataset) -> Path:
 def test_train_writes_the_model_folder_and_resumes(dataset, injector: Path, capsys) -> None:
     names = {p.relative_to(injector).as_posix() for p in injector.rglob("*") if p.is_file()}
     for name in ["plan.json", "manifest.json", "normaliser.npz", "normaliser.json",
-                 "generator.keras", "discriminator.keras", "train_log.csv",
+                 "generator.keras", "discriminator.keras", "logs/train_log.csv",
                  "grids/step_000002.png", "grids/step_000004.png",
-                 "checkpoints/step_000004/state.json",
-                 "checkpoints/step_000004/generator.weights.h5",
-                 "checkpoints/step_000004/optimizer_g.npz"]:  # fmt: skip
+                 "checkpoints/epoch_002.keras",
+                 "checkpoints/backup/training_metadata.json"]:  # fmt: skip
         assert name in names, name
+    assert any(n.startswith("logs/train/events.out.tfevents.") for n in names)
     manifest = json.loads((injector / "manifest.json").read_text())
     assert manifest["kind"] == "injector" and manifest["training_folds"] == [0, 1]
     assert manifest["series"] == [_uid(0), _uid(1)] and manifest["n_cubes"] == 4
     assert manifest["steps_done"] == 4 and "d_acc" in manifest["final"]
-    with (injector / "train_log.csv").open() as f:
+    assert manifest["provenance"]["steps"] == 4 and manifest["provenance"]["epochs"] == 2
+    with (injector / "logs" / "train_log.csv").open() as f:
         log = list(csv.DictReader(f))
-    assert [int(r["step"]) for r in log] == [1, 2, 3, 4]
-    assert {"d_loss", "g_loss", "d_acc"} <= set(log[0])
+    # An epoch is checkpoint_every (2) steps: 4 steps are 2 epochs, a row each.
+    assert [int(r["epoch"]) for r in log] == [0, 1]
+    assert [float(r["steps"]) for r in log] == [2.0, 2.0]
+    assert {"d_loss", "g_loss", "g_adv", "g_l1", "d_acc", "d_acc_real", "d_acc_fake"} <= set(log[0])
     g = keras.saving.load_model(injector / "generator.keras", safe_mode=True)
     assert tuple(g.output_shape) == (None, 16, 16, 16, 1)
 
@@ -117,10 +124,10 @@ def test_train_writes_the_model_folder_and_resumes(dataset, injector: Path, caps
     assert main([*base, "--resume", "--steps", "6"]) == 0
     manifest = json.loads((injector / "manifest.json").read_text())
     assert manifest["steps_done"] == 6
-    with (injector / "train_log.csv").open() as f:
-        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4, 5, 6]
+    with (injector / "logs" / "train_log.csv").open() as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1, 2]
     kept = sorted(p.name for p in (injector / "checkpoints").iterdir())
-    assert kept == ["step_000004", "step_000006"]  # keep_checkpoints = 2
+    assert kept == ["backup", "epoch_002.keras", "epoch_003.keras"]  # keep_checkpoints = 2
 
 
 def test_inject_and_remove_commands(dataset, injector: Path, remover: Path, capsys) -> None:

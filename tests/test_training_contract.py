@@ -206,3 +206,37 @@ def test_two_replicas_match_one_replica(tiny, tmp_path):
         runs[n] = [float(r["loss"]) for r in _log(out)]
     assert len(runs[1]) == len(runs[2]) == 3
     np.testing.assert_allclose(runs[2], runs[1], rtol=0.03)
+
+
+def test_training_state_reads_the_folder(tmp_path):
+    """What `integration` asks a stage's folder: nothing, started (resume it) or done."""
+    from lungct.modeldir import seal_model_dir
+    from lungct.training import training_state
+
+    folder = tmp_path / "model"
+    assert training_state(folder) == "none"
+    folder.mkdir()
+    (folder / "plan.json").write_text("{}")
+    (folder / "manifest.json").write_text("{}")
+    assert training_state(folder) == "started"
+    (folder / "model.keras").write_bytes(b"weights")
+    seal_model_dir(folder, "fpr", 1.0)
+    assert training_state(folder) == "done"
+    (folder / "model.keras").unlink()  # a file the seal lists is gone: train it again
+    assert training_state(folder) == "started"
+
+
+def test_the_stage_list_follows_the_settings():
+    from integration.stages import STAGES, StageSettings
+
+    def names(**settings):
+        chosen = StageSettings.from_dict(settings)
+        return [s.name for s in STAGES if s.applies(chosen)]
+
+    everything = ["candidate network", "candidates", "CT-GAN", "augmentation", "FP reducer"]
+    assert names() == [*everything, "scores"]
+    assert names(gan=False) == ["candidate network", "candidates", "FP reducer", "scores"]
+    assert names(fpr=False) == ["candidate network", "candidates"]
+    # The stages that train name their folder and budget, read from one place.
+    budgets = {s.name: s.budget(StageSettings()) for s in STAGES if s.budget is not None}
+    assert budgets == {"candidate network": 3.0, "CT-GAN": 2.0, "FP reducer": 4.0}
