@@ -37,15 +37,18 @@ collective ops, which cannot be done once TensorFlow has started. Then:
   ``chief`` task) writes the model folder, the others write the same files into a private
   temporary folder that is removed when training ends (:func:`worker_dir`). Nothing is written
   into ``--out`` on those machines. (Keras 3's ``BackupAndRestore`` and ``ModelCheckpoint``,
-  unlike tf.keras 2's, do nothing of the kind for workers, hence this.)
+  unlike tf.keras 2's, do nothing of the kind for workers, hence this. Saving a model needs
+  no collective under Keras 3.15, a save on the chief alone goes through, but were a later
+  version to need one, every worker saves anyway.)
 - Only the chief reads the model folder. For ``--resume`` it tells the others the epoch to
   start from (:func:`from_chief`), and when training begins every worker takes the chief's
   weights and optimiser state, so the folder need not be on storage the workers share.
 - Every worker needs the data (the cache, the candidates) at the paths its command names.
-  Each worker's ``PyDataset`` yields the whole global batch; TensorFlow splits it (the dataset
-  is rebatched into one piece per replica and sharded by data, so worker ``k`` trains on the
-  ``k``-th slice of every batch). Each worker therefore cuts every patch of the batch and uses
-  its share.
+  Each worker's ``PyDataset`` yields the whole global batch; TensorFlow splits it: Keras makes
+  the ``PyDataset`` a generator dataset, which the strategy rebatches into one piece per
+  replica of the cluster and shards by data, each worker keeping its replicas' pieces (with
+  one device per worker, worker ``k`` the ``k``-th piece of every batch). Each worker
+  therefore cuts every patch of the batch and trains on its share.
 - ``--max-minutes`` is agreed after every batch: the run stops on every worker once one of
   them has spent the budget.
 - Keras 3.15 cannot run ``model.fit`` under ``MultiWorkerMirroredStrategy`` as it comes
