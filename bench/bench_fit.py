@@ -1,5 +1,5 @@
 """Training speed of the MGI-CNN's trainer on ``model.fit`` against a hand-written loop, and the
-cost of a second replica.
+cost of a second replica and of a second worker.
 
 Usage::
 
@@ -14,12 +14,15 @@ times:
   sampler's batches, cut one batch ahead in a background thread;
 - ``fit``: ``fp_reduction_3dcnn.train.train`` as ``train`` runs it (``model.fit`` on a
   ``PyDataset``, the contract's callbacks: checkpoint, log, TensorBoard);
-- ``fit-2-replicas``: the same with ``--strategy mirrored`` over two logical CPU devices.
+- ``fit-2-replicas``: the same with ``--strategy mirrored`` over two logical CPU devices;
+- ``fit-2-workers``: the same with ``--strategy multiworker``, two worker processes on this
+  machine talking over localhost (``TF_CONFIG`` on two free ports); the chief's figure. Both
+  share the machine's cores, and each cuts the patches of the whole global batch.
 
 Each figure is samples per second over the timed steps (the first step of each run, which
 traces the graph, left out), from the ``train_samples_per_s`` the trainer logs or the same
-timing in the loop. Printed: the medians and the ratios fit / loop and 2 replicas / fit, as
-one JSON object.
+timing in the loop; global samples (the plan's batch) in every mode. Printed: the medians and
+the ratios fit / loop, 2 replicas / fit and 2 workers / fit, as one JSON object.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -72,22 +76,66 @@ if mode == "loop":
 else:
     from fp_reduction_3dcnn.train import train
     from lungct.training import read_log
-    strategy = "mirrored" if mode == "fit-2-replicas" else "none"
+    strategy = {"fit-2-replicas": "mirrored", "fit-2-workers": "multiworker"}.get(mode, "none")
     train(plan, cache, candidates, list(range(10)), [], out, strategy=strategy, progress=False)
-    rate = float(read_log(out)[-1]["train_samples_per_s"])
+    log = read_log(out)  # empty on a worker other than the chief: it writes no folder
+    rate = float(log[-1]["train_samples_per_s"]) if log else 0.0
 print("RATE" + json.dumps(rate))
 """
 
 
+def _rate(mode: str, stdout: str) -> float:
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("RATE"))
+    return float(json.loads(line[4:]))
+
+
 def run(mode: str, plan: Path, tiny: dict, out: Path) -> float:
-    """Samples per second of one training run in a fresh process."""
+    """Samples per second of one training run in a fresh process (two for
+    ``fit-2-workers``: the chief's figure)."""
     argv = [sys.executable, "-c", _CHILD, mode, str(plan), tiny["cache"], tiny["candidates"]]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if mode == "fit-2-workers":
+        return run_workers(argv, env, out)
     done = subprocess.run([*argv, str(out)], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{mode} failed: {done.stderr.strip()[-2000:]}")
-    line = next(ln for ln in done.stdout.splitlines() if ln.startswith("RATE"))
-    return float(json.loads(line[4:]))
+    return _rate(mode, done.stdout)
+
+
+def run_workers(argv: list[str], env: dict[str, str], out: Path, timeout: float = 3600) -> float:
+    """Two workers of a localhost cluster, each with its own folder; the chief's rate."""
+    sockets = [socket.socket() for _ in range(2)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    addresses = [f"localhost:{s.getsockname()[1]}" for s in sockets]
+    for s in sockets:
+        s.close()
+    out.mkdir(parents=True, exist_ok=True)
+    procs = []
+    try:
+        for k in range(2):
+            config = {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": k}}
+            with open(out / f"{k}.out", "w") as stdout, open(out / f"{k}.err", "w") as stderr:
+                procs.append(
+                    subprocess.Popen(
+                        [*argv, str(out / f"worker{k}")],
+                        env={**env, "TF_CONFIG": json.dumps(config)},
+                        stdout=stdout,
+                        stderr=stderr,
+                    )
+                )
+        for p in procs:
+            p.wait(timeout=timeout)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for k, p in enumerate(procs):
+        if p.returncode != 0:
+            err = (out / f"{k}.err").read_text().strip()[-2000:]
+            raise SystemExit(f"fit-2-workers: worker {k} failed: {err}")
+    return _rate("fit-2-workers", (out / "0.out").read_text())
 
 
 def main() -> int:
@@ -96,6 +144,11 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs each way (3)")
     parser.add_argument("--batch", type=int, default=128, help="global batch (plan: 128)")
     parser.add_argument("--work", help="folder for the data (default: a temporary one)")
+    parser.add_argument(
+        "--modes",
+        default="loop,fit,fit-2-replicas,fit-2-workers",
+        help="which runs, comma-separated (default: all four)",
+    )
     args = parser.parse_args()
 
     from fp_reduction_3dcnn.config import get_plan
@@ -110,7 +163,7 @@ def main() -> int:
         get_plan("default").replace(
             batch_size=args.batch, steps_per_epoch=args.steps, epochs=1
         ).save(plan_path)
-        modes = ("loop", "fit", "fit-2-replicas")
+        modes = tuple(m for m in args.modes.split(",") if m)
         rates: dict[str, list[float]] = {m: [] for m in modes}
         for k in range(args.repeats):
             for mode in modes:
@@ -133,8 +186,15 @@ def main() -> int:
                 "cpu_count": os.cpu_count(),
                 "samples_per_s": {m: [round(r, 1) for r in v] for m, v in rates.items()},
                 "median_samples_per_s": {m: round(r, 1) for m, r in med.items()},
-                "ratio_fit_over_loop": round(med["fit"] / med["loop"], 3),
-                "ratio_2_replicas_over_fit": round(med["fit-2-replicas"] / med["fit"], 3),
+                **{
+                    name: round(med[a] / med[b], 3)
+                    for name, a, b in (
+                        ("ratio_fit_over_loop", "fit", "loop"),
+                        ("ratio_2_replicas_over_fit", "fit-2-replicas", "fit"),
+                        ("ratio_2_workers_over_fit", "fit-2-workers", "fit"),
+                    )
+                    if a in med and b in med
+                },
             },
             indent=2,
         )

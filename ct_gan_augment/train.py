@@ -512,6 +512,12 @@ def fit_gan(
         ``replicas`` and the last epoch's mean losses and accuracies.
     """
     require_tensorflow()
+    if strategy == "multiworker":
+        raise LungCTError(
+            None,
+            "--strategy multiworker trains the FP reducers and the malignancy CNN; the CT-GAN "
+            "trains on one machine (--strategy mirrored for its GPUs)",
+        )
     out = Path(model_dir)
     epochs = plan_epochs(plan)
     start_epoch = restored_epoch(out)

@@ -514,13 +514,52 @@ def train_malignancy(
 
     ``model.fit`` on the suite's training contract (:mod:`lungct.training`): a killed run, or
     one stopped by ``max_minutes``, continues to the plan's last epoch with ``resume``;
-    ``logs/train_log.csv``, TensorBoard under ``logs/``, the cosine schedule.
+    ``logs/train_log.csv``, TensorBoard under ``logs/``, the cosine schedule. ``strategy`` is
+    made first, before any other TensorFlow op; under ``multiworker`` every worker runs this
+    with the same arguments, and only the chief writes ``out_dir``
+    (:func:`lungct.training.worker_dir`).
 
     Raises:
         LungCTError: bad data (see :func:`read_rated_nodules`), scans missing from the cache,
             a folder that holds another training (without ``resume``), too few labelled
-            nodules.
+            nodules; a bad ``TF_CONFIG`` or a worker of the cluster that stopped.
     """
+    from lungct.training import make_strategy, worker_dir
+
+    # First: MultiWorkerMirroredStrategy must be made before any other TensorFlow op.
+    dist = make_strategy(strategy)
+    with worker_dir(out_dir, dist) as folder:
+        return _train_malignancy(
+            plan,
+            data_dir,
+            cache_dir,
+            Path(out_dir),
+            folder,
+            dist,
+            resume=resume,
+            progress=progress,
+            max_minutes=max_minutes,
+            strategy=strategy,
+            mixed_precision=mixed_precision,
+        )
+
+
+def _train_malignancy(
+    plan: MalignancyPlan,
+    data_dir: str | os.PathLike,
+    cache_dir: str | os.PathLike,
+    model_dir: Path,
+    out: Path,
+    dist: Any,
+    *,
+    resume: bool,
+    progress: bool,
+    max_minutes: float | None,
+    strategy: str,
+    mixed_precision: bool,
+) -> dict[str, Any]:
+    """:func:`train_malignancy` once its strategy is made: ``model_dir`` is the model folder,
+    ``out`` the folder this worker writes (the model folder on the chief)."""
     import keras
 
     from fp_reduction_3dcnn.data import check_cache_has
@@ -528,20 +567,26 @@ def train_malignancy(
     from lungct.fileio import write_json_atomic
     from lungct.modeldir import MANIFEST_NAME, PLAN_NAME, seal_model_dir
     from lungct.training import (
+        cluster_errors,
         fit_callbacks,
+        from_chief,
+        is_chief,
         log_float,
+        prepare_model,
         read_log,
         replicas,
         restored_epoch,
         save_model_atomic,
         strategy_scope,
+        task_name,
+        worker_count,
     )
 
-    out = Path(out_dir)
+    chief = is_chief(dist)  # the chief alone reads the model folder; the others follow it
     manifest_path = out / MANIFEST_NAME
-    if manifest_path.exists() and not resume:
+    if chief and manifest_path.exists() and not resume:
         raise LungCTError(out, "already holds a training; pass --resume to continue it")
-    if resume and (out / PLAN_NAME).is_file():
+    if chief and resume and (out / PLAN_NAME).is_file():
         saved = MalignancyPlan.load(out / PLAN_NAME)
         if saved != plan:
             raise LungCTError(out / PLAN_NAME, "the folder's plan differs from this run's plan")
@@ -581,18 +626,20 @@ def train_malignancy(
             },
         },
     )
-    start_epoch = restored_epoch(out) if resume else 0
+    (start_epoch,) = from_chief(dist, [restored_epoch(out) if resume else 0])
     data = make_dataset(train, open_scan, plan, shuffle=True, seed=plan.seed, epoch=start_epoch)
     val_data = (
         make_dataset(val, open_scan, plan, shuffle=False, seed=plan.seed) if len(val) else None
     )
-    with strategy_scope(strategy, mixed_precision) as scope:
+    with strategy_scope(strategy, mixed_precision, strategy=dist) as scope:
         keras.utils.set_random_seed(plan.seed)
         model = build_network(plan)
         compile_network(model, plan, len(data))
+    prepare_model(model, scope)
+    label = "malignancy" if chief else f"malignancy {task_name(dist)}"
     callbacks, budget = fit_callbacks(
         out,
-        label="malignancy",
+        label=label,
         epochs=plan.epochs,
         batch_size=plan.batch_size,
         max_minutes=max_minutes,
@@ -602,22 +649,26 @@ def train_malignancy(
         progress=progress,
         seed=plan.seed,
         data=data,
+        strategy=scope,
     )
     _log(
-        f"[malignancy] {len(train)} training nodules ({int((train.labels >= 0).sum())} "
+        f"[{label}] {len(train)} training nodules ({int((train.labels >= 0).sum())} "
         f"labelled), {len(val)} validation, epochs {start_epoch + 1}-{plan.epochs}"
-        + (f" on {replicas(scope)} replicas" if scope is not None else ""),
+        + (f" on {replicas(scope)} replicas" if scope is not None else "")
+        + (f" of {worker_count(scope)} workers" if worker_count(scope) > 1 else ""),
         progress,
     )
     if start_epoch < plan.epochs:
-        model.fit(
-            data,
-            validation_data=val_data,
-            epochs=plan.epochs,
-            callbacks=callbacks,
-            shuffle=False,  # the dataset orders each epoch from (seed, epoch): resumable
-            verbose=0,
-        )
+        with cluster_errors(scope):
+            model.fit(
+                data,
+                validation_data=val_data,
+                epochs=plan.epochs,
+                initial_epoch=start_epoch,
+                callbacks=callbacks,
+                shuffle=False,  # the dataset orders each epoch from (seed, epoch): resumable
+                verbose=0,
+            )
     log = read_log(out)
     save_model_atomic(model, out / MODEL_FILE)
     last = {
@@ -640,11 +691,12 @@ def train_malignancy(
             "last_epoch": last,
             "strategy": strategy,
             "replicas": replicas(scope),
+            "workers": worker_count(scope),
         },
         plan=plan.to_dict(),
     )
     return {
-        "out_dir": str(out),
+        "out_dir": str(model_dir),
         "seconds": round(seconds, 1),
         "epochs_done": epochs_done,
         "stopped_early": bool(budget.stopped),

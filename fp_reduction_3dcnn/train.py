@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -56,15 +57,23 @@ from lungct.errors import LungCTError
 from lungct.modeldir import MANIFEST_NAME, file_sha256, load_keras_model, seal_model_dir
 from lungct.tables import CandidateTable, folds_from_layout
 from lungct.training import (
+    cluster_errors,
     fit_callbacks,
+    from_chief,
     has_training_state,
+    is_chief,
     latest_checkpoint,
     log_float,
+    make_strategy,
+    prepare_model,
     read_log,
     replicas,
     restored_epoch,
     save_model_atomic,
     strategy_scope,
+    task_name,
+    worker_count,
+    worker_dir,
 )
 
 __all__ = ["latest_checkpoint", "load_keras", "save_model_atomic", "train"]
@@ -117,15 +126,44 @@ def _fmt(v: float) -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.6g}"
 
 
+Predictor = Callable[[Sequence[np.ndarray]], np.ndarray]
+
+
+def local_predictor(model: keras.Model, distributed: bool) -> Predictor:
+    """``model.predict_on_batch``, or with ``distributed`` (a model built under a
+    ``tf.distribute`` strategy) a compiled call of this process's copy of the model.
+
+    Under a strategy ``predict_on_batch`` hands every replica the whole batch and returns
+    their outputs one after another (``num_replicas_in_sync`` copies), and under
+    ``multiworker`` it is a collective step every worker would have to run; the compiled call
+    reads the variables' local copy, on this process alone.
+    """
+    if not distributed:
+        return model.predict_on_batch
+    import tensorflow as tf
+
+    call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+
+    def predict(inputs: Sequence[np.ndarray]) -> np.ndarray:
+        return np.asarray(call([tf.convert_to_tensor(x) for x in inputs]))
+
+    return predict
+
+
 def predict_inputs(
-    model: keras.Model, inputs: Sequence[np.ndarray], batch: int = 256
+    model: keras.Model,
+    inputs: Sequence[np.ndarray],
+    batch: int = 256,
+    predict: Predictor | None = None,
 ) -> np.ndarray:
-    """Probabilities ``(N,)`` for in-memory inputs, in batches."""
+    """Probabilities ``(N,)`` for in-memory inputs, in batches (with ``predict``, else
+    ``model.predict_on_batch``)."""
+    predict = predict or model.predict_on_batch
     n = len(inputs[0])
     out = np.empty(n, dtype=np.float64)
     for start in range(0, n, batch):
         chunk = [x[start : start + batch] for x in inputs]
-        out[start : start + batch] = np.asarray(model.predict_on_batch(chunk)).reshape(-1)
+        out[start : start + batch] = np.asarray(predict(chunk)).reshape(-1)
     return out
 
 
@@ -148,14 +186,18 @@ class ValidationSet:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def predict(self, model: keras.Model, batch: int = 256) -> np.ndarray:
-        """The model's probabilities ``(N,)`` for the validation rows."""
+    def predict(
+        self, model: keras.Model, batch: int = 256, predict: Predictor | None = None
+    ) -> np.ndarray:
+        """The model's probabilities ``(N,)`` for the validation rows (with ``predict``,
+        else ``model.predict_on_batch``)."""
         if self.inputs is not None:
-            return predict_inputs(model, self.inputs, batch)
+            return predict_inputs(model, self.inputs, batch, predict)
+        predict = predict or model.predict_on_batch
         out = np.empty(len(self.rows), dtype=np.float64)
         for start in range(0, len(self.rows), batch):
             inputs = self.cutter.cut_rows(self.table, self.rows[start : start + batch])
-            out[start : start + batch] = np.asarray(model.predict_on_batch(inputs)).reshape(-1)
+            out[start : start + batch] = np.asarray(predict(inputs)).reshape(-1)
         return out
 
 
@@ -225,16 +267,27 @@ def _batches_class() -> type:
     return EpochBatches
 
 
-def _validation_callback(validation: ValidationSet | None) -> keras.callbacks.Callback:
+def _validation_callback(
+    validation: ValidationSet | None, distributed: bool = False, chief: bool = True
+) -> keras.callbacks.Callback:
     class Validation(keras.callbacks.Callback):
         """Cross-entropy, ROC AUC and accuracy on the validation candidates, into each
         epoch's logs (Keras' own validation would need the whole set as one dataset and has
-        no AUC over the epoch)."""
+        no AUC over the epoch). Under a strategy the model predicts on this process alone
+        (:func:`local_predictor`); on a cluster only the chief, whose log is kept, validates
+        (the others log NaN)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self._predict: Predictor | None = None
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             metrics = {"val_loss": math.nan, "val_auc": math.nan, "val_accuracy": math.nan}
-            if validation is not None:
-                metrics = binary_metrics(validation.labels, validation.predict(self.model))
+            if validation is not None and chief:
+                if self._predict is None:
+                    self._predict = local_predictor(self.model, distributed)
+                predicted = validation.predict(self.model, predict=self._predict)
+                metrics = binary_metrics(validation.labels, predicted)
             if logs is not None:
                 logs.update(metrics)
 
@@ -297,7 +350,11 @@ def train(
         provenance: what the caller knows of the training data, sealed into the manifest
             (e.g. ``{"data": lungct.modeldir.describe_data(folder)}`` when the cache holds a
             data set plus its augmented copies).
-        strategy: ``none`` or ``mirrored`` (:func:`lungct.training.make_strategy`).
+        strategy: ``none``, ``mirrored`` or ``multiworker``
+            (:func:`lungct.training.make_strategy`; made first, before any other TensorFlow
+            op). Under ``multiworker`` every worker runs this function with the same
+            arguments; the chief writes ``out_dir``, the others a temporary copy that is
+            removed (:func:`lungct.training.worker_dir`).
         mixed_precision: compute in float16 (GPUs).
         workers: threads cutting patches ahead of the training step.
 
@@ -306,11 +363,64 @@ def train(
 
     Raises:
         LungCTError: overlapping folds, an existing model folder without ``resume``, a resume
-            with other folds or candidates, missing cache entries, unlabelled candidates.
+            with other folds or candidates, missing cache entries, unlabelled candidates; a
+            bad ``TF_CONFIG`` or a worker of the cluster that stopped.
     """
+    # First: MultiWorkerMirroredStrategy must be made before any other TensorFlow op.
+    dist = make_strategy(strategy)
+    with worker_dir(out_dir, dist) as folder:
+        return _train(
+            plan,
+            cache_dir,
+            candidates,
+            folds,
+            val_folds,
+            Path(out_dir),
+            folder,
+            dist,
+            data_dir=data_dir,
+            test_folds=test_folds,
+            annotations=annotations,
+            excluded=excluded,
+            resume=resume,
+            max_minutes=max_minutes,
+            keep_checkpoints=keep_checkpoints,
+            progress=progress,
+            provenance=provenance,
+            strategy=strategy,
+            mixed_precision=mixed_precision,
+            threads=workers,
+        )
+
+
+def _train(
+    plan: FPRPlan,
+    cache_dir: str | os.PathLike,
+    candidates: str | os.PathLike,
+    folds: Sequence[int],
+    val_folds: Sequence[int],
+    model_dir: Path,
+    out: Path,
+    dist: Any,
+    *,
+    data_dir: str | os.PathLike | None,
+    test_folds: Sequence[int],
+    annotations: str | os.PathLike | None,
+    excluded: str | os.PathLike | None,
+    resume: bool,
+    max_minutes: float | None,
+    keep_checkpoints: int,
+    progress: bool,
+    provenance: dict | None,
+    strategy: str,
+    mixed_precision: bool,
+    threads: int,
+) -> dict:
+    """:func:`train` once its strategy is made: ``model_dir`` is the model folder, ``out``
+    the folder this worker writes (the model folder on the chief)."""
     folds, val_folds, test_folds = list(folds), list(val_folds), list(test_folds)
     check_split(folds, val_folds, test_folds)
-    out = Path(out_dir)
+    chief = is_chief(dist)
     cache = ScanCache(cache_dir)
     layout = folds_from_layout(data_dir) if data_dir is not None else None
     table = load_candidates(candidates, annotations)
@@ -340,7 +450,8 @@ def train(
         negatives=int((table.label[train_rows] == 0).sum()),
     )
 
-    if (out / MANIFEST_NAME).is_file() or has_training_state(out):
+    # The chief alone reads the model folder; the other workers follow it (from_chief below).
+    if chief and ((out / MANIFEST_NAME).is_file() or has_training_state(out)):
         if not resume:
             raise LungCTError(
                 out, "already holds a model; pass --resume to continue it, or use a new --out"
@@ -351,7 +462,7 @@ def train(
         if saved_plan.replace(epochs=plan.epochs) != plan.replace(epochs=plan.epochs):
             raise LungCTError(out, "cannot resume with another plan (only epochs may change)")
         manifest.created = previous.created
-    elif resume:
+    elif chief and resume:
         raise LungCTError(out, "nothing to resume: no model folder here")
     out.mkdir(parents=True, exist_ok=True)
     plan.save(out / "plan.json")
@@ -360,13 +471,21 @@ def train(
     # earlier version of the suite, its newest epoch checkpoint.
     start_epoch = restored_epoch(out)
     legacy = None if start_epoch else latest_checkpoint(out)
-    with strategy_scope(strategy, mixed_precision) as scope:
+    if legacy is not None and worker_count(dist) > 1:
+        raise LungCTError(
+            legacy[1],
+            "a folder of an earlier version resumes on one machine only: resume it once "
+            "without --strategy multiworker",
+        )
+    (start_epoch,) = from_chief(dist, [start_epoch])
+    with strategy_scope(strategy, mixed_precision, strategy=dist) as scope:
         if legacy is not None:
             start_epoch = legacy[0]
             model = load_keras(legacy[1], compile=True, plan=plan, plan_path=out / "plan.json")
         else:
             keras.utils.set_random_seed(plan.seed)
             model = compile_model(build_network(plan), plan)
+    prepare_model(model, scope)
     manifest.epochs_done = start_epoch
     manifest.save(out)
 
@@ -374,10 +493,11 @@ def train(
     sampler = BalancedBatchSampler(plan, cutter, table, train_rows)
     val_rows = validation_rows(table, val_rows, plan.val_max_negatives, plan.seed)
     validation = ValidationSet(cutter, table, val_rows) if len(val_rows) else None
-    batches = _batches_class()(sampler, start_epoch, workers=max(1, workers), queue=3)
+    batches = _batches_class()(sampler, start_epoch, workers=max(1, threads), queue=3)
+    label = plan.network_label if chief else f"{plan.network_label} {task_name(dist)}"
     callbacks, budget = fit_callbacks(
         out,
-        label=plan.network_label,
+        label=label,
         epochs=plan.epochs,
         batch_size=plan.batch_size,
         max_minutes=max_minutes,
@@ -387,30 +507,33 @@ def train(
         progress=progress,
         seed=plan.seed,
         data=batches,
+        strategy=scope,
         before=(
             keras.callbacks.LearningRateScheduler(_learning_rate(plan)),
-            _validation_callback(validation),
+            _validation_callback(validation, distributed=scope is not None, chief=chief),
         ),
     )
     if progress:
         print(
-            f"[{plan.network_label}] {manifest.positives} positive and {manifest.negatives} "
+            f"[{label}] {manifest.positives} positive and {manifest.negatives} "
             f"negative training candidates, {len(val_rows)} validation; epochs "
             f"{start_epoch + 1}-{plan.epochs} of {len(sampler)} steps"
-            + (f" on {replicas(scope)} replicas" if scope is not None else ""),
+            + (f" on {replicas(scope)} replicas" if scope is not None else "")
+            + (f" of {worker_count(scope)} workers" if worker_count(scope) > 1 else ""),
             file=sys.stderr,
             flush=True,
         )
     t_start = time.monotonic()
     if start_epoch < plan.epochs:
-        model.fit(
-            batches,
-            epochs=plan.epochs,
-            initial_epoch=start_epoch,
-            callbacks=callbacks,
-            shuffle=False,  # the sampler orders each epoch from (seed, epoch): resumable
-            verbose=0,
-        )
+        with cluster_errors(scope):
+            model.fit(
+                batches,
+                epochs=plan.epochs,
+                initial_epoch=start_epoch,
+                callbacks=callbacks,
+                shuffle=False,  # the sampler orders each epoch from (seed, epoch): resumable
+                verbose=0,
+            )
     log = read_log(out)
     manifest.epochs_done = int(log_float(log[-1], "epoch")) + 1 if log else start_epoch
     stopped_early = bool(budget.stopped)
@@ -431,13 +554,14 @@ def train(
             "stopped_by_time": stopped_early,
             "strategy": strategy,
             "replicas": replicas(scope),
+            "workers": worker_count(scope),
             **(provenance or {}),
         },
         plan=plan.to_dict(),
     )
     last = log[-1] if log else {}
     return {
-        "out": str(out),
+        "out": str(model_dir),
         "epochs_done": manifest.epochs_done,
         "stopped_early": stopped_early,
         "minutes": round((time.monotonic() - t_start) / 60.0, 2),
@@ -447,5 +571,7 @@ def train(
         "network": plan.network,
         "params": int(model.count_params()),
         "replicas": replicas(scope),
+        "workers": worker_count(scope),
+        "chief": chief,
         **{k: _fmt(log_float(last, k)) for k in ("val_loss", "val_auc") if last},
     }

@@ -22,8 +22,37 @@ most the epoch under way, and a run stopped by its budget goes on from where it 
 
 **Devices.** ``--strategy none`` trains on TensorFlow's default device; ``mirrored`` copies the
 model to every GPU of this machine (to every logical CPU where there is no GPU, which is what
-the tests use) and splits each batch between them. The plan's batch size is the global batch
-either way. ``--mixed-precision`` computes in float16 with float32 weights (a GPU feature).
+the tests use) and splits each batch between them. ``multiworker`` trains on several machines
+at once (TensorFlow's ``MultiWorkerMirroredStrategy``): the same command runs on each, with
+``TF_CONFIG`` naming the cluster's workers and this one's place in it (:func:`read_tf_config`).
+The plan's batch size is the global batch in every case. ``--mixed-precision`` computes in
+float16 with float32 weights (a GPU feature).
+
+**Several workers.** A trainer makes its strategy first (:func:`make_strategy`), before any
+other TensorFlow op of the process: ``MultiWorkerMirroredStrategy`` configures TensorFlow's
+collective ops, which cannot be done once TensorFlow has started. Then:
+
+- Every worker runs the whole trainer, callbacks and saves included, so each takes part in
+  every collective step in the same order; the chief (``task`` 0 of ``worker``, or the
+  ``chief`` task) writes the model folder, the others write the same files into a private
+  temporary folder that is removed when training ends (:func:`worker_dir`). Nothing is written
+  into ``--out`` on those machines. (Keras 3's ``BackupAndRestore`` and ``ModelCheckpoint``,
+  unlike tf.keras 2's, do nothing of the kind for workers, hence this. Saving a model needs
+  no collective under Keras 3.15, a save on the chief alone goes through, but were a later
+  version to need one, every worker saves anyway.)
+- Only the chief reads the model folder. For ``--resume`` it tells the others the epoch to
+  start from (:func:`from_chief`), and when training begins every worker takes the chief's
+  weights and optimiser state, so the folder need not be on storage the workers share.
+- Every worker needs the data (the cache, the candidates) at the paths its command names.
+  Each worker's ``PyDataset`` yields the whole global batch; TensorFlow splits it: Keras makes
+  the ``PyDataset`` a generator dataset, which the strategy rebatches into one piece per
+  replica of the cluster and shards by data, each worker keeping its replicas' pieces (with
+  one device per worker, worker ``k`` the ``k``-th piece of every batch). Each worker
+  therefore cuts every patch of the batch and trains on its share.
+- ``--max-minutes`` is agreed after every batch: the run stops on every worker once one of
+  them has spent the budget.
+- Keras 3.15 cannot run ``model.fit`` under ``MultiWorkerMirroredStrategy`` as it comes
+  (keras-team/keras#20585): :func:`prepare_model` adapts the model (see there).
 """
 
 from __future__ import annotations
@@ -33,9 +62,11 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +76,9 @@ CHECKPOINTS = "checkpoints"
 BACKUP = "checkpoints/backup"
 LOGS = "logs"
 LOG_FILE = "logs/train_log.csv"
-STRATEGIES = ("none", "mirrored")
+STRATEGIES = ("none", "mirrored", "multiworker")
+TF_CONFIG = "TF_CONFIG"
+"""The environment variable ``--strategy multiworker`` reads the cluster from."""
 
 _CHECKPOINT = re.compile(r"^epoch_(\d+)\.keras$")
 
@@ -120,11 +153,13 @@ def _callback_class(name: str, make: Callable[[type], type]) -> type:
 def _time_budget_class(base: type) -> type:
     class TimeBudget(base):
         """Stop the run once ``minutes`` of wall time have passed since it began; the batch
-        under way ends, then its epoch (checkpoint, log row)."""
+        under way ends, then its epoch (checkpoint, log row). On several workers, once one of
+        them has spent it (they agree after every batch)."""
 
-        def __init__(self, minutes: float | None) -> None:
+        def __init__(self, minutes: float | None, strategy: Any = None) -> None:
             super().__init__()
             self.minutes = minutes
+            self.strategy = strategy if worker_count(strategy) > 1 else None
             self.stopped = False
             self._start = time.monotonic()
 
@@ -135,7 +170,10 @@ def _time_budget_class(base: type) -> type:
         def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
             if self.minutes is None or self.stopped:
                 return
-            if time.monotonic() - self._start > 60.0 * self.minutes:
+            spent = time.monotonic() - self._start > 60.0 * self.minutes
+            if self.strategy is not None:  # every worker stops after the same batch
+                spent = _cluster(self.strategy).any(spent)
+            if spent:
                 self.stopped = True
                 self.model.stop_training = True
 
@@ -265,9 +303,29 @@ def _epoch_checkpoint_class(base: type) -> type:
     return EpochCheckpoint
 
 
-def time_budget(minutes: float | None) -> Any:
-    """A callback that stops the run after ``minutes`` of wall time (None: never)."""
-    return _callback_class("TimeBudget", _time_budget_class)(minutes)
+def _chief_state_class(base: type) -> type:
+    class ChiefState(base):
+        """When training begins, every worker of a cluster takes the chief's weights and
+        optimiser state: the chief alone reads the model folder (the backup ``--resume``
+        restores), and the others start where it starts. Runs after ``BackupAndRestore``."""
+
+        def __init__(self, strategy: Any) -> None:
+            super().__init__()
+            self.strategy = strategy
+
+        def on_train_begin(self, logs: dict | None = None) -> None:
+            variables = list(self.model.variables)
+            if self.model.optimizer is not None:
+                variables += list(self.model.optimizer.variables)
+            _cluster(self.strategy).assign_from_chief(variables)
+
+    return ChiefState
+
+
+def time_budget(minutes: float | None, strategy: Any = None) -> Any:
+    """A callback that stops the run after ``minutes`` of wall time (None: never); under a
+    multiworker ``strategy``, on every worker once one has spent it."""
+    return _callback_class("TimeBudget", _time_budget_class)(minutes, strategy)
 
 
 def save_model_atomic(model: Any, path: str | os.PathLike) -> None:
@@ -295,6 +353,7 @@ def fit_callbacks(
     tensorboard: bool = True,
     seed: int = 0,
     data: Any = None,
+    strategy: Any = None,
 ) -> tuple[list[Any], Any]:
     """The callbacks of a stage's ``model.fit``, in order, and its time-budget callback.
 
@@ -303,13 +362,15 @@ def fit_callbacks(
     stderr line see what they add. ``BackupAndRestore`` runs last. The random layers are
     seeded from ``(seed, epoch)`` at every epoch, and ``data`` (a ``PyDataset`` with a
     ``set_epoch(epoch)`` method) is told each epoch as it begins, so a resumed run trains as
-    an uninterrupted one does.
+    an uninterrupted one does. ``model_dir`` is the folder this worker writes
+    (:func:`worker_dir`); under a multiworker ``strategy`` the time budget is agreed between
+    the workers and, once the backup is restored, every worker takes the chief's state.
     """
     keras = _keras()
     folder = Path(model_dir)
     (folder / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     (folder / LOGS).mkdir(parents=True, exist_ok=True)
-    budget = time_budget(max_minutes)
+    budget = time_budget(max_minutes, strategy)
     callbacks: list[Any] = [
         *([_callback_class("EpochData", _epoch_data_class)(data)] if data is not None else []),
         _callback_class("EpochSeeds", _epoch_seeds_class)(seed),
@@ -332,6 +393,8 @@ def fit_callbacks(
             str(folder / BACKUP), double_checkpoint=True, delete_checkpoint=False
         )
     )
+    if worker_count(strategy) > 1:
+        callbacks.append(_callback_class("ChiefState", _chief_state_class)(strategy))
     return callbacks, budget
 
 
@@ -354,21 +417,32 @@ def log_float(row: dict[str, str], key: str) -> float:
         return math.nan
 
 
+def _unknown_strategy(name: str) -> LungCTError:
+    return LungCTError(None, f"--strategy must be one of {', '.join(STRATEGIES)}, not {name!r}")
+
+
 @contextlib.contextmanager
-def strategy_scope(name: str = "none", mixed_precision: bool = False) -> Iterator[Any]:
+def strategy_scope(
+    name: str = "none", mixed_precision: bool = False, strategy: Any = None
+) -> Iterator[Any]:
     """Build and compile the model inside this block; yields the strategy (None for
     ``none``).
+
+    ``strategy`` is the one :func:`make_strategy` made for ``name`` when the process began
+    (what the trainers do: ``multiworker`` must come before any other TensorFlow op); without
+    it the strategy is made here.
 
     Raises:
         LungCTError: an unknown strategy.
     """
     if name not in STRATEGIES:
-        raise LungCTError(None, f"--strategy must be one of {', '.join(STRATEGIES)}, not {name!r}")
+        raise _unknown_strategy(name)
     keras = _keras()
     if mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        strategy = make_strategy(name)
+        if strategy is None:
+            strategy = make_strategy(name)
         if strategy is None:
             yield None
         else:
@@ -381,11 +455,22 @@ def strategy_scope(name: str = "none", mixed_precision: bool = False) -> Iterato
 
 def make_strategy(name: str) -> Any:
     """The ``tf.distribute`` strategy of ``--strategy`` (None for ``none``): ``mirrored`` uses
-    every GPU, or every logical CPU where TensorFlow sees no GPU."""
+    every GPU, or every logical CPU where TensorFlow sees no GPU; ``multiworker`` is
+    ``MultiWorkerMirroredStrategy`` on the cluster ``TF_CONFIG`` names (every GPU of each
+    worker, or its CPU). Make it before any other TensorFlow op of the process. The strategy
+    starts this worker's server and waits until every worker of the cluster has started.
+
+    Raises:
+        LungCTError: an unknown strategy; for ``multiworker``, a missing or malformed
+            ``TF_CONFIG`` (:func:`read_tf_config`) or a worker that cannot start (its port
+            taken, TensorFlow already started in this process).
+    """
     if name == "none":
         return None
     if name not in STRATEGIES:
-        raise LungCTError(None, f"--strategy must be one of {', '.join(STRATEGIES)}, not {name!r}")
+        raise _unknown_strategy(name)
+    if name == "multiworker":
+        return _multiworker_strategy(read_tf_config())
     import tensorflow as tf
 
     gpus = tf.config.list_logical_devices("GPU")
@@ -393,20 +478,331 @@ def make_strategy(name: str) -> Any:
     return tf.distribute.MirroredStrategy([d.name for d in devices])
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
+def _multiworker_strategy(config: dict[str, Any]) -> Any:
+    import tensorflow as tf
+
+    task = config["task"]
+    where = f"{task['type']} {task['index']} ({config['cluster'][task['type']][task['index']]})"
+    try:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    except RuntimeError as exc:
+        if "startup" in str(exc):
+            raise LungCTError(
+                None,
+                "--strategy multiworker: TensorFlow had started before the strategy was made "
+                "(make it first in the process)",
+            ) from None
+        raise LungCTError(None, f"--strategy multiworker: {where}: {_first_line(exc)}") from None
+    except (ValueError, tf.errors.OpError) as exc:
+        raise LungCTError(
+            None, f"--strategy multiworker: {where} cannot start: {_first_line(exc)}"
+        ) from None
+
+
+_TF_CONFIG_EXAMPLE = (
+    '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", '
+    '"index": 0}}'
+)
+
+
+def _tf_config_error(problem: str) -> LungCTError:
+    return LungCTError(None, f"TF_CONFIG {problem} (e.g. {_TF_CONFIG_EXAMPLE})")
+
+
+def read_tf_config(text: str | None = None) -> dict[str, Any]:
+    """``TF_CONFIG`` (or ``text``), checked: ``{"cluster": {"worker": ["host:port", ...]},
+    "task": {"type": "worker", "index": i}}``, with an optional one-address ``"chief"`` job.
+    Every worker runs with the same cluster and its own task. The ``worker`` task 0 (or the
+    ``chief``) is the chief: it writes the model folder.
+
+    Raises:
+        LungCTError: unset, not JSON, another job than ``chief`` and ``worker``, an address
+            that is not ``host:port``, a task that is not in the cluster (one line, with an
+            example).
+    """
+    if text is None:
+        text = os.environ.get(TF_CONFIG, "")
+    if not text.strip():
+        raise LungCTError(
+            None,
+            "--strategy multiworker needs TF_CONFIG: the cluster's workers and this worker's "
+            f"task as JSON, e.g. TF_CONFIG='{_TF_CONFIG_EXAMPLE}'",
+        )
+    try:
+        config = json.loads(text)
+    except ValueError as exc:
+        raise _tf_config_error(f"is not JSON ({_first_line(exc)})") from None
+    if not isinstance(config, dict):
+        raise _tf_config_error("must be a JSON object with cluster and task")
+    cluster, task = config.get("cluster"), config.get("task")
+    if not isinstance(cluster, dict) or not cluster:
+        raise _tf_config_error('lacks "cluster": the workers\' addresses by job')
+    others = sorted(set(cluster) - {"chief", "worker"})
+    if others:
+        raise _tf_config_error(
+            f"names jobs {', '.join(others)}: --strategy multiworker trains on chief and "
+            "worker tasks only"
+        )
+    seen: set[str] = set()
+    for job, addresses in cluster.items():
+        if not isinstance(addresses, list) or not addresses:
+            raise _tf_config_error(f'"{job}" must be a list of host:port addresses')
+        if job == "chief" and len(addresses) != 1:
+            raise _tf_config_error('"chief" must name one address')
+        for address in addresses:
+            host, _, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise _tf_config_error(f"{job} address {address!r} is not host:port")
+            if address in seen:
+                raise _tf_config_error(f"names {address} twice")
+            seen.add(address)
+    if not isinstance(task, dict):
+        raise _tf_config_error('lacks "task": this worker\'s type and index')
+    kind, index = task.get("type"), task.get("index")
+    if kind not in cluster:
+        raise _tf_config_error(f"task type {kind!r} is not a job of the cluster")
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise _tf_config_error(f"task index {index!r} is not an integer")
+    if not 0 <= index < len(cluster[kind]):
+        raise _tf_config_error(
+            f"task index {index} is out of range: {kind} has {len(cluster[kind])} address(es)"
+        )
+    return {"cluster": cluster, "task": {"type": kind, "index": index}}
+
+
+def _multiworker(strategy: Any) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None) if strategy is not None else None
+    return resolver is not None and bool(resolver.cluster_spec().jobs)
+
+
+def is_chief(strategy: Any) -> bool:
+    """Whether this process writes the model folder: True without a strategy, under
+    ``mirrored``, and on the chief of a multiworker cluster."""
+    return strategy is None or bool(strategy.extended.should_checkpoint)
+
+
+def worker_count(strategy: Any) -> int:
+    """The processes that train together (1 but under ``multiworker``)."""
+    if not _multiworker(strategy):
+        return 1
+    spec = strategy.cluster_resolver.cluster_spec()
+    return sum(spec.num_tasks(job) for job in ("chief", "worker") if job in spec.jobs)
+
+
+def task_name(strategy: Any) -> str:
+    """This worker as ``TF_CONFIG`` names it (``worker 1``); empty outside a cluster."""
+    if not _multiworker(strategy):
+        return ""
+    resolver = strategy.cluster_resolver
+    return f"{resolver.task_type} {resolver.task_id}"
+
+
+@contextlib.contextmanager
+def worker_dir(model_dir: str | os.PathLike, strategy: Any) -> Iterator[Path]:
+    """The folder this process writes the training into: ``model_dir`` itself on the chief
+    (and without a cluster); on the other workers of a cluster, a folder of the same name in
+    a private temporary folder, removed when the block ends. Those workers write what the
+    chief writes (checkpoints, logs, the final model) so that they run every step the chief
+    runs, and nothing reaches ``model_dir``."""
+    if is_chief(strategy):
+        yield Path(model_dir)
+        return
+    scratch = Path(tempfile.mkdtemp(prefix="lungct-worker-"))
+    try:
+        yield scratch / (Path(model_dir).name or "model")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def from_chief(strategy: Any, values: Sequence[int]) -> list[int]:
+    """The chief's ``values`` (integers: an epoch to start from, a count) on every worker of
+    a multiworker cluster; ``values`` themselves otherwise. What the others pass is ignored.
+
+    Raises:
+        LungCTError: another worker stopped or cannot be reached (:func:`cluster_errors`).
+    """
+    if worker_count(strategy) < 2:
+        return [int(v) for v in values]
+    import numpy as np
+
+    with cluster_errors(strategy):
+        (got,) = _cluster(strategy).from_chief([np.asarray(values, dtype=np.float64)])
+    return [round(float(v)) for v in np.asarray(got).reshape(-1)]
+
+
+@contextlib.contextmanager
+def cluster_errors(strategy: Any) -> Iterator[None]:
+    """Turn the error TensorFlow raises on one worker when another has stopped (its
+    collective ops aborted: the peer's heartbeats stopped or its socket closed) into a
+    one-line :class:`LungCTError`; the worker that stopped has printed why. Nothing is done
+    outside a cluster."""
+    if worker_count(strategy) < 2:
+        yield
+        return
+    import tensorflow as tf
+
+    try:
+        yield
+    except (
+        tf.errors.UnavailableError,
+        tf.errors.CancelledError,
+        tf.errors.AbortedError,
+        tf.errors.DeadlineExceededError,
+    ) as exc:
+        raise LungCTError(
+            None,
+            f"{task_name(strategy)}: another worker of the cluster stopped or cannot be "
+            f"reached ({_first_line(exc)[:200]}); its own output says why",
+        ) from None
+
+
+_CLUSTERS: dict[int, Any] = {}
+
+
+def _cluster(strategy: Any) -> Any:
+    """The collective helpers of a multiworker strategy, traced once per process."""
+    key = id(strategy)
+    if key not in _CLUSTERS:
+        _CLUSTERS[key] = _Cluster(strategy)
+    return _CLUSTERS[key]
+
+
+class _Cluster:
+    """Two collectives the contract needs besides training: the chief's values on every
+    worker (a sum to which only the first replica of the chief adds its values: global
+    replica 0 is the chief's first device) and whether any worker says yes. Values travel as
+    float64, exact for float32 weights and for integers below 2**53."""
+
+    def __init__(self, strategy: Any) -> None:
+        import tensorflow as tf
+
+        self.strategy = strategy
+
+        def first_replica(values: list) -> list:
+            ctx = tf.distribute.get_replica_context()
+            mine = tf.cast(tf.equal(ctx.replica_id_in_sync_group, 0), tf.float64)
+            return ctx.all_reduce("SUM", [v * mine for v in values])
+
+        def total(values: list) -> list:
+            # identity: a value made on the replica's device (the argument has none)
+            ctx = tf.distribute.get_replica_context()
+            return ctx.all_reduce("SUM", [tf.identity(v) for v in values])
+
+        self._first = tf.function(lambda values: strategy.run(first_replica, args=(values,)))
+        self._total = tf.function(lambda values: strategy.run(total, args=(values,)))
+
+    def _local(self, value: Any) -> Any:
+        return self.strategy.experimental_local_results(value)[0]
+
+    def from_chief(self, arrays: list) -> list:
+        """The chief's arrays (float64) on every worker."""
+        import tensorflow as tf
+
+        values = [tf.constant(a, dtype=tf.float64) for a in arrays]
+        return [self._local(v) for v in self._first(values)]
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any worker."""
+        import tensorflow as tf
+
+        (count,) = self._total([tf.constant(1.0 if flag else 0.0, dtype=tf.float64)])
+        return float(self._local(count)) > 0.0
+
+    def assign_from_chief(self, variables: list) -> None:
+        """Every numeric variable takes the chief's value."""
+        import tensorflow as tf
+
+        numeric = [v for v in variables if tf.as_dtype(v.dtype).is_floating or _integer(v)]
+        if not numeric:
+            return
+        with cluster_errors(self.strategy):
+            values = self._first([tf.cast(tf.convert_to_tensor(v), tf.float64) for v in numeric])
+            for variable, value in zip(numeric, values, strict=True):
+                variable.assign(tf.cast(self._local(value), variable.dtype))
+
+
+def _integer(variable: Any) -> bool:
+    import tensorflow as tf
+
+    return tf.as_dtype(variable.dtype).is_integer
+
+
+def prepare_model(model: Any, strategy: Any) -> Any:
+    """Make ``model.fit`` of the installed Keras (3.15) work under a multiworker ``strategy``;
+    the model unchanged otherwise. Returns the model.
+
+    Keras 3.15 fails twice there (keras-team/keras#20585): before training it reduces the
+    first batch across workers with ``strategy.reduce``, which takes one value, not the
+    batch's tuple ("Attempt to convert a value (PerReplica ...)"); and it reduces each step's
+    scalar logs with ``axis=0`` ("Invalid reduction dimension 0 for input with 0
+    dimensions"). Here the model builds from this worker's own first slice (only its shapes
+    matter), and its training and evaluation steps return each log value as a one-element
+    vector, which that reduction averages over the workers into a scalar. Both on this model
+    object only; saved files are not affected.
+    """
+    if worker_count(strategy) < 2:
+        return model
+    import types
+
+    import keras
+    import tensorflow as tf
+
+    def local(value: Any) -> Any:
+        if isinstance(value, tf.distribute.DistributedValues):
+            return strategy.experimental_local_results(value)[0]
+        return value
+
+    build = type(model)._maybe_symbolic_build
+
+    def maybe_symbolic_build(self: Any, iterator: Any = None, data_batch: Any = None) -> Any:
+        if iterator is not None and data_batch is None:
+            for _, _, batches in iterator:
+                data_batch = keras.tree.map_structure(local, next(batches))
+                break
+        return build(self, iterator=None, data_batch=data_batch)
+
+    def vectors(step: Callable) -> Callable:
+        def step_with_vector_logs(data: Any) -> Any:
+            return keras.tree.map_structure(
+                lambda v: tf.reshape(v, [1]) if tf.is_tensor(v) and v.shape.rank == 0 else v,
+                step(data),
+            )
+
+        return step_with_vector_logs
+
+    model._maybe_symbolic_build = types.MethodType(maybe_symbolic_build, model)
+    model.train_step = vectors(model.train_step)
+    model.test_step = vectors(model.test_step)
+    return model
+
+
 def replicas(strategy: Any) -> int:
     """Replicas that train in step (1 without a strategy)."""
     return 1 if strategy is None else int(strategy.num_replicas_in_sync)
 
 
-def add_device_arguments(parser: Any) -> None:
-    """The ``--strategy`` and ``--mixed-precision`` options of a ``train`` command."""
+def add_device_arguments(parser: Any, multiworker: bool = True) -> None:
+    """The ``--strategy`` and ``--mixed-precision`` options of a ``train`` command
+    (``multiworker=False``: a trainer that runs on one machine only)."""
+    choices = STRATEGIES if multiworker else tuple(s for s in STRATEGIES if s != "multiworker")
+    several = (
+        "; multiworker: several machines, each running this command with TF_CONFIG naming the "
+        "cluster and its task (the chief, worker 0, writes --out)"
+        if multiworker
+        else ""
+    )
     parser.add_argument(
         "--strategy",
-        choices=STRATEGIES,
+        choices=choices,
         default="none",
         help="none: TensorFlow's default device; mirrored: every GPU of this machine (every "
-        "logical CPU without one), each batch split between them; the plan's batch is the "
-        "global batch",
+        f"logical CPU without one), each batch split between them{several}; the plan's batch "
+        "is the global batch",
     )
     parser.add_argument(
         "--mixed-precision",

@@ -164,7 +164,7 @@ def test_a_time_budget_stops_the_run_and_resume_continues_it(tiny, tmp_path):
 
 def test_strategy_choices():
     assert make_strategy("none") is None
-    with pytest.raises(LungCTError, match="--strategy must be one of none, mirrored"):
+    with pytest.raises(LungCTError, match="--strategy must be one of none, mirrored, multiworker"):
         with strategy_scope("gpus"):
             pass
 

@@ -160,10 +160,25 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
 from unet_candidates.config import UNetPlan
 from unet_candidates.train import train
-summary = train(UNetPlan.load(sys.argv[2]), sys.argv[3], sys.argv[4], [0], [], sys.argv[5],
+summary = train(UNetPlan.load(sys.argv[2]), sys.argv[3], sys.argv[4], [0], [1], sys.argv[5],
                 strategy=sys.argv[6], progress=False)
 print(json.dumps(summary))
 """
+
+
+def test_multiworker_is_refused_in_one_line(tiny_luna, tmp_path, capsys) -> None:
+    from unet_candidates.__main__ import main
+
+    data, cache = tiny_luna
+    with pytest.raises(SystemExit):  # not among the command's choices
+        main(["train", "--data", str(data), "--cache", str(cache), "--out", str(tmp_path / "m"),
+              "--strategy", "multiworker"])  # fmt: skip
+    assert "invalid choice: 'multiworker'" in capsys.readouterr().err
+    from lungct.errors import LungCTError
+    from unet_candidates.train import train
+
+    with pytest.raises(LungCTError, match="trains on one machine"):
+        train(tiny_plan("2d"), data, cache, [0], [1], tmp_path / "m", strategy="multiworker")
 
 
 def test_two_replicas_match_one_replica(tiny_luna, tmp_path) -> None:
@@ -199,5 +214,8 @@ def test_two_replicas_match_one_replica(tiny_luna, tmp_path) -> None:
         assert done.returncode == 0, done.stderr[-2000:]
         assert json.loads(done.stdout.strip().splitlines()[-1])["replicas"] == n
         runs[n] = [float(r["loss"]) for r in _log(out)]
+        # Validated on this process's copy of the model (a strategy's predict_on_batch returns
+        # one copy of the output per replica).
+        assert all(0.0 <= float(r["val_dice"]) <= 1.0 for r in _log(out))
     assert len(runs[1]) == len(runs[2]) == 3
     np.testing.assert_allclose(runs[2], runs[1], rtol=0.08)

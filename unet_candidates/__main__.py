@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=positive_int, default=2, help="processes preparing the cache")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    add_device_arguments(p)
+    add_device_arguments(p, multiworker=False)
     p.set_defaults(func=_train)
 
     p = sub.add_parser(

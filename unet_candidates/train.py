@@ -404,7 +404,24 @@ def _schedule_callback(plan: Any, max_minutes: float | None) -> Any:
     return CosineSchedule()
 
 
-def _stage_callback(network: CandidateNetwork, plan: Any, val_set: Any, out_dir: Path) -> Any:
+class _LocalModel:
+    """``predict_on_batch`` of a model built under a ``tf.distribute`` strategy, on this
+    process's copy of it: the strategy's own hands every replica the whole batch and returns
+    their outputs one after another."""
+
+    def __init__(self, model: Any) -> None:
+        import tensorflow as tf
+
+        self._tf = tf
+        self._call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+
+    def predict_on_batch(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self._call(self._tf.convert_to_tensor(x)))
+
+
+def _stage_callback(
+    network: CandidateNetwork, plan: Any, val_set: Any, out_dir: Path, distributed: bool
+) -> Any:
     import keras
 
     class Validation(keras.callbacks.Callback):
@@ -412,8 +429,16 @@ def _stage_callback(network: CandidateNetwork, plan: Any, val_set: Any, out_dir:
         epoch's logs, and ``model.keras`` refreshed (atomically) with the epoch's weights, so
         a folder in training is usable with ``--allow-unfinished``."""
 
+        def __init__(self) -> None:
+            super().__init__()
+            self._local: Any = None
+
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            val_loss, metric = network.validate(self.model, val_set, plan)
+            model = self.model
+            if distributed:
+                self._local = self._local or _LocalModel(self.model)
+                model = self._local
+            val_loss, metric = network.validate(model, val_set, plan)
             if logs is not None:
                 logs["val_loss"] = math.nan if val_loss is None else float(val_loss)
                 logs[network.metric] = math.nan if metric is None else float(metric)
@@ -485,6 +510,13 @@ def fit_candidate_network(
     Raises:
         LungCTError: bad folds, missing data, a folder holding another run, a plan mismatch.
     """
+    if strategy == "multiworker":
+        raise LungCTError(
+            None,
+            "--strategy multiworker trains the FP reducers and the malignancy CNN; "
+            f"{network.what(plan) if plan is not None else 'a candidate network'} trains on one "
+            "machine (--strategy mirrored for its GPUs)",
+        )
     if plan is not None and not isinstance(plan, network.plan_class):
         raise TypeError(
             f"{network.what(plan)} trains from a {network.plan_class.__name__}, "
@@ -621,7 +653,7 @@ def fit_candidate_network(
         data=batches,
         before=(
             _schedule_callback(plan, max_minutes),
-            _stage_callback(network, plan, val_set, out_dir),
+            _stage_callback(network, plan, val_set, out_dir, scope is not None),
         ),
     )
     if progress:
