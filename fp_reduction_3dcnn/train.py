@@ -63,6 +63,7 @@ from lungct.training import (
     has_training_state,
     is_chief,
     latest_checkpoint,
+    local_call,
     log_float,
     make_strategy,
     prepare_model,
@@ -131,23 +132,12 @@ Predictor = Callable[[Sequence[np.ndarray]], np.ndarray]
 
 def local_predictor(model: keras.Model, distributed: bool) -> Predictor:
     """``model.predict_on_batch``, or with ``distributed`` (a model built under a
-    ``tf.distribute`` strategy) a compiled call of this process's copy of the model.
-
-    Under a strategy ``predict_on_batch`` hands every replica the whole batch and returns
-    their outputs one after another (``num_replicas_in_sync`` copies), and under
-    ``multiworker`` it is a collective step every worker would have to run; the compiled call
-    reads the variables' local copy, on this process alone.
-    """
+    ``tf.distribute`` strategy) :func:`lungct.training.local_call`: a strategy's own
+    ``predict_on_batch`` returns one copy of the output per replica."""
     if not distributed:
         return model.predict_on_batch
-    import tensorflow as tf
-
-    call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-
-    def predict(inputs: Sequence[np.ndarray]) -> np.ndarray:
-        return np.asarray(call([tf.convert_to_tensor(x) for x in inputs]))
-
-    return predict
+    predict = local_call(model)
+    return lambda inputs: predict(list(inputs))
 
 
 def predict_inputs(

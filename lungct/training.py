@@ -781,6 +781,26 @@ def prepare_model(model: Any, strategy: Any) -> Any:
     return model
 
 
+def local_call(model: Any) -> Callable[[Any], Any]:
+    """A compiled call of this process's copy of a model built under a ``tf.distribute``
+    strategy, inputs (an array or a list of arrays) in, a NumPy array out.
+
+    Under a strategy ``predict_on_batch`` hands every replica the whole batch and returns
+    their outputs one after another (``num_replicas_in_sync`` copies), and under
+    ``multiworker`` it is a collective step every worker would have to run; this call reads
+    the variables' local copy, on this process alone (validation, grids).
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+
+    def predict(inputs: Any) -> Any:
+        return np.asarray(call(tf.nest.map_structure(tf.convert_to_tensor, inputs)))
+
+    return predict
+
+
 def replicas(strategy: Any) -> int:
     """Replicas that train in step (1 without a strategy)."""
     return 1 if strategy is None else int(strategy.num_replicas_in_sync)

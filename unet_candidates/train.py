@@ -51,6 +51,7 @@ from lungct.modeldir import (
 from lungct.training import (
     fit_callbacks,
     has_training_state,
+    local_call,
     log_float,
     read_log,
     replicas,
@@ -405,18 +406,11 @@ def _schedule_callback(plan: Any, max_minutes: float | None) -> Any:
 
 
 class _LocalModel:
-    """``predict_on_batch`` of a model built under a ``tf.distribute`` strategy, on this
-    process's copy of it: the strategy's own hands every replica the whole batch and returns
-    their outputs one after another."""
+    """A model's ``predict_on_batch`` on this process's copy of it
+    (:func:`lungct.training.local_call`), for the networks' ``validate`` hooks."""
 
     def __init__(self, model: Any) -> None:
-        import tensorflow as tf
-
-        self._tf = tf
-        self._call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-
-    def predict_on_batch(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(self._call(self._tf.convert_to_tensor(x)))
+        self.predict_on_batch = local_call(model)
 
 
 def _stage_callback(
