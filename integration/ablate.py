@@ -207,6 +207,8 @@ def stage_keys(settings: StageSettings, split: Split) -> dict[str, tuple[str, di
             "val": list(split.val),
             "test": list(split.test),
         }
+        if settings.hard_negatives:  # they are the stage-1 network's candidates
+            fpr["hard_negatives"] = keys["unet"][0]
         network = f"{plan.variant}-{plan.merge}" if plan.network == "mgicnn" else plan.network
         keys["fpr"] = (
             f"fpr-{network}-{'gan' if gan_name else 'nogan'}-{_digest(fpr)}",

@@ -4,8 +4,10 @@ One run of the detector on one split of the LUNA16 subsets::
 
     candidate network (U-Net or CenterNet; train folds, validated on the val folds)
     -> candidates (test folds)
+    [-> hard negatives (the network's own candidates of the train and val folds, labelled)]
     [-> CT-GAN (train folds only) -> augmentation (train folds, prepared into the cache)]
-    -> FP reducer (MGI-CNN or another network; train folds + their augmented copies)
+    -> FP reducer (MGI-CNN or another network; train folds + their augmented copies
+       [+ the hard negatives])
     -> scores (the test candidates: the submission)
 
 ``integration demo`` runs the list once, ``integration crossval`` once per test fold,
@@ -31,6 +33,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from lungct.errors import LungCTError
 from lungct.fileio import write_json_atomic, write_text_atomic
@@ -94,6 +98,10 @@ class StageSettings:
             (:mod:`unet_candidates.quantize`), calibrated on the validation folds (the
             training folds where there are none); the test folds' candidates then come from
             it on a CPU, as ``detect``'s would.
+        hard_negatives: also train the FP reducer on the stage-1 network's own candidates of
+            the training and validation folds, labelled by the evaluation's hit rule (those on
+            an excluded finding left out): the false positives it will be asked to reject,
+            beside the look-alikes of the data's ``candidates.csv``.
     """
 
     unet_preset: str = "2d"
@@ -115,6 +123,7 @@ class StageSettings:
     fpr_overrides: dict[str, Any] = field(default_factory=dict)
     tta: bool = False
     quantize: bool = False
+    hard_negatives: bool = False
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str | None = None) -> StageSettings:
@@ -283,6 +292,11 @@ class StagePaths:
     train_candidates: Path
     fpr: Path
     submission: Path
+
+    @property
+    def hard_negatives(self) -> Path:
+        """The stage-1 network's labelled candidates of the training and validation folds."""
+        return self.train_candidates.with_name("candidates_hard_negatives.csv")
 
     @classmethod
     def single_run(cls, out: Path, models: Path, fpr_cache: Path | None = None) -> StagePaths:
@@ -610,6 +624,64 @@ def extract_candidates(run: StageRun) -> None:
         )
 
 
+def mine_hard_negatives(run: StageRun) -> None:
+    """The stage-1 network's candidates of the training and validation folds, labelled for the
+    FP reducer: class 1 where they hit a nodule (the evaluation's rule), 0 elsewhere, and left
+    out where they hit an excluded finding (the evaluation ignores those marks, and a real
+    finding must never be taught as a negative). Kept when newer than the model and
+    ``run.reuse``.
+
+    Raises:
+        LungCTError: every scan failed in extraction.
+    """
+    from unet_candidates.extract import extract_paths
+
+    unet_dir, out = run.paths.unet, run.paths.hard_negatives
+    if run.reuse and _fresh(out, unet_dir):
+        return
+    raw = out.with_name(out.stem + "_raw.csv")
+    folds = sorted({*run.split.train, *run.split.val})
+    summary = run.clock.run(
+        "extract training candidates",
+        lambda: extract_paths(
+            unet_dir,
+            raw,
+            data_dir=run.data,
+            folds=folds,
+            cache_dir=run.cache,
+            progress=run.progress,
+        ),
+    )
+    if summary["out"] is None:
+        scan, problem = next(iter(summary["failed"].items()), ("?", "?"))
+        raise LungCTError(
+            unet_dir, f"candidate extraction failed on every training scan (e.g. {scan}: {problem})"
+        )
+    label_detector_candidates(raw, run.data, out)
+
+
+def label_detector_candidates(candidates: Path, data: Path, out: Path) -> int:
+    """Label a detector's candidates of a dataset for training: class 1 where a candidate hits
+    a nodule of ``data/annotations.csv`` (the evaluation's rule), 0 elsewhere; candidates on a
+    finding of ``data/annotations_excluded.csv`` are left out. Writes ``out`` atomically and
+    returns its number of rows."""
+    from fp_reduction_3dcnn.data import excluded_rows, hit_labels
+    from lungct.tables import read_annotations, read_candidates
+
+    table = read_candidates(candidates, require_class=False)
+    table.label = hit_labels(table, read_annotations(data / "annotations.csv"))
+    keep = np.ones(len(table), dtype=bool)
+    excluded = excluded_table(data)
+    if excluded is not None:
+        keep &= ~excluded_rows(table, excluded)
+    rows = [
+        [table.uid_of(i), *table.coords[i].tolist(), int(table.label[i])]
+        for i in np.flatnonzero(keep)
+    ]
+    write_csv_atomic(out, ("seriesuid", "coordX", "coordY", "coordZ", "class"), rows)
+    return len(rows)
+
+
 def quantize_unet_stage(run: StageRun, unet_dir: Path) -> None:
     """Write the trained 2-D U-Net's 8-bit copy, calibrated on the validation folds (else the
     training folds), unless a copy of these weights is there."""
@@ -701,6 +773,8 @@ def train_fp_reducer(run: StageRun) -> None:
     sources = [candidates]
     if run.settings.gan:
         sources.append(run.paths.augmented / "candidates.csv")
+    if run.settings.hard_negatives:
+        sources.append(run.paths.hard_negatives)
     if run.paths.fpr_cache is not None:
         overlay_cache(run.cache, run.paths.fpr_cache)
     train_candidates = merge_candidates(sources, run.paths.train_candidates)
@@ -766,6 +840,10 @@ def _reducing(settings: StageSettings) -> bool:
     return settings.fpr
 
 
+def _mining(settings: StageSettings) -> bool:
+    return settings.fpr and settings.hard_negatives
+
+
 STAGES: tuple[Stage, ...] = (
     Stage(
         "candidate network",
@@ -775,6 +853,7 @@ STAGES: tuple[Stage, ...] = (
         budget=lambda settings: settings.candidate_minutes,
     ),
     Stage("candidates", _always, extract_candidates),
+    Stage("hard negatives", _mining, mine_hard_negatives),
     Stage(
         "CT-GAN",
         _augmenting,

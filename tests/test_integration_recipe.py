@@ -27,7 +27,7 @@ def tiny_recipe(**changes) -> dict:
         "data": {"scans": 4, "seed": 0, "size": "small"},
         "split": {"train": [0, 1], "val": [2], "test": [3]},
         "preprocess": {"name": "test2mm", "spacing": [2.0, 2.0, 2.0]},
-        "settings": tiny_settings(quantize=True),
+        "settings": tiny_settings(quantize=True, hard_negatives=True),
         "bootstrap": 10,
         "workers": 1,
     }
@@ -65,6 +65,13 @@ def test_train_models_writes_a_sealed_model_set(trained: dict[str, Path], capsys
     assert len(record["calibration"]["series"]) == 1  # the validation subset's scan
     assert int8_problem(models / "unet") is None
     assert summary["heldout"]["nodules"] >= 0
+    # The MGI-CNN also trained on the U-Net's own candidates of the training and validation
+    # folds, labelled (the hard negatives).
+    assert "extract training candidates" in summary["seconds"]
+    mined = (trained["out"] / "heldout" / "candidates_hard_negatives.csv").read_text().splitlines()
+    assert mined[0] == "seriesuid,coordX,coordY,coordZ,class" and len(mined) > 1
+    merged = (trained["out"] / "heldout" / "candidates_train.csv").read_text().splitlines()
+    assert set(mined[1:]) <= set(merged[1:])
 
     # Rerunning resumes: nothing is trained again, the sealed weights stay as they were.
     stamp = (models / "unet" / "model.keras").stat().st_mtime_ns

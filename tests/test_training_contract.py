@@ -237,6 +237,43 @@ def test_the_stage_list_follows_the_settings():
     assert names() == [*everything, "scores"]
     assert names(gan=False) == ["candidate network", "candidates", "FP reducer", "scores"]
     assert names(fpr=False) == ["candidate network", "candidates"]
+    assert names(hard_negatives=True) == [
+        *everything[:2],
+        "hard negatives",
+        *everything[2:],
+        "scores",
+    ]
+    assert names(hard_negatives=True, fpr=False) == ["candidate network", "candidates"]
     # The stages that train name their folder and budget, read from one place.
     budgets = {s.name: s.budget(StageSettings()) for s in STAGES if s.budget is not None}
     assert budgets == {"candidate network": 3.0, "CT-GAN": 2.0, "FP reducer": 4.0}
+
+
+def test_detector_candidates_are_labelled_by_the_hit_rule(tmp_path):
+    """A detector's candidates become training rows: a hit is class 1, a miss class 0, and a
+    mark on an excluded finding is left out (never taught as a negative)."""
+    from integration.stages import label_detector_candidates
+    from lungct.tables import read_candidates
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "annotations.csv").write_text(
+        "seriesuid,coordX,coordY,coordZ,diameter_mm\n1.2.3,10,20,30,8\n"
+    )
+    (data / "annotations_excluded.csv").write_text(
+        "seriesuid,coordX,coordY,coordZ,diameter_mm\n1.2.3,-50,0,0,6\n1.2.3,50,0,0,-1\n"
+    )
+    raw = tmp_path / "raw.csv"
+    raw.write_text(
+        "seriesuid,coordX,coordY,coordZ,probability\n"
+        "1.2.3,11,21,31,0.9\n"  # 1.7 mm from the nodule's centre (radius 4): a hit
+        "1.2.3,10,20,35,0.8\n"  # 5 mm away: outside the radius
+        "1.2.3,-51,0,0,0.7\n"  # on an excluded finding (radius 3)
+        "1.2.3,54,0,0,0.6\n"  # on an excluded finding of unknown size (10 mm)
+        "4.5.6,0,0,0,0.5\n"  # a scan without nodules
+    )
+    out = tmp_path / "labelled.csv"
+    assert label_detector_candidates(raw, data, out) == 3
+    table = read_candidates(out)
+    assert [table.uid_of(i) for i in range(3)] == ["1.2.3", "1.2.3", "4.5.6"]
+    assert table.label.tolist() == [1, 0, 0]
