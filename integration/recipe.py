@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from integration.modelset import MODEL_CARD_FILE, write_model_set
 from integration.stages import (
     Split,
@@ -72,6 +74,10 @@ class Recipe:
         settings: :class:`integration.stages.StageSettings` keys (variants, plans, budgets).
         bootstrap: bootstrap resamples of the held-out check.
         workers: processes for data generation and cache preparation.
+        report_fps_per_scan: choose the set's report threshold (``pipeline.json``) on the
+            validation folds: the lowest score at which they have at most this many false
+            positives per scan, and never below 0.5 (:func:`choose_report_threshold`).
+            ``None``: 0.5.
     """
 
     name: str
@@ -86,6 +92,7 @@ class Recipe:
     settings: dict[str, Any] = field(default_factory=dict)
     bootstrap: int = 1000
     workers: int = 2
+    report_fps_per_scan: float | None = None
 
     @classmethod
     def from_dict(cls, values: Any, source: str | os.PathLike | None = None) -> Recipe:
@@ -150,6 +157,13 @@ class Recipe:
             raise LungCTError(source, "bootstrap must be an integer")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
             raise LungCTError(source, "workers must be a positive integer")
+        fps = self.report_fps_per_scan
+        if fps is not None and (
+            isinstance(fps, bool) or not isinstance(fps, int | float) or fps <= 0
+        ):
+            raise LungCTError(source, f"report_fps_per_scan must be a number > 0, got {fps!r}")
+        if fps is not None and not self.split_().val:
+            raise LungCTError(source, "report_fps_per_scan needs validation folds")
         self.split_()
         self.stage_settings(source)
         self.preprocess_plan(source)
@@ -309,7 +323,20 @@ def train_models(
         ),
     )
     metrics = write_outputs(result, out / "heldout" / "evaluation")
-    PipelineConfig(tta=settings.tta).save(models)
+    operating = None
+    if recipe.report_fps_per_scan is not None and settings.fpr:
+        fps = float(recipe.report_fps_per_scan)
+        operating = clock.run(
+            "choose report threshold",
+            lambda: choose_report_threshold(run, fps, out / "heldout" / "validation"),
+        )
+        log(
+            f"[train-models] report threshold {operating['threshold']:.3f}: "
+            f"{operating['false_positives_per_scan']:.2f} false positives per validation scan, "
+            f"sensitivity {operating['sensitivity']:.2f} ({operating['scans']} scans)"
+        )
+    threshold = 0.5 if operating is None else operating["threshold"]
+    PipelineConfig(threshold=threshold, tta=settings.tta).save(models)
     model_set = write_model_set(
         models,
         name=recipe.name,
@@ -334,11 +361,93 @@ def train_models(
         "seconds": clock.seconds,
         "hardware": hardware(),
     }
+    if operating is not None:
+        summary["report_threshold"] = operating
     previous_seconds = read_json_or_empty(out / "train_models.json").get("runs", [])
     summary["runs"] = [*previous_seconds, clock.seconds]
     write_json_atomic(out / "train_models.json", summary)
     log(f"[train-models] model set: {models} ({MODEL_CARD_FILE} beside it)")
     return summary
+
+
+def report_threshold(
+    scores: np.ndarray, labels: np.ndarray, n_scans: int, fps_per_scan: float, floor: float = 0.5
+) -> float:
+    """The lowest threshold at which scored marks (``labels``: 1 hit, 0 false positive) leave
+    at most ``fps_per_scan`` false positives per scan, and never below ``floor``.
+
+    A mark counts at or above the threshold. With ``k = floor(fps_per_scan * n_scans)`` false
+    positives allowed, the threshold lies just above the (k+1)-th highest false positive's
+    score (``floor`` when there are no more than ``k``).
+    """
+    allowed = int(np.floor(fps_per_scan * n_scans + 1e-9))
+    negatives = np.sort(np.asarray(scores, dtype=np.float64)[np.asarray(labels) == 0])[::-1]
+    if len(negatives) <= allowed:
+        return float(floor)
+    return float(max(floor, np.nextafter(negatives[allowed], np.inf)))
+
+
+def choose_report_threshold(run: StageRun, fps_per_scan: float, out: Path) -> dict[str, Any]:
+    """Score the validation folds' candidates with the run's trained stages and choose the
+    report threshold (:func:`report_threshold`); marks on excluded findings are not counted.
+    Returns the threshold and what it gives on those folds."""
+    from fp_reduction_3dcnn.predict import predict as fpr_predict
+    from integration.evaluation import label_candidates
+    from lungct.tables import read_annotations, read_results
+    from unet_candidates.extract import extract_paths
+
+    out.mkdir(parents=True, exist_ok=True)
+    folds = list(run.split.val)
+    candidates, scored = out / "candidates.csv", out / "submission.csv"
+    extract_paths(
+        run.paths.unet,
+        candidates,
+        data_dir=run.data,
+        folds=folds,
+        cache_dir=run.cache,
+        progress=run.progress,
+    )
+    fpr_predict(
+        run.paths.fpr,
+        run.fpr_cache,
+        candidates,
+        scored,
+        tta=run.settings.tta,
+        progress=run.progress,
+    )
+    table = read_results(scored)
+    annotations = read_annotations(run.data / "annotations.csv")
+    hit = label_candidates(annotations, table).astype(bool)
+    excluded = run.data / "annotations_excluded.csv"
+    ignored = np.zeros(len(table), dtype=bool)
+    if excluded.is_file():
+        ignored = (
+            label_candidates(
+                read_annotations(excluded, allow_negative_diameter=True), table
+            ).astype(bool)
+            & ~hit
+        )
+    uids = fold_uids(run.data, folds)
+    keep = ~ignored
+    threshold = report_threshold(table.probability[keep], hit[keep], len(uids), fps_per_scan)
+    above = table.probability >= threshold
+    mark_uid = np.asarray(table.uids, dtype=object)[table.series_index]
+    found = total = 0
+    for uid in uids:
+        marks = table.coords[above & (mark_uid == uid)]
+        for r in annotations.rows_in_series(uid):
+            total += 1
+            d2 = ((marks - annotations.coords[r]) ** 2).sum(axis=1)
+            found += bool((d2 < (annotations.diameter_mm[r] / 2) ** 2).any())
+    return {
+        "threshold": threshold,
+        "fps_per_scan_asked": fps_per_scan,
+        "false_positives_per_scan": float((above & keep & ~hit).sum() / max(len(uids), 1)),
+        "sensitivity": found / total if total else float("nan"),
+        "nodules": total,
+        "scans": len(uids),
+        "folds": folds,
+    }
 
 
 def evaluate_model_set(
@@ -435,7 +544,6 @@ def sensitivity_by_size(
     a band's sensitivity there is the share of its nodules hit by a mark at or above it.
     ``any`` counts a nodule hit by any mark (the top of the FROC).
     """
-    import numpy as np
 
     from integration.evaluation import FP_RATES
 

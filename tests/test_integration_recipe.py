@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from integration.__main__ import main
@@ -30,6 +31,7 @@ def tiny_recipe(**changes) -> dict:
         "settings": tiny_settings(quantize=True, hard_negatives=True),
         "bootstrap": 10,
         "workers": 1,
+        "report_fps_per_scan": 1.0,
     }
     recipe.update(changes)
     return recipe
@@ -72,6 +74,12 @@ def test_train_models_writes_a_sealed_model_set(trained: dict[str, Path], capsys
     assert mined[0] == "seriesuid,coordX,coordY,coordZ,class" and len(mined) > 1
     merged = (trained["out"] / "heldout" / "candidates_train.csv").read_text().splitlines()
     assert set(mined[1:]) <= set(merged[1:])
+    # The report threshold was chosen on the validation scan, never below 0.5.
+    chosen = summary["report_threshold"]
+    assert chosen["scans"] == 1 and chosen["folds"] == [2] and chosen["threshold"] >= 0.5
+    assert chosen["false_positives_per_scan"] <= 1.0
+    pipeline = json.loads((models / "pipeline.json").read_text())
+    assert pipeline["threshold"] == chosen["threshold"]
 
     # Rerunning resumes: nothing is trained again, the sealed weights stay as they were.
     stamp = (models / "unet" / "model.keras").stat().st_mtime_ns
@@ -141,6 +149,7 @@ def test_evaluate_models_on_fresh_data_and_detect(trained: dict[str, Path], tmp_
         ({"workers": 0}, "workers must be a positive integer"),
         ({"background": {"scans": 0, "seed": 1}}, "background.scans must be a positive integer"),
         ({"background": {"scans": 2}}, "recipe background must be {scans, seed} or null"),
+        ({"report_fps_per_scan": 0}, "report_fps_per_scan must be a number > 0"),
     ],
 )
 def test_bad_recipes_are_refused(change: dict, problem: str) -> None:
@@ -156,6 +165,19 @@ def test_shipped_recipes_load(tmp_path: Path, monkeypatch) -> None:
     assert recipe.data["size"] == "full" and recipe.stage_settings().gan
     with pytest.raises(LungCTError, match="no recipe named 'nope'"):
         Recipe.load("nope")
+
+
+def test_report_threshold_allows_the_asked_false_positives() -> None:
+    from integration.recipe import report_threshold
+
+    scores = np.array([0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.3])
+    labels = np.array([1, 0, 0, 1, 0, 0, 0])
+    # 2 scans at 1 per scan: 2 false positives may stay (0.95, 0.9), the third (0.7) may not.
+    t = report_threshold(scores, labels, n_scans=2, fps_per_scan=1.0)
+    assert 0.7 < t < 0.7001 and ((scores >= t) & (labels == 0)).sum() == 2
+    # Never below the floor, even where few false positives are left.
+    assert report_threshold(scores, labels, n_scans=10, fps_per_scan=1.0) == 0.5
+    assert report_threshold(scores, labels, n_scans=4, fps_per_scan=0.5, floor=0.1) > 0.7
 
 
 def test_sensitivity_by_size_reads_the_froc_operating_points() -> None:
