@@ -78,6 +78,11 @@ class Recipe:
             validation folds: the lowest score at which they have at most this many false
             positives per scan, and never below 0.5 (:func:`choose_report_threshold`).
             ``None``: 0.5.
+        malignancy: ``{"scans": N, "seed": S, "nodules_per_scan": K, "minutes": M,
+            "plan": {...}}``: also train the malignancy CNN (the set's ``malignancy/``) on N
+            copies of the background scan with K rated synthetic nodules each, for at most M
+            minutes a run; ``plan`` holds :class:`fp_reduction_3dcnn.malignancy.MalignancyPlan`
+            fields to change. Needs the background part.
     """
 
     name: str
@@ -93,6 +98,7 @@ class Recipe:
     bootstrap: int = 1000
     workers: int = 2
     report_fps_per_scan: float | None = None
+    malignancy: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, values: Any, source: str | os.PathLike | None = None) -> Recipe:
@@ -162,11 +168,45 @@ class Recipe:
             isinstance(fps, bool) or not isinstance(fps, int | float) or fps <= 0
         ):
             raise LungCTError(source, f"report_fps_per_scan must be a number > 0, got {fps!r}")
+        self.malignancy_plan(source)
         if fps is not None and not self.split_().val:
             raise LungCTError(source, "report_fps_per_scan needs validation folds")
         self.split_()
         self.stage_settings(source)
         self.preprocess_plan(source)
+
+    def malignancy_plan(self, source: str | os.PathLike | None = None) -> Any:
+        """The malignancy part's plan (``None`` without one); its keys are checked."""
+        part = self.malignancy
+        if part is None:
+            return None
+        keys = {"scans", "seed", "nodules_per_scan", "minutes", "plan"}
+        if not isinstance(part, dict) or set(part) - keys or not {"scans", "seed"} <= set(part):
+            raise LungCTError(
+                source, "recipe malignancy must be {scans, seed, nodules_per_scan, minutes, plan}"
+            )
+        for key in ("scans", "seed", "nodules_per_scan"):
+            value = part.get(key, 1)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or (key != "seed" and value < 1)
+            ):
+                raise LungCTError(source, f"malignancy.{key} must be a positive integer")
+        minutes = part.get("minutes", 30.0)
+        if isinstance(minutes, bool) or not isinstance(minutes, int | float) or minutes <= 0:
+            raise LungCTError(source, "malignancy.minutes must be a number > 0")
+        if self.background is None:
+            raise LungCTError(source, "the malignancy part needs the background part's real scan")
+        from fp_reduction_3dcnn.malignancy import MalignancyPlan
+
+        changes = part.get("plan", {})
+        if not isinstance(changes, dict):
+            raise LungCTError(source, "malignancy.plan must be a JSON object")
+        try:
+            return MalignancyPlan.from_dict({**MalignancyPlan().to_dict(), **changes})
+        except (TypeError, ValueError, LungCTError) as exc:
+            raise LungCTError(source, f"bad malignancy.plan ({exc})") from None
 
     def split_(self) -> Split:
         """The folds as a :class:`Split`."""
@@ -337,6 +377,8 @@ def train_models(
         )
     threshold = 0.5 if operating is None else operating["threshold"]
     PipelineConfig(threshold=threshold, tta=settings.tta).save(models)
+    if recipe.malignancy is not None and background is not None:
+        train_malignancy_part(recipe, out, background, clock, progress)
     model_set = write_model_set(
         models,
         name=recipe.name,
@@ -368,6 +410,63 @@ def train_models(
     write_json_atomic(out / "train_models.json", summary)
     log(f"[train-models] model set: {models} ({MODEL_CARD_FILE} beside it)")
     return summary
+
+
+def train_malignancy_part(
+    recipe: Recipe, out: Path, background: BackgroundScan, clock: StageClock, progress: bool
+) -> Path:
+    """The recipe's malignancy part: its rated data (copies of the background scan), their
+    cache and the malignancy CNN in ``out/models/malignancy``, skipped when sealed and resumed
+    when started, as the other stages are."""
+    from fp_reduction_3dcnn.malignancy import train_malignancy
+    from lungct.cache import prepare_dataset
+    from lungct.synth import generate_dataset
+    from lungct.training import training_state
+
+    part = recipe.malignancy or {}
+    plan = recipe.malignancy_plan()
+    data, cache = out / "parts" / "malignancy", out / "malignancy-cache"
+    folder = out / "models" / "malignancy"
+    state = training_state(folder)
+    if state == "done":
+        return folder
+    clock.run(
+        "synth malignancy data",
+        lambda: generate_dataset(
+            data,
+            part["scans"],
+            part["seed"],
+            background=background.scan,
+            background_annotations=background.annotations,
+            background_excluded=background.excluded,
+            background_has_no_findings=background.has_no_findings,
+            nodules_per_scan=part.get("nodules_per_scan"),
+            progress=progress,
+            workers=recipe.workers,
+        ),
+    )
+    report = clock.run(
+        "prepare malignancy data",
+        lambda: prepare_dataset(
+            data, cache, recipe.preprocess_plan(), workers=recipe.workers, progress=progress
+        ),
+    )
+    if report["failed"]:
+        uid, problem = next(iter(report["failed"].items()))
+        raise LungCTError(data, f"scan {uid} could not be prepared ({problem})")
+    clock.run(
+        "train malignancy CNN",
+        lambda: train_malignancy(
+            plan,
+            data,
+            cache,
+            folder,
+            resume=state == "started",
+            progress=progress,
+            max_minutes=float(part.get("minutes", 30.0)),
+        ),
+    )
+    return folder
 
 
 def report_threshold(

@@ -150,6 +150,8 @@ def test_evaluate_models_on_fresh_data_and_detect(trained: dict[str, Path], tmp_
         ({"background": {"scans": 0, "seed": 1}}, "background.scans must be a positive integer"),
         ({"background": {"scans": 2}}, "recipe background must be {scans, seed} or null"),
         ({"report_fps_per_scan": 0}, "report_fps_per_scan must be a number > 0"),
+        ({"malignancy": {"scans": 2, "seed": 1}}, "needs the background part's real scan"),
+        ({"malignancy": {"scans": 2}}, "recipe malignancy must be {scans, seed,"),
     ],
 )
 def test_bad_recipes_are_refused(change: dict, problem: str) -> None:
@@ -243,7 +245,15 @@ def test_a_background_part_joins_the_training_folds(tmp_path: Path, capsys) -> N
     background = tmp_path / "5.5.5.mhd"
     write_scan(scan, background)
     recipe = tmp_path / "bg.json"
-    recipe.write_text(json.dumps(tiny_recipe(background={"scans": 2, "seed": 9})))
+    malignancy = {
+        "scans": 10,
+        "seed": 4,
+        "nodules_per_scan": 6,
+        "minutes": 2,
+        "plan": {"epochs": 1, "patch_mm": 16, "block_filters": [4, 8], "batch_size": 8},
+    }
+    part = {"background": {"scans": 2, "seed": 9}, "malignancy": malignancy}
+    recipe.write_text(json.dumps(tiny_recipe(**part)))
     out = tmp_path / "run"
     argv = ["train-models", "--recipe", str(recipe), "--out", str(out), "--quiet"]
     assert main(argv) == 2
@@ -262,3 +272,10 @@ def test_a_background_part_joins_the_training_folds(tmp_path: Path, capsys) -> N
     parts = unet["provenance"]["data"]["parts"]
     assert parts[1]["background"] == "5.5.5.mhd" and parts[1]["size"] == "real background"
     assert "copies of the real scan 5.5.5.mhd" in (out / "models" / "MODEL_CARD.md").read_text()
+    # The malignancy part: its own rated copies of the background, its CNN in the set.
+    assert (out / "parts" / "malignancy" / "nodule_attributes.csv").is_file()
+    verify_model_dir(out / "models" / "malignancy")
+    assert json.loads((out / "models" / "malignancy" / "plan.json").read_text())["epochs"] == 1
+    assert read_model_set(out / "models").stages == ["unet", "fpr", "malignancy"]
+    summary = json.loads((out / "train_models.json").read_text())
+    assert "train malignancy CNN" in summary["seconds"]
