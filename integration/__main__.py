@@ -49,7 +49,12 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--annotations", required=True, help="annotations.csv")
-    p.add_argument("--excluded", required=True, help="annotations_excluded.csv")
+    p.add_argument(
+        "--excluded",
+        default=None,
+        help="annotations_excluded.csv: marks on these findings are neither hits nor false "
+        "positives (LUNA16's rule; without it every mark off a nodule is a false positive)",
+    )
     p.add_argument("--seriesuids", required=True, help="seriesuids.csv (no header)")
     p.add_argument("--results", required=True, help="results CSV to evaluate")
     p.add_argument("--out", required=True, help="output folder")
@@ -123,7 +128,12 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--annotations", required=True, help="annotations.csv")
-    p.add_argument("--excluded", required=True, help="annotations_excluded.csv")
+    p.add_argument(
+        "--excluded",
+        default=None,
+        help="annotations_excluded.csv: marks on these findings are neither hits nor false "
+        "positives (LUNA16's rule; without it every mark off a nodule is a false positive)",
+    )
     p.add_argument("--seriesuids", required=True, help="seriesuids.csv (no header)")
     p.add_argument(
         "--results", required=True, nargs="+", metavar="CSV", help="two or more results CSVs"
@@ -765,10 +775,11 @@ def _run_evaluate_models(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from integration.evaluation import metrics_line
+    from integration.modelset import SHIPPED_MODELS
     from integration.recipe import evaluate_model_set
 
     result = evaluate_model_set(
-        args.models,
+        args.models or SHIPPED_MODELS,
         args.data,
         args.cache,
         args.out,
@@ -805,7 +816,7 @@ def _add_evaluate_models(subparsers: argparse._SubParsersAction) -> None:
             "the set trained on is refused."
         ),
     )
-    p.add_argument("--models", required=True, help="model set folder")
+    p.add_argument("--models", default=None, help="model set folder (default: the shipped set)")
     p.add_argument("--data", required=True, help="LUNA16-layout folder to measure on")
     p.add_argument("--cache", required=True, help="its per-scan cache (prepared when missing)")
     p.add_argument("--out", required=True, help="output folder")

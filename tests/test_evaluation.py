@@ -645,6 +645,11 @@ def test_cli_evaluate_writes_every_output(tmp_path: Path, capsys) -> None:
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["cpm_ci95"] is None and metrics["candidates_per_scan"] == pytest.approx(4 / 3)
     assert (tmp_path / "nc" / "candidates.csv").is_file()
+    # Without --excluded the mark on the excluded finding (p = 0.99) is a false positive.
+    plain = [a for k, v in files.items() if k != "excluded" for a in (f"--{k}", str(v))]
+    assert main(["evaluate", *plain, "--out", str(tmp_path / "ne"), "--bootstrap", "0"]) == 0
+    without = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert without["detected"] == 1 and without["cpm"] < metrics["cpm"]
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
