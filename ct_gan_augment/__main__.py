@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the folder's training to the plan's last epoch (after a kill, from the "
         "epoch under way; after --max-minutes, from where it stopped)",
     )
-    add_device_arguments(p, multiworker=False)
+    add_device_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_train)
 
