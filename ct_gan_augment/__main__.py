@@ -43,13 +43,20 @@ def _plan(args: argparse.Namespace):
 def _train(args: argparse.Namespace) -> int:
     from ct_gan_augment.train import train_gan
 
+    plan = _plan(args)
+    if args.resume and plan is None and args.strategy == "multiworker":
+        raise LungCTError(
+            args.out,
+            "--strategy multiworker --resume needs the plan on every worker (--plan): only "
+            "the chief reads --out",
+        )
     summary = train_gan(
         args.data,
         args.cache,
         _folds(args.folds),
         args.kind,
         args.out,
-        plan=_plan(args),
+        plan=plan,
         annotations=args.annotations,
         excluded=args.excluded,
         resume=args.resume,

@@ -117,7 +117,9 @@ def test_unet_two_workers_train_as_one_process_with_two_replicas(tmp_path) -> No
     print(f"unet: cluster {seconds:.0f} s, loss {got.ravel()} vs {want.ravel()}")
     np.testing.assert_allclose(got, want, rtol=RTOL)
     # Validation runs on the chief's own copy of the model, as in the one process.
-    np.testing.assert_allclose(_losses(chief, ("val_loss",)), _losses(one, ("val_loss",)), rtol=RTOL)
+    np.testing.assert_allclose(
+        _losses(chief, ("val_loss",)), _losses(one, ("val_loss",)), rtol=RTOL
+    )
 
 
 def test_ct_gan_two_workers_train_as_one_process_with_two_replicas(tmp_path) -> None:
@@ -140,13 +142,11 @@ def test_the_candidate_and_gan_train_commands_take_multiworker() -> None:
     from ct_gan_augment.__main__ import build_parser as gan_parser
     from unet_candidates.__main__ import build_parser as unet_parser
 
-    args = unet_parser().parse_args(
-        ["train", "--data", "d", "--cache", "c", "--out", "o", "--preset", "centernet",
-         "--strategy", "multiworker"]  # fmt: skip
-    )
+    unet = ["train", "--data", "d", "--cache", "c", "--out", "o", "--preset", "centernet",
+            "--strategy", "multiworker"]  # fmt: skip
+    args = unet_parser().parse_args(unet)
     assert args.strategy == "multiworker" and args.preset == "centernet"
-    args = gan_parser().parse_args(
-        ["train", "--data", "d", "--cache", "c", "--folds", "0", "--kind", "injector",
-         "--out", "o", "--strategy", "multiworker"]  # fmt: skip
-    )
+    gan = ["train", "--data", "d", "--cache", "c", "--folds", "0", "--kind", "injector",
+           "--out", "o", "--strategy", "multiworker"]  # fmt: skip
+    args = gan_parser().parse_args(gan)
     assert args.strategy == "multiworker"
