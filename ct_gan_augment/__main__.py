@@ -43,13 +43,20 @@ def _plan(args: argparse.Namespace):
 def _train(args: argparse.Namespace) -> int:
     from ct_gan_augment.train import train_gan
 
+    plan = _plan(args)
+    if args.resume and plan is None and args.strategy == "multiworker":
+        raise LungCTError(
+            args.out,
+            "--strategy multiworker --resume needs the plan on every worker (--plan): only "
+            "the chief reads --out",
+        )
     summary = train_gan(
         args.data,
         args.cache,
         _folds(args.folds),
         args.kind,
         args.out,
-        plan=_plan(args),
+        plan=plan,
         annotations=args.annotations,
         excluded=args.excluded,
         resume=args.resume,
@@ -197,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the folder's training to the plan's last epoch (after a kill, from the "
         "epoch under way; after --max-minutes, from where it stopped)",
     )
-    add_device_arguments(p, multiworker=False)
+    add_device_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_train)
 

@@ -70,13 +70,21 @@ from lungct.modeldir import MANIFEST_NAME, describe_plan_changes, seal_model_dir
 from lungct.training import (
     BACKUP,
     CHECKPOINTS,
+    cluster_errors,
     fit_callbacks,
+    from_chief,
+    is_chief,
     log_float,
+    make_strategy,
+    prepare_model,
     read_log,
     replicas,
     restored_epoch,
     save_model_atomic,
     strategy_scope,
+    task_name,
+    worker_count,
+    worker_dir,
 )
 
 GRIDS = "grids"
@@ -403,19 +411,25 @@ def train_gan(
         max_minutes: this run's time budget: it stops after the batch under way once this
             much wall time is spent, ends the epoch and seals the folder.
         progress: the cube cutting's progress bar and one line per epoch, on stderr.
-        strategy: ``none`` or ``mirrored`` (:func:`lungct.training.make_strategy`).
+        strategy: ``none``, ``mirrored`` or ``multiworker``
+            (:func:`lungct.training.make_strategy`; made first, before any other TensorFlow
+            op). Under ``multiworker`` every worker runs this with the same arguments (a
+            resumed run names its ``plan`` on every worker: only the chief reads the folder,
+            and tells the others its steps); the chief writes ``model_dir``, the others a
+            temporary copy that is removed (:func:`lungct.training.worker_dir`).
         mixed_precision: compute in float16 (GPUs).
         max_seconds: deprecated: the budget in seconds (``max_minutes`` times 60).
 
     Returns:
         ``model_dir``, ``kind``, ``n_cubes``, ``steps_done``, ``epochs_done``,
         ``train_seconds``, ``stopped`` (``steps`` or ``time limit``), ``stopped_early``,
-        ``replicas`` and the last epoch's mean losses and accuracies.
+        ``replicas``, ``workers``, ``chief`` and the last epoch's mean losses and accuracies.
 
     Raises:
         LungCTError: a folder that holds a model without ``resume``, nothing to resume, a
             resume with another plan, kind or folds, a cache that now gives other series, a
-            broken checkpoint of the former loop.
+            broken checkpoint of the former loop; a bad ``TF_CONFIG`` or a worker of the
+            cluster that stopped.
     """
     require_tensorflow()
     if max_seconds is not None:
@@ -426,9 +440,63 @@ def train_gan(
         )
         if max_minutes is None:
             max_minutes = max_seconds / 60.0
-    model_dir = Path(model_dir)
     folds = sorted(set(int(f) for f in folds))
-    plan, manifest = _prepare_folder(model_dir, kind, folds, plan, steps, resume)
+    # First: MultiWorkerMirroredStrategy must be made before any other TensorFlow op.
+    dist = make_strategy(strategy)
+    with worker_dir(model_dir, dist) as folder:
+        return _train_gan(
+            data_dir,
+            cache_dir,
+            folds,
+            kind,
+            Path(model_dir),
+            folder,
+            dist,
+            plan=plan,
+            annotations=annotations,
+            excluded=excluded,
+            resume=resume,
+            steps=steps,
+            max_minutes=max_minutes,
+            progress=progress,
+            strategy=strategy,
+            mixed_precision=mixed_precision,
+        )
+
+
+def _train_gan(
+    data_dir: str | os.PathLike | None,
+    cache_dir: str | os.PathLike,
+    folds: list[int],
+    kind: str,
+    out_dir: Path,
+    model_dir: Path,
+    dist: Any,
+    *,
+    plan: GANPlan | None,
+    annotations: str | os.PathLike | None,
+    excluded: str | os.PathLike | None,
+    resume: bool,
+    steps: int | None,
+    max_minutes: float | None,
+    progress: bool,
+    strategy: str,
+    mixed_precision: bool,
+) -> dict[str, Any]:
+    """:func:`train_gan` once its strategy is made: ``out_dir`` is the model folder,
+    ``model_dir`` the folder this worker writes (the model folder on the chief)."""
+    if is_chief(dist):
+        plan, manifest = _prepare_folder(model_dir, kind, folds, plan, steps, resume)
+    elif resume and plan is None:
+        raise LungCTError(
+            out_dir,
+            "--strategy multiworker --resume needs the plan on every worker (--plan): only "
+            "the chief reads --out",
+        )
+    else:  # the chief alone reads the folder; its steps (a resumed run's) are told below
+        plan, manifest = fitted_plan((plan or GANPlan()).replace(steps=steps)), None
+    plan_steps, every = from_chief(dist, [plan.steps, plan.checkpoint_every])
+    plan = plan.replace(steps=plan_steps, checkpoint_every=every)
 
     cubes = TrainingCubes.from_cache(
         cache_dir, data_dir, folds, kind, plan, annotations, excluded, progress=progress
@@ -471,6 +539,7 @@ def train_gan(
         progress=progress,
         strategy=strategy,
         mixed_precision=mixed_precision,
+        dist=dist,
     )
     plan.save(model_dir / PLAN_FILE)  # the plan trained (a resumed run may have raised its steps)
     seal_model_dir(  # last: the seal is the folder's done marker
@@ -486,10 +555,11 @@ def train_gan(
             "stopped_by_time": summary["stopped_early"],
             "strategy": strategy,
             "replicas": summary["replicas"],
+            "workers": summary["workers"],
         },
         plan=plan.to_dict(),
     )
-    return {"model_dir": str(model_dir), "kind": kind, "n_cubes": len(cubes), **summary}
+    return {"model_dir": str(out_dir), "kind": kind, "n_cubes": len(cubes), **summary}
 
 
 def fit_gan(
@@ -503,41 +573,56 @@ def fit_gan(
     progress: bool = True,
     strategy: str = "none",
     mixed_precision: bool = False,
+    dist: Any = None,
 ) -> dict[str, Any]:
     """Train a model folder whose plan, normaliser and manifest are written (what
     :func:`train_gan` does after cutting the cubes); the folder is left unsealed.
 
+    ``dist`` is the strategy :func:`train_gan` made for ``strategy`` when the process began
+    (``multiworker`` needs it, and ``model_dir`` is then the folder this worker writes,
+    :func:`lungct.training.worker_dir`); without it the strategy is made here.
+
     Returns:
         ``steps_done``, ``epochs_done``, ``train_seconds``, ``stopped``, ``stopped_early``,
-        ``replicas`` and the last epoch's mean losses and accuracies.
+        ``replicas``, ``workers``, ``chief`` and the last epoch's mean losses and accuracies.
     """
     require_tensorflow()
-    if strategy == "multiworker":
+    if strategy == "multiworker" and dist is None:
         raise LungCTError(
             None,
-            "--strategy multiworker trains the FP reducers and the malignancy CNN; the CT-GAN "
-            "trains on one machine (--strategy mirrored for its GPUs)",
+            "fit_gan(strategy='multiworker') needs the strategy train_gan makes first "
+            "(dist=): train through train_gan",
         )
     out = Path(model_dir)
     epochs = plan_epochs(plan)
+    chief = is_chief(dist)
     start_epoch = restored_epoch(out)
     legacy = None if (out / BACKUP).is_dir() else legacy_checkpoint(out)
-    with strategy_scope(strategy, mixed_precision) as scope:
+    if legacy is not None and worker_count(dist) > 1:
+        raise LungCTError(
+            legacy,
+            "a folder of the former loop resumes on one machine only: resume it once "
+            "without --strategy multiworker",
+        )
+    (start_epoch,) = from_chief(dist, [start_epoch])
+    with strategy_scope(strategy, mixed_precision, strategy=dist) as scope:
         keras.utils.set_random_seed(plan.seed)
         gan = InpaintingGAN.from_plan(plan, manifest.kind)
         gan.compile(**InpaintingGAN.plan_optimizers(plan), jit_compile=False)
         if legacy is not None:
             start_epoch = restore_legacy(gan, legacy, plan, out) // plan.checkpoint_every
-    steps_before = steps_done(out, plan, start_epoch)
+    prepare_model(gan, scope)
+    (steps_before,) = from_chief(dist, [steps_done(out, plan, start_epoch)])
     manifest.steps_done = steps_before
     manifest.save(out)
 
     sized = plan.condition_channels(manifest.kind) > 1
     batches = GANBatches(cubes, normaliser, plan, sized, epoch=start_epoch)
     outputs = EpochOutputs(out, plan, cubes, normaliser, manifest, epochs, steps_before)
+    label = f"CT-GAN {manifest.kind}" + ("" if chief else f" {task_name(dist)}")
     callbacks, budget = fit_callbacks(
         out,
-        label=f"CT-GAN {manifest.kind}",
+        label=label,
         epochs=epochs,
         batch_size=plan.batch_size,
         max_minutes=max_minutes,
@@ -547,6 +632,7 @@ def fit_gan(
         progress=progress,
         seed=plan.seed,
         data=batches,
+        strategy=scope,
     )
     callbacks = [
         EpochLog(c.filename, append=c.append) if isinstance(c, keras.callbacks.CSVLogger) else c
@@ -563,21 +649,23 @@ def fit_gan(
             else f"nothing left to train ({start_epoch} of {epochs} epochs done)"
         )
         print(
-            f"[CT-GAN {manifest.kind}] {len(cubes)} training cubes; {what}"
+            f"[{label}] {len(cubes)} training cubes; {what}"
             + (f" on {replicas(scope)} replicas" if scope is not None else "")
+            + (f" of {worker_count(scope)} workers" if worker_count(scope) > 1 else "")
             + (f" (from the former loop's {legacy.name})" if legacy is not None else ""),
             file=sys.stderr,
             flush=True,
         )
     if start_epoch < epochs:
-        gan.fit(
-            batches,
-            epochs=epochs,
-            initial_epoch=start_epoch,
-            callbacks=callbacks,
-            shuffle=False,  # batches are drawn from (seed, epoch, index): resumable
-            verbose=0,
-        )
+        with cluster_errors(scope):
+            gan.fit(
+                batches,
+                epochs=epochs,
+                initial_epoch=start_epoch,
+                callbacks=callbacks,
+                shuffle=False,  # batches are drawn from (seed, epoch, index): resumable
+                verbose=0,
+            )
     else:  # nothing left to train: the networks as they are
         save_model_atomic(gan.generator, out / GENERATOR_FILE)
         save_model_atomic(gan.discriminator, out / DISCRIMINATOR_FILE)
@@ -597,5 +685,7 @@ def fit_gan(
         "stopped": "time limit" if stopped_early else "steps",
         "stopped_early": stopped_early,
         "replicas": replicas(scope),
+        "workers": worker_count(scope),
+        "chief": chief,
         **{k: v for k, v in manifest.final.items() if k in METRICS},
     }

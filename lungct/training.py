@@ -315,11 +315,23 @@ def _chief_state_class(base: type) -> type:
 
         def on_train_begin(self, logs: dict | None = None) -> None:
             variables = list(self.model.variables)
-            if self.model.optimizer is not None:
-                variables += list(self.model.optimizer.variables)
+            for optimizer in model_optimizers(self.model):
+                variables += list(optimizer.variables)
             _cluster(self.strategy).assign_from_chief(variables)
 
     return ChiefState
+
+
+def model_optimizers(model: Any) -> list[Any]:
+    """The optimisers a model trains with: its compiled ``optimizer`` and any other
+    optimiser it holds as an attribute (a ``train_step`` model with two, such as the
+    CT-GAN's ``g_optimizer`` and ``d_optimizer``), each once."""
+    optimizer_class = _keras().optimizers.Optimizer
+    found: list[Any] = []
+    for value in (getattr(model, "optimizer", None), *vars(model).values()):
+        if isinstance(value, optimizer_class) and all(value is not f for f in found):
+            found.append(value)
+    return found
 
 
 def time_budget(minutes: float | None, strategy: Any = None) -> Any:
@@ -633,6 +645,23 @@ def from_chief(strategy: Any, values: Sequence[int]) -> list[int]:
     with cluster_errors(strategy):
         (got,) = _cluster(strategy).from_chief([np.asarray(values, dtype=np.float64)])
     return [round(float(v)) for v in np.asarray(got).reshape(-1)]
+
+
+def chief_floats(strategy: Any, values: Sequence[float]) -> list[float]:
+    """The chief's ``values`` (floats, exact to float64) on every worker of a multiworker
+    cluster; ``values`` themselves otherwise. Every worker calls it at the same point (a
+    collective), e.g. for a quantity each measures on its own clock.
+
+    Raises:
+        LungCTError: another worker stopped or cannot be reached (:func:`cluster_errors`).
+    """
+    if worker_count(strategy) < 2:
+        return [float(v) for v in values]
+    import numpy as np
+
+    with cluster_errors(strategy):
+        (got,) = _cluster(strategy).from_chief([np.asarray(values, dtype=np.float64)])
+    return [float(v) for v in np.asarray(got).reshape(-1)]
 
 
 @contextlib.contextmanager

@@ -105,10 +105,12 @@ class Worker:
         return json.loads(self.stdout.strip().splitlines()[-1])
 
 
-def _run_cluster(args_of: list[list[str]], logs: Path) -> list[Worker]:
-    """Run ``python -m fp_reduction_3dcnn ARGS`` once per worker, ``args_of[k]`` as ``worker
-    k`` of a cluster on free localhost ports, each with its own TMPDIR; kill every worker
-    once one has failed and the others have not ended 60 s later, or at the timeout."""
+def _run_cluster(
+    args_of: list[list[str]], logs: Path, module: str = "fp_reduction_3dcnn"
+) -> list[Worker]:
+    """Run ``python -m MODULE ARGS`` once per worker, ``args_of[k]`` as ``worker k`` of a
+    cluster on free localhost ports, each with its own TMPDIR; kill every worker once one
+    has failed and the others have not ended 60 s later, or at the timeout."""
     logs.mkdir(parents=True, exist_ok=True)
     ports = _free_ports(len(args_of))
     cluster = {"worker": [f"localhost:{p}" for p in ports]}
@@ -122,7 +124,7 @@ def _run_cluster(args_of: list[list[str]], logs: Path) -> list[Worker]:
             files += [out, err]
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "fp_reduction_3dcnn", *args],
+                    [sys.executable, "-m", module, *args],
                     env=_env(TF_CONFIG=json.dumps(config), TMPDIR=str(tmpdir)),
                     stdout=out,
                     stderr=err,

@@ -74,6 +74,12 @@ def _train(args: argparse.Namespace) -> int:
     folds = parse_folds(args.folds)
     val_folds = parse_folds(args.val_folds) if args.val_folds.strip() else []
     explicit = args.plan or args.preset or args.epochs or args.steps_per_epoch or args.seed
+    if args.resume and not explicit and args.strategy == "multiworker":
+        raise LungCTError(
+            args.out,
+            "--strategy multiworker --resume needs the plan on every worker (--plan or "
+            "--preset): only the chief reads --out",
+        )
     plan = None if (args.resume and not explicit) else _plan_from_args(args)
     if plan is None:  # resuming: the folder's plan says which network it trains
         centernet = is_centernet_plan(Path(args.out))
@@ -215,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=positive_int, default=2, help="processes preparing the cache")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    add_device_arguments(p, multiworker=False)
+    add_device_arguments(p)
     p.set_defaults(func=_train)
 
     p = sub.add_parser(

@@ -49,15 +49,24 @@ from lungct.modeldir import (
     seal_model_dir,
 )
 from lungct.training import (
+    chief_floats,
+    cluster_errors,
     fit_callbacks,
+    from_chief,
     has_training_state,
+    is_chief,
     local_call,
     log_float,
+    make_strategy,
+    prepare_model,
     read_log,
     replicas,
     restored_epoch,
     save_model_atomic,
     strategy_scope,
+    task_name,
+    worker_count,
+    worker_dir,
 )
 from unet_candidates.config import PLAN_FILE, UNetPlan
 from unet_candidates.data import PatchSampler, ScanSamples, build_scan_samples
@@ -289,11 +298,16 @@ def train(
             way, ends its epoch (validation, checkpoint, log row) and seals the folder.
         progress: one line per epoch on stderr.
         prepare_workers: processes for preparing missing cache entries.
-        strategy: ``none`` or ``mirrored`` (:func:`lungct.training.make_strategy`).
+        strategy: ``none``, ``mirrored`` or ``multiworker``
+            (:func:`lungct.training.make_strategy`; made first, before any other TensorFlow
+            op). Under ``multiworker`` every worker runs this with the same arguments (a
+            resumed run names its plan on every worker); the chief writes ``out_dir``, the
+            others a temporary copy that is removed (:func:`lungct.training.worker_dir`).
         mixed_precision: compute in float16 (GPUs).
 
     Raises:
-        LungCTError: bad folds, missing data, a folder holding another run, a plan mismatch.
+        LungCTError: bad folds, missing data, a folder holding another run, a plan mismatch;
+            a bad ``TF_CONFIG`` or a worker of the cluster that stopped.
     """
     return fit_candidate_network(
         UNET_NETWORK,
@@ -369,13 +383,15 @@ def _candidate_batches_class() -> type:
     return CandidateBatches
 
 
-def _schedule_callback(plan: Any, max_minutes: float | None) -> Any:
+def _schedule_callback(plan: Any, max_minutes: float | None, strategy: Any = None) -> Any:
     import keras
 
     class CosineSchedule(keras.callbacks.Callback):
         """The learning rate of every step: a cosine over the plan's steps, or over this
         run's ``--max-minutes`` where that ends first (a short run ends annealed, not at the
-        top of its schedule). A resumed run follows the plan's steps again from where it is."""
+        top of its schedule). A resumed run follows the plan's steps again from where it is.
+        On several workers the budget's share spent is the chief's, so every worker steps
+        with the same rate."""
 
         def __init__(self) -> None:
             super().__init__()
@@ -394,7 +410,10 @@ def _schedule_callback(plan: Any, max_minutes: float | None) -> Any:
                 plan.epochs * plan.steps_per_epoch
             )
             if max_minutes:
-                done = max(done, (time.monotonic() - self._start) / (60.0 * max_minutes))
+                spent = (time.monotonic() - self._start) / (60.0 * max_minutes)
+                if worker_count(strategy) > 1:
+                    (spent,) = chief_floats(strategy, [spent])
+                done = max(done, spent)
             self.rate = cosine_learning_rate(plan, done)
             self.model.optimizer.learning_rate.assign(self.rate)
 
@@ -414,14 +433,21 @@ class _LocalModel:
 
 
 def _stage_callback(
-    network: CandidateNetwork, plan: Any, val_set: Any, out_dir: Path, distributed: bool
+    network: CandidateNetwork,
+    plan: Any,
+    val_set: Any,
+    out_dir: Path,
+    distributed: bool,
+    chief: bool = True,
 ) -> Any:
     import keras
 
     class Validation(keras.callbacks.Callback):
         """At the end of every epoch: the validation loss and the network's metric into the
         epoch's logs, and ``model.keras`` refreshed (atomically) with the epoch's weights, so
-        a folder in training is usable with ``--allow-unfinished``."""
+        a folder in training is usable with ``--allow-unfinished``. Under a strategy the
+        model predicts on this process alone (:func:`lungct.training.local_call`); on a
+        cluster only the chief, whose log is kept, validates (the others log NaN)."""
 
         def __init__(self) -> None:
             super().__init__()
@@ -432,7 +458,7 @@ def _stage_callback(
             if distributed:
                 self._local = self._local or _LocalModel(self.model)
                 model = self._local
-            val_loss, metric = network.validate(model, val_set, plan)
+            val_loss, metric = network.validate(model, val_set, plan) if chief else (None, None)
             if logs is not None:
                 logs["val_loss"] = math.nan if val_loss is None else float(val_loss)
                 logs[network.metric] = math.nan if metric is None else float(metric)
@@ -498,31 +524,89 @@ def fit_candidate_network(
             way, ends its epoch (validation, checkpoint, log row) and seals the folder.
         progress: one line per epoch on stderr.
         prepare_workers: processes for preparing missing cache entries.
-        strategy: ``none`` or ``mirrored`` (:func:`lungct.training.make_strategy`).
+        strategy: ``none``, ``mirrored`` or ``multiworker``
+            (:func:`lungct.training.make_strategy`; made first, before any other TensorFlow
+            op). Under ``multiworker`` every worker runs this with the same arguments (a
+            resumed run names its plan on every worker); the chief writes ``out_dir``, the
+            others a temporary copy that is removed (:func:`lungct.training.worker_dir`).
         mixed_precision: compute in float16 (GPUs).
 
     Raises:
-        LungCTError: bad folds, missing data, a folder holding another run, a plan mismatch.
+        LungCTError: bad folds, missing data, a folder holding another run, a plan mismatch;
+            a bad ``TF_CONFIG`` or a worker of the cluster that stopped.
     """
-    if strategy == "multiworker":
-        raise LungCTError(
-            None,
-            "--strategy multiworker trains the FP reducers and the malignancy CNN; "
-            f"{network.what(plan) if plan is not None else 'a candidate network'} trains on one "
-            "machine (--strategy mirrored for its GPUs)",
-        )
     if plan is not None and not isinstance(plan, network.plan_class):
         raise TypeError(
             f"{network.what(plan)} trains from a {network.plan_class.__name__}, "
             f"not a {type(plan).__name__}"
         )
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
     overlap = sorted(set(folds) & set(val_folds))
     if overlap:
         raise LungCTError(None, f"folds {overlap} are both training and validation folds")
+    # First: MultiWorkerMirroredStrategy must be made before any other TensorFlow op.
+    dist = make_strategy(strategy)
+    with worker_dir(out_dir, dist) as folder:
+        return _fit(
+            network,
+            plan,
+            Path(data_dir),
+            cache_dir,
+            folds,
+            val_folds,
+            Path(out_dir),
+            folder,
+            dist,
+            annotations=annotations,
+            excluded=excluded,
+            resume=resume,
+            max_minutes=max_minutes,
+            progress=progress,
+            prepare_workers=prepare_workers,
+            strategy=strategy,
+            mixed_precision=mixed_precision,
+        )
+
+
+def _fit(
+    network: CandidateNetwork,
+    plan: Any | None,
+    data_dir: Path,
+    cache_dir: str | os.PathLike,
+    folds: list[int],
+    val_folds: list[int],
+    model_dir: Path,
+    out_dir: Path,
+    dist: Any,
+    *,
+    annotations: str | os.PathLike | None,
+    excluded: str | os.PathLike | None,
+    resume: bool,
+    max_minutes: float | None,
+    progress: bool,
+    prepare_workers: int,
+    strategy: str,
+    mixed_precision: bool,
+) -> dict:
+    """:func:`fit_candidate_network` once its strategy is made: ``model_dir`` is the model
+    folder, ``out_dir`` the folder this worker writes (the model folder on the chief)."""
+    chief = is_chief(dist)
     legacy = _legacy_state(out_dir)
     started = has_training_state(out_dir) or (out_dir / MODEL_FILE).is_file()
-    if resume:
+    if legacy is not None and worker_count(dist) > 1:
+        raise LungCTError(
+            out_dir / CHECKPOINT_DIR / LEGACY_STATE_FILE,
+            "a folder of an earlier version resumes on one machine only: resume it once "
+            "without --strategy multiworker",
+        )
+    if resume and not chief:
+        # The chief alone reads the model folder; this worker trains the plan it was given.
+        if plan is None:
+            raise LungCTError(
+                model_dir,
+                "--strategy multiworker --resume needs the plan on every worker (--plan or "
+                "--preset): only the chief reads --out",
+            )
+    elif resume:
         # A folder killed before its first checkpoint holds only its plan: it starts over.
         if not has_training_state(out_dir) and not (out_dir / PLAN_FILE).is_file():
             raise LungCTError(out_dir, "nothing to resume: no training run in this folder")
@@ -605,7 +689,7 @@ def fit_candidate_network(
     )
     sampler = network.sampler(cache, train_samples, plan, augment=True, seed=plan.seed)
     val_set = None
-    if val_uids and plan.val_patches > 0:
+    if val_uids and plan.val_patches > 0 and chief:  # the chief alone validates
         val_samples = _samples(
             network, cache, val_uids, nodules, ignored, counts, plan, plan.seed + 1, progress, "val"
         )
@@ -617,8 +701,8 @@ def fit_candidate_network(
 
     # Where this run starts: Keras' backup (weights, optimiser, epoch), or the newest
     # checkpoint of a folder written by the suite's former loop.
-    start_epoch = restored_epoch(out_dir)
-    with strategy_scope(strategy, mixed_precision) as scope:
+    (start_epoch,) = from_chief(dist, [restored_epoch(out_dir)])
+    with strategy_scope(strategy, mixed_precision, strategy=dist) as scope:
         if not start_epoch and legacy is not None:
             start_epoch = int(legacy["epoch"])
             model = load_keras_model(
@@ -632,10 +716,13 @@ def fit_candidate_network(
         else:
             keras.utils.set_random_seed(plan.seed)
             model = network.build(plan)
+    prepare_model(model, scope)
+    # Every worker streams the whole global batch; the strategy gives each its share.
     batches = _candidate_batches_class()(sampler, start_epoch, plan.steps_per_epoch)
+    label = network.stage if chief else f"{network.stage} {task_name(dist)}"
     callbacks, budget = fit_callbacks(
         out_dir,
-        label=network.stage,
+        label=label,
         epochs=plan.epochs,
         batch_size=plan.batch_size,
         max_minutes=max_minutes,
@@ -645,29 +732,32 @@ def fit_candidate_network(
         progress=progress,
         seed=plan.seed,
         data=batches,
+        strategy=scope,
         before=(
-            _schedule_callback(plan, max_minutes),
-            _stage_callback(network, plan, val_set, out_dir, scope is not None),
+            _schedule_callback(plan, max_minutes, scope),
+            _stage_callback(network, plan, val_set, out_dir, scope is not None, chief),
         ),
     )
     if progress:
         print(
-            f"[{network.stage}] {len(train_samples)} training scans, "
+            f"[{label}] {len(train_samples)} training scans, "
             f"{manifest['train_nodules']} nodules; epochs {start_epoch + 1}-{plan.epochs} of "
             f"{plan.steps_per_epoch} steps"
-            + (f" on {replicas(scope)} replicas" if scope is not None else ""),
+            + (f" on {replicas(scope)} replicas" if scope is not None else "")
+            + (f" of {worker_count(scope)} workers" if worker_count(scope) > 1 else ""),
             file=sys.stderr,
             flush=True,
         )
     if start_epoch < plan.epochs:
-        model.fit(
-            batches,
-            epochs=plan.epochs,
-            initial_epoch=start_epoch,
-            callbacks=callbacks,
-            shuffle=False,  # epoch e's batches are drawn from (seed, e): resumable
-            verbose=0,
-        )
+        with cluster_errors(scope):
+            model.fit(
+                batches,
+                epochs=plan.epochs,
+                initial_epoch=start_epoch,
+                callbacks=callbacks,
+                shuffle=False,  # epoch e's batches are drawn from (seed, e): resumable
+                verbose=0,
+            )
     log = read_log(out_dir)
     epochs_done = int(log_float(log[-1], "epoch")) + 1 if log else start_epoch
     stopped_by_time = bool(budget.stopped)
@@ -696,7 +786,9 @@ def fit_candidate_network(
         "train_scans": len(train_samples),
         "train_nodules": manifest["train_nodules"],
         "replicas": replicas(scope),
-        "model": str(out_dir / MODEL_FILE),
+        "workers": worker_count(scope),
+        "chief": chief,
+        "model": str(model_dir / MODEL_FILE),
     }
     manifest["training"] = summary
     write_json_atomic(out_dir / MANIFEST_NAME, manifest)
@@ -713,6 +805,7 @@ def fit_candidate_network(
             "stopped_by_time": stopped_by_time,
             "strategy": strategy,
             "replicas": replicas(scope),
+            "workers": worker_count(scope),
         },
         plan=plan.to_dict(),
     )
