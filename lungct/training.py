@@ -835,23 +835,16 @@ def replicas(strategy: Any) -> int:
     return 1 if strategy is None else int(strategy.num_replicas_in_sync)
 
 
-def add_device_arguments(parser: Any, multiworker: bool = True) -> None:
-    """The ``--strategy`` and ``--mixed-precision`` options of a ``train`` command
-    (``multiworker=False``: a trainer that runs on one machine only)."""
-    choices = STRATEGIES if multiworker else tuple(s for s in STRATEGIES if s != "multiworker")
-    several = (
-        "; multiworker: several machines, each running this command with TF_CONFIG naming the "
-        "cluster and its task (the chief, worker 0, writes --out)"
-        if multiworker
-        else ""
-    )
+def add_device_arguments(parser: Any) -> None:
+    """The ``--strategy`` and ``--mixed-precision`` options of a ``train`` command."""
     parser.add_argument(
         "--strategy",
-        choices=choices,
+        choices=STRATEGIES,
         default="none",
         help="none: TensorFlow's default device; mirrored: every GPU of this machine (every "
-        f"logical CPU without one), each batch split between them{several}; the plan's batch "
-        "is the global batch",
+        "logical CPU without one), each batch split between them; multiworker: several "
+        "machines, each running this command with TF_CONFIG naming the cluster and its task "
+        "(the chief, worker 0, writes --out); the plan's batch is the global batch",
     )
     parser.add_argument(
         "--mixed-precision",
