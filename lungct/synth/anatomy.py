@@ -116,6 +116,10 @@ class Anatomy:
     # Heart chambers as ellipsoids in the heart's own frame, in units of ``heart_r``:
     # ((cu, cv, cw), (ru, rv, rw)) each; merged smoothly into one lobulated outline.
     heart_lobes: tuple[tuple[tuple[float, float, float], tuple[float, float, float]], ...] = ()
+    # Oblique fissure of each lung (right, left): (z at the back, z at the front, lateral tilt
+    # mm per mm of |x|, bow mm); horizontal fissure of the right lung: (z, dz/dy, dz/dx).
+    oblique: tuple[tuple[float, float, float, float], ...] = ()
+    horizontal: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     # === Shape functions (vectorised over broadcastable x, y, z arrays) ===
 
@@ -214,6 +218,44 @@ class Anatomy:
             )
             out.append(sdf.astype(np.float32))
         return tuple(out)
+
+    def fissure_sdf(
+        self, side: int, x: np.ndarray, y: np.ndarray, z: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Signed distances (mm) to the oblique and horizontal fissure of one lung.
+
+        The oblique (major) fissure runs from high at the back (about the level of the fourth
+        vertebra) down and forwards to the front of the diaphragm, bowed slightly; positive is
+        the upper-lobe side (above and in front). The horizontal (minor) fissure of the right
+        lung is nearly level at about the fourth costal cartilage, positive above it; the left
+        lung has none (its distance is a large positive number).
+        """
+        cy, b = self.cav_cy, self.cav_b
+        z_post, z_front, tilt, bow = self.oblique[0 if side < 0 else 1]
+        s = np.clip((y - (cy - b)) / (2.0 * b), -0.2, 1.2)
+        slope = (z_post - z_front) / (2.0 * b)
+        z_obl = z_front + (z_post - z_front) * s + bow * 4.0 * s * (1.0 - s) + tilt * np.abs(x)
+        d_obl = (z - z_obl) / np.sqrt(1.0 + slope * slope)
+        if side > 0:
+            return d_obl.astype(np.float32), np.full_like(d_obl, 1e3, dtype=np.float32)
+        zh, gy, gx = self.horizontal
+        d_h = (z - (zh + gy * (y - cy) + gx * (np.abs(x) - 0.5 * self.cav_a))) / np.sqrt(
+            1.0 + gy * gy + gx * gx
+        )
+        return d_obl.astype(np.float32), d_h.astype(np.float32)
+
+    def lobe_of(self, side: int, pts: np.ndarray) -> np.ndarray:
+        """Lobe index of body-frame points ``(n, 3)`` in one lung: 0 lower, 1 upper, 2 middle."""
+        d_obl, d_h = self.fissure_sdf(side, pts[:, 0], pts[:, 1], pts[:, 2])
+        lobe = np.where(d_obl < 0, 0, 1)
+        return np.where((lobe == 1) & (d_h < 0), 2, lobe).astype(np.int64)
+
+    def fissure_distance(self, side: int, x: np.ndarray, y: np.ndarray, z: np.ndarray):
+        """Unsigned distance (mm) to the nearest fissure sheet of one lung."""
+        d_obl, d_h = self.fissure_sdf(side, x, y, z)
+        # The horizontal fissure ends where it meets the oblique one, in front of it.
+        d_h = np.where(d_obl > 0, np.abs(d_h), 1e3)
+        return np.minimum(np.abs(d_obl), d_h)
 
     def lung_labels(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
         """Ground-truth lungs on a grid: 0 outside, 1 right lung, 2 left lung (uint8)."""
@@ -391,6 +433,20 @@ def sample_anatomy(rng: np.random.Generator, size: str, fov_mm: float) -> Anatom
     tubes, hilum = _great_vessels_and_airways(rng, an)
     tubes += _clavicles(rng, an)
     an["heart_lobes"] = _heart_lobes(rng)
+    an["oblique"] = tuple(
+        (
+            -height * float(rng.uniform(0.2, 0.3)),
+            -height * float(rng.uniform(0.85, 0.98)),
+            float(rng.uniform(-0.15, 0.1)),
+            float(rng.uniform(-12.0, 12.0)),
+        )
+        for _ in range(2)
+    )
+    an["horizontal"] = (
+        -height * float(rng.uniform(0.42, 0.52)),
+        float(rng.uniform(-0.12, 0.12)),
+        float(rng.uniform(-0.1, 0.1)),
+    )
     return Anatomy(ribs=tuple(ribs), tubes=tuple(tubes), hilum=hilum, **an)
 
 
@@ -564,7 +620,7 @@ def _great_vessels_and_airways(
         tube(
             "artery_right",
             [[mx + 10, cy - 0.05 * b, carina_z - 16], hilum["artery_right"]],
-            [asc_r * 0.62, asc_r * 0.5],
+            [asc_r * 0.58, asc_r * 0.42],
         ),
         tube(
             "artery_left",
@@ -573,7 +629,7 @@ def _great_vessels_and_airways(
                 [mx + 20, cy, carina_z - 8],
                 hilum["artery_left"],
             ],
-            [asc_r * 0.6, asc_r * 0.55, asc_r * 0.48],
+            [asc_r * 0.56, asc_r * 0.5, asc_r * 0.42],
         ),
         # Branches of the arch and the veins of the thoracic inlet.
         tube(
@@ -619,8 +675,8 @@ def _great_vessels_and_airways(
             ],
             [3.5, 4.0, 4.5, 5.0],
         ),
-        tube("vein_right", [la, hilum["vein_right"]], [7.0, 5.5]),
-        tube("vein_left", [la, hilum["vein_left"]], [7.0, 5.5]),
+        tube("vein_right", [la, hilum["vein_right"]], [6.5, 4.8]),
+        tube("vein_left", [la, hilum["vein_left"]], [6.5, 4.8]),
         tube(
             "svc",
             [[mx - 24, cy - 0.12 * b, top], [mx - 26, cy - 0.15 * b, hz + 0.45 * hc]],

@@ -34,7 +34,7 @@ from lungct.synth.trees import (
 SIZES = ("small", "full")
 UID_PREFIX = "1.3.6.1.4.1.14519.5.2.1.6279.6001."
 """The LIDC-IDRI / LUNA16 series UID root; synthetic suffixes are hashed from (seed, index)."""
-GENERATOR_VERSION = "6"
+GENERATOR_VERSION = "7"
 """Bump when the output for a given seed changes, so resumed runs do not mix versions.
 5: full-size spacing, slice spacing and z extent follow LUNA16's measured spread.
 6: each nodule takes the outline (and ratings) of a LIDC nodule of about its own size."""
@@ -321,7 +321,7 @@ def synthesize_scan(
     lung = LungMap.build(vol.lungs, grid)
 
     trees = _grow_trees(r_tree, an, lung, small)
-    _draw_trees(vol.hu, grid, trees, small)
+    _draw_trees(vol.hu, grid, trees, small, an, vol.lungs)
     # Bifurcations only where the vessel is still visible at this voxel size: look-alikes.
     vessels, airways, branch_pts = _tree_samples(trees, max(0.5, 0.3 * acq.spacing[0]))
 
@@ -434,17 +434,17 @@ TREE_PARAMS = {
         "min_radius": min_radius,
         "min_lumen": min_lumen,
         "growth": {
-            "fraction": 0.4,
-            "murray": 3.0,
+            "fraction": 0.45,
+            "murray": 3.4,
             "tip_taper": 0.5,
-            "asymmetry": 0.15,
-            "max_turn": 0.55,
-            "major_turn": 0.6,
+            "asymmetry": 0.22,
+            "max_turn": 0.5,
+            "major_turn": 0.7,
         },
     }
     for size, points, min_radius, min_lumen in (
         ("small", 1500, 0.6, 1.3),
-        ("full", 6000, 0.35, 0.8),
+        ("full", 8000, 0.3, 0.8),
     )
 }
 """Tree growth per scan size: attractor points per tree, radius where growth stops, thinnest
@@ -482,8 +482,9 @@ def _grow_trees(rng: np.random.Generator, an, lung: LungMap, small: bool) -> lis
         if not mask.any():
             continue
         bronchus = next(t for t in an.tubes if t.name == f"bronchus_{side}")
-        r_art = float(rng.uniform(6.0, 7.0))
+        r_art = float(rng.uniform(5.0, 6.0))
         ratio = float(bronchus.radii[-1]) / r_art
+        sgn = -1 if side == "right" else 1
         pts = sample_points_in(rng, mask, to_body, n_pts)
         base = grow_tree(
             rng,
@@ -493,7 +494,7 @@ def _grow_trees(rng: np.random.Generator, an, lung: LungMap, small: bool) -> lis
             "artery",
             inside=inside_of(label),
             min_radius=min_vessel,
-            # Short trunks: lobar and segmental branches start close to the hilum.
+            groups=an.lobe_of(sgn, pts),
             **par["growth"],
         )
         base = curve_tree(base, rng)
@@ -510,18 +511,74 @@ def _grow_trees(rng: np.random.Generator, an, lung: LungMap, small: bool) -> lis
             rng,
             pts,
             an.hilum[f"vein_{side}"],
-            float(rng.uniform(5.5, 6.5)),
+            float(rng.uniform(4.5, 5.5)),
             "vein",
             inside=inside_of(label),
             min_radius=min_vessel,
+            groups=an.lobe_of(sgn, pts),
             **par["growth"],
         )
         trees.append(curve_tree(vein, rng))
     return trees
 
 
-def _draw_trees(hu: np.ndarray, grid: BodyGrid, trees: list[Tree], small: bool) -> None:
-    """Composite airway walls, airway lumens and blood vessels into ``hu``."""
+FISSURE_HU = 0.0
+"""Density of the visceral pleura's two layers in a fissure (~0.5 mm of soft tissue): on CT a
+faint line of about -600 to -300 HU once partial volume has thinned it."""
+FISSURE_THICKNESS = 0.5
+FISSURE_CLEAR = 1.2
+"""Half-width (mm) of the vessel-free band on either side of a fissure (the subpleural rim of
+each lobe, where only vessels below CT resolution run)."""
+HILUM_REACH = 30.0
+"""Within this distance (mm) of a hilum the fissures give way to the lobar vessels."""
+
+
+def _fissure_maps(
+    an, grid: BodyGrid, lungs: np.ndarray, k0: int, k1: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """For slices ``k0:k1``: fissure occupancy (0..1) and vessel-keep factor (0..1) in the lungs.
+
+    The fissure is a sheet ``FISSURE_THICKNESS`` thick, drawn with the voxel's extent across
+    it, so a sheet thinner than a voxel keeps its integrated density (faint, not absent) and a
+    fissure cut obliquely by thick slices blurs into a band, as on real scans.
+    """
+    sx, sy, sz = grid.spacing
+    z = grid.zs[k0:k1, None, None]
+    y = grid.ys[None, :, None]
+    x = grid.xs[None, None, :]
+    lab = lungs[k0:k1]
+    occ = np.zeros(lab.shape, dtype=np.float32)
+    keep = np.ones(lab.shape, dtype=np.float32)
+    for label, side in ((1, -1), (2, 1)):
+        inside = lab == label
+        if not inside.any():
+            continue
+        d_obl, d_h = an.fissure_sdf(side, x, y, z)
+        d = np.minimum(np.abs(d_obl), np.where(d_obl > 0, np.abs(d_h), 1e3))
+        # Voxel extent across the sheet (oblique fissure ~45 degrees, horizontal ~ level).
+        w_obl = 0.7 * (sy + sz)
+        w = np.where(np.abs(d_obl) <= d, w_obl, sz).astype(np.float32)
+        half = 0.5 * FISSURE_THICKNESS
+        sheet = np.clip(0.5 + (half - d) / w, 0.0, 1.0) * np.minimum(1.0, 2.0 * half / w)
+        hil = an.hilum["left" if side > 0 else "right"]
+        near_hilum = (x - hil[0]) ** 2 + (y - hil[1]) ** 2 + (z - hil[2]) ** 2 < HILUM_REACH**2
+        clear = np.where(near_hilum, 1.0, np.clip((d - FISSURE_CLEAR) / max(sx, 0.5), 0.0, 1.0))
+        occ = np.where(inside, sheet, occ)
+        keep = np.where(inside, clear, keep)
+    return occ.astype(np.float32), keep.astype(np.float32)
+
+
+def _draw_trees(
+    hu: np.ndarray,
+    grid: BodyGrid,
+    trees: list[Tree],
+    small: bool,
+    an=None,
+    lungs: np.ndarray | None = None,
+    slab: int = 32,
+) -> None:
+    """Composite airway walls, airway lumens, blood vessels and (given ``an`` and ``lungs``)
+    the interlobar fissures into ``hu``."""
     occ = np.zeros(hu.shape, dtype=np.float32)
     airways = [t for t in trees if t.kind == "airway"]
     vessels = [t for t in trees if t.kind != "airway"]
@@ -546,7 +603,15 @@ def _draw_trees(hu: np.ndarray, grid: BodyGrid, trees: list[Tree], small: bool) 
         r1 = np.concatenate([t.r1 for t in vessels])
         # Vessels far below the voxel size would add < ~5% occupancy: not worth drawing.
         splat_tubes(occ, grid, p0, p1, r0, r1, min_radius=0.18 * max(grid.spacing[:2]))
+    if an is None or lungs is None or not an.oblique:
         hu += occ * (TISSUE_HU["blood"] - hu)
+        return
+    for k0 in range(0, hu.shape[0], slab):
+        k1 = min(hu.shape[0], k0 + slab)
+        sheet, keep = _fissure_maps(an, grid, lungs, k0, k1)
+        part = hu[k0:k1]
+        part += (occ[k0:k1] * keep) * (TISSUE_HU["blood"] - part)
+        part += sheet * (FISSURE_HU - part)
 
 
 def _tree_samples(
