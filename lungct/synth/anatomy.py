@@ -116,6 +116,10 @@ class Anatomy:
     # Heart chambers as ellipsoids in the heart's own frame, in units of ``heart_r``:
     # ((cu, cv, cw), (ru, rv, rw)) each; merged smoothly into one lobulated outline.
     heart_lobes: tuple[tuple[tuple[float, float, float], tuple[float, float, float]], ...] = ()
+    # Bulges of the body outline: (polar angle of the centre, angular width, mm, z where it is
+    # full, z where it has faded out); the angle is that of the body ellipse, -pi/2 in front.
+    body_bumps: tuple[tuple[float, float, float, float, float], ...] = ()
+    back_flatness: float = 2.7  # superellipse exponent of the back half of the outline
     # Oblique fissure of each lung (right, left): (z at the back, z at the front, lateral tilt
     # mm per mm of |x|, bow mm); horizontal fissure of the right lung: (z, dz/dy, dz/dx).
     oblique: tuple[tuple[float, float, float, float], ...] = ()
@@ -433,6 +437,11 @@ def sample_anatomy(rng: np.random.Generator, size: str, fov_mm: float) -> Anatom
     tubes, hilum = _great_vessels_and_airways(rng, an)
     tubes += _clavicles(rng, an)
     an["heart_lobes"] = _heart_lobes(rng)
+    an["body_bumps"] = _body_bumps(rng, height)
+    an["back_flatness"] = float(rng.uniform(2.9, 3.8))
+    an["skin_harmonics"] = an["skin_harmonics"] + tuple(
+        (k, float(rng.uniform(0, 1.2)), float(rng.uniform(0, 2 * np.pi))) for k in range(7, 13)
+    )
     an["oblique"] = tuple(
         (
             -height * float(rng.uniform(0.2, 0.3)),
@@ -448,6 +457,55 @@ def sample_anatomy(rng: np.random.Generator, size: str, fov_mm: float) -> Anatom
         float(rng.uniform(-0.1, 0.1)),
     )
     return Anatomy(ribs=tuple(ribs), tubes=tuple(tubes), hilum=hilum, **an)
+
+
+def _body_bumps(rng: np.random.Generator, height: float) -> tuple:
+    """Muscle and shoulder bulges of the body outline, strongest in the upper chest.
+
+    Pectoral muscles bulge in front on either side of the sternum, the shoulders and axillary
+    folds widen the outline at the top, the scapulae and their muscles round the upper back,
+    and the paraspinal muscles make two low ridges beside a midline groove at every level.
+    Sizes and positions differ per scan and a little between sides.
+    """
+    bumps = []
+    top, never = 80.0, -1e4
+    for side in (-1, 1):
+        # Angle on the body ellipse: 0 lateral on the patient's left (image right), -pi/2 front.
+        def at(angle: float, side: int = side) -> float:
+            return angle if side > 0 else float(np.pi - angle)
+
+        pect = float(rng.uniform(3.0, 11.0))
+        bumps.append(
+            (
+                at(-rng.uniform(0.55, 0.85)),
+                float(rng.uniform(0.28, 0.4)),
+                pect,
+                -height * 0.15,
+                -height * rng.uniform(0.55, 0.7),
+            )
+        )
+        bumps.append(
+            (
+                at(rng.uniform(-0.15, 0.1)),
+                float(rng.uniform(0.3, 0.45)),
+                float(rng.uniform(6.0, 18.0)),
+                -height * 0.02,
+                -height * rng.uniform(0.22, 0.32),
+            )
+        )
+        bumps.append(
+            (
+                at(rng.uniform(0.75, 1.05)),
+                float(rng.uniform(0.25, 0.35)),
+                float(rng.uniform(2.0, 7.0)),
+                -height * 0.2,
+                -height * rng.uniform(0.5, 0.65),
+            )
+        )
+        bumps.append((at(rng.uniform(1.25, 1.38)), 0.12, float(rng.uniform(2.0, 5.0)), top, never))
+    # The midline groove of the back between the paraspinal ridges.
+    bumps.append((float(np.pi / 2), 0.07, -float(rng.uniform(1.0, 3.5)), top, never))
+    return tuple(tuple(float(v) for v in b) for b in bumps)
 
 
 def _heart_lobes(rng: np.random.Generator) -> tuple:

@@ -543,12 +543,21 @@ def _fissure_maps(
     fissure cut obliquely by thick slices blurs into a band, as on real scans.
     """
     sx, sy, sz = grid.spacing
-    z = grid.zs[k0:k1, None, None]
-    y = grid.ys[None, :, None]
-    x = grid.xs[None, None, :]
-    lab = lungs[k0:k1]
-    occ = np.zeros(lab.shape, dtype=np.float32)
-    keep = np.ones(lab.shape, dtype=np.float32)
+    full = lungs[k0:k1]
+    occ_full = np.zeros(full.shape, dtype=np.float32)
+    keep_full = np.ones(full.shape, dtype=np.float32)
+    rows = np.flatnonzero(full.any(axis=(0, 2)))
+    cols = np.flatnonzero(full.any(axis=(0, 1)))
+    if rows.size == 0:
+        return occ_full, keep_full
+    # Only the lungs' in-plane bounding box can hold a fissure.
+    box = (slice(None), slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    z = grid.zs[k0:k1, None, None].astype(np.float32)
+    y = grid.ys[None, box[1], None].astype(np.float32)
+    x = grid.xs[None, None, box[2]].astype(np.float32)
+    lab = full[box]
+    occ = occ_full[box]
+    keep = keep_full[box]
     for label, side in ((1, -1), (2, 1)):
         inside = lab == label
         if not inside.any():
@@ -563,9 +572,9 @@ def _fissure_maps(
         hil = an.hilum["left" if side > 0 else "right"]
         near_hilum = (x - hil[0]) ** 2 + (y - hil[1]) ** 2 + (z - hil[2]) ** 2 < HILUM_REACH**2
         clear = np.where(near_hilum, 1.0, np.clip((d - FISSURE_CLEAR) / max(sx, 0.5), 0.0, 1.0))
-        occ = np.where(inside, sheet, occ)
-        keep = np.where(inside, clear, keep)
-    return occ.astype(np.float32), keep.astype(np.float32)
+        occ[inside] = np.broadcast_to(sheet, lab.shape)[inside]
+        keep[inside] = np.broadcast_to(clear, lab.shape)[inside]
+    return occ_full, keep_full
 
 
 def _draw_trees(
