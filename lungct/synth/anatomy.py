@@ -600,8 +600,12 @@ def _great_vessels_and_airways(
     bottom = -H - 60.0
     carina_z = -H * rng.uniform(0.36, 0.42)
     tr_y = sy - sr - rng.uniform(22, 28)
-    tr_r = rng.uniform(7.5, 9.5)
-    tr_dx = rng.uniform(0.5, 4.0)  # the arch pushes the trachea a little to the right
+    # Adult tracheal lumen: 13-25 mm across (narrower in women), a little oval.
+    tr_r = rng.uniform(6.8, 10.0)
+    tr_dx = rng.uniform(0.5, 6.0)  # the arch pushes the trachea a little to the right
+    # Going down it runs backwards from the thoracic inlet, and wanders a few mm sideways.
+    tr_back = rng.uniform(6.0, 16.0)
+    tr_wx = rng.normal(0.0, 2.5, 2)
 
     def tube(name, pts, radii):
         return Tube(name, np.asarray(pts, dtype=np.float64), np.asarray(radii, dtype=np.float64))
@@ -627,12 +631,15 @@ def _great_vessels_and_airways(
         tube(
             "trachea",
             [
-                [mx, tr_y - 4, top],
-                [mx - tr_dx, tr_y - 3, 0.5 * (top + arch_z)],
-                [mx - 1.3 * tr_dx, tr_y - 1.5, arch_z],
+                [mx + tr_wx[0], tr_y - tr_back, top],
+                [mx + 0.5 * tr_wx[1], tr_y - 0.75 * tr_back, 0.3 * top],
+                [mx - 0.5 * tr_dx + tr_wx[1], tr_y - 0.5 * tr_back, 0.5 * arch_z],
+                [mx - 1.2 * tr_dx, tr_y - 0.22 * tr_back, arch_z],
+                [mx - 0.9 * tr_dx, tr_y - 0.08 * tr_back, 0.5 * (arch_z + carina_z)],
                 [mx - 0.3 * tr_dx, tr_y, carina_z],
             ],
-            [tr_r, tr_r * 0.97, tr_r * 0.9, tr_r],
+            # Slightly narrowed where the arch indents it, widening towards the carina.
+            [tr_r, tr_r, tr_r * 0.97, tr_r * 0.9, tr_r * 0.96, tr_r],
         ),
         tube(
             "bronchus_right",
@@ -744,7 +751,7 @@ def _great_vessels_and_airways(
             "oesophagus",
             # Midline behind the trachea, then to the left and forwards towards the stomach.
             [
-                [mx + 2, sy - sr - 7, top],
+                [mx + 2, sy - sr - 7 - 0.6 * tr_back, top],
                 [mx + 4, sy - sr - 8, carina_z + 10],
                 [mx + 2, sy - sr - 9, carina_z - 0.2 * H],
                 [mx + 14, sy - sr - 16, -0.9 * H],
