@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from lungct.geometry import Geometry
 from lungct.scan import Scan
-from lungct.synth.anatomy import TISSUE_HU, sample_anatomy
+from lungct.synth.anatomy import TISSUE_HU, Anatomy, sample_anatomy
 from lungct.synth.nodules import PlannedFinding, draw_reader_count, render_finding
 from lungct.synth.placement import LungMap, TubeSamples, plan_candidates, plan_findings
 from lungct.synth.render import BodyGrid, render_anatomy, splat_tubes
@@ -37,7 +37,9 @@ UID_PREFIX = "1.3.6.1.4.1.14519.5.2.1.6279.6001."
 GENERATOR_VERSION = "7"
 """Bump when the output for a given seed changes, so resumed runs do not mix versions.
 5: full-size spacing, slice spacing and z extent follow LUNA16's measured spread.
-6: each nodule takes the outline (and ratings) of a LIDC nodule of about its own size."""
+6: each nodule takes the outline (and ratings) of a LIDC nodule of about its own size.
+7: denser, smoothly tapering lobe-bounded vessel trees, fissures, a less regular body outline,
+a curving trachea, scars kept clear of other findings by their full length."""
 
 DIRECTIONS = {
     "identity": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
@@ -448,7 +450,13 @@ TREE_PARAMS = {
     )
 }
 """Tree growth per scan size: attractor points per tree, radius where growth stops, thinnest
-drawn airway lumen, and :func:`grow_tree` options."""
+drawn airway lumen, and :func:`grow_tree` options.
+
+A Murray exponent above the ideal 3 keeps the calibre up towards the periphery: every attractor
+point stands for a group of lobules, not one terminal vessel, and with 3 the vessels a CT still
+shows (about 1 mm and up) would stop several centimetres short of the pleura instead of about
+one. Lopsided splits with a straight major daughter make long conveying stems that give off
+thinner side branches, as real pulmonary arteries and veins do."""
 
 
 def _grow_trees(rng: np.random.Generator, an, lung: LungMap, small: bool) -> list[Tree]:
@@ -458,7 +466,9 @@ def _grow_trees(rng: np.random.Generator, an, lung: LungMap, small: bool) -> lis
     are its thicker part (lumen ~0.8x the artery's calibre, as the broncho-arterial ratio), and
     the pulmonary artery is the whole tree shifted sideways, so each artery runs beside its
     bronchus down to the periphery. Veins grow separately from the lower hilum (they run
-    between the bronchoarterial bundles). Every segment is then bent into a smooth curve.
+    between the bronchoarterial bundles). Both are grown lobe by lobe (the attractor points
+    carry their lobe), so no vessel crosses a fissure. Every segment is then bent into a smooth
+    curve.
     """
     par = TREE_PARAMS["small" if small else "full"]
     n_pts = par["points"]
@@ -534,7 +544,7 @@ HILUM_REACH = 30.0
 
 
 def _fissure_maps(
-    an, grid: BodyGrid, lungs: np.ndarray, k0: int, k1: int
+    an: Anatomy, grid: BodyGrid, lungs: np.ndarray, k0: int, k1: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """For slices ``k0:k1``: fissure occupancy (0..1) and vessel-keep factor (0..1) in the lungs.
 
@@ -582,7 +592,7 @@ def _draw_trees(
     grid: BodyGrid,
     trees: list[Tree],
     small: bool,
-    an=None,
+    an: Anatomy | None = None,
     lungs: np.ndarray | None = None,
     slab: int = 32,
 ) -> None:
