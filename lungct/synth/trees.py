@@ -6,7 +6,8 @@ the lung, grows a fraction of the way towards the cloud's centroid, then splits 
 plane through the centroid, and each half grows a child. The result fills the lung, branches
 densely near the hilum and thins towards the pleura. Radii follow Murray's law with flow taken
 proportional to the territory (number of points), ``r_child = r_parent * (n_child/n)^(1/3)``,
-so vessels taper from ~6 mm at the hilum to sub-millimetre at the periphery.
+so vessels taper from ~5-6 mm radius at the hilum to sub-millimetre at the periphery; within a
+segment the radius falls linearly to its thicker daughter's, so stems narrow smoothly.
 """
 
 from __future__ import annotations
