@@ -116,6 +116,14 @@ class Anatomy:
     # Heart chambers as ellipsoids in the heart's own frame, in units of ``heart_r``:
     # ((cu, cv, cw), (ru, rv, rw)) each; merged smoothly into one lobulated outline.
     heart_lobes: tuple[tuple[tuple[float, float, float], tuple[float, float, float]], ...] = ()
+    # Bulges of the body outline: (polar angle of the centre, angular width, mm, z where it is
+    # full, z where it has faded out); the angle is that of the body ellipse, -pi/2 in front.
+    body_bumps: tuple[tuple[float, float, float, float, float], ...] = ()
+    back_flatness: float = 2.7  # superellipse exponent of the back half of the outline
+    # Oblique fissure of each lung (right, left): (z at the back, z at the front, lateral tilt
+    # mm per mm of |x|, bow mm); horizontal fissure of the right lung: (z, dz/dy, dz/dx).
+    oblique: tuple[tuple[float, float, float, float], ...] = ()
+    horizontal: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     # === Shape functions (vectorised over broadcastable x, y, z arrays) ===
 
@@ -214,6 +222,44 @@ class Anatomy:
             )
             out.append(sdf.astype(np.float32))
         return tuple(out)
+
+    def fissure_sdf(
+        self, side: int, x: np.ndarray, y: np.ndarray, z: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Signed distances (mm) to the oblique and horizontal fissure of one lung.
+
+        The oblique (major) fissure runs from high at the back (about the level of the fourth
+        vertebra) down and forwards to the front of the diaphragm, bowed slightly; positive is
+        the upper-lobe side (above and in front). The horizontal (minor) fissure of the right
+        lung is nearly level at about the fourth costal cartilage, positive above it; the left
+        lung has none (its distance is a large positive number).
+        """
+        cy, b = self.cav_cy, self.cav_b
+        z_post, z_front, tilt, bow = self.oblique[0 if side < 0 else 1]
+        s = np.clip((y - (cy - b)) / (2.0 * b), -0.2, 1.2)
+        slope = (z_post - z_front) / (2.0 * b)
+        z_obl = z_front + (z_post - z_front) * s + bow * 4.0 * s * (1.0 - s) + tilt * np.abs(x)
+        d_obl = (z - z_obl) / np.sqrt(1.0 + slope * slope)
+        if side > 0:
+            return d_obl.astype(np.float32), np.full_like(d_obl, 1e3, dtype=np.float32)
+        zh, gy, gx = self.horizontal
+        d_h = (z - (zh + gy * (y - cy) + gx * (np.abs(x) - 0.5 * self.cav_a))) / np.sqrt(
+            1.0 + gy * gy + gx * gx
+        )
+        return d_obl.astype(np.float32), d_h.astype(np.float32)
+
+    def lobe_of(self, side: int, pts: np.ndarray) -> np.ndarray:
+        """Lobe index of body-frame points ``(n, 3)`` in one lung: 0 lower, 1 upper, 2 middle."""
+        d_obl, d_h = self.fissure_sdf(side, pts[:, 0], pts[:, 1], pts[:, 2])
+        lobe = np.where(d_obl < 0, 0, 1)
+        return np.where((lobe == 1) & (d_h < 0), 2, lobe).astype(np.int64)
+
+    def fissure_distance(self, side: int, x: np.ndarray, y: np.ndarray, z: np.ndarray):
+        """Unsigned distance (mm) to the nearest fissure sheet of one lung."""
+        d_obl, d_h = self.fissure_sdf(side, x, y, z)
+        # The horizontal fissure ends where it meets the oblique one, in front of it.
+        d_h = np.where(d_obl > 0, np.abs(d_h), 1e3)
+        return np.minimum(np.abs(d_obl), d_h)
 
     def lung_labels(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
         """Ground-truth lungs on a grid: 0 outside, 1 right lung, 2 left lung (uint8)."""
@@ -391,7 +437,75 @@ def sample_anatomy(rng: np.random.Generator, size: str, fov_mm: float) -> Anatom
     tubes, hilum = _great_vessels_and_airways(rng, an)
     tubes += _clavicles(rng, an)
     an["heart_lobes"] = _heart_lobes(rng)
+    an["body_bumps"] = _body_bumps(rng, height)
+    an["back_flatness"] = float(rng.uniform(2.9, 3.8))
+    an["skin_harmonics"] = an["skin_harmonics"] + tuple(
+        (k, float(rng.uniform(0, 1.2)), float(rng.uniform(0, 2 * np.pi))) for k in range(7, 13)
+    )
+    an["oblique"] = tuple(
+        (
+            -height * float(rng.uniform(0.2, 0.3)),
+            -height * float(rng.uniform(0.85, 0.98)),
+            float(rng.uniform(-0.15, 0.1)),
+            float(rng.uniform(-12.0, 12.0)),
+        )
+        for _ in range(2)
+    )
+    an["horizontal"] = (
+        -height * float(rng.uniform(0.42, 0.52)),
+        float(rng.uniform(-0.12, 0.12)),
+        float(rng.uniform(-0.1, 0.1)),
+    )
     return Anatomy(ribs=tuple(ribs), tubes=tuple(tubes), hilum=hilum, **an)
+
+
+def _body_bumps(rng: np.random.Generator, height: float) -> tuple:
+    """Muscle and shoulder bulges of the body outline, strongest in the upper chest.
+
+    Pectoral muscles bulge in front on either side of the sternum, the shoulders and axillary
+    folds widen the outline at the top, the scapulae and their muscles round the upper back,
+    and the paraspinal muscles make two low ridges beside a midline groove at every level.
+    Sizes and positions differ per scan and a little between sides.
+    """
+    bumps = []
+    top, never = 80.0, -1e4
+    for side in (-1, 1):
+        # Angle on the body ellipse: 0 lateral on the patient's left (image right), -pi/2 front.
+        def at(angle: float, side: int = side) -> float:
+            return angle if side > 0 else float(np.pi - angle)
+
+        pect = float(rng.uniform(3.0, 11.0))
+        bumps.append(
+            (
+                at(-rng.uniform(0.55, 0.85)),
+                float(rng.uniform(0.28, 0.4)),
+                pect,
+                -height * 0.15,
+                -height * rng.uniform(0.55, 0.7),
+            )
+        )
+        bumps.append(
+            (
+                at(rng.uniform(-0.15, 0.1)),
+                float(rng.uniform(0.3, 0.45)),
+                float(rng.uniform(6.0, 18.0)),
+                -height * 0.02,
+                -height * rng.uniform(0.22, 0.32),
+            )
+        )
+        bumps.append(
+            (
+                at(rng.uniform(0.75, 1.05)),
+                float(rng.uniform(0.25, 0.35)),
+                float(rng.uniform(2.0, 7.0)),
+                -height * 0.2,
+                -height * rng.uniform(0.5, 0.65),
+            )
+        )
+        bumps.append((at(rng.uniform(1.25, 1.38)), 0.12, float(rng.uniform(2.0, 5.0)), top, never))
+    # The midline groove of the back between the paraspinal ridges.
+    bumps.append((float(np.pi / 2), 0.07, -float(rng.uniform(1.0, 3.5)), top, never))
+    return tuple(tuple(float(v) for v in b) for b in bumps)
 
 
 def _heart_lobes(rng: np.random.Generator) -> tuple:
@@ -486,8 +600,12 @@ def _great_vessels_and_airways(
     bottom = -H - 60.0
     carina_z = -H * rng.uniform(0.36, 0.42)
     tr_y = sy - sr - rng.uniform(22, 28)
-    tr_r = rng.uniform(7.5, 9.5)
-    tr_dx = rng.uniform(0.5, 4.0)  # the arch pushes the trachea a little to the right
+    # Adult tracheal lumen: 13-25 mm across (narrower in women), a little oval.
+    tr_r = rng.uniform(6.8, 10.0)
+    tr_dx = rng.uniform(0.5, 6.0)  # the arch pushes the trachea a little to the right
+    # Going down it runs backwards from the thoracic inlet, and wanders a few mm sideways.
+    tr_back = rng.uniform(6.0, 16.0)
+    tr_wx = rng.normal(0.0, 2.5, 2)
 
     def tube(name, pts, radii):
         return Tube(name, np.asarray(pts, dtype=np.float64), np.asarray(radii, dtype=np.float64))
@@ -513,12 +631,15 @@ def _great_vessels_and_airways(
         tube(
             "trachea",
             [
-                [mx, tr_y - 4, top],
-                [mx - tr_dx, tr_y - 3, 0.5 * (top + arch_z)],
-                [mx - 1.3 * tr_dx, tr_y - 1.5, arch_z],
+                [mx + tr_wx[0], tr_y - tr_back, top],
+                [mx + 0.5 * tr_wx[1], tr_y - 0.75 * tr_back, 0.3 * top],
+                [mx - 0.5 * tr_dx + tr_wx[1], tr_y - 0.5 * tr_back, 0.5 * arch_z],
+                [mx - 1.2 * tr_dx, tr_y - 0.22 * tr_back, arch_z],
+                [mx - 0.9 * tr_dx, tr_y - 0.08 * tr_back, 0.5 * (arch_z + carina_z)],
                 [mx - 0.3 * tr_dx, tr_y, carina_z],
             ],
-            [tr_r, tr_r * 0.97, tr_r * 0.9, tr_r],
+            # Slightly narrowed where the arch indents it, widening towards the carina.
+            [tr_r, tr_r, tr_r * 0.97, tr_r * 0.9, tr_r * 0.96, tr_r],
         ),
         tube(
             "bronchus_right",
@@ -564,7 +685,7 @@ def _great_vessels_and_airways(
         tube(
             "artery_right",
             [[mx + 10, cy - 0.05 * b, carina_z - 16], hilum["artery_right"]],
-            [asc_r * 0.62, asc_r * 0.5],
+            [asc_r * 0.58, asc_r * 0.42],
         ),
         tube(
             "artery_left",
@@ -573,7 +694,7 @@ def _great_vessels_and_airways(
                 [mx + 20, cy, carina_z - 8],
                 hilum["artery_left"],
             ],
-            [asc_r * 0.6, asc_r * 0.55, asc_r * 0.48],
+            [asc_r * 0.56, asc_r * 0.5, asc_r * 0.42],
         ),
         # Branches of the arch and the veins of the thoracic inlet.
         tube(
@@ -619,8 +740,8 @@ def _great_vessels_and_airways(
             ],
             [3.5, 4.0, 4.5, 5.0],
         ),
-        tube("vein_right", [la, hilum["vein_right"]], [7.0, 5.5]),
-        tube("vein_left", [la, hilum["vein_left"]], [7.0, 5.5]),
+        tube("vein_right", [la, hilum["vein_right"]], [6.5, 4.8]),
+        tube("vein_left", [la, hilum["vein_left"]], [6.5, 4.8]),
         tube(
             "svc",
             [[mx - 24, cy - 0.12 * b, top], [mx - 26, cy - 0.15 * b, hz + 0.45 * hc]],
@@ -630,7 +751,7 @@ def _great_vessels_and_airways(
             "oesophagus",
             # Midline behind the trachea, then to the left and forwards towards the stomach.
             [
-                [mx + 2, sy - sr - 7, top],
+                [mx + 2, sy - sr - 7 - 0.6 * tr_back, top],
                 [mx + 4, sy - sr - 8, carina_z + 10],
                 [mx + 2, sy - sr - 9, carina_z - 0.2 * H],
                 [mx + 14, sy - sr - 16, -0.9 * H],

@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from lungct.geometry import Geometry
 from lungct.scan import Scan
-from lungct.synth.anatomy import TISSUE_HU, sample_anatomy
+from lungct.synth.anatomy import TISSUE_HU, Anatomy, sample_anatomy
 from lungct.synth.nodules import PlannedFinding, draw_reader_count, render_finding
 from lungct.synth.placement import LungMap, TubeSamples, plan_candidates, plan_findings
 from lungct.synth.render import BodyGrid, render_anatomy, splat_tubes
@@ -34,10 +34,12 @@ from lungct.synth.trees import (
 SIZES = ("small", "full")
 UID_PREFIX = "1.3.6.1.4.1.14519.5.2.1.6279.6001."
 """The LIDC-IDRI / LUNA16 series UID root; synthetic suffixes are hashed from (seed, index)."""
-GENERATOR_VERSION = "6"
+GENERATOR_VERSION = "7"
 """Bump when the output for a given seed changes, so resumed runs do not mix versions.
 5: full-size spacing, slice spacing and z extent follow LUNA16's measured spread.
-6: each nodule takes the outline (and ratings) of a LIDC nodule of about its own size."""
+6: each nodule takes the outline (and ratings) of a LIDC nodule of about its own size.
+7: denser, smoothly tapering lobe-bounded vessel trees, fissures, a less regular body outline,
+a curving trachea, scars kept clear of other findings by their full length."""
 
 DIRECTIONS = {
     "identity": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
@@ -321,7 +323,7 @@ def synthesize_scan(
     lung = LungMap.build(vol.lungs, grid)
 
     trees = _grow_trees(r_tree, an, lung, small)
-    _draw_trees(vol.hu, grid, trees, small)
+    _draw_trees(vol.hu, grid, trees, small, an, vol.lungs)
     # Bifurcations only where the vessel is still visible at this voxel size: look-alikes.
     vessels, airways, branch_pts = _tree_samples(trees, max(0.5, 0.3 * acq.spacing[0]))
 
@@ -434,21 +436,27 @@ TREE_PARAMS = {
         "min_radius": min_radius,
         "min_lumen": min_lumen,
         "growth": {
-            "fraction": 0.4,
-            "murray": 3.0,
+            "fraction": 0.45,
+            "murray": 3.4,
             "tip_taper": 0.5,
-            "asymmetry": 0.15,
-            "max_turn": 0.55,
-            "major_turn": 0.6,
+            "asymmetry": 0.22,
+            "max_turn": 0.5,
+            "major_turn": 0.7,
         },
     }
     for size, points, min_radius, min_lumen in (
         ("small", 1500, 0.6, 1.3),
-        ("full", 6000, 0.35, 0.8),
+        ("full", 8000, 0.3, 0.8),
     )
 }
 """Tree growth per scan size: attractor points per tree, radius where growth stops, thinnest
-drawn airway lumen, and :func:`grow_tree` options."""
+drawn airway lumen, and :func:`grow_tree` options.
+
+A Murray exponent above the ideal 3 keeps the calibre up towards the periphery: every attractor
+point stands for a group of lobules, not one terminal vessel, and with 3 the vessels a CT still
+shows (about 1 mm and up) would stop several centimetres short of the pleura instead of about
+one. Lopsided splits with a straight major daughter make long conveying stems that give off
+thinner side branches, as real pulmonary arteries and veins do."""
 
 
 def _grow_trees(rng: np.random.Generator, an, lung: LungMap, small: bool) -> list[Tree]:
@@ -458,7 +466,9 @@ def _grow_trees(rng: np.random.Generator, an, lung: LungMap, small: bool) -> lis
     are its thicker part (lumen ~0.8x the artery's calibre, as the broncho-arterial ratio), and
     the pulmonary artery is the whole tree shifted sideways, so each artery runs beside its
     bronchus down to the periphery. Veins grow separately from the lower hilum (they run
-    between the bronchoarterial bundles). Every segment is then bent into a smooth curve.
+    between the bronchoarterial bundles). Both are grown lobe by lobe (the attractor points
+    carry their lobe), so no vessel crosses a fissure. Every segment is then bent into a smooth
+    curve.
     """
     par = TREE_PARAMS["small" if small else "full"]
     n_pts = par["points"]
@@ -482,8 +492,9 @@ def _grow_trees(rng: np.random.Generator, an, lung: LungMap, small: bool) -> lis
         if not mask.any():
             continue
         bronchus = next(t for t in an.tubes if t.name == f"bronchus_{side}")
-        r_art = float(rng.uniform(6.0, 7.0))
+        r_art = float(rng.uniform(5.0, 6.0))
         ratio = float(bronchus.radii[-1]) / r_art
+        sgn = -1 if side == "right" else 1
         pts = sample_points_in(rng, mask, to_body, n_pts)
         base = grow_tree(
             rng,
@@ -493,7 +504,7 @@ def _grow_trees(rng: np.random.Generator, an, lung: LungMap, small: bool) -> lis
             "artery",
             inside=inside_of(label),
             min_radius=min_vessel,
-            # Short trunks: lobar and segmental branches start close to the hilum.
+            groups=an.lobe_of(sgn, pts),
             **par["growth"],
         )
         base = curve_tree(base, rng)
@@ -510,18 +521,83 @@ def _grow_trees(rng: np.random.Generator, an, lung: LungMap, small: bool) -> lis
             rng,
             pts,
             an.hilum[f"vein_{side}"],
-            float(rng.uniform(5.5, 6.5)),
+            float(rng.uniform(4.5, 5.5)),
             "vein",
             inside=inside_of(label),
             min_radius=min_vessel,
+            groups=an.lobe_of(sgn, pts),
             **par["growth"],
         )
         trees.append(curve_tree(vein, rng))
     return trees
 
 
-def _draw_trees(hu: np.ndarray, grid: BodyGrid, trees: list[Tree], small: bool) -> None:
-    """Composite airway walls, airway lumens and blood vessels into ``hu``."""
+FISSURE_HU = 0.0
+"""Density of the visceral pleura's two layers in a fissure (~0.5 mm of soft tissue): on CT a
+faint line of about -600 to -300 HU once partial volume has thinned it."""
+FISSURE_THICKNESS = 0.5
+FISSURE_CLEAR = 1.2
+"""Half-width (mm) of the vessel-free band on either side of a fissure (the subpleural rim of
+each lobe, where only vessels below CT resolution run)."""
+HILUM_REACH = 30.0
+"""Within this distance (mm) of a hilum the fissures give way to the lobar vessels."""
+
+
+def _fissure_maps(
+    an: Anatomy, grid: BodyGrid, lungs: np.ndarray, k0: int, k1: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """For slices ``k0:k1``: fissure occupancy (0..1) and vessel-keep factor (0..1) in the lungs.
+
+    The fissure is a sheet ``FISSURE_THICKNESS`` thick, drawn with the voxel's extent across
+    it, so a sheet thinner than a voxel keeps its integrated density (faint, not absent) and a
+    fissure cut obliquely by thick slices blurs into a band, as on real scans.
+    """
+    sx, sy, sz = grid.spacing
+    full = lungs[k0:k1]
+    occ_full = np.zeros(full.shape, dtype=np.float32)
+    keep_full = np.ones(full.shape, dtype=np.float32)
+    rows = np.flatnonzero(full.any(axis=(0, 2)))
+    cols = np.flatnonzero(full.any(axis=(0, 1)))
+    if rows.size == 0:
+        return occ_full, keep_full
+    # Only the lungs' in-plane bounding box can hold a fissure.
+    box = (slice(None), slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    z = grid.zs[k0:k1, None, None].astype(np.float32)
+    y = grid.ys[None, box[1], None].astype(np.float32)
+    x = grid.xs[None, None, box[2]].astype(np.float32)
+    lab = full[box]
+    occ = occ_full[box]
+    keep = keep_full[box]
+    for label, side in ((1, -1), (2, 1)):
+        inside = lab == label
+        if not inside.any():
+            continue
+        d_obl, d_h = an.fissure_sdf(side, x, y, z)
+        d = np.minimum(np.abs(d_obl), np.where(d_obl > 0, np.abs(d_h), 1e3))
+        # Voxel extent across the sheet (oblique fissure ~45 degrees, horizontal ~ level).
+        w_obl = 0.7 * (sy + sz)
+        w = np.where(np.abs(d_obl) <= d, w_obl, sz).astype(np.float32)
+        half = 0.5 * FISSURE_THICKNESS
+        sheet = np.clip(0.5 + (half - d) / w, 0.0, 1.0) * np.minimum(1.0, 2.0 * half / w)
+        hil = an.hilum["left" if side > 0 else "right"]
+        near_hilum = (x - hil[0]) ** 2 + (y - hil[1]) ** 2 + (z - hil[2]) ** 2 < HILUM_REACH**2
+        clear = np.where(near_hilum, 1.0, np.clip((d - FISSURE_CLEAR) / max(sx, 0.5), 0.0, 1.0))
+        occ[inside] = np.broadcast_to(sheet, lab.shape)[inside]
+        keep[inside] = np.broadcast_to(clear, lab.shape)[inside]
+    return occ_full, keep_full
+
+
+def _draw_trees(
+    hu: np.ndarray,
+    grid: BodyGrid,
+    trees: list[Tree],
+    small: bool,
+    an: Anatomy | None = None,
+    lungs: np.ndarray | None = None,
+    slab: int = 32,
+) -> None:
+    """Composite airway walls, airway lumens, blood vessels and (given ``an`` and ``lungs``)
+    the interlobar fissures into ``hu``."""
     occ = np.zeros(hu.shape, dtype=np.float32)
     airways = [t for t in trees if t.kind == "airway"]
     vessels = [t for t in trees if t.kind != "airway"]
@@ -546,7 +622,15 @@ def _draw_trees(hu: np.ndarray, grid: BodyGrid, trees: list[Tree], small: bool) 
         r1 = np.concatenate([t.r1 for t in vessels])
         # Vessels far below the voxel size would add < ~5% occupancy: not worth drawing.
         splat_tubes(occ, grid, p0, p1, r0, r1, min_radius=0.18 * max(grid.spacing[:2]))
+    if an is None or lungs is None or not an.oblique:
         hu += occ * (TISSUE_HU["blood"] - hu)
+        return
+    for k0 in range(0, hu.shape[0], slab):
+        k1 = min(hu.shape[0], k0 + slab)
+        sheet, keep = _fissure_maps(an, grid, lungs, k0, k1)
+        part = hu[k0:k1]
+        part += (occ[k0:k1] * keep) * (TISSUE_HU["blood"] - part)
+        part += sheet * (FISSURE_HU - part)
 
 
 def _tree_samples(

@@ -203,11 +203,13 @@ def plan_findings(
             return False
         return all(np.linalg.norm(c - p.centre) > r + 0.5 * p.diameter + 6.0 for p in placed)
 
-    def place(d: float, location: str) -> np.ndarray | None:
+    def place(d: float, location: str, extent: float | None = None) -> np.ndarray | None:
+        """A centre for a finding of diameter ``d`` (``extent``: its full size, if larger)."""
         r = 0.5 * d
+        r_out = 0.5 * max(d, extent or 0.0)
         for _ in range(60):
             c = _propose(rng, lung, vessels, location, r)
-            if c is None or not far_from_others(c, r):
+            if c is None or not far_from_others(c, r_out):
                 continue
             if lung.label_at(c[None])[0] == 0:
                 continue
@@ -266,7 +268,9 @@ def plan_findings(
         location = str(rng.choice(["isolated", "juxtavascular", "juxtapleural"], p=[0.6, 0.2, 0.2]))
         if cat == "scar":
             location = "juxtapleural"  # scars and atelectasis usually abut the pleura
-        c = place(d if cat != "scar" else 6.0, location)
+        # A scar is placed by its thickness against the pleura but kept clear of other
+        # findings by its full length.
+        c = place(d if cat != "scar" else 6.0, location, extent=d)
         if c is None:
             c = place(d, "isolated")
         if c is None:

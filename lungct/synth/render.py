@@ -207,16 +207,28 @@ def render_anatomy(
     Y = grid.ys[None, :, None].astype(np.float32)
 
     # z-independent in-plane structures, computed once.
-    p_body = np.where(Y > 0, 2.7, 2.1).astype(np.float32)
+    # Flatter at the back (the patient lies on it), rounder in front.
+    p_body = np.where(Y > 0, an.back_flatness, 2.1).astype(np.float32)
     # Bodies are not ellipses: a few low-order harmonics bend the skin and, independently, the
     # muscle boundary (so the fat layer is thicker in some places than others).
     phi = np.arctan2(Y / an.body_b, X / an.body_a)
     skin = sum(amp * np.cos(k * phi + ph) for k, amp, ph in an.skin_harmonics)
     muscle = sum(amp * np.cos(k * phi + ph) for k, amp, ph in an.muscle_harmonics)
+    # Muscle bulges move skin and muscle boundary together (the fat over them keeps its
+    # thickness); those that fade with height are added slice by slice below.
+    static = [b for b in an.body_bumps if b[4] < -1e3]
+    graded = [b for b in an.body_bumps if b[4] >= -1e3]
+
+    def bump_shape(c: float, w: float) -> np.ndarray:
+        d = np.angle(np.exp(1j * (phi - c)))
+        return np.exp(-0.5 * (d / w) ** 2).astype(np.float32)
+
+    skin = skin + sum(amp * bump_shape(c, w) for c, w, amp, _, _ in static)
+    graded_shapes = [bump_shape(c, w) for c, w, _, _, _ in graded]
     body_sdf = superellipse_sdf(X, Y, 0.0, 0.0, an.body_a, an.body_b, p_body) - skin
     inner = superellipse_sdf(X, Y, 0.0, 0.0, an.body_a - an.fat, an.body_b - an.fat, p_body)
     inner = inner - skin - muscle
-    body_m, inner_m = soft(body_sdf, v), soft(inner, v)
+    body_m2, inner_m2 = soft(body_sdf, v), soft(inner, v)
     table = _table(an, X, Y, v) if an.has_table else None
     spine2d = _spine_maps(an, X, Y, v)
 
@@ -229,6 +241,17 @@ def render_anatomy(
         k1 = min(nz, k0 + slab)
         Z = grid.zs[k0:k1, None, None].astype(np.float32)
         tex = texture.slab(grid.zs[k0:k1])
+        zk = grid.zs[k0:k1]
+        bump = None
+        for (_, _, amp, z_full, z_none), g in zip(graded, graded_shapes, strict=True):
+            f = np.clip((zk - z_none) / (z_full - z_none), 0.0, 1.0).astype(np.float32)
+            if f.max() > 0:
+                term = (amp * f)[:, None, None] * g
+                bump = term if bump is None else bump + term
+        if bump is None:
+            body_m, inner_m = body_m2, inner_m2
+        else:
+            body_m, inner_m = soft(body_sdf - bump, v), soft(inner - bump, v)
         h = np.full((k1 - k0, ny, nx), TISSUE_HU["air"], dtype=np.float32)
         h += (body_m * (an.fat_hu + 6.0 * tex - TISSUE_HU["air"])).astype(np.float32)
         _over(h, inner_m, an.muscle_hu + 4.0 * tex)

@@ -6,7 +6,8 @@ the lung, grows a fraction of the way towards the cloud's centroid, then splits 
 plane through the centroid, and each half grows a child. The result fills the lung, branches
 densely near the hilum and thins towards the pleura. Radii follow Murray's law with flow taken
 proportional to the territory (number of points), ``r_child = r_parent * (n_child/n)^(1/3)``,
-so vessels taper from ~6 mm at the hilum to sub-millimetre at the periphery.
+so vessels taper from ~5-6 mm radius at the hilum to sub-millimetre at the periphery; within a
+segment the radius falls linearly to its thicker daughter's, so stems narrow smoothly.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def grow_tree(
     asymmetry: float = 0.0,
     major_turn: float | None = None,
     tip_taper: float = 0.97,
+    groups: np.ndarray | None = None,
 ) -> Tree:
     """Grow one tree from ``root`` into the point cloud ``points`` (``(n, 3)`` body mm).
 
@@ -99,6 +101,9 @@ def grow_tree(
             the main stem straighter.
         tip_taper: end radius / start radius of terminal segments (< 1 lets the last
             branches fade out in partial volume instead of ending as blunt stubs).
+        groups: optional non-negative integer label per point (the lobe): a territory with
+            several labels is split between them before any plane split, so every branch
+            stays within one lobe and the fissures stay free of vessels.
     """
     p0s, p1s, r0s, r1s, parents, nchild = [], [], [], [], [], []
     n_total = points.shape[0]
@@ -144,6 +149,19 @@ def grow_tree(
             nchild[parent] += 1
         if terminal:
             continue
+        if groups is not None:
+            g = groups[idx]
+            if g.min() != g.max():
+                # A territory spanning several lobes first splits along a fissure: one lobe
+                # against the rest, so no branch crosses from one lobe into another.
+                first = g == np.bincount(g).argmax()
+                left, right = idx[first], idx[~first]
+                r_end = radius * 0.97
+                for part in (left, right):
+                    r_child = r_end * (part.size / idx.size) ** (1 / murray)
+                    t = turn_major if 2 * part.size > idx.size else max_turn
+                    stack.append((end, direction, part, r_child, sid, t))
+                continue
         # Split plane through the centroid, normal to the cloud's widest spread across the
         # branch (so the two halves sit side by side, not one behind the other).
         rel = pts - c
@@ -165,12 +183,23 @@ def grow_tree(
             r_child = r_end * (part.size / idx.size) ** (1 / murray)
             t = turn_major if 2 * part.size > idx.size else max_turn
             stack.append((end, direction, part, r_child, sid, t))
+    parent_arr = np.asarray(parents, dtype=np.int64)
+    r0_arr = np.asarray(r0s)
+    r1_arr = np.asarray(r1s)
+    # Smooth taper: a segment ends at the calibre of its thicker daughter, so a stem narrows
+    # steadily from branch to branch instead of stepping down at each bifurcation.
+    child = np.flatnonzero(parent_arr >= 0)
+    if child.size:
+        end_r = np.zeros_like(r1_arr)
+        np.maximum.at(end_r, parent_arr[child], r0_arr[child])
+        has = end_r > 0
+        r1_arr[has] = end_r[has]
     return Tree(
         p0=np.asarray(p0s),
         p1=np.asarray(p1s),
-        r0=np.asarray(r0s),
-        r1=np.asarray(r1s),
-        parent=np.asarray(parents, dtype=np.int64),
+        r0=r0_arr,
+        r1=r1_arr,
+        parent=parent_arr,
         n_children=np.asarray(nchild, dtype=np.int64),
         kind=kind,
     )
