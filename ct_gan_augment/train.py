@@ -633,6 +633,7 @@ def fit_gan(
         seed=plan.seed,
         data=batches,
         strategy=scope,
+        mixed_precision=mixed_precision,
     )
     callbacks = [
         EpochLog(c.filename, append=c.append) if isinstance(c, keras.callbacks.CSVLogger) else c

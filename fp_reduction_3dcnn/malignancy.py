@@ -650,6 +650,7 @@ def _train_malignancy(
         seed=plan.seed,
         data=data,
         strategy=scope,
+        mixed_precision=mixed_precision,
     )
     _log(
         f"[{label}] {len(train)} training nodules ({int((train.labels >= 0).sum())} "

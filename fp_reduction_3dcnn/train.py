@@ -498,6 +498,7 @@ def _train(
         seed=plan.seed,
         data=batches,
         strategy=scope,
+        mixed_precision=mixed_precision,
         before=(
             keras.callbacks.LearningRateScheduler(_learning_rate(plan)),
             _validation_callback(validation, distributed=scope is not None, chief=chief),

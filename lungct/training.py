@@ -71,9 +71,11 @@ from pathlib import Path
 from typing import Any
 
 from lungct.errors import LungCTError
+from lungct.fileio import read_json, write_json_atomic
 
 CHECKPOINTS = "checkpoints"
 BACKUP = "checkpoints/backup"
+PRECISION_FILE = "checkpoints/precision.json"
 LOGS = "logs"
 LOG_FILE = "logs/train_log.csv"
 STRATEGIES = ("none", "mirrored", "multiworker")
@@ -366,6 +368,7 @@ def fit_callbacks(
     seed: int = 0,
     data: Any = None,
     strategy: Any = None,
+    mixed_precision: bool = False,
 ) -> tuple[list[Any], Any]:
     """The callbacks of a stage's ``model.fit``, in order, and its time-budget callback.
 
@@ -377,11 +380,17 @@ def fit_callbacks(
     an uninterrupted one does. ``model_dir`` is the folder this worker writes
     (:func:`worker_dir`); under a multiworker ``strategy`` the time budget is agreed between
     the workers and, once the backup is restored, every worker takes the chief's state.
+    ``mixed_precision`` (the run's ``--mixed-precision``) is recorded, and a backup made under
+    the other policy is not resumed.
+
+    Raises:
+        LungCTError: ``resume`` of a backup made with the other ``mixed_precision``.
     """
     keras = _keras()
     folder = Path(model_dir)
     (folder / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     (folder / LOGS).mkdir(parents=True, exist_ok=True)
+    _check_precision(folder, "mixed_float16" if mixed_precision else "float32", resume)
     budget = time_budget(max_minutes, strategy)
     callbacks: list[Any] = [
         *([_callback_class("EpochData", _epoch_data_class)(data)] if data is not None else []),
@@ -408,6 +417,27 @@ def fit_callbacks(
     if worker_count(strategy) > 1:
         callbacks.append(_callback_class("ChiefState", _chief_state_class)(strategy))
     return callbacks, budget
+
+
+def _check_precision(folder: Path, policy: str, resume: bool) -> None:
+    """Record the dtype policy a training runs under (``checkpoints/precision.json``) and
+    refuse to resume a backup under another one: Keras restores a mixed-precision optimizer's
+    state into a float32 one (or the reverse) only in part, without a word.
+
+    Raises:
+        LungCTError: ``resume`` with a backup made under another policy.
+    """
+    record = folder / PRECISION_FILE
+    if resume and record.is_file() and (folder / BACKUP).is_dir():
+        saved = read_json(record, "precision record not found").get("policy")
+        if saved != policy:
+            flag = "with" if saved == "mixed_float16" else "without"
+            raise LungCTError(
+                folder,
+                f"this training ran under the {saved} policy: resume it {flag} "
+                "--mixed-precision (its optimizer's state would not carry over)",
+            )
+    write_json_atomic(record, {"policy": policy})
 
 
 def read_log(model_dir: str | os.PathLike) -> list[dict[str, str]]:

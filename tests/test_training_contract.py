@@ -162,6 +162,23 @@ def test_a_time_budget_stops_the_run_and_resume_continues_it(tiny, tmp_path):
     assert [int(r["epoch"]) for r in _log(out)] == [0, 1, 2]
 
 
+def test_resume_under_another_precision_policy_is_refused(tiny, tmp_path):
+    """A backup made with --mixed-precision resumes with it only: Keras would restore the
+    optimizer's state only in part under the other policy, without a word."""
+    out = tmp_path / "model"
+    args = (TINY_PLAN.replace(epochs=3), tiny["cache"], tiny["candidates"], [0, 1], [2], out)
+    first = train(*args, data_dir=tiny["data"], max_minutes=1e-6, progress=False,
+                  mixed_precision=True)  # fmt: skip
+    assert first["stopped_early"]
+    assert json.loads((out / "checkpoints" / "precision.json").read_text()) == {
+        "policy": "mixed_float16"
+    }
+    with pytest.raises(LungCTError, match="resume it with --mixed-precision"):
+        train(*args, data_dir=tiny["data"], resume=True, progress=False)
+    second = train(*args, data_dir=tiny["data"], resume=True, progress=False, mixed_precision=True)
+    assert second["epochs_done"] == 3
+
+
 def test_strategy_choices():
     assert make_strategy("none") is None
     with pytest.raises(LungCTError, match="--strategy must be one of none, mirrored, multiworker"):

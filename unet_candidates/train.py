@@ -733,6 +733,7 @@ def _fit(
         seed=plan.seed,
         data=batches,
         strategy=scope,
+        mixed_precision=mixed_precision,
         before=(
             _schedule_callback(plan, max_minutes, scope),
             _stage_callback(network, plan, val_set, out_dir, scope is not None, chief),
