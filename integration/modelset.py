@@ -192,6 +192,7 @@ def write_model_set(
     description: str = "",
     performance: str = "",
     limitations: str = "",
+    threshold_note: str = "",
 ) -> ModelSet:
     """Describe a folder of trained (sealed) stages as a model set: ``modelset.json`` + card.
 
@@ -225,7 +226,9 @@ def write_model_set(
             ) from None
     write_json_atomic(root / MODELSET_FILE, info)
     model_set = read_model_set(root)
-    write_text_atomic(root / MODEL_CARD_FILE, model_card(model_set, performance, limitations))
+    write_text_atomic(
+        root / MODEL_CARD_FILE, model_card(model_set, performance, limitations, threshold_note)
+    )
     return model_set
 
 
@@ -258,8 +261,25 @@ def _plan_name(manifest: dict) -> str:
     return str(manifest.get("plan") or (manifest.get("trained_plan") or {}).get("name") or "")
 
 
-def model_card(model_set: ModelSet, performance: str = "", limitations: str = "") -> str:
-    """``MODEL_CARD.md`` of a model set, from its stages' manifests."""
+def _threshold_lines(root: Path, note: str) -> list[str]:
+    """The card's report-threshold paragraph (from ``pipeline.json``)."""
+    from integration.pipeline import PipelineConfig
+
+    if not (root / "pipeline.json").is_file():
+        return []
+    threshold = PipelineConfig.load(root).threshold
+    text = (
+        f"Report threshold {threshold:.3f} (`pipeline.json`): `detect` reports the marks that "
+        "score at or above it as findings and lists the others below them."
+    )
+    return [text + (f" {note.strip()}" if note.strip() else ""), ""]
+
+
+def model_card(
+    model_set: ModelSet, performance: str = "", limitations: str = "", threshold_note: str = ""
+) -> str:
+    """``MODEL_CARD.md`` of a model set, from its stages' manifests and ``pipeline.json``;
+    ``threshold_note`` says how the report threshold was chosen."""
     lines = [
         f"# Model card: {model_set.name}" + (f" {model_set.version}" if model_set.version else ""),
         "",
@@ -302,6 +322,7 @@ def model_card(model_set: ModelSet, performance: str = "", limitations: str = ""
         "Each stage folder's `manifest.json` holds its seeds, series, steps and a sha256 per",
         "file; the suite checks them when it loads the set.",
         "",
+        *_threshold_lines(model_set.root, threshold_note),
         "## Measured performance",
         "",
         performance.strip() or "Not measured yet.",

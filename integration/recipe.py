@@ -390,6 +390,15 @@ def train_models(
             f"in {result.scans} scans. This is a check, not the set's measured performance: "
             "see the results pages for fresh data sets."
         ),
+        threshold_note=""
+        if operating is None
+        else (
+            f"It was chosen on the validation subsets {operating['folds']} "
+            f"({operating['scans']} scans, {operating['nodules']} nodules) as the lowest score "
+            f"leaving at most {operating['fps_per_scan_asked']:g} false positive(s) per scan, "
+            f"never below 0.5: there it gave {operating['false_positives_per_scan']:.2f} false "
+            f"positives per scan at sensitivity {operating['sensitivity']:.2f}."
+        ),
     )
     summary = {
         "recipe": recipe.to_dict(),

@@ -80,6 +80,9 @@ def test_train_models_writes_a_sealed_model_set(trained: dict[str, Path], capsys
     assert chosen["false_positives_per_scan"] <= 1.0
     pipeline = json.loads((models / "pipeline.json").read_text())
     assert pipeline["threshold"] == chosen["threshold"]
+    card = (models / "MODEL_CARD.md").read_text()
+    assert f"Report threshold {chosen['threshold']:.3f}" in card
+    assert "chosen on the validation subsets [2]" in card
 
     # Rerunning resumes: nothing is trained again, the sealed weights stay as they were.
     stamp = (models / "unet" / "model.keras").stat().st_mtime_ns
