@@ -451,6 +451,51 @@ def read_log(model_dir: str | os.PathLike) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+def convergence(
+    model_dir: str | os.PathLike,
+    metric: str = "val_loss",
+    tail: float = 0.25,
+    tolerance: float = 0.02,
+) -> dict[str, Any] | None:
+    """Whether a training had stopped improving, from its log: the best ``metric`` (lower is
+    better) of the last ``tail`` of its epochs against the best before them.
+
+    ``gain`` is that relative improvement, ``(best_before - best_last) / |best_before|``;
+    ``plateau`` is ``gain < tolerance`` (the last quarter of the epochs bettered the metric by
+    less than 2 %: more epochs of the same schedule would gain little). ``ended_by`` says
+    whether the run reached its plan's epochs or stopped on its budget. Reads
+    ``logs/train_log.csv`` (or a former ``train_log.csv`` beside the model); ``None`` without
+    a log, without the metric, or with fewer than 4 epochs of it.
+    """
+    import csv
+
+    folder = Path(model_dir)
+    rows = read_log(folder)
+    if not rows and (folder / "train_log.csv").is_file():
+        with open(folder / "train_log.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    values = [log_float(r, metric) for r in rows]
+    values = [v for v in values if math.isfinite(v)]
+    if len(values) < 4:
+        return None
+    k = max(1, math.ceil(len(values) * tail))
+    before, last = min(values[:-k]), min(values[-k:])
+    gain = (before - last) / abs(before) if before else 0.0
+    planned = None
+    if (folder / "plan.json").is_file():
+        planned = read_json(folder / "plan.json", "plan not found").get("epochs")
+    epochs = len(rows)
+    return {
+        "metric": metric,
+        "epochs": epochs,
+        "plan_epochs": planned,
+        "ended_by": "epochs" if planned is None or epochs >= planned else "budget",
+        "best": min(values),
+        "gain": gain,
+        "plateau": gain < tolerance,
+    }
+
+
 def log_float(row: dict[str, str], key: str) -> float:
     """A number of a log row; NaN where it is missing or empty."""
     try:

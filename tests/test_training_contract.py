@@ -294,3 +294,24 @@ def test_detector_candidates_are_labelled_by_the_hit_rule(tmp_path):
     table = read_candidates(out)
     assert [table.uid_of(i) for i in range(3)] == ["1.2.3", "1.2.3", "4.5.6"]
     assert table.label.tolist() == [1, 0, 0]
+
+
+def test_convergence_reads_the_plateau_from_the_log(tmp_path):
+    from lungct.training import convergence
+
+    def write(folder: Path, losses: list[float], planned: int) -> Path:
+        (folder / "logs").mkdir(parents=True)
+        rows = "".join(f"{e},{v}\n" for e, v in enumerate(losses))
+        (folder / "logs" / "train_log.csv").write_text("epoch,val_loss\n" + rows)
+        (folder / "plan.json").write_text(json.dumps({"epochs": planned}))
+        return folder
+
+    # Still falling in the last quarter (0.50 -> 0.40): no plateau; stopped on its budget.
+    falling = convergence(write(tmp_path / "a", [1.0, 0.8, 0.6, 0.55, 0.5, 0.45, 0.42, 0.4], 10))
+    assert falling["gain"] == pytest.approx((0.45 - 0.4) / 0.45)
+    assert not falling["plateau"] and falling["ended_by"] == "budget"
+    # Flat at the end (best before 0.400, best of the last two 0.396: 1 %): a plateau.
+    flat = convergence(write(tmp_path / "b", [1.0, 0.6, 0.45, 0.41, 0.4, 0.401, 0.398, 0.396], 8))
+    assert flat["plateau"] and flat["ended_by"] == "epochs" and flat["best"] == 0.396
+    assert convergence(write(tmp_path / "c", [1.0, 0.5, 0.4], 3)) is None  # too short to say
+    assert convergence(tmp_path / "none") is None
