@@ -278,6 +278,7 @@ def run_config(
 ) -> dict[str, Any]:
     """Run (or resume, or skip) one config; return its ``result.json`` content."""
     from integration.evaluation import write_outputs
+    from lungct.training import convergence
 
     keys, record = _record(config, split, bootstrap)
     config_dir = out / "configs" / config.name
@@ -312,6 +313,11 @@ def run_config(
     )
     metrics = write_outputs(result, config_dir / "evaluation")
     record.update(metrics=metrics, seconds=clock.seconds, overrides=config.overrides)
+    record["convergence"] = {
+        stage: convergence(folder)
+        for stage, folder in (("unet", paths.unet), ("fpr", paths.fpr))
+        if stage in keys
+    }
     if "fpr" in keys:
         plan = config.settings.fpr_plan_resolved()
         record["fpr_network"] = {
@@ -550,11 +556,11 @@ def write_table(
     lines = [
         f"| config | CPM [95% CI] | - {reference} [paired 95% CI] | p |{seed_head} "
         + " | ".join(RATE_LABELS)
-        + " | candidates | CT-GAN | FP reduction | TTA |",
+        + " | candidates | CT-GAN | FP reduction | TTA | converged |",
         "|---|---|---|---|"
         + "---|" * (2 if seeded_runs else 0)
         + "---|" * len(RATE_LABELS)
-        + "---|---|---|---|",
+        + "---|---|---|---|---|",
     ]
     for r in results:
         m, s, stages = r["metrics"], r["settings"], r["stages"]
@@ -597,7 +603,7 @@ def write_table(
             f"| {r['name']} | {cpm} | {versus} | {p_text} |{seed_text} "
             + " | ".join(f"{v:.3f}" for v in sens)
             + f" | {described['unet']} | {described['gan']} | {described['fpr']}"
-            f" | {described['tta']} |"
+            f" | {described['tta']} | {_converged(r)} |"
         )
     csv_path, md_path = out / "ablation.csv", out / "ablation.md"
     write_csv_atomic(csv_path, header, rows)
@@ -613,7 +619,10 @@ def write_table(
         intro += (
             f"Each config against {reference}: the CPM difference with its paired interval "
             "(both scored on the same resampled scans) and its two-sided bootstrap p-value; "
-            "* marks an interval that excludes 0 (a difference at this level). The interval "
+            "* marks an interval that excludes 0 (a difference at this level). Converged: "
+            "whether each trained stage's validation loss (candidates / FP reducer) still fell "
+            "by 2 % or more in the last quarter of its epochs (no) or not (yes; ? where the "
+            "log is too short to say). The interval "
             "is over test scans, not over training runs"
             + (
                 "; the seed columns give the range of the CPM, and of the difference to "
@@ -625,6 +634,18 @@ def write_table(
         )
     write_text_atomic(md_path, intro + "\n".join(lines) + "\n")
     return csv_path, md_path
+
+
+def _converged(result: dict[str, Any]) -> str:
+    """``yes`` / ``no`` / ``?`` for each trained stage of a config (candidates, then FP
+    reducer): whether its validation loss had stopped falling (:func:`lungct.training.convergence`)."""
+    found = result.get("convergence") or {}
+    words = []
+    for stage in ("unet", "fpr"):
+        if stage in found:
+            c = found[stage]
+            words.append("?" if c is None else ("yes" if c["plateau"] else "no"))
+    return " / ".join(words) or "-"
 
 
 def _read_curve_csv(path: Path) -> dict[str, np.ndarray]:

@@ -261,6 +261,20 @@ def _plan_name(manifest: dict) -> str:
     return str(manifest.get("plan") or (manifest.get("trained_plan") or {}).get("name") or "")
 
 
+def _convergence_cell(folder: Path) -> str:
+    """The card's "converged" cell of one stage (:func:`lungct.training.convergence`)."""
+    from lungct.training import convergence
+
+    found = convergence(folder)
+    if found is None:
+        return "-"
+    verdict = "yes" if found["plateau"] else "no"
+    return (
+        f"{verdict}: {100 * found['gain']:+.1f} % in the last quarter of "
+        f"{found['epochs']} epochs (ended by its {found['ended_by']})"
+    )
+
+
 def _threshold_lines(root: Path, note: str) -> list[str]:
     """The card's report-threshold paragraph (from ``pipeline.json``)."""
     from integration.pipeline import PipelineConfig
@@ -299,8 +313,8 @@ def model_card(
         ]
     lines += ["## Stages and training", ""]
     lines += [
-        "| stage | plan | training data | folds | steps | wall time | hardware |",
-        "|---|---|---|---|---|---|---|",
+        "| stage | plan | training data | folds | steps | wall time | hardware | converged |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for stage in model_set.stages:
         m = model_set.manifests[stage]
@@ -313,10 +327,17 @@ def model_card(
             f"{data_phrase(prov.get('data') or {})} | {folds} | {prov.get('steps')} | "
             f"{(prov.get('train_seconds') or 0) / 60:.0f} min | "
             f"{hw.get('cpu_count')} CPU cores ({hw.get('processor') or hw.get('machine')}), "
-            f"{gpus} |"
+            f"{gpus} | {_convergence_cell(model_set.root / stage)} |"
         )
     versions = (model_set.manifests["unet"].get("provenance") or {}).get("versions") or {}
-    lines += ["", *_int8_lines(model_set.root / "unet")]
+    lines += [
+        "",
+        "Converged: whether the validation loss still fell in the last quarter of the epochs "
+        "(by 2 % or more: no), from each stage's training log; a dash where the log is too "
+        "short to say.",
+        "",
+        *_int8_lines(model_set.root / "unet"),
+    ]
     lines += [
         "Packages: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) + ".",
         "Each stage folder's `manifest.json` holds its seeds, series, steps and a sha256 per",

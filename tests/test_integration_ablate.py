@@ -179,6 +179,9 @@ def test_ablate_shares_stages_and_writes_table(dataset: dict[str, Path], capsys)
     assert [d["label"] for d in compared["differences"]] == ["mgi_tta", "unet_alone", "ri_no_gan"]
     assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + 4
     assert "none (U-Net scores)" in table
+    # Whether each trained stage had converged, read from its log (too short here to say).
+    assert set(results["mgi"]["convergence"]) == {"unet", "fpr"}
+    assert set(results["unet_alone"]["convergence"]) == {"unet"}
     assert (out / "ablation_froc.png").read_bytes()[:4] == b"\x89PNG"
 
     # Rerun: every config is skipped, nothing is trained again, the table is rewritten.
@@ -284,6 +287,8 @@ def test_table_and_figure_carry_each_configs_numbers(tmp_path: Path) -> None:
                 "bootstrap": 30,
                 "fpr_network": {"variant": "ri" if name == "weak" else "mgi",
                                 "merge": "sum", "conv": "2.5d"},
+                "convergence": {"unet": {"plateau": True}, "fpr": {"plateau": False}}
+                if name == "strong" else {"unet": None},
             }
         )  # fmt: skip
     csv_path, md_path = write_table(results, tmp_path)
@@ -299,7 +304,7 @@ def test_table_and_figure_carry_each_configs_numbers(tmp_path: Path) -> None:
     table = md_path.read_text().splitlines()
     lo, hi = strong["cpm_ci95"]
     assert table[-2].startswith(f"| strong | {strong['cpm']:.3f} [{lo:.3f}, {hi:.3f}] |")
-    assert "| mgi/sum | yes |" in table[-2] and "| ri/sum | no |" in table[-1]
+    assert "| mgi/sum | yes | yes / no |" in table[-2] and "| ri/sum | no | ? |" in table[-1]
     figure = plot_ablation(results, tmp_path, tmp_path / "froc.png")
     assert figure.read_bytes()[:4] == b"\x89PNG" and figure.stat().st_size > 10_000
 
