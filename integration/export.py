@@ -4,6 +4,7 @@ A models folder (``integration demo`` writes one)::
 
     MODELS/unet/model.keras + plan.json    the candidate U-Net
     MODELS/fpr/model.keras + plan.json     the MGI-CNN (optional)
+    MODELS/malignancy/model.keras + plan.json  the malignancy CNN (optional)
     MODELS/pipeline.json                   report threshold and TTA (optional)
 
 becomes::
@@ -12,6 +13,7 @@ becomes::
     OUT/unet/plan.json      spacing, windowing, window size, post-processing: what to feed it
     OUT/fpr/saved_model/    (or OUT/fpr/model.onnx)    the MGI-CNN's forward pass
     OUT/fpr/plan.json       patch sizes, cut spacing, HU window (+ manifest.json: its folds)
+    OUT/malignancy/...      the malignancy CNN, as the MGI-CNN (when the set has one)
     OUT/pipeline.json       copied when present
     OUT/export_manifest.json  format, versions, and every model's input / output names,
                               shapes and dtypes
@@ -26,7 +28,9 @@ packages (``requirements.txt`` pins versions known to work with its TensorFlow);
 The U-Net takes ``(batch, y, x, channels)`` slabs (2-D) or ``(batch, z, y, x, 1)`` blocks
 (3-D) of any size that is a multiple of ``2 ** levels``; the MGI-CNN takes three patches
 ``(batch, y, x, z)`` (wide, middle, narrow scale, each resized to the plan's input size) and
-returns the nodule probability ``(batch, 1)``.
+returns the nodule probability ``(batch, 1)``; the malignancy CNN takes ``(batch, y, x, z)``
+cubes of the plan's ``patch_mm`` voxels at 1 mm and returns ``malignancy`` (probability) and
+``rating`` (the LIDC 1-5 rating as ``(rating - 3) / 2``).
 """
 
 from __future__ import annotations
@@ -90,9 +94,12 @@ def _example_inputs(model: Any, plan: Any) -> Any:
     import numpy as np
 
     from fp_reduction_3dcnn.config import FPRPlan
+    from fp_reduction_3dcnn.malignancy import MalignancyPlan
 
     if isinstance(plan, FPRPlan):
         return [np.zeros((1, *plan.input_shape), np.float32) for _ in model.inputs]
+    if isinstance(plan, MalignancyPlan):
+        return np.zeros((1, *plan.input_shape), np.float32)
     z, y, x = plan.window_size
     shape = (1, y, x, plan.input_channels) if plan.dims == "2d" else (1, z, y, x, 1)
     return np.zeros(shape, np.float32)
@@ -186,7 +193,8 @@ def _served_signature(target: Path, fmt: str) -> dict[str, Any]:
 def export_models(
     models_dir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str = "saved_model"
 ) -> dict[str, Any]:
-    """Export the U-Net and (when present) the MGI-CNN of a models folder; return the manifest.
+    """Export the U-Net and (when present) the MGI-CNN and the malignancy CNN of a models
+    folder; return the manifest.
 
     Raises:
         LungCTError: an unknown format, a missing or broken models folder, missing ONNX
@@ -224,6 +232,17 @@ def export_models(
             if (models / "fpr" / name).is_file():
                 write_text_atomic(out / "fpr" / name, (models / "fpr" / name).read_text())
         exported["fpr"]["plan"] = "fpr/plan.json"
+    if (models / "malignancy").is_dir():
+        from fp_reduction_3dcnn.malignancy import open_malignancy_model
+
+        opened = open_malignancy_model(models / "malignancy")
+        exported["malignancy"] = _export_one(
+            opened.model, opened.plan, out / "malignancy" / suffix, fmt, "malignancy CNN"
+        )
+        for name in ("plan.json", "manifest.json"):
+            source = models / "malignancy" / name
+            write_text_atomic(out / "malignancy" / name, source.read_text())
+        exported["malignancy"]["plan"] = "malignancy/plan.json"
     if (models / "pipeline.json").is_file():
         write_text_atomic(out / "pipeline.json", (models / "pipeline.json").read_text())
     manifest = {

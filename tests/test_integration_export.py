@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fp_reduction_3dcnn.config import get_plan
+from fp_reduction_3dcnn.malignancy import MalignancyPlan, build_network
 from fp_reduction_3dcnn.model import MGICNN
 from integration.__main__ import main
 from integration.pipeline import PipelineConfig
@@ -42,6 +43,11 @@ def models(tmp_path_factory) -> Path:
     MGICNN.from_plan(fpr_plan).save(root / "fpr" / "model.keras")
     seal_hand_made_model(root / "unet", "unet")
     seal_hand_made_model(root / "fpr", "fpr")
+    malignancy = MalignancyPlan(patch_mm=16, block_filters=(4, 8), dense_units=8)
+    (root / "malignancy").mkdir()
+    malignancy.save(root / "malignancy" / "plan.json")
+    build_network(malignancy).save(root / "malignancy" / "model.keras")
+    seal_hand_made_model(root / "malignancy", "malignancy")
     PipelineConfig(threshold=0.3).save(root)
     return root
 
@@ -95,6 +101,19 @@ def test_saved_model_matches_keras(models: Path, tmp_path: Path, capsys) -> None
     assert len(manifest["models"]["fpr"]["inputs"]) == 3  # the serving signature's inputs
     for name in ("unet/plan.json", "fpr/plan.json", "pipeline.json"):
         assert (out / name).read_text() == (models / name).read_text()
+
+    # The malignancy CNN: both heads, as Keras gives them.
+    from fp_reduction_3dcnn.malignancy import open_malignancy_model
+
+    cubes = np.random.default_rng(3).random((2, 16, 16, 16), dtype=np.float32)
+    loaded = tf.saved_model.load(str(out / "malignancy" / "saved_model"))
+    served = loaded.serve(cubes)
+    want = open_malignancy_model(models / "malignancy").model.predict(cubes, verbose=0)
+    for head in ("malignancy", "rating"):
+        np.testing.assert_allclose(np.asarray(served[head]), want[head], atol=1e-5)
+    assert (out / "malignancy" / "plan.json").read_text() == (
+        models / "malignancy" / "plan.json"
+    ).read_text()
 
     # A second export into the same folder replaces the first one.
     assert main(["export", "--models", str(models), "--out", str(out)]) == 0
