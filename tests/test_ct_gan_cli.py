@@ -127,7 +127,8 @@ def test_train_writes_the_model_folder_and_resumes(dataset, injector: Path, caps
     with (injector / "logs" / "train_log.csv").open() as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1, 2]
     kept = sorted(p.name for p in (injector / "checkpoints").iterdir())
-    assert kept == ["backup", "epoch_002.keras", "epoch_003.keras"]  # keep_checkpoints = 2
+    # keep_checkpoints = 2; precision.json records the dtype policy the backup was made under
+    assert kept == ["backup", "epoch_002.keras", "epoch_003.keras", "precision.json"]
 
 
 def test_inject_and_remove_commands(dataset, injector: Path, remover: Path, capsys) -> None:
