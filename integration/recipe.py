@@ -267,7 +267,6 @@ def train_models(
     from integration.evaluation import write_outputs
     from integration.pipeline import PipelineConfig
     from integration.stages import evaluate_submission
-    from lungct.cache import prepare_dataset
     from lungct.synth import generate_dataset
     from lungct.synth.layout import merge_layouts
 
@@ -317,28 +316,12 @@ def train_models(
         bg = recipe.background or {}
         clock.run(
             "synth on the real background",
-            lambda: generate_dataset(
-                bg_part,
-                bg["scans"],
-                bg["seed"],
-                background=background.scan,
-                background_annotations=background.annotations,
-                background_excluded=background.excluded,
-                background_has_no_findings=background.has_no_findings,
-                progress=progress,
-                workers=recipe.workers,
+            lambda: _copies_of_background(
+                bg_part, bg["scans"], bg["seed"], background, recipe.workers, progress
             ),
         )
         merge_layouts(data, [(main_part, None), (bg_part, list(recipe.split_().train))])
-    report = clock.run(
-        "prepare",
-        lambda: prepare_dataset(
-            data, cache, recipe.preprocess_plan(), workers=recipe.workers, progress=progress
-        ),
-    )
-    if report["failed"]:
-        uid, problem = next(iter(report["failed"].items()))
-        raise LungCTError(data, f"scan {uid} could not be prepared ({problem})")
+    clock.run("prepare", lambda: _prepare(recipe, data, cache, progress))
     # After the worker processes: the line imports TensorFlow to find its GPUs.
     log(f"[train-models] {recipe.name} {recipe.version}: {_devices_line()}")
 
@@ -421,6 +404,50 @@ def train_models(
     return summary
 
 
+def _copies_of_background(
+    out: Path,
+    scans: int,
+    seed: int,
+    background: BackgroundScan,
+    workers: int,
+    progress: bool,
+    nodules_per_scan: int | None = None,
+) -> dict[str, Any]:
+    """``lungct synth --background``: copies of the real scan with synthetic nodules, its own
+    findings carried into their tables."""
+    from lungct.synth import generate_dataset
+
+    return generate_dataset(
+        out,
+        scans,
+        seed,
+        background=background.scan,
+        background_annotations=background.annotations,
+        background_excluded=background.excluded,
+        background_has_no_findings=background.has_no_findings,
+        nodules_per_scan=nodules_per_scan,
+        progress=progress,
+        workers=workers,
+    )
+
+
+def _prepare(recipe: Recipe, data: Path, cache: Path, progress: bool) -> dict[str, Any]:
+    """Prepare (or complete) the cache of ``data`` on the recipe's grid.
+
+    Raises:
+        LungCTError: a scan that could not be prepared.
+    """
+    from lungct.cache import prepare_dataset
+
+    report = prepare_dataset(
+        data, cache, recipe.preprocess_plan(), workers=recipe.workers, progress=progress
+    )
+    if report["failed"]:
+        uid, problem = next(iter(report["failed"].items()))
+        raise LungCTError(data, f"scan {uid} could not be prepared ({problem})")
+    return report
+
+
 def train_malignancy_part(
     recipe: Recipe, out: Path, background: BackgroundScan, clock: StageClock, progress: bool
 ) -> Path:
@@ -428,8 +455,6 @@ def train_malignancy_part(
     cache and the malignancy CNN in ``out/models/malignancy``, skipped when sealed and resumed
     when started, as the other stages are."""
     from fp_reduction_3dcnn.malignancy import train_malignancy
-    from lungct.cache import prepare_dataset
-    from lungct.synth import generate_dataset
     from lungct.training import training_state
 
     part = recipe.malignancy or {}
@@ -441,28 +466,17 @@ def train_malignancy_part(
         return folder
     clock.run(
         "synth malignancy data",
-        lambda: generate_dataset(
+        lambda: _copies_of_background(
             data,
             part["scans"],
             part["seed"],
-            background=background.scan,
-            background_annotations=background.annotations,
-            background_excluded=background.excluded,
-            background_has_no_findings=background.has_no_findings,
+            background,
+            recipe.workers,
+            progress,
             nodules_per_scan=part.get("nodules_per_scan"),
-            progress=progress,
-            workers=recipe.workers,
         ),
     )
-    report = clock.run(
-        "prepare malignancy data",
-        lambda: prepare_dataset(
-            data, cache, recipe.preprocess_plan(), workers=recipe.workers, progress=progress
-        ),
-    )
-    if report["failed"]:
-        uid, problem = next(iter(report["failed"].items()))
-        raise LungCTError(data, f"scan {uid} could not be prepared ({problem})")
+    clock.run("prepare malignancy data", lambda: _prepare(recipe, data, cache, progress))
     clock.run(
         "train malignancy CNN",
         lambda: train_malignancy(
