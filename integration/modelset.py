@@ -269,9 +269,11 @@ def _convergence_cell(folder: Path) -> str:
     if found is None:
         return "-"
     verdict = "yes" if found["plateau"] else "no"
+    gain = 100 * found["gain"]
+    change = f"{gain:.1f} % lower" if gain >= 0 else f"{-gain:.1f} % higher"
     return (
-        f"{verdict}: {100 * found['gain']:+.1f} % in the last quarter of "
-        f"{found['epochs']} epochs (ended by its {found['ended_by']})"
+        f"{verdict}: best of the last quarter of {found['epochs']} epochs {change} than "
+        f"before it (ended by its {found['ended_by']})"
     )
 
 

@@ -85,9 +85,46 @@ def test_a_changed_shipped_weight_is_refused(tmp_path: Path, capsys) -> None:
     assert not out.exists()
 
 
-def test_the_shipped_mgi_cnn_predates_merge_and_loads_unchanged() -> None:
-    """The shipped MGI-CNN was trained when the plan's ``merge`` was called ``integration``:
-    its sealed plan.json and model.keras still say so, and open with every weight."""
+def _as_written_before_merge(folder: Path, out: Path) -> Path:
+    """A copy of a sealed MGI-CNN folder as the suite wrote it when the plan's ``merge`` was
+    called ``integration``: that key in plan.json and in the model file's config, sealed."""
+    import zipfile
+
+    from lungct.modeldir import file_sha256, plan_digest
+
+    shutil.copytree(folder, out)
+    plan = json.loads((folder / "plan.json").read_text())
+    plan = {("integration" if k == "merge" else k): v for k, v in plan.items()}
+    (out / "plan.json").write_text(json.dumps(plan, indent=2))
+    with (
+        zipfile.ZipFile(folder / "model.keras") as old,
+        zipfile.ZipFile(out / "model.keras", "w") as new,
+    ):
+        for item in old.infolist():
+            data = old.read(item)
+            if item.filename == "config.json":
+                config = json.loads(data)
+                inner = config["config"]
+                config["config"] = {
+                    ("integration" if k == "merge" else k): v for k, v in inner.items()
+                }
+                data = json.dumps(config).encode()
+            new.writestr(item, data)
+    manifest = json.loads((out / "manifest.json").read_text())
+    trained = manifest["trained_plan"]
+    manifest["trained_plan"] = {
+        ("integration" if k == "merge" else k): v for k, v in trained.items()
+    }
+    manifest["plan_sha256"] = plan_digest(manifest["trained_plan"])
+    for name in manifest["files"]:
+        manifest["files"][name] = file_sha256(out / name)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return out
+
+
+def test_an_mgi_cnn_sealed_before_merge_was_named_loads_unchanged(tmp_path: Path) -> None:
+    """A model folder written when the plan's ``merge`` was called ``integration`` (the
+    shipped sets up to 3) still opens, with every weight of its file."""
     import zipfile
 
     import h5py
@@ -95,7 +132,7 @@ def test_the_shipped_mgi_cnn_predates_merge_and_loads_unchanged() -> None:
 
     from fp_reduction_3dcnn.predict import open_model
 
-    folder = SHIPPED_MODELS / "fpr"
+    folder = _as_written_before_merge(SHIPPED_MODELS / "fpr", tmp_path / "fpr")
     assert json.loads((folder / "plan.json").read_text())["integration"] == "sum"
     with zipfile.ZipFile(folder / "model.keras") as archive:
         config = json.loads(archive.read("config.json"))["config"]
