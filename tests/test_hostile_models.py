@@ -424,11 +424,17 @@ def test_training_records_the_plan_and_refuses_an_edit(world: dict, tmp_path: Pa
         train_unet(None, tmp_path / "data", tmp_path / "cache", [0], [1], folder, resume=True)
 
 
-def test_a_shipped_plan_edit_is_refused(tmp_path: Path) -> None:
-    """Shipped folders were sealed before the seal carried the plan: its checksum holds it."""
+def test_a_plan_edit_is_refused_in_a_folder_sealed_before_the_seal_held_the_plan(
+    tmp_path: Path,
+) -> None:
+    """Folders sealed before the seal carried the trained plan (the shipped sets up to 3):
+    the plan file's checksum holds it."""
     folder = tmp_path / "unet"
     shutil.copytree(SHIPPED_MODELS / "unet", folder)
-    assert "plan_sha256" not in _manifest(folder)
+    manifest = _manifest(folder)
+    for key in ("plan_sha256", "trained_plan"):
+        manifest.pop(key, None)
+    _write_manifest(folder, manifest)
     verify_model_dir(folder, stage="unet")
     _edit_plan(folder, hu_window=[-1200.0, 400.0])
     with pytest.raises(LungCTError, match=r"plan\.json: edited after training \(sha256"):

@@ -154,12 +154,16 @@ def test_plans_of_earlier_versions_say_variant(text: str, expected: str, tmp_pat
     assert plan.filters == preset_plan(expected).filters
 
 
-def test_the_shipped_unet_plan_still_reads() -> None:
+def test_a_unet_plan_written_before_dims_was_named_still_reads(tmp_path: Path) -> None:
+    """Plans of the shipped sets up to 3 say ``variant`` for ``dims``."""
     from integration.modelset import SHIPPED_MODELS
 
-    plan_path = SHIPPED_MODELS / "unet" / "plan.json"
-    assert json.loads(plan_path.read_text())["variant"] == "2d"  # written before the rename
+    plan = json.loads((SHIPPED_MODELS / "unet" / "plan.json").read_text())
+    plan["variant"] = plan.pop("dims")
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(json.dumps(plan))
     assert UNetPlan.load(plan_path).dims == "2d"
+    assert UNetPlan.load(plan_path) == UNetPlan.load(SHIPPED_MODELS / "unet" / "plan.json")
 
 
 @pytest.mark.parametrize(
