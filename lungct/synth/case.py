@@ -10,7 +10,7 @@ truth comes from the *final* geometry's ``voxel_to_world``, so flipped scans sta
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import ndimage
@@ -26,7 +26,6 @@ from lungct.synth.trees import (
     companion_tree,
     curve_tree,
     grow_tree,
-    prepend,
     sample_points_in,
     subtree,
 )
@@ -465,7 +464,8 @@ def _grow_trees(rng: np.random.Generator, an, lung: LungMap, small: bool) -> lis
     Per lung, one space-filling tree is grown from the end of the main bronchus: the bronchi
     are its thicker part (lumen ~0.8x the artery's calibre, as the broncho-arterial ratio), and
     the pulmonary artery is the whole tree shifted sideways, so each artery runs beside its
-    bronchus down to the periphery. Veins grow separately from the lower hilum (they run
+    bronchus down to the periphery; it starts at the end of the mediastinal pulmonary artery
+    and reaches its place beside the bronchus gradually. Veins grow separately from the lower hilum (they run
     between the bronchoarterial bundles). Both are grown lobe by lobe (the attractor points
     carry their lobe), so no vessel crosses a fissure. Every segment is then bent into a smooth
     curve.
@@ -514,8 +514,13 @@ def _grow_trees(rng: np.random.Generator, an, lung: LungMap, small: bool) -> lis
             # bronchial lumen + wall + artery radius + a thin sheath of connective tissue
             return r * ratio * 1.15 + 0.3 + r + 0.5
 
-        artery = companion_tree(base, rng, gap, "artery")
-        trees.append(prepend(artery, an.hilum[f"artery_{side}"], r_art))
+        # The artery leaves the end of its mediastinal pulmonary artery and runs from there to
+        # its side of the bronchus, at the great vessel's calibre where the two meet.
+        pa = next(t for t in an.tubes if t.name == f"artery_{side}")
+        artery = companion_tree(base, rng, gap, "artery", root_start=pa.points[-1])
+        r0 = artery.r0.copy()
+        r0[artery.parent < 0] = float(pa.radii[-1])
+        trees.append(replace(artery, r0=r0))
         pts = sample_points_in(rng, mask, to_body, n_pts)
         vein = grow_tree(
             rng,
