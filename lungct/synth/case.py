@@ -546,6 +546,9 @@ FISSURE_CLEAR = 1.2
 each lobe, where only vessels below CT resolution run)."""
 HILUM_REACH = 30.0
 """Within this distance (mm) of a hilum the fissures give way to the lobar vessels."""
+FISSURE_THROUGH_RADIUS = 1.0
+"""Vessels at least this thick (radius, mm) run on through a fissure's vessel-free band; the
+band only clears the thinner ones (erasing a thick vessel there would cut it off bluntly)."""
 
 
 def _fissure_maps(
@@ -620,22 +623,40 @@ def _draw_trees(
         splat_tubes(occ, grid, p0, p1, r0, r1, min_radius=min_lumen)
         hu += occ * (TISSUE_HU["air"] - hu)
         occ[...] = 0
-    if vessels:
-        p0 = np.concatenate([t.p0 for t in vessels])
-        p1 = np.concatenate([t.p1 for t in vessels])
-        r0 = np.concatenate([t.r0 for t in vessels])
-        r1 = np.concatenate([t.r1 for t in vessels])
-        # Vessels far below the voxel size would add < ~5% occupancy: not worth drawing.
-        splat_tubes(occ, grid, p0, p1, r0, r1, min_radius=0.18 * max(grid.spacing[:2]))
+    if not vessels:
+        v_p0 = v_p1 = np.zeros((0, 3))
+        v_r0 = v_r1 = np.zeros(0)
+    else:
+        v_p0 = np.concatenate([t.p0 for t in vessels])
+        v_p1 = np.concatenate([t.p1 for t in vessels])
+        v_r0 = np.concatenate([t.r0 for t in vessels])
+        v_r1 = np.concatenate([t.r1 for t in vessels])
+    # Vessels far below the voxel size would add < ~5% occupancy: not worth drawing.
+    min_radius = 0.18 * max(grid.spacing[:2])
     if an is None or lungs is None or not an.oblique:
+        splat_tubes(occ, grid, v_p0, v_p1, v_r0, v_r1, min_radius=min_radius)
         hu += occ * (TISSUE_HU["blood"] - hu)
         return
+    # Only vessels below CT resolution give way to the fissures: a thick one cut there would
+    # end in a blunt stump on either side of the fissure.
+    thick = np.maximum(v_r0, v_r1) >= FISSURE_THROUGH_RADIUS
+    thin = ~thick
+    splat_tubes(occ, grid, v_p0[thin], v_p1[thin], v_r0[thin], v_r1[thin], min_radius=min_radius)
+    sheets = []
     for k0 in range(0, hu.shape[0], slab):
         k1 = min(hu.shape[0], k0 + slab)
         sheet, keep = _fissure_maps(an, grid, lungs, k0, k1)
+        occ[k0:k1] *= keep
+        at = np.flatnonzero(sheet)
+        sheets.append((k0, k1, at, sheet.reshape(-1)[at]))
+    splat_tubes(
+        occ, grid, v_p0[thick], v_p1[thick], v_r0[thick], v_r1[thick], min_radius=min_radius
+    )
+    for k0, k1, at, val in sheets:
         part = hu[k0:k1]
-        part += (occ[k0:k1] * keep) * (TISSUE_HU["blood"] - part)
-        part += sheet * (FISSURE_HU - part)
+        part += occ[k0:k1] * (TISSUE_HU["blood"] - part)
+        flat = part.reshape(-1)
+        flat[at] += val * (FISSURE_HU - flat[at])
 
 
 def _tree_samples(
