@@ -33,12 +33,15 @@ from lungct.synth.trees import (
 SIZES = ("small", "full")
 UID_PREFIX = "1.3.6.1.4.1.14519.5.2.1.6279.6001."
 """The LIDC-IDRI / LUNA16 series UID root; synthetic suffixes are hashed from (seed, index)."""
-GENERATOR_VERSION = "7"
+GENERATOR_VERSION = "8"
 """Bump when the output for a given seed changes, so resumed runs do not mix versions.
 5: full-size spacing, slice spacing and z extent follow LUNA16's measured spread.
 6: each nodule takes the outline (and ratings) of a LIDC nodule of about its own size.
 7: denser, smoothly tapering lobe-bounded vessel trees, fissures, a less regular body outline,
-a curving trachea, scars kept clear of other findings by their full length."""
+a curving trachea, scars kept clear of other findings by their full length.
+8: no blunt stumps on thick vessels: each pulmonary artery leaves the end of its mediastinal
+artery and joins its bronchus gradually (no hairpin turns), and vessels of 2 mm calibre and up
+run through the fissures' vessel-free band instead of being cut off there."""
 
 DIRECTIONS = {
     "identity": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
@@ -465,10 +468,10 @@ def _grow_trees(rng: np.random.Generator, an, lung: LungMap, small: bool) -> lis
     are its thicker part (lumen ~0.8x the artery's calibre, as the broncho-arterial ratio), and
     the pulmonary artery is the whole tree shifted sideways, so each artery runs beside its
     bronchus down to the periphery; it starts at the end of the mediastinal pulmonary artery
-    and reaches its place beside the bronchus gradually. Veins grow separately from the lower hilum (they run
-    between the bronchoarterial bundles). Both are grown lobe by lobe (the attractor points
-    carry their lobe), so no vessel crosses a fissure. Every segment is then bent into a smooth
-    curve.
+    and reaches its place beside the bronchus gradually. Veins grow separately from the lower
+    hilum (they run between the bronchoarterial bundles). Both are grown lobe by lobe (the
+    attractor points carry their lobe), so each branch keeps to its lobe. Every segment is then
+    bent into a smooth curve.
     """
     par = TREE_PARAMS["small" if small else "full"]
     n_pts = par["points"]
