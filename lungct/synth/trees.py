@@ -177,6 +177,7 @@ def grow_tree(
         left = idx[proj < cut]
         right = idx[proj >= cut]
         if left.size == 0 or right.size == 0:
+            r1s[sid] = radius * tip_taper  # no children after all: a tip, so it tapers
             continue
         r_end = radius * 0.97
         for part in (left, right):
