@@ -10,7 +10,7 @@ truth comes from the *final* geometry's ``voxel_to_world``, so flipped scans sta
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import ndimage
@@ -26,7 +26,6 @@ from lungct.synth.trees import (
     companion_tree,
     curve_tree,
     grow_tree,
-    prepend,
     sample_points_in,
     subtree,
 )
@@ -34,12 +33,15 @@ from lungct.synth.trees import (
 SIZES = ("small", "full")
 UID_PREFIX = "1.3.6.1.4.1.14519.5.2.1.6279.6001."
 """The LIDC-IDRI / LUNA16 series UID root; synthetic suffixes are hashed from (seed, index)."""
-GENERATOR_VERSION = "7"
+GENERATOR_VERSION = "8"
 """Bump when the output for a given seed changes, so resumed runs do not mix versions.
 5: full-size spacing, slice spacing and z extent follow LUNA16's measured spread.
 6: each nodule takes the outline (and ratings) of a LIDC nodule of about its own size.
 7: denser, smoothly tapering lobe-bounded vessel trees, fissures, a less regular body outline,
-a curving trachea, scars kept clear of other findings by their full length."""
+a curving trachea, scars kept clear of other findings by their full length.
+8: no blunt stumps on thick vessels: each pulmonary artery leaves the end of its mediastinal
+artery and joins its bronchus gradually (no hairpin turns), and vessels of 2 mm calibre and up
+run through the fissures' vessel-free band instead of being cut off there."""
 
 DIRECTIONS = {
     "identity": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
@@ -465,10 +467,11 @@ def _grow_trees(rng: np.random.Generator, an, lung: LungMap, small: bool) -> lis
     Per lung, one space-filling tree is grown from the end of the main bronchus: the bronchi
     are its thicker part (lumen ~0.8x the artery's calibre, as the broncho-arterial ratio), and
     the pulmonary artery is the whole tree shifted sideways, so each artery runs beside its
-    bronchus down to the periphery. Veins grow separately from the lower hilum (they run
-    between the bronchoarterial bundles). Both are grown lobe by lobe (the attractor points
-    carry their lobe), so no vessel crosses a fissure. Every segment is then bent into a smooth
-    curve.
+    bronchus down to the periphery; it starts at the end of the mediastinal pulmonary artery
+    and reaches its place beside the bronchus gradually. Veins grow separately from the lower
+    hilum (they run between the bronchoarterial bundles). Both are grown lobe by lobe (the
+    attractor points carry their lobe), so each branch keeps to its lobe. Every segment is then
+    bent into a smooth curve.
     """
     par = TREE_PARAMS["small" if small else "full"]
     n_pts = par["points"]
@@ -514,8 +517,13 @@ def _grow_trees(rng: np.random.Generator, an, lung: LungMap, small: bool) -> lis
             # bronchial lumen + wall + artery radius + a thin sheath of connective tissue
             return r * ratio * 1.15 + 0.3 + r + 0.5
 
-        artery = companion_tree(base, rng, gap, "artery")
-        trees.append(prepend(artery, an.hilum[f"artery_{side}"], r_art))
+        # The artery leaves the end of its mediastinal pulmonary artery and runs from there to
+        # its side of the bronchus, at the great vessel's calibre where the two meet.
+        pa = next(t for t in an.tubes if t.name == f"artery_{side}")
+        artery = companion_tree(base, rng, gap, "artery", root_start=pa.points[-1])
+        r0 = artery.r0.copy()
+        r0[artery.parent < 0] = float(pa.radii[-1])
+        trees.append(replace(artery, r0=r0))
         pts = sample_points_in(rng, mask, to_body, n_pts)
         vein = grow_tree(
             rng,
@@ -541,6 +549,9 @@ FISSURE_CLEAR = 1.2
 each lobe, where only vessels below CT resolution run)."""
 HILUM_REACH = 30.0
 """Within this distance (mm) of a hilum the fissures give way to the lobar vessels."""
+FISSURE_THROUGH_RADIUS = 1.0
+"""Vessels at least this thick (radius, mm) run on through a fissure's vessel-free band; the
+band only clears the thinner ones (erasing a thick vessel there would cut it off bluntly)."""
 
 
 def _fissure_maps(
@@ -615,22 +626,40 @@ def _draw_trees(
         splat_tubes(occ, grid, p0, p1, r0, r1, min_radius=min_lumen)
         hu += occ * (TISSUE_HU["air"] - hu)
         occ[...] = 0
-    if vessels:
-        p0 = np.concatenate([t.p0 for t in vessels])
-        p1 = np.concatenate([t.p1 for t in vessels])
-        r0 = np.concatenate([t.r0 for t in vessels])
-        r1 = np.concatenate([t.r1 for t in vessels])
-        # Vessels far below the voxel size would add < ~5% occupancy: not worth drawing.
-        splat_tubes(occ, grid, p0, p1, r0, r1, min_radius=0.18 * max(grid.spacing[:2]))
+    if not vessels:
+        v_p0 = v_p1 = np.zeros((0, 3))
+        v_r0 = v_r1 = np.zeros(0)
+    else:
+        v_p0 = np.concatenate([t.p0 for t in vessels])
+        v_p1 = np.concatenate([t.p1 for t in vessels])
+        v_r0 = np.concatenate([t.r0 for t in vessels])
+        v_r1 = np.concatenate([t.r1 for t in vessels])
+    # Vessels far below the voxel size would add < ~5% occupancy: not worth drawing.
+    min_radius = 0.18 * max(grid.spacing[:2])
     if an is None or lungs is None or not an.oblique:
+        splat_tubes(occ, grid, v_p0, v_p1, v_r0, v_r1, min_radius=min_radius)
         hu += occ * (TISSUE_HU["blood"] - hu)
         return
+    # Only vessels below CT resolution give way to the fissures: a thick one cut there would
+    # end in a blunt stump on either side of the fissure.
+    thick = np.maximum(v_r0, v_r1) >= FISSURE_THROUGH_RADIUS
+    thin = ~thick
+    splat_tubes(occ, grid, v_p0[thin], v_p1[thin], v_r0[thin], v_r1[thin], min_radius=min_radius)
+    sheets = []
     for k0 in range(0, hu.shape[0], slab):
         k1 = min(hu.shape[0], k0 + slab)
         sheet, keep = _fissure_maps(an, grid, lungs, k0, k1)
+        occ[k0:k1] *= keep
+        at = np.flatnonzero(sheet)
+        sheets.append((k0, k1, at, sheet.reshape(-1)[at]))
+    splat_tubes(
+        occ, grid, v_p0[thick], v_p1[thick], v_r0[thick], v_r1[thick], min_radius=min_radius
+    )
+    for k0, k1, at, val in sheets:
         part = hu[k0:k1]
-        part += (occ[k0:k1] * keep) * (TISSUE_HU["blood"] - part)
-        part += sheet * (FISSURE_HU - part)
+        part += occ[k0:k1] * (TISSUE_HU["blood"] - part)
+        flat = part.reshape(-1)
+        flat[at] += val * (FISSURE_HU - flat[at])
 
 
 def _tree_samples(

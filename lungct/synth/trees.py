@@ -177,6 +177,7 @@ def grow_tree(
         left = idx[proj < cut]
         right = idx[proj >= cut]
         if left.size == 0 or right.size == 0:
+            r1s[sid] = radius * tip_taper  # no children after all: a tip, so it tapers
             continue
         r_end = radius * 0.97
         for part in (left, right):
@@ -313,6 +314,8 @@ def companion_tree(
     gap: Callable[[np.ndarray], np.ndarray],
     kind: str,
     radius_scale: float = 1.0,
+    root_start: np.ndarray | None = None,
+    max_drift: float = 0.5,
 ) -> Tree:
     """A tree running beside ``tree`` (e.g. a pulmonary artery beside its bronchus).
 
@@ -320,12 +323,28 @@ def companion_tree(
     local segment, carried down the tree (each child takes its parent's side vector, made
     perpendicular to itself), so the companion stays on one side of the path, as arteries
     hug their bronchi.
+
+    The sideways offset changes by at most ``max_drift`` mm per mm of path, so where the path
+    turns towards the companion's side, or the gap narrows faster than the path runs, the
+    companion converges on its place over a few millimetres instead of doubling back (a
+    thick vessel that doubles back leaves a blind, rounded stump beside its bronchus).
+
+    Args:
+        root_start: where the companion's root(s) start (e.g. the end of a mediastinal
+            vessel); their side is then the one facing that point, and the companion runs
+            from it towards its place beside the path. Default: ``gap`` beside the root.
+        max_drift: the largest change of the offset per unit length of the path.
     """
     n = len(tree)
     if n == 0:
         return tree
     unit = tree.direction()
+    length = np.linalg.norm(tree.p1 - tree.p0, axis=1)
+    r0 = tree.r0 * radius_scale
+    r1 = tree.r1 * radius_scale
+    g1 = gap(r1)
     side = np.zeros((n, 3))
+    offset = np.zeros((n, 3))  # sideways offset of each segment's end
     for ids in depth_levels(tree.parent):
         par = tree.parent[ids]
         has = par >= 0
@@ -333,6 +352,8 @@ def companion_tree(
         fresh = ~has
         if fresh.any():
             v[fresh] = rng.normal(size=(int(fresh.sum()), 3))
+            if root_start is not None:
+                v[fresh] = np.asarray(root_start, dtype=np.float64) - tree.p0[ids[fresh]]
         v = v - (v * unit[ids]).sum(1, keepdims=True) * unit[ids]
         norm = np.linalg.norm(v, axis=1, keepdims=True)
         bad = norm[:, 0] < 1e-6
@@ -340,14 +361,25 @@ def companion_tree(
             v[bad] = _random_perpendicular(rng, unit[ids][bad])
             norm[bad] = 1.0
         side[ids] = v / np.maximum(norm, 1e-9)
-    r0 = tree.r0 * radius_scale
-    r1 = tree.r1 * radius_scale
-    end = tree.p1 + gap(r1)[:, None] * side
-    start = np.where(
-        (tree.parent >= 0)[:, None],
-        end[np.maximum(tree.parent, 0)],
-        tree.p0 + gap(r0)[:, None] * side,
-    )
+        # Offset at the segment's start: its parent's end offset, or the root's.
+        o_start = offset[np.maximum(par, 0)]
+        if fresh.any():
+            if root_start is not None:
+                o_start[fresh] = np.asarray(root_start, dtype=np.float64) - tree.p0[ids[fresh]]
+            else:
+                o_start[fresh] = gap(r0[ids[fresh]])[:, None] * side[ids[fresh]]
+        step = g1[ids][:, None] * side[ids] - o_start
+        size = np.linalg.norm(step, axis=1)
+        limit = max_drift * length[ids]
+        scale = np.where(size > limit, limit / np.maximum(size, 1e-12), 1.0)
+        offset[ids] = o_start + scale[:, None] * step
+    end = tree.p1 + offset
+    roots = tree.parent < 0
+    if root_start is not None:
+        first = np.broadcast_to(np.asarray(root_start, dtype=np.float64), tree.p0.shape)
+    else:
+        first = tree.p0 + gap(r0)[:, None] * side
+    start = np.where(roots[:, None], first, end[np.maximum(tree.parent, 0)])
     return _rebuild(tree, start, end, r0, r1, tree.parent, kind=kind)
 
 
