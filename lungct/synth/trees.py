@@ -383,24 +383,6 @@ def companion_tree(
     return _rebuild(tree, start, end, r0, r1, tree.parent, kind=kind)
 
 
-def prepend(tree: Tree, start: np.ndarray, radius: float) -> Tree:
-    """Add a feeding segment from ``start`` to the tree's root(s) (e.g. from the hilum)."""
-    roots = np.flatnonzero(tree.parent < 0)
-    if roots.size == 0:
-        return tree
-    k = roots.size
-    parent = np.where(tree.parent >= 0, tree.parent + k, np.arange(len(tree)) * 0)
-    parent[roots] = np.arange(k)
-    return _rebuild(
-        tree,
-        np.concatenate([np.repeat(np.asarray(start, float)[None], k, 0), tree.p0]),
-        np.concatenate([tree.p0[roots], tree.p1]),
-        np.concatenate([np.full(k, radius), tree.r0]),
-        np.concatenate([tree.r0[roots], tree.r1]),
-        np.concatenate([np.full(k, -1), parent]),
-    )
-
-
 def subtree(tree: Tree, keep: np.ndarray, kind: str, radius_scale: float = 1.0) -> Tree:
     """The segments selected by ``keep`` (closed under parents), re-indexed, radii scaled."""
     keep = np.asarray(keep, dtype=bool)
