@@ -214,3 +214,47 @@ def test_train_budget_resume_and_extract(tiny_luna, tmp_path: Path, capsys) -> N
     (out / "checkpoints" / "state.json").write_text("{broken")
     with pytest.raises(LungCTError, match="state.json.*not valid JSON"):
         train(None, data, cache, [0], [1], out, resume=True, progress=False)
+
+
+class _CountingSampler:
+    """Batches ``(epoch, i)`` in order, counting how many were made."""
+
+    def __init__(self) -> None:
+        self.made = 0
+
+    def batches(self, epoch: int, steps: int):
+        for i in range(steps):
+            self.made += 1
+            yield (epoch, i)
+
+
+@pytest.mark.parametrize("depth", [0, 3])
+def test_candidate_batches_stay_in_order_and_cut_ahead(depth: int) -> None:
+    import threading
+    import time
+
+    from unet_candidates.train import _candidate_batches_class
+
+    before = set(threading.enumerate())
+    sampler = _CountingSampler()
+    batches = _candidate_batches_class()(sampler, epoch=2, steps=6, depth=depth)
+    assert batches[0] == (2, 0)
+    assert batches[1] == (2, 1)
+    if depth:  # the background thread makes batches ahead, at most ``depth`` waiting
+        deadline = time.monotonic() + 5.0
+        while sampler.made < 2 + depth + 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        assert 2 + depth <= sampler.made <= 2 + depth + 1
+    else:
+        assert sampler.made == 2
+    assert batches[0] == (2, 0)  # held for the epoch: not a restart
+    assert [batches[i] for i in range(2, 6)] == [(2, i) for i in range(2, 6)]
+    assert batches[3] == (2, 3)  # out of order: the epoch's stream again, same batches
+    batches.set_epoch(3)
+    assert batches[0] == (3, 0)
+    batches.close()
+    deadline = time.monotonic() + 5.0
+    while any(t.name == "prefetch" for t in set(threading.enumerate()) - before):
+        assert time.monotonic() < deadline, "the background thread outlived close()"
+        time.sleep(0.01)

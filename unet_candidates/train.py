@@ -48,6 +48,7 @@ from lungct.modeldir import (
     load_keras_model,
     seal_model_dir,
 )
+from lungct.patches import prefetch
 from lungct.training import (
     chief_floats,
     cluster_errors,
@@ -336,25 +337,39 @@ def _candidate_batches_class() -> type:
 
         The sampler streams an epoch's patches through its bounded shuffle buffer (the scans
         are read in groups, never all at once), so batch ``i`` follows batch ``i - 1``: the
-        batches are made in order by one thread, ``tf.data`` prefetching ahead of the step.
+        batches are made in order by one background thread, up to ``depth`` batches ahead
+        of the step (the plan's ``prefetch_batches``; 0 cuts each batch when it is asked
+        for), so cutting overlaps training and memory stays bounded by ``depth`` batches.
         The first two batches are held for the epoch (Keras reads them once to learn the
         shapes, then again to train); a batch asked for out of order restarts the epoch's
         stream, which gives the same batches again (epoch ``e`` is a function of the seed
-        and ``e``).
+        and ``e``). :meth:`close` stops the background thread.
         """
 
         HELD = 2
 
-        def __init__(self, sampler: Any, epoch: int, steps: int) -> None:
+        def __init__(self, sampler: Any, epoch: int, steps: int, depth: int = 0) -> None:
             super().__init__(workers=1, use_multiprocessing=False)
-            self.sampler, self.epoch, self.steps = sampler, epoch, steps
+            self.sampler, self.epoch, self.steps, self.depth = sampler, epoch, steps, depth
             self._lock = threading.Lock()
+            self._stream: Any = None
             self._restart()
 
         def _restart(self) -> None:
-            self._stream = self.sampler.batches(self.epoch, self.steps)
+            self._stop_stream()
+            self._stream = prefetch(self.sampler.batches(self.epoch, self.steps), self.depth)
             self._next = 0
             self._held: dict[int, Any] = {}
+
+        def _stop_stream(self) -> None:
+            if self._stream is not None:
+                self._stream.close()  # ends the background thread of an unfinished epoch
+                self._stream = None
+
+        def close(self) -> None:
+            """Stop making batches (the end of training)."""
+            with self._lock:
+                self._stop_stream()
 
         def __len__(self) -> int:
             return self.steps
@@ -718,7 +733,9 @@ def _fit(
             model = network.build(plan)
     prepare_model(model, scope)
     # Every worker streams the whole global batch; the strategy gives each its share.
-    batches = _candidate_batches_class()(sampler, start_epoch, plan.steps_per_epoch)
+    batches = _candidate_batches_class()(
+        sampler, start_epoch, plan.steps_per_epoch, plan.prefetch_batches
+    )
     label = network.stage if chief else f"{network.stage} {task_name(dist)}"
     callbacks, budget = fit_callbacks(
         out_dir,
@@ -750,15 +767,18 @@ def _fit(
             flush=True,
         )
     if start_epoch < plan.epochs:
-        with cluster_errors(scope):
-            model.fit(
-                batches,
-                epochs=plan.epochs,
-                initial_epoch=start_epoch,
-                callbacks=callbacks,
-                shuffle=False,  # epoch e's batches are drawn from (seed, e): resumable
-                verbose=0,
-            )
+        try:
+            with cluster_errors(scope):
+                model.fit(
+                    batches,
+                    epochs=plan.epochs,
+                    initial_epoch=start_epoch,
+                    callbacks=callbacks,
+                    shuffle=False,  # epoch e's batches are drawn from (seed, e): resumable
+                    verbose=0,
+                )
+        finally:
+            batches.close()
     log = read_log(out_dir)
     epochs_done = int(log_float(log[-1], "epoch")) + 1 if log else start_epoch
     stopped_by_time = bool(budget.stopped)
