@@ -4,6 +4,7 @@ against the hand-written loop it replaced, and the cost of a second replica.
 Usage::
 
     python bench/bench_fit_candidates.py [--networks unet,centernet] [--steps 20] [--repeats 3]
+        [--modes loop,fit,fit-2-replicas] [--baseline OTHER_CHECKOUT]
 
 Writes 4 small synthetic scans (``lungct synth``, seed 77) and their cache, then trains each
 network's default plan (``2d``, ``centernet``) for one epoch of ``--steps`` steps without
@@ -13,13 +14,15 @@ validation, each way in a fresh process, alternately, ``--repeats`` times:
   in a background thread, the cosine learning rate set before each step;
 - ``fit``: ``unet_candidates train`` as it runs now (``model.fit`` on a ``PyDataset``, the
   training contract's callbacks: checkpoint, log, TensorBoard, the learning-rate schedule);
-- ``fit-2-replicas``: the same with ``--strategy mirrored`` over two logical CPU devices.
+- ``fit-2-replicas``: the same with ``--strategy mirrored`` over two logical CPU devices;
+- ``fit-baseline`` (with ``--baseline``): ``fit`` run from another checkout of the suite (the
+  code before a change), interleaved with the others, for a before / after ratio.
 
 Each figure is samples per second over the steps after the first (which traces the graph),
 waiting for data included: the ``train_samples_per_s`` the trainer logs (its steps' time, each
 from the step's start, when it asks for its batch, to its end), and in the loop the wall time
-from the end of the first step to the end of the last. Printed: per network the medians and the ratios fit / loop and 2 replicas / fit, as one
-JSON object.
+from the end of the first step to the end of the last. Printed: per network the medians and the ratios fit / loop, 2 replicas / fit and fit /
+fit-baseline (those whose modes ran), as one JSON object.
 """
 
 from __future__ import annotations
@@ -88,10 +91,15 @@ print("RATE" + json.dumps(rate))
 MODES = ("loop", "fit", "fit-2-replicas")
 
 
-def run(mode: str, network: str, plan: Path, data: Path, cache: Path, out: Path) -> float:
+def run(
+    mode: str, network: str, plan: Path, data: Path, cache: Path, out: Path, baseline: Path | None
+) -> float:
     """Samples per second of one training run in a fresh process."""
+    repo = REPO
+    if mode == "fit-baseline":
+        mode, repo = "fit", baseline or REPO
     argv = [sys.executable, "-c", _CHILD, mode, network, str(plan), str(data), str(cache)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(repo)}
     done = subprocess.run([*argv, str(out)], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{network} {mode} failed: {done.stderr.strip()[-2000:]}")
@@ -105,7 +113,21 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20, help="steps of the epoch (20)")
     parser.add_argument("--repeats", type=int, default=3, help="runs each way (3)")
     parser.add_argument("--work", help="folder for the data (default: a temporary one)")
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help="ways to train, in this order (all three)"
+    )
+    parser.add_argument(
+        "--baseline", type=Path, help="another checkout of the suite: adds the mode fit-baseline"
+    )
     args = parser.parse_args()
+    modes = [m for m in args.modes.split(",") if m]
+    if args.baseline is not None:
+        if not (args.baseline / "unet_candidates" / "train.py").is_file():
+            parser.error(f"--baseline {args.baseline}: not a checkout of the suite")
+        modes.append("fit-baseline")
+    unknown = sorted(set(modes) - {*MODES, "fit-baseline"})
+    if unknown:
+        parser.error(f"unknown modes: {', '.join(unknown)}")
 
     from lungct.cache import prepare_dataset
     from lungct.synth import generate_dataset
@@ -128,14 +150,16 @@ def main() -> int:
             plan_path = root / f"{network}.json"
             plan = plans[network]()
             plan.save(plan_path)
-            rates: dict[str, list[float]] = {m: [] for m in MODES}
+            rates: dict[str, list[float]] = {m: [] for m in modes}
             for k in range(args.repeats):
-                for mode in MODES:
+                for mode in modes:
                     out = root / f"{network}-{mode}-{k}"
-                    rates[mode].append(run(mode, network, plan_path, data, cache, out))
+                    rates[mode].append(
+                        run(mode, network, plan_path, data, cache, out, args.baseline)
+                    )
                 print(
                     f"{network} repeat {k + 1}/{args.repeats}: "
-                    + ", ".join(f"{m} {rates[m][-1]:.1f}" for m in MODES)
+                    + ", ".join(f"{m} {rates[m][-1]:.1f}" for m in modes)
                     + " samples/s",
                     file=sys.stderr,
                     flush=True,
@@ -146,9 +170,18 @@ def main() -> int:
                 "batch": plan.batch_size,
                 "samples_per_s": {m: [round(r, 1) for r in v] for m, v in rates.items()},
                 "median_samples_per_s": {m: round(r, 1) for m, r in med.items()},
-                "ratio_fit_over_loop": round(med["fit"] / med["loop"], 3),
-                "ratio_2_replicas_over_fit": round(med["fit-2-replicas"] / med["fit"], 3),
             }
+            for name, top, bottom in (
+                ("ratio_fit_over_loop", "fit", "loop"),
+                ("ratio_2_replicas_over_fit", "fit-2-replicas", "fit"),
+                ("ratio_fit_over_baseline", "fit", "fit-baseline"),
+            ):
+                if top in med and bottom in med:
+                    report[network][name] = round(med[top] / med[bottom], 3)
+                    # the same ratio repeat by repeat (each pair ran back to back)
+                    report[network][name + "_per_repeat"] = [
+                        round(a / b, 3) for a, b in zip(rates[top], rates[bottom], strict=True)
+                    ]
     print(json.dumps(report, indent=2))
     return 0
 
