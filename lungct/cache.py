@@ -387,6 +387,10 @@ def _prepare_in_workers(
         _stop_workers(pool)
         for s in todo:  # what a worker stopped mid-write left
             remove_abandoned_stages(root / s.seriesuid)
+            # A worker stopped between creating its entry's folder and staging into it
+            # leaves the folder empty: that is no entry.
+            with contextlib.suppress(OSError):
+                (root / s.seriesuid).rmdir()
         raise
     pool.shutdown(wait=True)
 
