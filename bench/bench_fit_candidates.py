@@ -10,8 +10,9 @@ Writes 4 small synthetic scans (``lungct synth``, seed 77) and their cache, then
 network's default plan (``2d``, ``centernet``) for one epoch of ``--steps`` steps without
 validation, each way in a fresh process, alternately, ``--repeats`` times:
 
-- ``loop``: the former loop: ``train_on_batch`` on the sampler's batches, made one batch ahead
-  in a background thread, the cosine learning rate set before each step;
+- ``loop``: the former loop: ``train_on_batch`` on the sampler's batches, the plan's
+  ``prefetch_batches`` made ahead in a background thread (4 for the U-Net, none for
+  CenterNet), the cosine learning rate set before each step;
 - ``fit``: ``unet_candidates train`` as it runs now (``model.fit`` on a ``PyDataset``, the
   training contract's callbacks: checkpoint, log, TensorBoard, the learning-rate schedule);
 - ``fit-2-replicas``: the same with ``--strategy mirrored`` over two logical CPU devices;
@@ -21,8 +22,11 @@ validation, each way in a fresh process, alternately, ``--repeats`` times:
 Each figure is samples per second over the steps after the first (which traces the graph),
 waiting for data included: the ``train_samples_per_s`` the trainer logs (its steps' time, each
 from the step's start, when it asks for its batch, to its end), and in the loop the wall time
-from the end of the first step to the end of the last. Printed: per network the medians and the ratios fit / loop, 2 replicas / fit and fit /
-fit-baseline (those whose modes ran), as one JSON object.
+from the end of the first step to the end of the last. Each run also times its steps by wall
+clock at the end of everything done after a step (in fit, after the contract's callbacks):
+the mean of steps 3 to the last, ``mean_step_ms``. Printed: per network the medians and the
+ratios fit / loop, 2 replicas / fit and fit / fit-baseline (those whose modes ran), as one
+JSON object.
 """
 
 from __future__ import annotations
@@ -50,7 +54,9 @@ if mode == "fit-2-replicas":
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import importlib
 from pathlib import Path
+import keras
 from lungct.cache import ScanCache, find_scans
+stamps = []  # wall clock at the end of each step, everything after the step included
 if network == "unet":
     from unet_candidates.config import UNetPlan as Plan
     trainer = importlib.import_module("unet_candidates.train")
@@ -77,15 +83,30 @@ if mode == "loop":
         model.optimizer.learning_rate.assign(cosine_learning_rate(plan, steps / total))
         model.train_on_batch(x, y)
         steps += 1
+        stamps.append(time.monotonic())
         if steps == 1:
             first_end = time.monotonic()
     rate = (steps - 1) * plan.batch_size / (time.monotonic() - first_end)
 else:
     from lungct.training import read_log
+    candidate_train = importlib.import_module("unet_candidates.train")
+
+    class Stamp(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            stamps.append(time.monotonic())
+
+    contract = candidate_train.fit_callbacks
+
+    def with_stamps(*args, **kwargs):
+        callbacks, budget = contract(*args, **kwargs)
+        return [*callbacks, Stamp()], budget
+
+    candidate_train.fit_callbacks = with_stamps  # the bench's clock after the contract's own
     strategy = "mirrored" if mode == "fit-2-replicas" else "none"
     trainer.train(plan, data, cache, list(range(10)), [], out, strategy=strategy, progress=False)
     rate = float(read_log(out)[-1]["train_samples_per_s"])
-print("RATE" + json.dumps(rate))
+steps_ms = [1e3 * (b - a) for a, b in zip(stamps[1:], stamps[2:])]  # steps 3 ..
+print("RATE" + json.dumps({"rate": rate, "step_ms": sum(steps_ms) / max(len(steps_ms), 1)}))
 """
 
 MODES = ("loop", "fit", "fit-2-replicas")
@@ -93,8 +114,8 @@ MODES = ("loop", "fit", "fit-2-replicas")
 
 def run(
     mode: str, network: str, plan: Path, data: Path, cache: Path, out: Path, baseline: Path | None
-) -> float:
-    """Samples per second of one training run in a fresh process."""
+) -> tuple[float, float]:
+    """Samples per second of one training run in a fresh process, and its mean step in ms."""
     repo = REPO
     if mode == "fit-baseline":
         mode, repo = "fit", baseline or REPO
@@ -104,7 +125,8 @@ def run(
     if done.returncode != 0:
         raise SystemExit(f"{network} {mode} failed: {done.stderr.strip()[-2000:]}")
     line = next(ln for ln in done.stdout.splitlines() if ln.startswith("RATE"))
-    return float(json.loads(line[4:]))
+    result = json.loads(line[4:])
+    return float(result["rate"]), float(result["step_ms"])
 
 
 def main() -> int:
@@ -151,12 +173,13 @@ def main() -> int:
             plan = plans[network]()
             plan.save(plan_path)
             rates: dict[str, list[float]] = {m: [] for m in modes}
+            step_ms: dict[str, list[float]] = {m: [] for m in modes}
             for k in range(args.repeats):
                 for mode in modes:
                     out = root / f"{network}-{mode}-{k}"
-                    rates[mode].append(
-                        run(mode, network, plan_path, data, cache, out, args.baseline)
-                    )
+                    rate, step = run(mode, network, plan_path, data, cache, out, args.baseline)
+                    rates[mode].append(rate)
+                    step_ms[mode].append(step)
                 print(
                     f"{network} repeat {k + 1}/{args.repeats}: "
                     + ", ".join(f"{m} {rates[m][-1]:.1f}" for m in modes)
@@ -170,6 +193,10 @@ def main() -> int:
                 "batch": plan.batch_size,
                 "samples_per_s": {m: [round(r, 1) for r in v] for m, v in rates.items()},
                 "median_samples_per_s": {m: round(r, 1) for m, r in med.items()},
+                "mean_step_ms": {m: [round(t, 1) for t in v] for m, v in step_ms.items()},
+                "median_of_mean_step_ms": {
+                    m: round(statistics.median(v), 1) for m, v in step_ms.items()
+                },
             }
             for name, top, bottom in (
                 ("ratio_fit_over_loop", "fit", "loop"),
