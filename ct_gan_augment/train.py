@@ -70,8 +70,8 @@ from lungct.modeldir import MANIFEST_NAME, describe_plan_changes, seal_model_dir
 from lungct.training import (
     BACKUP,
     CHECKPOINTS,
-    cluster_errors,
     fit_callbacks,
+    fit_epochs,
     from_chief,
     is_chief,
     log_float,
@@ -657,17 +657,10 @@ def fit_gan(
             file=sys.stderr,
             flush=True,
         )
-    if start_epoch < epochs:
-        with cluster_errors(scope):
-            gan.fit(
-                batches,
-                epochs=epochs,
-                initial_epoch=start_epoch,
-                callbacks=callbacks,
-                shuffle=False,  # batches are drawn from (seed, epoch, index): resumable
-                verbose=0,
-            )
-    else:  # nothing left to train: the networks as they are
+    trained = fit_epochs(
+        gan, batches, epochs=epochs, start_epoch=start_epoch, callbacks=callbacks, strategy=scope
+    )
+    if not trained:  # nothing left to train: the networks as they are
         save_model_atomic(gan.generator, out / GENERATOR_FILE)
         save_model_atomic(gan.discriminator, out / DISCRIMINATOR_FILE)
         if not any((out / GRIDS).glob("step_*.png")):

@@ -567,8 +567,8 @@ def _train_malignancy(
     from lungct.fileio import write_json_atomic
     from lungct.modeldir import MANIFEST_NAME, PLAN_NAME, seal_model_dir
     from lungct.training import (
-        cluster_errors,
         fit_callbacks,
+        fit_epochs,
         from_chief,
         is_chief,
         log_float,
@@ -659,17 +659,15 @@ def _train_malignancy(
         + (f" of {worker_count(scope)} workers" if worker_count(scope) > 1 else ""),
         progress,
     )
-    if start_epoch < plan.epochs:
-        with cluster_errors(scope):
-            model.fit(
-                data,
-                validation_data=val_data,
-                epochs=plan.epochs,
-                initial_epoch=start_epoch,
-                callbacks=callbacks,
-                shuffle=False,  # the dataset orders each epoch from (seed, epoch): resumable
-                verbose=0,
-            )
+    fit_epochs(
+        model,
+        data,
+        epochs=plan.epochs,
+        start_epoch=start_epoch,
+        callbacks=callbacks,
+        strategy=scope,
+        validation_data=val_data,
+    )
     log = read_log(out)
     save_model_atomic(model, out / MODEL_FILE)
     last = {

@@ -57,8 +57,8 @@ from lungct.errors import LungCTError
 from lungct.modeldir import MANIFEST_NAME, file_sha256, load_keras_model, seal_model_dir
 from lungct.tables import CandidateTable, folds_from_layout
 from lungct.training import (
-    cluster_errors,
     fit_callbacks,
+    fit_epochs,
     from_chief,
     has_training_state,
     is_chief,
@@ -515,16 +515,14 @@ def _train(
             flush=True,
         )
     t_start = time.monotonic()
-    if start_epoch < plan.epochs:
-        with cluster_errors(scope):
-            model.fit(
-                batches,
-                epochs=plan.epochs,
-                initial_epoch=start_epoch,
-                callbacks=callbacks,
-                shuffle=False,  # the sampler orders each epoch from (seed, epoch): resumable
-                verbose=0,
-            )
+    fit_epochs(
+        model,
+        batches,
+        epochs=plan.epochs,
+        start_epoch=start_epoch,
+        callbacks=callbacks,
+        strategy=scope,
+    )
     log = read_log(out)
     manifest.epochs_done = int(log_float(log[-1], "epoch")) + 1 if log else start_epoch
     stopped_early = bool(budget.stopped)

@@ -419,6 +419,44 @@ def fit_callbacks(
     return callbacks, budget
 
 
+def fit_epochs(
+    model: Any,
+    data: Any,
+    *,
+    epochs: int,
+    start_epoch: int,
+    callbacks: Sequence[Any],
+    strategy: Any = None,
+    validation_data: Any = None,
+) -> bool:
+    """Train ``model`` through ``model.fit`` from ``start_epoch`` to ``epochs`` with the
+    contract's ``callbacks`` (:func:`fit_callbacks`); ``False`` when no epoch was left.
+
+    Keras does not shuffle: the stage's data orders each epoch from ``(seed, epoch)``, so a
+    resumed run sees the batches an uninterrupted one does. Keras prints nothing (the
+    contract's own line does). A worker of a cluster whose peer stopped raises one line
+    (:func:`cluster_errors`). ``data`` is closed afterwards where it has a ``close`` method.
+    """
+    if start_epoch >= epochs:
+        return False
+    try:
+        with cluster_errors(strategy):
+            model.fit(
+                data,
+                validation_data=validation_data,
+                epochs=epochs,
+                initial_epoch=start_epoch,
+                callbacks=list(callbacks),
+                shuffle=False,
+                verbose=0,
+            )
+    finally:
+        close = getattr(data, "close", None)
+        if callable(close):
+            close()
+    return True
+
+
 def _check_precision(folder: Path, policy: str, resume: bool) -> None:
     """Record the dtype policy a training runs under (``checkpoints/precision.json``) and
     refuse to resume a backup under another one: Keras restores a mixed-precision optimizer's

@@ -51,8 +51,8 @@ from lungct.modeldir import (
 from lungct.patches import prefetch
 from lungct.training import (
     chief_floats,
-    cluster_errors,
     fit_callbacks,
+    fit_epochs,
     from_chief,
     has_training_state,
     is_chief,
@@ -766,19 +766,14 @@ def _fit(
             file=sys.stderr,
             flush=True,
         )
-    if start_epoch < plan.epochs:
-        try:
-            with cluster_errors(scope):
-                model.fit(
-                    batches,
-                    epochs=plan.epochs,
-                    initial_epoch=start_epoch,
-                    callbacks=callbacks,
-                    shuffle=False,  # epoch e's batches are drawn from (seed, e): resumable
-                    verbose=0,
-                )
-        finally:
-            batches.close()
+    fit_epochs(
+        model,
+        batches,
+        epochs=plan.epochs,
+        start_epoch=start_epoch,
+        callbacks=callbacks,
+        strategy=scope,
+    )
     log = read_log(out_dir)
     epochs_done = int(log_float(log[-1], "epoch")) + 1 if log else start_epoch
     stopped_by_time = bool(budget.stopped)
