@@ -802,6 +802,24 @@ def _run_evaluate_models(args: argparse.Namespace) -> int:
                 f"{row['4']:.3f} at 4, {row['any']:.3f} with any mark"
             )
     print(metrics_line(result.to_json()))
+    if args.report_threshold is not None:
+        from integration.recipe import threshold_on_submission
+        from integration.stages import fold_uids
+        from lungct.fileio import write_json_atomic
+
+        out = Path(args.out)
+        submission = out / "submission.csv"
+        if not submission.is_file():  # a set without false-positive reduction
+            submission = out / "candidates.csv"
+        uids = fold_uids(Path(args.data), list(range(10)))
+        operating = threshold_on_submission(args.data, submission, uids, args.report_threshold)
+        write_json_atomic(out / "report_threshold.json", operating)
+        print(
+            f"report threshold {operating['threshold']:.4f}: "
+            f"{operating['false_positives_per_scan']:.2f} false positives per scan, "
+            f"sensitivity {operating['sensitivity']:.3f} on {operating['nodules']} nodules "
+            f"in {operating['scans']} scans"
+        )
     return 0
 
 
@@ -824,6 +842,16 @@ def _add_evaluate_models(subparsers: argparse._SubParsersAction) -> None:
         "--bootstrap", type=non_negative_int, default=1000, help="bootstrap resamples (1000)"
     )
     p.add_argument("--allow-unfinished", action="store_true", help=_ALLOW_UNFINISHED)
+    p.add_argument(
+        "--report-threshold",
+        type=positive_float,
+        default=None,
+        metavar="FPS",
+        help="also choose a report threshold on these scans: the lowest score leaving at most "
+        "FPS false positives per scan (marks on excluded findings not counted), never below "
+        "0.5; written to OUT/report_threshold.json (e.g. 1 on validation scans, then put it "
+        "in the set's pipeline.json)",
+    )
     p.add_argument(
         "--workers", type=positive_int, default=2, help="processes for cache preparation (2)"
     )

@@ -3,7 +3,8 @@
 A models folder (``integration demo`` writes one)::
 
     MODELS/unet/model.keras + plan.json    the candidate U-Net
-    MODELS/fpr/model.keras + plan.json     the MGI-CNN (optional)
+    MODELS/fpr/model.keras + plan.json     the MGI-CNN (optional; fpr2/ ... an ensemble's
+                                           further members, exported alike: average them)
     MODELS/malignancy/model.keras + plan.json  the malignancy CNN (optional)
     MODELS/pipeline.json                   report threshold and TTA (optional)
 
@@ -225,13 +226,15 @@ def export_models(
     exported["unet"] = _export_one(unet_model, unet_plan, out / "unet" / suffix, fmt, "U-Net")
     write_text_atomic(out / "unet" / "plan.json", (models / "unet" / "plan.json").read_text())
     exported["unet"]["plan"] = "unet/plan.json"
-    if (models / "fpr").is_dir():
-        fpr_model, fpr_plan = load_fpr_model(models / "fpr")
-        exported["fpr"] = _export_one(fpr_model, fpr_plan, out / "fpr" / suffix, fmt, "MGI-CNN")
+    for stage in ("fpr", *(f"fpr{k}" for k in range(2, 10))):  # an ensemble's members too
+        if not (models / stage).is_dir():
+            continue
+        fpr_model, fpr_plan = load_fpr_model(models / stage)
+        exported[stage] = _export_one(fpr_model, fpr_plan, out / stage / suffix, fmt, "MGI-CNN")
         for name in ("plan.json", "manifest.json"):
-            if (models / "fpr" / name).is_file():
-                write_text_atomic(out / "fpr" / name, (models / "fpr" / name).read_text())
-        exported["fpr"]["plan"] = "fpr/plan.json"
+            if (models / stage / name).is_file():
+                write_text_atomic(out / stage / name, (models / stage / name).read_text())
+        exported[stage]["plan"] = f"{stage}/plan.json"
     if (models / "malignancy").is_dir():
         from fp_reduction_3dcnn.malignancy import open_malignancy_model
 

@@ -7,6 +7,8 @@ A models folder is::
     DIR/pipeline.json   report threshold and TTA (optional, see PipelineConfig)
     DIR/unet/           a sealed U-Net model folder (lungct.modeldir)
     DIR/fpr/            a sealed MGI-CNN model folder
+    DIR/fpr2/ .. fpr9/  more sealed MGI-CNN folders (optional): the candidates' score is then
+                        the mean of every ``fpr*`` network's probability (an ensemble)
     DIR/malignancy/     a sealed malignancy CNN folder (optional)
 
 :func:`read_model_set` checks all of it before a weight is loaded: the set's format and shape,
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,9 @@ MODELSET_FORMAT = 1
 DETECTOR_STAGES = ("unet", "fpr", "malignancy")
 """Stages the detector can run, in order; ``unet`` is required, ``fpr`` rescoring and
 ``malignancy`` scoring of the reported marks optional."""
+FPR_STAGE = re.compile(r"^fpr([2-9])?$")
+"""Names of false-positive-reduction stages: ``fpr`` and the ensemble's further members
+``fpr2`` .. ``fpr9`` (each a folder of its own; the scores are their mean)."""
 SHIPPED_MODELS = Path(__file__).resolve().parent / "shipped_models"
 """The model set that ships with the suite (``integration detect`` without ``--models``)."""
 MODELSET_TYPES: dict[str, Any] = {
@@ -47,6 +53,20 @@ MODELSET_TYPES: dict[str, Any] = {
     "written": str | None,
 }
 """JSON types of the keys of ``modelset.json``."""
+
+
+def stage_kind(stage: str) -> str:
+    """The kind of model a set's stage holds: ``fpr`` for every member of an ensemble."""
+    return "fpr" if FPR_STAGE.match(stage) else stage
+
+
+def fpr_stages(stages: list[str]) -> list[str]:
+    """The false-positive-reduction stages of a set, ``fpr`` first (empty without one)."""
+    return sorted((s for s in stages if FPR_STAGE.match(s)), key=lambda s: (len(s), s))
+
+
+def _stage_order(stages: list[str]) -> list[str]:
+    return sorted(stages, key=lambda s: (DETECTOR_STAGES.index(stage_kind(s)), len(s), s))
 
 
 @dataclass
@@ -165,15 +185,21 @@ def read_model_set(models_dir: str | os.PathLike, allow_unfinished: bool = False
     if not isinstance(stages, list) or "unet" not in stages:
         raise LungCTError(path, f"stages must be a list holding 'unet', got {stages!r}")
     check_value_types({"stages": list[str]}, {"stages": stages}, path)
-    unknown = sorted(set(stages) - set(DETECTOR_STAGES))
+    unknown = sorted(s for s in stages if stage_kind(s) not in DETECTOR_STAGES)
     if unknown:
-        raise LungCTError(path, f"unknown stages {unknown} (known: {list(DETECTOR_STAGES)})")
+        raise LungCTError(
+            path, f"unknown stages {unknown} (known: {list(DETECTOR_STAGES)}, fpr2 .. fpr9)"
+        )
+    if len(set(stages)) != len(stages):
+        raise LungCTError(path, f"a stage is listed twice in {stages}")
+    if fpr_stages(stages) and "fpr" not in stages:
+        raise LungCTError(path, f"{fpr_stages(stages)[0]} is listed without fpr")
     manifests = {}
     for stage in stages:
         if not (root / stage).is_dir():
             raise LungCTError(root, f"the model set lists a {stage}/ stage but the folder has none")
         manifests[stage] = verify_model_dir(
-            root / stage, allow_unfinished=allow_unfinished, stage=stage
+            root / stage, allow_unfinished=allow_unfinished, stage=stage_kind(stage)
         )
     return ModelSet(
         root=root,
@@ -196,7 +222,8 @@ def write_model_set(
 ) -> ModelSet:
     """Describe a folder of trained (sealed) stages as a model set: ``modelset.json`` + card.
 
-    The stages are the detector stages present as folders (``unet/`` required). The card is
+    The stages are the detector stages present as folders (``unet/`` required; every
+    ``fpr``, ``fpr2`` .. ``fpr9`` folder, an ensemble whose scores are averaged). The card is
     made from the stages' manifests; ``performance`` and ``limitations`` are Markdown written
     into it as they are (measured numbers, with the data and command that gave them).
 
@@ -204,7 +231,10 @@ def write_model_set(
         LungCTError: no ``unet/``, or a stage whose seal does not hold.
     """
     root = Path(models_dir)
-    stages = [s for s in DETECTOR_STAGES if (root / s).is_dir()]
+    names = [*DETECTOR_STAGES, *(f"fpr{k}" for k in range(2, 10))]
+    stages = _stage_order([s for s in names if (root / s).is_dir()])
+    if fpr_stages(stages) and "fpr" not in stages:
+        raise LungCTError(root, f"a {fpr_stages(stages)[0]}/ folder without fpr/")
     if "unet" not in stages:
         raise LungCTError(root, "no unet/ model folder: a model set needs at least the U-Net")
     info = {
@@ -217,7 +247,7 @@ def write_model_set(
     }
     for stage in stages:  # refuse to describe a set whose stages do not hold
         try:
-            verify_model_dir(root / stage, stage=stage)
+            verify_model_dir(root / stage, stage=stage_kind(stage))
         except UnfinishedModelError as exc:
             raise LungCTError(
                 exc.path,
@@ -237,6 +267,28 @@ _STAGE_NAMES = {
     "fpr": "MGI-CNN false-positive reduction",
     "malignancy": "malignancy CNN",
 }
+
+
+def stage_title(stage: str) -> str:
+    """A stage's name in words; an ensemble member's says which (``fpr2``: member 2)."""
+    kind = stage_kind(stage)
+    title = _STAGE_NAMES.get(kind, stage)
+    if kind == "fpr" and stage != "fpr":
+        title += f", member {stage[3:]} ({stage}/)"
+    return title
+
+
+def _ensemble_lines(stages: list[str]) -> list[str]:
+    """The model card's words on an ensemble of false-positive reducers, if the set has one."""
+    members = fpr_stages(stages)
+    if len(members) < 2:
+        return []
+    folders = ", ".join(f"`{s}/`" for s in members)
+    return [
+        f"The false-positive reduction is an ensemble of {len(members)} networks ({folders}), "
+        "trained apart: a candidate's score is the mean of their probabilities.",
+        "",
+    ]
 
 
 def _int8_lines(unet_dir: Path) -> list[str]:
@@ -325,7 +377,7 @@ def model_card(
         gpus = ", ".join(hw.get("gpus") or []) or "no GPU"
         folds = m.get("train_folds", m.get("training_folds", []))
         lines.append(
-            f"| {_STAGE_NAMES.get(stage, stage)} | {_plan_name(m)} | "
+            f"| {stage_title(stage)} | {_plan_name(m)} | "
             f"{data_phrase(prov.get('data') or {})} | {folds} | {prov.get('steps')} | "
             f"{(prov.get('train_seconds') or 0) / 60:.0f} min | "
             f"{hw.get('cpu_count')} CPU cores ({hw.get('processor') or hw.get('machine')}), "
@@ -334,6 +386,7 @@ def model_card(
     versions = (model_set.manifests["unet"].get("provenance") or {}).get("versions") or {}
     lines += [
         "",
+        *_ensemble_lines(model_set.stages),
         "Converged: whether the validation loss still fell in the last quarter of the epochs "
         "(by 2 % or more: no), from each stage's training log; a dash where the log is too "
         "short to say.",

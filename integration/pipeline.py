@@ -7,6 +7,7 @@ is a model set (:mod:`integration.modelset`)::
     DIR/unet/        a sealed U-Net model folder (python -m unet_candidates train)
     DIR/fpr/         a sealed MGI-CNN model folder (python -m fp_reduction_3dcnn train); a set
                      may leave it out: then the U-Net's probabilities are the scores
+    DIR/fpr2/ ...    further MGI-CNNs (optional): the score is the mean of every one's
     DIR/pipeline.json  {"threshold": 0.5, "tta": false} (optional; report threshold and TTA)
 
 Without ``--models`` the set shipped with the suite is used.
@@ -27,7 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from integration.modelset import MODELSET_FILE, SHIPPED_MODELS, ModelSet, read_model_set
+from integration.modelset import (
+    MODELSET_FILE,
+    SHIPPED_MODELS,
+    ModelSet,
+    fpr_stages,
+    read_model_set,
+)
 from integration.report import Detection, model_set_facts, suspicion_score, write_report
 from lungct.cache import CachedScan
 from lungct.errors import LungCTError
@@ -109,6 +116,14 @@ class Detector:
     models_dir: Path
     model_set: ModelSet | None = None
     malignancy: Any | None = None
+    fpr_members: list[Any] = field(default_factory=list)
+    """Further false-positive reducers (``fpr2/`` ...): the score is the mean of ``fpr``'s
+    and theirs."""
+
+    @property
+    def fpr_ensemble(self) -> list[Any]:
+        """Every false-positive reducer, ``fpr`` first (empty when the set has none)."""
+        return [self.fpr, *self.fpr_members] if self.fpr is not None else []
 
     @classmethod
     def load(
@@ -140,11 +155,15 @@ class Detector:
         unet_model = predictor(
             unet_model, runtime or default_runtime(), threads=threads, model_dir=models_dir / "unet"
         )
-        fpr = None
-        if "fpr" in model_set.stages:
+        fprs = []
+        if fpr_stages(model_set.stages):
             from fp_reduction_3dcnn.predict import open_model
 
-            fpr = open_model(models_dir / "fpr", allow_unfinished=allow_unfinished)
+            fprs = [
+                open_model(models_dir / stage, allow_unfinished=allow_unfinished)
+                for stage in fpr_stages(model_set.stages)
+            ]
+        fpr = fprs[0] if fprs else None
         malignancy = None
         if "malignancy" in model_set.stages:
             from fp_reduction_3dcnn.malignancy import open_malignancy_model
@@ -153,7 +172,7 @@ class Detector:
                 models_dir / "malignancy", allow_unfinished=allow_unfinished
             )
         config = PipelineConfig.load(models_dir)
-        return cls(unet_model, unet_plan, fpr, config, models_dir, model_set, malignancy)
+        return cls(unet_model, unet_plan, fpr, config, models_dir, model_set, malignancy, fprs[1:])
 
 
 @dataclass
@@ -194,24 +213,26 @@ def to_cache_grid(scan: Scan, plan: PreprocessPlan | None = None) -> CachedScan:
 
 
 def score_candidates(detector: Detector, cached: CachedScan, centres: np.ndarray) -> np.ndarray:
-    """MGI-CNN probabilities of world points of one scan (TTA if the config says so)."""
+    """MGI-CNN probabilities of world points of one scan (TTA if the config says so); with an
+    ensemble (``fpr2/`` ...), the mean of every member's."""
     from fp_reduction_3dcnn.data import PatchCutter
     from fp_reduction_3dcnn.symmetries import tta_predict
 
-    trained = detector.fpr
-    cutter = PatchCutter(trained.plan, cache=None)
-    out = np.empty(len(centres), dtype=np.float64)
-
-    def predict(inputs: list[np.ndarray]) -> np.ndarray:
-        return np.asarray(trained.model.predict_on_batch(inputs)).reshape(-1)
-
+    members = detector.fpr_ensemble
+    out = np.zeros(len(centres), dtype=np.float64)
     step = detector.config.batch_size
-    for start in range(0, len(centres), step):
-        inputs = cutter.cut_scan(cached, centres[start : start + step])
-        out[start : start + step] = (
-            tta_predict(predict, inputs) if detector.config.tta else predict(inputs)
-        )
-    return out
+    for trained in members:
+        cutter = PatchCutter(trained.plan, cache=None)
+
+        def predict(inputs: list[np.ndarray], model: Any = trained.model) -> np.ndarray:
+            return np.asarray(model.predict_on_batch(inputs)).reshape(-1)
+
+        for start in range(0, len(centres), step):
+            inputs = cutter.cut_scan(cached, centres[start : start + step])
+            out[start : start + step] += (
+                tta_predict(predict, inputs) if detector.config.tta else predict(inputs)
+            )
+    return out / max(len(members), 1)
 
 
 def score_malignancy(
@@ -294,7 +315,11 @@ def detect(
     lap("read")
     if not allow_training_scans:
         trained_on = {
-            "MGI-CNN": getattr(detector.fpr.manifest, "train_series", []) if detector.fpr else [],
+            "MGI-CNN": [
+                uid
+                for trained in detector.fpr_ensemble
+                for uid in getattr(trained.manifest, "train_series", None) or []
+            ],
             "malignancy CNN": (
                 detector.malignancy.manifest.get("train_series", []) if detector.malignancy else []
             ),

@@ -514,8 +514,6 @@ def choose_report_threshold(run: StageRun, fps_per_scan: float, out: Path) -> di
     report threshold (:func:`report_threshold`); marks on excluded findings are not counted.
     Returns the threshold and what it gives on those folds."""
     from fp_reduction_3dcnn.predict import predict as fpr_predict
-    from integration.evaluation import label_candidates
-    from lungct.tables import read_annotations, read_results
     from unet_candidates.extract import extract_paths
 
     out.mkdir(parents=True, exist_ok=True)
@@ -537,10 +535,25 @@ def choose_report_threshold(run: StageRun, fps_per_scan: float, out: Path) -> di
         tta=run.settings.tta,
         progress=run.progress,
     )
-    table = read_results(scored)
-    annotations = read_annotations(run.data / "annotations.csv")
+    return threshold_on_submission(run.data, scored, fold_uids(run.data, folds), fps_per_scan) | {
+        "folds": folds
+    }
+
+
+def threshold_on_submission(
+    data_dir: str | os.PathLike, submission: str | os.PathLike, uids: list[str], fps_per_scan: float
+) -> dict[str, Any]:
+    """The report threshold (:func:`report_threshold`) of scored marks on the scans ``uids`` of
+    ``data_dir``, by its tables (marks on excluded findings not counted); with what it gives
+    there: false positives per scan and the sensitivity at or above it."""
+    from integration.evaluation import label_candidates
+    from lungct.tables import read_annotations, read_results
+
+    data = Path(data_dir)
+    table = read_results(submission)
+    annotations = read_annotations(data / "annotations.csv")
     hit = label_candidates(annotations, table).astype(bool)
-    excluded = run.data / "annotations_excluded.csv"
+    excluded = data / "annotations_excluded.csv"
     ignored = np.zeros(len(table), dtype=bool)
     if excluded.is_file():
         ignored = (
@@ -549,11 +562,12 @@ def choose_report_threshold(run: StageRun, fps_per_scan: float, out: Path) -> di
             ).astype(bool)
             & ~hit
         )
-    uids = fold_uids(run.data, folds)
     keep = ~ignored
-    threshold = report_threshold(table.probability[keep], hit[keep], len(uids), fps_per_scan)
-    above = table.probability >= threshold
     mark_uid = np.asarray(table.uids, dtype=object)[table.series_index]
+    in_scans = np.isin(mark_uid, np.asarray(uids, dtype=object))
+    keep &= in_scans
+    threshold = report_threshold(table.probability[keep], hit[keep], len(uids), fps_per_scan)
+    above = (table.probability >= threshold) & in_scans
     found = total = 0
     for uid in uids:
         marks = table.coords[above & (mark_uid == uid)]
@@ -568,7 +582,6 @@ def choose_report_threshold(run: StageRun, fps_per_scan: float, out: Path) -> di
         "sensitivity": found / total if total else float("nan"),
         "nodules": total,
         "scans": len(uids),
-        "folds": folds,
     }
 
 
@@ -596,7 +609,7 @@ def evaluate_model_set(
     """
     from fp_reduction_3dcnn.predict import predict as fpr_predict
     from integration.evaluation import write_outputs
-    from integration.modelset import read_model_set
+    from integration.modelset import fpr_stages, read_model_set
     from integration.stages import evaluate_submission
     from lungct.cache import prepare_dataset
     from unet_candidates.extract import extract_paths
@@ -631,18 +644,23 @@ def evaluate_model_set(
         scan, problem = next(iter(summary["failed"].items()), ("?", "?"))
         raise LungCTError(data, f"candidate extraction failed on {scan}: {problem}")
     submission = candidates
-    if "fpr" in model_set.stages:
+    members = fpr_stages(model_set.stages)
+    if members:
         submission = out / "submission.csv"
-        fpr_predict(
-            model_set.root / "fpr",
-            cache_dir,
-            candidates,
-            submission,
-            tta=model_set_tta(model_set.root),
-            allow_train_folds=True,  # checked above by series UID
-            progress=progress,
-            allow_unfinished=allow_unfinished,
-        )
+        scored = [submission if len(members) == 1 else out / f"submission.{s}.csv" for s in members]
+        for stage, target in zip(members, scored, strict=True):
+            fpr_predict(
+                model_set.root / stage,
+                cache_dir,
+                candidates,
+                target,
+                tta=model_set_tta(model_set.root),
+                allow_train_folds=True,  # checked above by series UID
+                progress=progress,
+                allow_unfinished=allow_unfinished,
+            )
+        if len(members) > 1:
+            mean_submissions(scored, submission)
     series = write_series(out / "seriesuids.csv", uids)
     result = evaluate_submission(
         data, series, submission, bootstrap=bootstrap, label=label or model_set.name
@@ -650,6 +668,39 @@ def evaluate_model_set(
     write_outputs(result, out / "evaluation")
     write_json_atomic(out / "evaluation" / "by_size.json", sensitivity_by_size(result))
     return result
+
+
+def mean_submissions(paths: list[Path], out: Path) -> None:
+    """Write the mean probability of submissions that score the same marks in the same order
+    (an ensemble's members on one candidates file), atomically.
+
+    Raises:
+        LungCTError: the files do not list the same marks in the same order.
+    """
+    import csv
+
+    from lungct.tables import RESULT_COLUMNS, write_csv_atomic
+
+    tables = []
+    for path in paths:
+        with Path(path).open(newline="") as handle:
+            tables.append(list(csv.DictReader(handle)))
+    keys = ("seriesuid", "coordX", "coordY", "coordZ")
+    first = tables[0]
+    for path, table in zip(paths[1:], tables[1:], strict=True):
+        if len(table) != len(first) or any(
+            tuple(a[k] for k in keys) != tuple(b[k] for k in keys)
+            for a, b in zip(first, table, strict=True)
+        ):
+            raise LungCTError(path, f"does not score the marks of {paths[0]} in their order")
+    rows = (
+        [
+            *(first[i][k] for k in keys),
+            sum(float(t[i]["probability"]) for t in tables) / len(tables),
+        ]
+        for i in range(len(first))
+    )
+    write_csv_atomic(out, RESULT_COLUMNS, rows)
 
 
 SIZE_BANDS_MM = ((0.0, 6.0), (6.0, 10.0), (10.0, float("inf")))

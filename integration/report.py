@@ -36,6 +36,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Circle
 
+from integration.modelset import FPR_STAGE, stage_title
 from lungct.fileio import WriteError, new_figure, write_figure_atomic, write_text_atomic
 from lungct.geometry import Geometry
 from lungct.lungmask import dilate_ellipsoid, mask_box
@@ -64,11 +65,6 @@ fifth smaller)."""
 ABOVE_COLOUR = "#ff3b30"
 BELOW_COLOUR = "#ffd60a"
 
-_STAGE_NAMES = {
-    "unet": "U-Net candidates",
-    "fpr": "MGI-CNN false-positive reduction",
-    "malignancy": "malignancy CNN",
-}
 _OUTLINE = [path_effects.withStroke(linewidth=2.5, foreground="black")]
 
 
@@ -526,7 +522,7 @@ def model_set_facts(model_set: Any) -> dict[str, Any]:
         stages.append(
             {
                 "stage": stage,
-                "name": _STAGE_NAMES.get(stage, stage),
+                "name": stage_title(stage),
                 "train_minutes": round((prov.get("train_seconds") or 0.0) / 60.0, 1),
                 "steps": prov.get("steps"),
                 "cpu_count": hardware.get("cpu_count"),
@@ -551,7 +547,7 @@ def _provenance(model_set: dict | None, threshold: float, tta: bool | None) -> s
     version = f" {model_set['version']}" if model_set.get("version") else ""
     rows = [
         ("model set", f"<b>{esc(str(model_set['name']) + version)}</b>"),
-        ("stages", esc(", ".join(_STAGE_NAMES.get(s, s) for s in model_set.get("stages", [])))),
+        ("stages", esc(", ".join(stage_title(s) for s in model_set.get("stages", [])))),
     ]
     if model_set.get("description"):
         rows.append(("description", esc(model_set["description"])))
@@ -592,7 +588,16 @@ def _folder_words(path: Path) -> str:
 
 def _score_explained(model_set: dict | None, threshold: float) -> str:
     stages = (model_set or {}).get("stages") or ["unet", "fpr"]
-    if "fpr" in stages:
+    members = sum(1 for s in stages if FPR_STAGE.match(s))
+    if members > 1:
+        what = (
+            "Each mark is a candidate found by the U-Net (a blob of its voxel-wise nodule map); "
+            f"its <b>probability</b> is the mean output of {members} MGI-CNN "
+            "false-positive-reduction networks trained apart: how much the three patches "
+            "around the point, cut at three scales, look like the nodules they were trained on "
+            "rather than like the other candidates they were shown."
+        )
+    elif "fpr" in stages:
         what = (
             "Each mark is a candidate found by the U-Net (a blob of its voxel-wise nodule map); "
             "its <b>probability</b> is the output of the MGI-CNN false-positive-reduction "
