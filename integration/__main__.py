@@ -696,7 +696,8 @@ def _add_modelset(subparsers: argparse._SubParsersAction) -> None:
         help="describe a folder of trained stages as a model set for `detect --models`",
         description=(
             "Check the sealed stage folders in --models (unet/ required, fpr/ and malignancy/ "
-            "optional: each trained to its end, so its manifest holds a sha256 per file) and write "
+            "optional, fpr2/ .. fpr9/ further MGI-CNNs whose mean is the score: each trained to "
+            "its end, so its manifest holds a sha256 per file) and write "
             "modelset.json and MODEL_CARD.md (intended use, training data and time from the "
             "manifests, the measured numbers you pass with --performance)."
         ),
