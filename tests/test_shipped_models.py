@@ -20,7 +20,7 @@ LIDC_IDRI_0001 = "1.3.6.1.4.1.14519.5.2.1.6279.6001.1790493736364387050597206031
 
 def test_the_shipped_set_is_sealed_small_and_not_demo_grade() -> None:
     model_set = read_model_set(SHIPPED_MODELS)
-    assert model_set.stages == ["unet", "fpr", "malignancy"]
+    assert model_set.stages == ["unet", "fpr", "fpr2", "malignancy"]  # two MGI-CNNs, averaged
     assert not model_set.demo_grade, model_set.warning()
     for stage in model_set.stages:
         data = verify_model_dir(SHIPPED_MODELS / stage)["provenance"]["data"]
