@@ -641,16 +641,17 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "export",
-        help="export the U-Net and the MGI-CNN of a models folder (SavedModel or ONNX)",
+        help="export the networks of a models folder (SavedModel or ONNX)",
         description=(
-            "Load MODELS/unet and MODELS/fpr (Keras safe mode) and export their forward passes "
+            "Load MODELS/unet, MODELS/fpr (and an ensemble's fpr2/ ..., whose scores are to be "
+            "averaged) and MODELS/malignancy (Keras safe mode) and export their forward passes "
             "for deployment: TensorFlow SavedModel (OUT/unet/saved_model, OUT/fpr/saved_model) "
             "or ONNX (OUT/unet/model.onnx, ...; needs the tf2onnx and onnx packages). The plan "
             "JSONs are copied beside them and OUT/export_manifest.json lists every model's "
             "input and output names and shapes."
         ),
     )
-    p.add_argument("--models", required=True, help="models folder (unet/, fpr/, pipeline.json)")
+    p.add_argument("--models", required=True, help="models folder (unet/, fpr/ ..., pipeline.json)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--format", choices=FORMATS, default="saved_model", help="saved_model (default) or onnx"
@@ -804,14 +805,15 @@ def _run_evaluate_models(args: argparse.Namespace) -> int:
             )
     print(metrics_line(result.to_json()))
     if args.report_threshold is not None:
+        from integration.modelset import fpr_stages, read_model_set
         from integration.recipe import threshold_on_submission
         from integration.stages import fold_uids
         from lungct.fileio import write_json_atomic
 
         out = Path(args.out)
-        submission = out / "submission.csv"
-        if not submission.is_file():  # a set without false-positive reduction
-            submission = out / "candidates.csv"
+        stages = read_model_set(args.models or SHIPPED_MODELS).stages
+        # The file evaluate_model_set scored: the candidates of a set without an MGI-CNN.
+        submission = out / ("submission.csv" if fpr_stages(stages) else "candidates.csv")
         uids = fold_uids(Path(args.data), list(range(10)))
         operating = threshold_on_submission(args.data, submission, uids, args.report_threshold)
         write_json_atomic(out / "report_threshold.json", operating)

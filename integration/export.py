@@ -17,7 +17,8 @@ becomes::
     OUT/malignancy/...      the malignancy CNN, as the MGI-CNN (when the set has one)
     OUT/pipeline.json       copied when present
     OUT/export_manifest.json  format, versions, and every model's input / output names,
-                              shapes and dtypes
+                              shapes and dtypes (and, for an ensemble, ``fpr_ensemble``:
+                              its members, whose outputs are to be averaged)
 
 The models are read in Keras safe mode (no arbitrary code). ``saved_model`` is Keras 3's
 ``model.export(path, format="tf_saved_model")``: load it with ``tf.saved_model.load`` and call
@@ -191,6 +192,16 @@ def _served_signature(target: Path, fmt: str) -> dict[str, Any]:
     return {"inputs": describe(graph.input), "outputs": describe(graph.output)}
 
 
+def _fpr_stages(models: Path) -> list[str]:
+    """The false-positive reducers to export: those the model set lists, or, in a folder
+    without ``modelset.json``, ``fpr/`` alone."""
+    from integration.modelset import MODELSET_FILE, fpr_stages, read_model_set
+
+    if (models / MODELSET_FILE).is_file():
+        return fpr_stages(read_model_set(models).stages)
+    return ["fpr"] if (models / "fpr").is_dir() else []
+
+
 def export_models(
     models_dir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str = "saved_model"
 ) -> dict[str, Any]:
@@ -226,9 +237,7 @@ def export_models(
     exported["unet"] = _export_one(unet_model, unet_plan, out / "unet" / suffix, fmt, "U-Net")
     write_text_atomic(out / "unet" / "plan.json", (models / "unet" / "plan.json").read_text())
     exported["unet"]["plan"] = "unet/plan.json"
-    for stage in ("fpr", *(f"fpr{k}" for k in range(2, 10))):  # an ensemble's members too
-        if not (models / stage).is_dir():
-            continue
+    for stage in _fpr_stages(models):  # an ensemble's members too
         fpr_model, fpr_plan = load_fpr_model(models / stage)
         exported[stage] = _export_one(fpr_model, fpr_plan, out / stage / suffix, fmt, "MGI-CNN")
         for name in ("plan.json", "manifest.json"):
@@ -256,6 +265,9 @@ def export_models(
         "versions": _versions(fmt),
         "models": exported,
     }
+    members = _fpr_stages(models)
+    if len(members) > 1:
+        manifest["fpr_ensemble"] = {"members": members, "combine": "mean"}
     write_json_atomic(out / "export_manifest.json", manifest)
     return manifest
 

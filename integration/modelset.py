@@ -39,7 +39,7 @@ MODELSET_FORMAT = 1
 DETECTOR_STAGES = ("unet", "fpr", "malignancy")
 """Stages the detector can run, in order; ``unet`` is required, ``fpr`` rescoring and
 ``malignancy`` scoring of the reported marks optional."""
-FPR_STAGE = re.compile(r"^fpr([2-9])?$")
+FPR_STAGE = re.compile(r"fpr([2-9])?\Z")
 """Names of false-positive-reduction stages: ``fpr`` and the ensemble's further members
 ``fpr2`` .. ``fpr9`` (each a folder of its own; the scores are their mean)."""
 SHIPPED_MODELS = Path(__file__).resolve().parent / "shipped_models"
@@ -231,6 +231,9 @@ def write_model_set(
         LungCTError: no ``unet/``, or a stage whose seal does not hold.
     """
     root = Path(models_dir)
+    stray = sorted(p.name for p in root.glob("fpr*") if p.is_dir() and not FPR_STAGE.match(p.name))
+    if stray:
+        raise LungCTError(root / stray[0], "not a stage name: fpr/ and fpr2/ .. fpr9/ are")
     names = [*DETECTOR_STAGES, *(f"fpr{k}" for k in range(2, 10))]
     stages = _stage_order([s for s in names if (root / s).is_dir()])
     if fpr_stages(stages) and "fpr" not in stages:

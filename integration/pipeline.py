@@ -219,6 +219,8 @@ def score_candidates(detector: Detector, cached: CachedScan, centres: np.ndarray
     from fp_reduction_3dcnn.symmetries import tta_predict
 
     members = detector.fpr_ensemble
+    if not members:
+        raise LungCTError(detector.models_dir, "this model set has no MGI-CNN stage to score with")
     out = np.zeros(len(centres), dtype=np.float64)
     step = detector.config.batch_size
     for trained in members:
@@ -232,7 +234,7 @@ def score_candidates(detector: Detector, cached: CachedScan, centres: np.ndarray
             out[start : start + step] += (
                 tta_predict(predict, inputs) if detector.config.tta else predict(inputs)
             )
-    return out / max(len(members), 1)
+    return out / len(members)
 
 
 def score_malignancy(

@@ -18,6 +18,7 @@ from integration.__main__ import main as integration_main
 from integration.modelset import read_model_set, write_model_set
 from integration.pipeline import Detector, PipelineConfig, detect, score_candidates, to_cache_grid
 from integration.recipe import evaluate_model_set, mean_submissions, threshold_on_submission
+from integration.stages import fold_uids
 from lungct.cache import prepare_dataset
 from lungct.errors import LungCTError
 from lungct.io import read_scan, write_scan
@@ -29,8 +30,9 @@ from unet_candidates.train import train as train_unet
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-def _mgi(folder: Path, seed: int) -> Path:
-    """A hand-made, sealed MGI-CNN folder whose weights depend on ``seed``."""
+def _mgi(folder: Path, seed: int, trained_on: str = "1.2.3.0.0") -> Path:
+    """A hand-made, sealed MGI-CNN folder whose weights depend on ``seed``, its manifest naming
+    ``trained_on`` as its training series."""
     import keras
 
     from fp_reduction_3dcnn.model import MGICNN
@@ -42,7 +44,7 @@ def _mgi(folder: Path, seed: int) -> Path:
     keras.utils.set_random_seed(seed)
     MGICNN.from_plan(plan).save(folder / "model.keras")
     plan.save(folder / "plan.json")
-    FoldManifest([0], [1], [], ["1.2.3.0.0"], ["1.2.3.1.0"]).save(folder)
+    FoldManifest([0], [1], [], [trained_on], ["1.2.3.1.0"]).save(folder)
     seal_hand_made_model(folder, "fpr")
     return folder
 
@@ -68,7 +70,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     unet = root / "unet"
     plan = tiny_plan("2d", epochs=1, threshold=1e-3, max_candidates=20)  # candidates to score
     train_unet(plan, data, cache, [0], [1], unet, progress=False)
-    a, b = _mgi(root / "mgi_a", 1), _mgi(root / "mgi_b", 2)
+    a, b = _mgi(root / "mgi_a", 1), _mgi(root / "mgi_b", 2, trained_on="1.2.3.7.7")
     scan, _ = phantom_chest(seriesuid="9.9.9", seed=3)
     write_scan(scan, root / "scan.mhd")
     held_out = root / "held_out"  # fold 2 alone: no model of the sets saw it
@@ -140,7 +142,11 @@ def test_evaluate_models_averages_the_members_and_chooses_a_threshold(world, tmp
     np.testing.assert_allclose(mean, (np.asarray(results["a"]) + results["b"]) / 2, atol=1e-6)
     assert (tmp_path / "ab" / "submission.fpr2.csv").is_file()
     operating = json.loads((tmp_path / "ab" / "report_threshold.json").read_text())
+    uids = fold_uids(world["held_out"], list(range(10)))
     assert operating["scans"] == 1 and operating["threshold"] >= 0.5
+    assert operating == threshold_on_submission(
+        world["held_out"], tmp_path / "ab" / "submission.csv", uids, 1.0
+    )  # chosen on the mean, not on a member's scores
     assert "report threshold" in capsys.readouterr().out
 
 
@@ -168,6 +174,36 @@ def test_a_changed_member_or_a_member_without_fpr_is_refused(world, tmp_path):
     (lonely / "modelset.json").write_text(json.dumps({**info, "stages": ["unet", "fpr10"]}))
     with pytest.raises(LungCTError, match="unknown stages"):
         read_model_set(lonely)
+
+
+def test_a_scan_a_member_trained_on_is_refused_and_a_stray_folder_too(world, tmp_path):
+    trained = tmp_path / "trained"
+    shutil.copytree(world["ab"], trained)
+    manifest = json.loads((trained / "fpr2" / "manifest.json").read_text())
+    assert manifest["train_series"] == ["1.2.3.7.7"]  # fpr/'s is another
+    scan, _ = phantom_chest(seriesuid="1.2.3.7.7", seed=3)  # fpr2's training series
+    write_scan(scan, tmp_path / "1.2.3.7.7.mhd")  # a MetaImage is named by its series
+    with pytest.raises(LungCTError, match="MGI-CNN's training set"):
+        detect(tmp_path / "1.2.3.7.7.mhd", Detector.load(trained), tmp_path / "out", log=print)
+    assert not (tmp_path / "out").exists()
+
+    shutil.copytree(trained / "fpr2", trained / "fpr10")
+    with pytest.raises(LungCTError, match="not a stage name"):
+        write_model_set(trained, name="stray")
+
+    bare = Detector.load(world["ab"])
+    bare.fpr, bare.fpr_members = None, []
+    with pytest.raises(LungCTError, match="no MGI-CNN stage"):
+        score_candidates(bare, to_cache_grid(read_scan(world["scan"])), np.zeros((1, 3)))
+
+
+def test_export_names_the_members(world, tmp_path):
+    from integration.export import export_models
+
+    manifest = export_models(world["ab"], tmp_path / "exported")
+    assert manifest["fpr_ensemble"] == {"members": ["fpr", "fpr2"], "combine": "mean"}
+    assert (tmp_path / "exported" / "fpr2" / "saved_model").is_dir()
+    assert "fpr_ensemble" not in export_models(world["a"], tmp_path / "single")
 
 
 def test_mean_submissions_is_exact_and_refuses_other_marks(tmp_path):
