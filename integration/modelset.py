@@ -231,7 +231,11 @@ def write_model_set(
         LungCTError: no ``unet/``, or a stage whose seal does not hold.
     """
     root = Path(models_dir)
-    stray = sorted(p.name for p in root.glob("fpr*") if p.is_dir() and not FPR_STAGE.match(p.name))
+    stray = sorted(  # a member that would be left out: fpr0/, fpr1/, fpr10/ ...
+        p.name
+        for p in root.glob("fpr*")
+        if p.is_dir() and re.fullmatch(r"fpr\d+", p.name) and not FPR_STAGE.match(p.name)
+    )
     if stray:
         raise LungCTError(root / stray[0], "not a stage name: fpr/ and fpr2/ .. fpr9/ are")
     names = [*DETECTOR_STAGES, *(f"fpr{k}" for k in range(2, 10))]
