@@ -237,7 +237,8 @@ def export_models(
     exported["unet"] = _export_one(unet_model, unet_plan, out / "unet" / suffix, fmt, "U-Net")
     write_text_atomic(out / "unet" / "plan.json", (models / "unet" / "plan.json").read_text())
     exported["unet"]["plan"] = "unet/plan.json"
-    for stage in _fpr_stages(models):  # an ensemble's members too
+    members = _fpr_stages(models)
+    for stage in members:  # an ensemble's members too
         fpr_model, fpr_plan = load_fpr_model(models / stage)
         exported[stage] = _export_one(fpr_model, fpr_plan, out / stage / suffix, fmt, "MGI-CNN")
         for name in ("plan.json", "manifest.json"):
@@ -265,7 +266,6 @@ def export_models(
         "versions": _versions(fmt),
         "models": exported,
     }
-    members = _fpr_stages(models)
     if len(members) > 1:
         manifest["fpr_ensemble"] = {"members": members, "combine": "mean"}
     write_json_atomic(out / "export_manifest.json", manifest)
