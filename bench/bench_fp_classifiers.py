@@ -4,6 +4,7 @@ Usage::
 
     python bench/bench_fp_classifiers.py [--repeats 3] [--plans default,resnet3d,cnn3d]
     python bench/bench_fp_classifiers.py --out fp_classifiers.json
+    python bench/bench_fp_classifiers.py --scan SCAN.mhd   # another real scan (default below)
 
 For each plan, in one process, with its network built and compiled as ``train`` builds it:
 
@@ -38,6 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CANDIDATES = 1000
 PREDICT_BATCH = 250
+REAL_MHD = (
+    Path(__file__).resolve().parents[2]
+    / "shared/data/real/mhd/1.3.6.1.4.1.14519.5.2.1.6279.6001.619372068417051974713149104919.mhd"
+)
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -70,8 +75,44 @@ def _fake_cache(root: Path) -> tuple[list[str], tuple]:
     return uids, (np.asarray(lo), np.asarray(hi))
 
 
-def bench_plan(name: str, cache_dir: Path, candidates: Path, repeats: int) -> dict:
-    """The four figures of one plan's network."""
+class RealScan:
+    """One real scan resampled as ``detect`` resamples it, with the shipped U-Net's candidates."""
+
+    def __init__(self, path: Path) -> None:
+        import numpy as np
+
+        from integration.pipeline import Detector, to_cache_grid
+        from lungct.io import read_scan
+        from unet_candidates import extract_candidates
+
+        detector = Detector.load()
+        self.path = path
+        self.batch_size = int(detector.config.batch_size)
+        self.cached = to_cache_grid(read_scan(path))
+        found = extract_candidates(self.cached, detector.unet_model, detector.unet_plan)
+        self.centres = np.asarray([[c.coordX, c.coordY, c.coordZ] for c in found], dtype=np.float64)
+
+
+def scan_score_seconds(model, plan, scan: RealScan, repeats: int) -> float:
+    """Median seconds to score every candidate of ``scan`` as ``detect`` does."""
+    import numpy as np
+
+    from fp_reduction_3dcnn.data import PatchCutter
+
+    cutter = PatchCutter(plan, cache=None)
+
+    def score() -> None:
+        for start in range(0, len(scan.centres), scan.batch_size):
+            inputs = cutter.cut_scan(scan.cached, scan.centres[start : start + scan.batch_size])
+            np.asarray(model.predict_on_batch(inputs))
+
+    return _median_seconds(score, repeats)
+
+
+def bench_plan(
+    name: str, cache_dir: Path, candidates: Path, repeats: int, scan: RealScan | None = None
+) -> dict:
+    """The figures of one plan's network."""
     import numpy as np
 
     from fp_reduction_3dcnn.config import get_plan
@@ -110,7 +151,7 @@ def bench_plan(name: str, cache_dir: Path, candidates: Path, repeats: int) -> di
         lambda: score_rows(trained, cutter, table, rows, batch_size=PREDICT_BATCH, progress=False),
         repeats,
     )
-    return {
+    figures = {
         "plan": name,
         "network": plan.network,
         "params": int(model.count_params()),
@@ -121,6 +162,9 @@ def bench_plan(name: str, cache_dir: Path, candidates: Path, repeats: int) -> di
         "predict_s_per_1000": round(predict_s * 1000 / CANDIDATES, 3),
         "score_s_per_1000": round(score_s * 1000 / len(table), 3),
     }
+    if scan is not None:
+        figures["scan_score_s"] = round(scan_score_seconds(model, plan, scan, repeats), 3)
+    return figures
 
 
 def with_ratios(results: list[dict]) -> list[dict]:
@@ -136,7 +180,9 @@ def with_ratios(results: list[dict]) -> list[dict]:
                 "sampler_samples_per_s",
                 "predict_s_per_1000",
                 "score_s_per_1000",
+                "scan_score_s",
             )
+            if k in r and k in base
         }
         out.append({**r, **ratios})
     return out
@@ -149,6 +195,9 @@ def main() -> int:
         "--plans", default="default,resnet3d,cnn3d", help="plans to compare; the first is the base"
     )
     parser.add_argument("--out", help="also write the results as JSON here")
+    parser.add_argument(
+        "--scan", type=Path, default=REAL_MHD, help="real scan for scan_score_s (LIDC-IDRI-0002)"
+    )
     args = parser.parse_args()
 
     import keras
@@ -163,6 +212,18 @@ def main() -> int:
         "repeats": args.repeats,
         "candidates": CANDIDATES,
     }
+    scan = None
+    if args.scan.exists():
+        from lungct.errors import LungCTError
+
+        try:
+            scan = RealScan(args.scan)
+        except LungCTError as exc:
+            print(f"scan_score_s skipped: {exc}", file=sys.stderr)
+        else:
+            header.update(scan=args.scan.name, scan_candidates=len(scan.centres))
+    else:
+        print(f"scan_score_s skipped: {args.scan} not found", file=sys.stderr)
     print(json.dumps(header), flush=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_fpc_") as tmp:
@@ -171,29 +232,26 @@ def main() -> int:
         candidates = root / "candidates.csv"
         write_large_candidates(candidates, uids, CANDIDATES, box, positive_fraction=0.05)
         for name in plans:
-            results.append(bench_plan(name, root / "cache", candidates, args.repeats))
+            results.append(bench_plan(name, root / "cache", candidates, args.repeats, scan))
             print(json.dumps(results[-1]), flush=True)
     results = with_ratios(results)
+    keys = ["train_samples_per_s", "sampler_samples_per_s", "predict_s_per_1000"]
+    keys += ["score_s_per_1000"] + (["scan_score_s"] if scan is not None else [])
     print()
     print(
         f"{'plan':<10} {'network':<9} {'params':>10} {'train/s':>8} {'sampler/s':>9} "
-        f"{'pred s/1k':>9} {'score s/1k':>10}   ratios to {plans[0]} (train, sampler, pred, score)"
+        f"{'pred s/1k':>9} {'score s/1k':>10}"
+        + (f" {'scan s':>7}" if scan is not None else "")
+        + f"   ratios to {plans[0]} ({', '.join(keys)})"
     )
     for r in results:
-        ratio = [
-            r[f"{k}_vs_{plans[0]}"]
-            for k in (
-                "train_samples_per_s",
-                "sampler_samples_per_s",
-                "predict_s_per_1000",
-                "score_s_per_1000",
-            )
-        ]
         print(
             f"{r['plan']:<10} {r['network']:<9} {r['params']:>10,} "
             f"{r['train_samples_per_s']:>8} {r['sampler_samples_per_s']:>9} "
-            f"{r['predict_s_per_1000']:>9} {r['score_s_per_1000']:>10}   "
-            + ", ".join(f"{v:g}" for v in ratio)
+            f"{r['predict_s_per_1000']:>9} {r['score_s_per_1000']:>10}"
+            + (f" {r['scan_score_s']:>7}" if scan is not None else "")
+            + "   "
+            + ", ".join(f"{r[f'{k}_vs_{plans[0]}']:g}" for k in keys)
         )
     if args.out:
         Path(args.out).write_text(json.dumps({**header, "results": results}, indent=2) + "\n")
