@@ -598,7 +598,9 @@ def _add_ablate(subparsers: argparse._SubParsersAction) -> None:
         "--grid",
         default="default",
         help="grid JSON, or a grid shipped in integration/data: default (every ablation, the "
-        "default) or quick (5 configs, ~10 min on the 20-scan synthetic set)",
+        "default), quick (5 configs, ~10 min on the 20-scan synthetic set) or rank (every "
+        "ablation, each training a fixed number of epochs: the ranking run of the docs' "
+        "results, hours per seed on 2 CPU cores)",
     )
     p.add_argument("--cache", help="per-scan cache (default OUT/cache; prepared when missing)")
     p.add_argument("--configs", help="run only these configs (comma-separated names)")
@@ -616,7 +618,7 @@ def _add_ablate(subparsers: argparse._SubParsersAction) -> None:
         type=positive_int,
         default=None,
         help="train every config with random seeds 0 .. N-1 and report the spread over them "
-        "(default: the grid's 'seeds': 3 in the default grid, 1 in quick)",
+        "(default: the grid's 'seeds': 3 in default and rank, 1 in quick)",
     )
     p.add_argument(
         "--workers", type=positive_int, default=2, help="processes for cache preparation (2)"

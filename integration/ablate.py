@@ -17,7 +17,10 @@ false-positive reducers on the same candidates (``"fpr_plan": "resnet3d"``, a 3-
 changed); the 2-D and the 3-D U-Net, and the CenterNet heatmap detector in their place
 (``"candidates": "centernet"``); the U-Net alone (no false-positive reduction); with /
 without test-time augmentation. A second shipped grid, ``quick`` (``--grid quick``), runs five
-of them with short budgets.
+of them with short budgets. The third, ``rank``, runs the default grid's configs (and the 3-D
+U-Net with the 2-D preset's hard-negative loss) with every training limited by its epochs
+(steps for CT-GAN) instead of minutes, the minute budgets only caps: a run stopped and resumed
+then trains exactly as much as one that was not, which a ranking over several sittings needs.
 
 All configs use the same folds (default: train 0-6, validate 7, test 8-9, as the demo), and
 trained stages are shared, each keyed by the settings that shape it:
@@ -84,7 +87,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
 def default_grid_path(name: str = "default") -> Path:
-    """A grid shipped with the package: ``default`` (every ablation) or ``quick`` (5 configs)."""
+    """A grid shipped with the package: ``default`` (every ablation), ``quick`` (5 configs) or
+    ``rank`` (every ablation, each training a fixed number of epochs)."""
     return Path(str(resources.files("integration") / "data" / f"{name}_grid.json"))
 
 
@@ -109,7 +113,7 @@ class Grid:
 
 def load_grid(path: str | os.PathLike | None = None) -> Grid:
     """Read and check a grid file: a path, or the name of a shipped grid (``default`` when
-    ``None``; ``quick``).
+    ``None``; ``quick``, ``rank``).
 
     Raises:
         LungCTError: unreadable JSON, unknown keys, bad values, bad config names, no configs.

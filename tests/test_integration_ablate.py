@@ -342,7 +342,24 @@ def test_shipped_grids_are_package_data() -> None:
 
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert "data/*.json" in pyproject["tool"]["setuptools"]["package-data"]["integration"]
-    for name in ("default", "quick"):
+    for name in ("default", "quick", "rank"):
         assert default_grid_path(name).is_file()
     quick = load_grid("quick")
     assert len(quick.configs) >= 4 and quick.source == str(default_grid_path("quick"))
+
+
+def test_rank_grid_trains_by_epochs_within_its_caps() -> None:
+    """The ranking grid covers the default grid's configs, and each of its trainings is set
+    by epochs (steps) with a minute cap, so a resumed run trains as much as an unbroken one."""
+    rank, default = load_grid("rank"), load_grid("default")
+    assert {c.name for c in default.configs} <= {c.name for c in rank.configs}
+    assert rank.seeds == 3
+    for config in rank.configs:
+        s = config.settings
+        plan = s.candidate_plan()
+        assert plan.epochs < 100 and s.candidate_minutes >= 30, config.name
+        if s.fpr:
+            assert s.fpr_plan_resolved().epochs == 20 and s.fpr_minutes >= 30, config.name
+            assert s.fpr_plan_resolved().steps_per_epoch > 0, config.name
+        if s.fpr and s.gan:
+            assert s.gan_plan_resolved().steps == 1500 and s.gan_minutes >= 30, config.name
