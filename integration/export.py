@@ -18,7 +18,9 @@ becomes::
     OUT/pipeline.json       copied when present
     OUT/export_manifest.json  format, versions, and every model's input / output names,
                               shapes and dtypes (and, for an ensemble, ``fpr_ensemble``:
-                              its members, whose outputs are to be averaged)
+                              its members, whose outputs are to be averaged; for a set
+                              whose ``pipeline.json`` has a ``candidate_weight``, ``score``:
+                              how the U-Net's probability is mixed with theirs)
 
 The models are read in Keras safe mode (no arbitrary code). ``saved_model`` is Keras 3's
 ``model.export(path, format="tf_saved_model")``: load it with ``tf.saved_model.load`` and call
@@ -268,6 +270,16 @@ def export_models(
     }
     if len(members) > 1:
         manifest["fpr_ensemble"] = {"members": members, "combine": "mean"}
+    if members and (models / "pipeline.json").is_file():
+        from integration.pipeline import PipelineConfig
+
+        weight = PipelineConfig.load(models).candidate_weight
+        if weight > 0:
+            manifest["score"] = {
+                "candidate_weight": weight,
+                "rule": "candidate_weight * U-Net probability + (1 - candidate_weight) * "
+                "mean probability of the false-positive reducers",
+            }
     write_json_atomic(out / "export_manifest.json", manifest)
     return manifest
 

@@ -342,12 +342,20 @@ def _threshold_lines(root: Path, note: str) -> list[str]:
 
     if not (root / "pipeline.json").is_file():
         return []
-    threshold = PipelineConfig.load(root).threshold
+    config = PipelineConfig.load(root)
     text = (
-        f"Report threshold {threshold:.3f} (`pipeline.json`): `detect` reports the marks that "
-        "score at or above it as findings and lists the others below them."
+        f"Report threshold {config.threshold:.3f} (`pipeline.json`): `detect` reports the marks "
+        "that score at or above it as findings and lists the others below them."
     )
-    return [text + (f" {note.strip()}" if note.strip() else ""), ""]
+    lines = [text + (f" {note.strip()}" if note.strip() else ""), ""]
+    if config.candidate_weight > 0:
+        w = config.candidate_weight
+        lines[:0] = [
+            f"A mark's score (`candidate_weight` {w:g} in `pipeline.json`): {w:g} times the "
+            f"U-Net's own probability plus {1 - w:g} times the false-positive reduction's.",
+            "",
+        ]
+    return lines
 
 
 def model_card(

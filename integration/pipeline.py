@@ -63,12 +63,20 @@ class PipelineConfig(JSONPlan):
     threshold: float = 0.5
     tta: bool = False
     batch_size: int = 256
+    candidate_weight: float = 0.0
+    """The share of the candidate network's own probability in a mark's score, for a set with
+    false-positive reducers: ``candidate_weight * p(U-Net) + (1 - candidate_weight) *
+    mean p(MGI-CNNs)``. 0 scores by the MGI-CNNs alone; without an MGI-CNN the U-Net's
+    probability is the score whatever this says."""
 
     def __post_init__(self) -> None:
         # A string threshold ("0.5") would otherwise fail deep inside the detector.
         t, b = self.threshold, self.batch_size
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
             raise ValueError(f"threshold must be a number in [0, 1], got {t!r}")
+        w = self.candidate_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w <= 1.0:
+            raise ValueError(f"candidate_weight must be a number in [0, 1], got {w!r}")
         if not isinstance(self.tta, bool):
             raise ValueError(f"tta must be true or false, got {self.tta!r}")
         if isinstance(b, bool) or not isinstance(b, int) or b < 1:
@@ -212,15 +220,33 @@ def to_cache_grid(scan: Scan, plan: PreprocessPlan | None = None) -> CachedScan:
     return CachedScan(scan.seriesuid, volume, lung, geometry, meta)
 
 
-def score_candidates(detector: Detector, cached: CachedScan, centres: np.ndarray) -> np.ndarray:
-    """MGI-CNN probabilities of world points of one scan (TTA if the config says so); with an
-    ensemble (``fpr2/`` ...), the mean of every member's."""
+def score_candidates(
+    detector: Detector,
+    cached: CachedScan,
+    centres: np.ndarray,
+    candidate_probability: np.ndarray | None = None,
+) -> np.ndarray:
+    """The detector's scores of world points of one scan: MGI-CNN probabilities (TTA if the
+    config says so); with an ensemble (``fpr2/`` ...), the mean of every member's; mixed with
+    ``candidate_probability`` (the U-Net's, one per point) by the config's
+    ``candidate_weight`` (:func:`fuse_scores`).
+
+    Raises:
+        LungCTError: a set without an MGI-CNN; a set whose ``candidate_weight`` is above 0
+            called without ``candidate_probability``.
+    """
     from fp_reduction_3dcnn.data import PatchCutter
     from fp_reduction_3dcnn.symmetries import tta_predict
 
     members = detector.fpr_ensemble
     if not members:
         raise LungCTError(detector.models_dir, "this model set has no MGI-CNN stage to score with")
+    if detector.config.candidate_weight > 0 and candidate_probability is None:
+        raise LungCTError(
+            detector.models_dir,
+            f"this model set's score mixes in the U-Net's probability (candidate_weight "
+            f"{detector.config.candidate_weight:g} in pipeline.json): pass candidate_probability",
+        )
     out = np.zeros(len(centres), dtype=np.float64)
     step = detector.config.batch_size
     for trained in members:
@@ -234,7 +260,23 @@ def score_candidates(detector: Detector, cached: CachedScan, centres: np.ndarray
             out[start : start + step] += (
                 tta_predict(predict, inputs) if detector.config.tta else predict(inputs)
             )
-    return out / len(members)
+    return fuse_scores(detector.config, candidate_probability, out / len(members))
+
+
+def fuse_scores(
+    config: PipelineConfig, candidate_probability: np.ndarray | None, fpr_probability: np.ndarray
+) -> np.ndarray:
+    """A mark's score from the U-Net's probability and the MGI-CNNs' mean probability:
+    ``w * candidate + (1 - w) * fpr`` with ``w = config.candidate_weight`` (the MGI-CNNs' alone
+    when it is 0)."""
+    w = float(config.candidate_weight)
+    if w == 0.0:
+        return np.asarray(fpr_probability, dtype=np.float64)
+    if candidate_probability is None or len(candidate_probability) != len(fpr_probability):
+        raise ValueError("candidate_probability must give one probability per scored point")
+    return w * np.asarray(candidate_probability, dtype=np.float64) + (1.0 - w) * np.asarray(
+        fpr_probability, dtype=np.float64
+    )
 
 
 def score_malignancy(
@@ -339,7 +381,8 @@ def detect(
     lap(f"U-Net candidates ({len(candidates)})")
     centres = np.asarray([[c.coordX, c.coordY, c.coordZ] for c in candidates], dtype=np.float64)
     if detector.fpr is not None and len(centres):
-        probs = score_candidates(detector, cached, centres)
+        own = np.asarray([c.probability for c in candidates], dtype=np.float64)
+        probs = score_candidates(detector, cached, centres, own)
         lap("MGI-CNN scores")
     else:
         probs = np.asarray([c.probability for c in candidates], dtype=np.float64)
@@ -373,6 +416,7 @@ def detect(
                 tta=detector.config.tta if detector.fpr is not None else None,
                 view3d=view3d,
                 patient=patient,
+                candidate_weight=detector.config.candidate_weight,
             )
             lap("report")
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

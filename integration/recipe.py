@@ -646,8 +646,12 @@ def evaluate_model_set(
     submission = candidates
     members = fpr_stages(model_set.stages)
     if members:
+        from integration.pipeline import PipelineConfig
+
         submission = out / "submission.csv"
-        scored = [submission if len(members) == 1 else out / f"submission.{s}.csv" for s in members]
+        weight = float(PipelineConfig.load(model_set.root).candidate_weight)
+        direct = len(members) == 1 and weight == 0.0  # the one member's file is the score
+        scored = [submission if direct else out / f"submission.{s}.csv" for s in members]
         for stage, target in zip(members, scored, strict=True):
             fpr_predict(
                 model_set.root / stage,
@@ -659,8 +663,13 @@ def evaluate_model_set(
                 progress=progress,
                 allow_unfinished=allow_unfinished,
             )
-        if len(members) > 1:
-            mean_submissions(scored, submission)
+        if not direct:  # the detector's score (integration.pipeline.fuse_scores)
+            share = (1.0 - weight) / len(members)
+            weighted_submissions(
+                [candidates, *scored] if weight else scored,
+                [weight, *[share] * len(members)] if weight else [share] * len(members),
+                submission,
+            )
     series = write_series(out / "seriesuids.csv", uids)
     result = evaluate_submission(
         data, series, submission, bootstrap=bootstrap, label=label or model_set.name
@@ -673,6 +682,17 @@ def evaluate_model_set(
 def mean_submissions(paths: list[Path], out: Path) -> None:
     """Write the mean probability of submissions that score the same marks in the same order
     (an ensemble's members on one candidates file), atomically.
+
+    Raises:
+        LungCTError: the files do not list the same marks in the same order.
+    """
+    weighted_submissions(paths, [1.0 / len(paths)] * len(paths), out)
+
+
+def weighted_submissions(paths: list[Path], weights: list[float], out: Path) -> None:
+    """Write the weighted sum of the probabilities of submissions (or candidates files) that
+    score the same marks in the same order, atomically: an ensemble's mean, or the U-Net's
+    probability mixed with the MGI-CNNs' by a set's ``candidate_weight``.
 
     Raises:
         LungCTError: the files do not list the same marks in the same order.
@@ -696,7 +716,7 @@ def mean_submissions(paths: list[Path], out: Path) -> None:
     rows = (
         [
             *(first[i][k] for k in keys),
-            sum(float(t[i]["probability"]) for t in tables) / len(tables),
+            sum(w * float(t[i]["probability"]) for w, t in zip(weights, tables, strict=True)),
         ]
         for i in range(len(first))
     )

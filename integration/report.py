@@ -586,31 +586,39 @@ def _folder_words(path: Path) -> str:
     return f"<code>{html.escape(str(path))}</code>"
 
 
-def _score_explained(model_set: dict | None, threshold: float) -> str:
+def _score_explained(
+    model_set: dict | None, threshold: float, candidate_weight: float = 0.0
+) -> str:
     stages = (model_set or {}).get("stages") or ["unet", "fpr"]
     members = sum(1 for s in stages if FPR_STAGE.match(s))
+    found = "Each mark is a candidate found by the U-Net (a blob of its voxel-wise nodule map); "
+    patches = (
+        "how much the three patches around the point, cut at three scales, look like the "
+        "nodules {they} trained on rather than like the other candidates {they} shown"
+    )
     if members > 1:
-        what = (
-            "Each mark is a candidate found by the U-Net (a blob of its voxel-wise nodule map); "
-            f"its <b>probability</b> is the mean output of {members} MGI-CNN "
-            "false-positive-reduction networks trained apart: how much the three patches "
-            "around the point, cut at three scales, look like the nodules they were trained on "
-            "rather than like the other candidates they were shown."
+        network = (
+            f"the mean output of {members} MGI-CNN false-positive-reduction networks trained "
+            f"apart: {patches.format(they='they were')}"
         )
-    elif "fpr" in stages:
+    elif members:
+        network = (
+            "the output of the MGI-CNN false-positive-reduction network for that candidate: "
+            + patches.format(they="it was")
+        )
+    if not members:
         what = (
-            "Each mark is a candidate found by the U-Net (a blob of its voxel-wise nodule map); "
-            "its <b>probability</b> is the output of the MGI-CNN false-positive-reduction "
-            "network for that candidate: how much the three patches around the point, cut at "
-            "three scales, look like the nodules it was trained on rather than like the other "
-            "candidates it was shown."
+            found + "this model set has no MGI-CNN stage, so its <b>probability</b> is the "
+            "U-Net's (smoothed) peak nodule probability in the blob."
+        )
+    elif candidate_weight > 0:
+        what = (
+            found + f"its <b>probability</b> is {candidate_weight:g} times the U-Net's own "
+            f"(smoothed) peak probability in the blob plus {1 - candidate_weight:g} times "
+            f"{network}."
         )
     else:
-        what = (
-            "Each mark is a candidate found by the U-Net (a blob of its voxel-wise nodule map); "
-            "this model set has no MGI-CNN stage, so its <b>probability</b> is the U-Net's "
-            "(smoothed) peak nodule probability in the blob."
-        )
+        what = found + f"its <b>probability</b> is {network}."
     data = " (see Models below)" if model_set else ""
     return (
         f'<p class="explain">{what} The scan-level suspicion is the highest of these. '
@@ -743,6 +751,7 @@ def write_report(
     tta: bool | None = None,
     view3d: bool = False,
     patient: dict | None = None,
+    candidate_weight: float = 0.0,
 ) -> Path:
     """Write ``report.html`` and its figures into ``out_dir``; return the page's path.
 
@@ -758,6 +767,8 @@ def write_report(
     the lungs in 3-D with the marks (:mod:`integration.view3d`; needs ``lung`` on a
     world-aligned grid). ``patient`` (:func:`integration.pipeline.patient_summary`) adds the
     patient-level malignancy score; marks with a ``malignancy`` get it in the table.
+    ``candidate_weight`` is the set's share of the U-Net's probability in the score
+    (:class:`integration.pipeline.PipelineConfig`), which the page explains.
 
     Raises:
         ValueError: a lung mask whose shape does not fit its grid.
@@ -847,7 +858,7 @@ def write_report(
 <p class="score">Scan-level suspicion (most probable mark): <b>{suspicion_score(detections):.3f}</b></p>
 <p>{len(marks)} marks; <b>{n_above}</b> at or above the report threshold {threshold:g}.</p>
 {_patient_section(patient)}<h2>What the score is</h2>
-{_score_explained(model_set, threshold)}<h2>Models</h2>
+{_score_explained(model_set, threshold, candidate_weight)}<h2>Models</h2>
 {_provenance(model_set, threshold, tta)}<h2>Overview</h2>
 <figure><img src="overview.png" alt="maximum-intensity projections with the numbered marks">
 <figcaption>{overview_caption} Letters: R/L right/left, A/P anterior/posterior, S/I

@@ -241,3 +241,90 @@ def test_the_threshold_counts_only_the_named_scans_and_skips_excluded_findings(t
     none = threshold_on_submission(tmp_path, tmp_path / "s.csv", ["1.1"], 0.5)
     assert none["threshold"] == pytest.approx(np.nextafter(0.8, 1.0))
     assert none["sensitivity"] == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# The U-Net's probability mixed into the score (pipeline.json candidate_weight)
+# ----------------------------------------------------------------------------------------------
+
+
+def _weighted(source: Path, root: Path, weight: float) -> Path:
+    shutil.copytree(source, root)
+    PipelineConfig(threshold=0.5, candidate_weight=weight).save(root)
+    write_model_set(root, name=root.name, version="0")
+    return root
+
+
+def _probabilities(path: Path) -> dict[tuple[str, str, str], float]:
+    with path.open() as handle:
+        return {
+            (r["coordX"], r["coordY"], r["coordZ"]): float(r["probability"])
+            for r in csv.DictReader(handle)
+        }
+
+
+def test_candidate_weight_mixes_the_unet_probability_into_detect(world, tmp_path):
+    fused = _weighted(world["ab"], tmp_path / "fused", 0.25)
+    alone = tmp_path / "unet_alone"  # the same U-Net without false-positive reducers
+    shutil.copytree(world["ab"], alone, ignore=shutil.ignore_patterns("fpr*"))
+    write_model_set(alone, name="unet_alone", version="0")
+    out = {}
+    for key, models in (("fused", fused), ("ab", world["ab"]), ("unet", alone)):
+        detect(world["scan"], Detector.load(models), tmp_path / key, log=lambda _: None)
+        out[key] = _probabilities(tmp_path / key / "detections.csv")
+    assert out["fused"] and out["fused"].keys() == out["ab"].keys() == out["unet"].keys()
+    assert any(abs(out["unet"][m] - out["ab"][m]) > 1e-3 for m in out["ab"])  # they differ
+    for mark, p in out["fused"].items():
+        assert p == pytest.approx(0.25 * out["unet"][mark] + 0.75 * out["ab"][mark], abs=1e-6)
+    page = (tmp_path / "fused" / "report.html").read_text()
+    assert "0.25 times the U-Net's own" in page and "0.75 times the mean output of 2" in page
+
+    cached = to_cache_grid(read_scan(world["scan"]))
+    with pytest.raises(LungCTError, match="pass candidate_probability"):
+        score_candidates(Detector.load(fused), cached, np.zeros((1, 3)))
+
+
+def test_candidate_weight_in_evaluate_models_and_export(world, tmp_path):
+    from integration.export import export_models
+
+    for key, weight in (("ab", 0.5), ("a", 0.3)):
+        models = _weighted(world[key], tmp_path / f"set_{key}", weight)
+        out = tmp_path / f"eval_{key}"
+        evaluate_model_set(
+            models, world["held_out"], tmp_path / "cache", out, bootstrap=0, progress=False
+        )
+        members = ["fpr", "fpr2"] if key == "ab" else ["fpr"]
+        own = np.asarray(list(_probabilities(out / "candidates.csv").values()))
+        scores = [
+            np.asarray(list(_probabilities(out / f"submission.{m}.csv").values())) for m in members
+        ]
+        fused = np.asarray(list(_probabilities(out / "submission.csv").values()))
+        assert len(fused) == len(own) > 0
+        np.testing.assert_allclose(
+            fused, weight * own + (1 - weight) * np.mean(scores, axis=0), rtol=0, atol=1e-12
+        )
+        manifest = export_models(models, tmp_path / f"export_{key}")
+        assert manifest["score"]["candidate_weight"] == weight
+    assert "score" not in export_models(world["ab"], tmp_path / "export_plain")
+
+
+def test_candidate_weight_is_checked_and_fuse_scores_is_exact():
+    from integration.pipeline import fuse_scores
+
+    for bad in (1.5, -0.1, True, "0.5"):
+        with pytest.raises(ValueError, match="candidate_weight"):
+            PipelineConfig(candidate_weight=bad)
+    fpr = np.asarray([0.2, 0.9])
+    np.testing.assert_array_equal(fuse_scores(PipelineConfig(), None, fpr), fpr)
+    np.testing.assert_allclose(
+        fuse_scores(PipelineConfig(candidate_weight=0.5), np.asarray([0.6, 0.1]), fpr), [0.4, 0.5]
+    )
+    with pytest.raises(ValueError, match="one probability per"):
+        fuse_scores(PipelineConfig(candidate_weight=0.5), np.asarray([0.6]), fpr)
+
+
+def test_the_card_states_the_candidate_weight(world, tmp_path):
+    fused = _weighted(world["ab"], tmp_path / "fused", 0.5)
+    card = (fused / "MODEL_CARD.md").read_text()
+    assert "`candidate_weight` 0.5 in `pipeline.json`" in card
+    assert "candidate_weight" not in (world["ab"] / "MODEL_CARD.md").read_text()
