@@ -3,6 +3,7 @@
 Usage::
 
     python bench/bench_fp_classifiers.py [--repeats 3] [--plans default,resnet3d,cnn3d]
+    python bench/bench_fp_classifiers.py --plans default,default:variant=ri,default:merge=concat
     python bench/bench_fp_classifiers.py --out fp_classifiers.json
     python bench/bench_fp_classifiers.py --scan SCAN.mhd   # another real scan (default below)
 
@@ -16,7 +17,9 @@ For each plan, in one process, with its network built and compiled as ``train`` 
   250 random inputs) and ``score_s_per_1000`` with their patches cut from the cache
   (:func:`~fp_reduction_3dcnn.predict.score_rows`, as ``predict`` scores them).
 
-Every figure is the median of ``--repeats`` timed runs after one untimed warm-up (tracing), and
+A plan is a name of :data:`fp_reduction_3dcnn.config.PLANS` with optional field overrides after
+a colon, ``+`` between them (``default:variant=zoom_in+merge=concat``): the MGI-CNN's variants
+and merges are measured that way. Every figure is the median of ``--repeats`` timed runs after one untimed warm-up (tracing), and
 each network's figures are also given as ratios to the MGI-CNN's (the first plan): above 1 is
 faster for the speeds, slower for the seconds. The cache is two random 160x256x256 scans on the
 1 mm grid, so the patch cutting is exact cropping, as on a prepared cache.
@@ -32,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -109,6 +113,22 @@ def scan_score_seconds(model, plan, scan: RealScan, repeats: int) -> float:
     return _median_seconds(score, repeats)
 
 
+def parse_plan_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"default:variant=ri+merge=concat"`` -> ``("default", {"variant": "ri", "merge": "concat"})``;
+    a value that reads as JSON (numbers, lists) is taken as such."""
+    name, _, rest = spec.partition(":")
+    overrides: dict[str, Any] = {}
+    for item in filter(None, rest.split("+")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--plans: {spec!r}: expected field=value after the colon")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return name, overrides
+
+
 def bench_plan(
     name: str, cache_dir: Path, candidates: Path, repeats: int, scan: RealScan | None = None
 ) -> dict:
@@ -123,7 +143,8 @@ def bench_plan(
     from fp_reduction_3dcnn.sampler import BalancedBatchSampler
     from lungct.cache import ScanCache
 
-    plan = get_plan(name)
+    base, overrides = parse_plan_spec(name)
+    plan = get_plan(base, **overrides)
     model = compile_model(build_network(plan), plan)
     rng = np.random.default_rng(0)
 
@@ -235,18 +256,19 @@ def main() -> int:
             results.append(bench_plan(name, root / "cache", candidates, args.repeats, scan))
             print(json.dumps(results[-1]), flush=True)
     results = with_ratios(results)
+    width = max(10, *(len(r["plan"]) for r in results))
     keys = ["train_samples_per_s", "sampler_samples_per_s", "predict_s_per_1000"]
     keys += ["score_s_per_1000"] + (["scan_score_s"] if scan is not None else [])
     print()
     print(
-        f"{'plan':<10} {'network':<9} {'params':>10} {'train/s':>8} {'sampler/s':>9} "
+        f"{'plan':<{width}} {'network':<9} {'params':>10} {'train/s':>8} {'sampler/s':>9} "
         f"{'pred s/1k':>9} {'score s/1k':>10}"
         + (f" {'scan s':>7}" if scan is not None else "")
         + f"   ratios to {plans[0]} ({', '.join(keys)})"
     )
     for r in results:
         print(
-            f"{r['plan']:<10} {r['network']:<9} {r['params']:>10,} "
+            f"{r['plan']:<{width}} {r['network']:<9} {r['params']:>10,} "
             f"{r['train_samples_per_s']:>8} {r['sampler_samples_per_s']:>9} "
             f"{r['predict_s_per_1000']:>9} {r['score_s_per_1000']:>10}"
             + (f" {r['scan_score_s']:>7}" if scan is not None else "")
