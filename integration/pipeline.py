@@ -61,8 +61,11 @@ class PipelineConfig(JSONPlan):
     """Settings stored as ``pipeline.json`` in a models folder (strict JSON, see JSONPlan)."""
 
     threshold: float = 0.5
+    """The report threshold: `detect` reports the marks scoring at or above it as findings."""
     tta: bool = False
+    """Score every candidate as the mean over its 8 axial symmetries (test-time augmentation)."""
     batch_size: int = 256
+    """Candidates scored per batch by each false-positive reducer."""
     candidate_weight: float = 0.0
     """The share of the candidate network's own probability in a mark's score, for a set with
     false-positive reducers: ``candidate_weight * p(U-Net) + (1 - candidate_weight) *
