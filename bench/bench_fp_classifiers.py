@@ -15,14 +15,20 @@ For each plan, in one process, with its network built and compiled as ``train`` 
   (:class:`~fp_reduction_3dcnn.sampler.BalancedBatchSampler`), the data side alone;
 * ``predict_s_per_1000``: seconds to score 1000 candidates, the network alone (4 batches of
   250 random inputs) and ``score_s_per_1000`` with their patches cut from the cache
-  (:func:`~fp_reduction_3dcnn.predict.score_rows`, as ``predict`` scores them).
+  (:func:`~fp_reduction_3dcnn.predict.score_rows`, as ``predict`` scores them);
+* ``scan_score_s``: seconds to score every candidate of one real scan as ``detect`` does
+  (patches cut from the scan resampled in memory, batches of the shipped set's size, no TTA).
+  The scan is the real LIDC-IDRI-0002 MetaImage (``--scan`` for another); its candidates are
+  the shipped model set's U-Net's, extracted once before any timing. Skipped when the scan or
+  the shipped set is missing.
 
 A plan is a name of :data:`fp_reduction_3dcnn.config.PLANS` with optional field overrides after
 a colon, ``+`` between them (``default:variant=zoom_in+merge=concat``): the MGI-CNN's variants
-and merges are measured that way. Every figure is the median of ``--repeats`` timed runs after one untimed warm-up (tracing), and
-each network's figures are also given as ratios to the MGI-CNN's (the first plan): above 1 is
-faster for the speeds, slower for the seconds. The cache is two random 160x256x256 scans on the
-1 mm grid, so the patch cutting is exact cropping, as on a prepared cache.
+and merges are measured that way. Every figure is the median of ``--repeats`` timed runs after
+one untimed warm-up (tracing), and each network's figures are also given as ratios to the
+MGI-CNN's (the first plan): above 1 is faster for the speeds, slower for the seconds. The cache
+is two random 160x256x256 scans on the 1 mm grid, so the patch cutting is exact cropping, as on
+a prepared cache.
 """
 
 from __future__ import annotations
@@ -114,8 +120,9 @@ def scan_score_seconds(model, plan, scan: RealScan, repeats: int) -> float:
 
 
 def parse_plan_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"default:variant=ri+merge=concat"`` -> ``("default", {"variant": "ri", "merge": "concat"})``;
-    a value that reads as JSON (numbers, lists) is taken as such."""
+    """``"default:variant=ri+merge=concat"`` ->
+    ``("default", {"variant": "ri", "merge": "concat"})``. A value that reads as JSON (a number,
+    true / false) is taken as such; ``,`` separates plans, so a list value cannot be given."""
     name, _, rest = spec.partition(":")
     overrides: dict[str, Any] = {}
     for item in filter(None, rest.split("+")):

@@ -599,8 +599,8 @@ def _add_ablate(subparsers: argparse._SubParsersAction) -> None:
         default="default",
         help="grid JSON, or a grid shipped in integration/data: default (every ablation, the "
         "default), quick (5 configs, ~10 min on the 20-scan synthetic set) or rank (every "
-        "ablation, each training a fixed number of epochs: the ranking run of the docs' "
-        "results, hours per seed on 2 CPU cores)",
+        "ablation, each training a fixed number of epochs, so that runs resumed over several "
+        "sittings train alike; hours per seed on 2 CPU cores)",
     )
     p.add_argument("--cache", help="per-scan cache (default OUT/cache; prepared when missing)")
     p.add_argument("--configs", help="run only these configs (comma-separated names)")
@@ -833,7 +833,8 @@ def _add_evaluate_models(subparsers: argparse._SubParsersAction) -> None:
         "evaluate-models",
         help="measure a model set on a data set it never trained on",
         description=(
-            "Candidates and MGI-CNN scores for every scan of --data (all subsets), then the "
+            "Candidates and the set's scores (MGI-CNN, mixed with the U-Net's probability where "
+            "its pipeline.json says so) for every scan of --data (all subsets), then the "
             "exact LUNA16 evaluation: OUT/candidates.csv, OUT/submission.csv, "
             "OUT/evaluation (metrics.json with the CPM's bootstrap interval, froc.png). A scan "
             "the set trained on is refused."

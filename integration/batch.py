@@ -473,6 +473,7 @@ def _claim_output(out: Path, model_set: ModelSet, options: BatchOptions) -> None
         "models": str(Path(model_set.root).resolve()),
         "weights": weights,
         "tta": bool(options.tta) or _set_tta(model_set.root),
+        "candidate_weight": _set_candidate_weight(model_set),
     }
     path = out / BATCH_FILE
     if path.is_file():
@@ -482,12 +483,14 @@ def _claim_output(out: Path, model_set: ModelSet, options: BatchOptions) -> None
         same_weights = (all(weights.values()) and old.get("weights") == weights) or old.get(
             "models"
         ) == claim["models"]
-        if not same_weights or old.get("tta") != claim["tta"]:
+        same_score = old.get("candidate_weight", 0.0) == claim["candidate_weight"]
+        if not same_weights or old.get("tta") != claim["tta"] or not same_score:
             raise LungCTError(
                 out,
                 f"holds the detections of model set {old.get('model_set')!r} "
-                f"(tta {old.get('tta')}), not of {claim['model_set']!r} (tta {claim['tta']}); "
-                "use another --out",
+                f"(tta {old.get('tta')}, candidate_weight {old.get('candidate_weight', 0.0)}), "
+                f"not of {claim['model_set']!r} (tta {claim['tta']}, candidate_weight "
+                f"{claim['candidate_weight']}); use another --out",
             )
         return
     try:
@@ -501,6 +504,17 @@ def _set_tta(models_root: Path) -> bool:
     from integration.pipeline import PipelineConfig
 
     return bool(PipelineConfig.load(models_root).tta)
+
+
+def _set_candidate_weight(model_set: ModelSet) -> float:
+    """The set's share of the U-Net's probability in the score (0 without an MGI-CNN, where
+    the U-Net's probability is the whole score)."""
+    from integration.modelset import fpr_stages
+    from integration.pipeline import PipelineConfig
+
+    if not fpr_stages(model_set.stages):
+        return 0.0
+    return float(PipelineConfig.load(model_set.root).candidate_weight)
 
 
 class _Tables:

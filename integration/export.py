@@ -6,7 +6,7 @@ A models folder (``integration demo`` writes one)::
     MODELS/fpr/model.keras + plan.json     the MGI-CNN (optional; fpr2/ ... an ensemble's
                                            further members, exported alike: average them)
     MODELS/malignancy/model.keras + plan.json  the malignancy CNN (optional)
-    MODELS/pipeline.json                   report threshold and TTA (optional)
+    MODELS/pipeline.json                   report threshold, TTA, candidate_weight (optional)
 
 becomes::
 
@@ -19,8 +19,10 @@ becomes::
     OUT/export_manifest.json  format, versions, and every model's input / output names,
                               shapes and dtypes (and, for an ensemble, ``fpr_ensemble``:
                               its members, whose outputs are to be averaged; for a set
-                              whose ``pipeline.json`` has a ``candidate_weight``, ``score``:
-                              how the U-Net's probability is mixed with theirs)
+                              whose ``pipeline.json`` has a ``candidate_weight`` above 0,
+                              ``score``: how the U-Net's candidate probability, the
+                              smoothed peak of its map in the candidate's blob after
+                              post-processing, is mixed with theirs)
 
 The models are read in Keras safe mode (no arbitrary code). ``saved_model`` is Keras 3's
 ``model.export(path, format="tf_saved_model")``: load it with ``tf.saved_model.load`` and call
@@ -277,8 +279,9 @@ def export_models(
         if weight > 0:
             manifest["score"] = {
                 "candidate_weight": weight,
-                "rule": "candidate_weight * U-Net probability + (1 - candidate_weight) * "
-                "mean probability of the false-positive reducers",
+                "rule": "candidate_weight * U-Net candidate probability (the smoothed peak of "
+                "its probability map in the candidate's blob, after post-processing) + "
+                "(1 - candidate_weight) * mean probability of the false-positive reducers",
             }
     write_json_atomic(out / "export_manifest.json", manifest)
     return manifest

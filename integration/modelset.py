@@ -4,7 +4,8 @@ A models folder is::
 
     DIR/modelset.json   name, version, description, the stages it holds (format-versioned)
     DIR/MODEL_CARD.md   intended use, training data, measured numbers, known limitations
-    DIR/pipeline.json   report threshold and TTA (optional, see PipelineConfig)
+    DIR/pipeline.json   report threshold, TTA and the U-Net's share of the score (optional,
+                        see PipelineConfig)
     DIR/unet/           a sealed U-Net model folder (lungct.modeldir)
     DIR/fpr/            a sealed MGI-CNN model folder
     DIR/fpr2/ .. fpr9/  more sealed MGI-CNN folders (optional): the candidates' score is then
@@ -336,7 +337,7 @@ def _convergence_cell(folder: Path) -> str:
     )
 
 
-def _threshold_lines(root: Path, note: str) -> list[str]:
+def _threshold_lines(root: Path, note: str, stages: list[str] | None = None) -> list[str]:
     """The card's report-threshold paragraph (from ``pipeline.json``)."""
     from integration.pipeline import PipelineConfig
 
@@ -348,7 +349,7 @@ def _threshold_lines(root: Path, note: str) -> list[str]:
         "that score at or above it as findings and lists the others below them."
     )
     lines = [text + (f" {note.strip()}" if note.strip() else ""), ""]
-    if config.candidate_weight > 0:
+    if config.candidate_weight > 0 and fpr_stages(stages or []):
         w = config.candidate_weight
         lines[:0] = [
             f"A mark's score (`candidate_weight` {w:g} in `pipeline.json`): {w:g} times the "
@@ -413,7 +414,7 @@ def model_card(
         "Each stage folder's `manifest.json` holds its seeds, series, steps and a sha256 per",
         "file; the suite checks them when it loads the set.",
         "",
-        *_threshold_lines(model_set.root, threshold_note),
+        *_threshold_lines(model_set.root, threshold_note, model_set.stages),
         "## Measured performance",
         "",
         performance.strip() or "Not measured yet.",

@@ -7,8 +7,10 @@ is a model set (:mod:`integration.modelset`)::
     DIR/unet/        a sealed U-Net model folder (python -m unet_candidates train)
     DIR/fpr/         a sealed MGI-CNN model folder (python -m fp_reduction_3dcnn train); a set
                      may leave it out: then the U-Net's probabilities are the scores
-    DIR/fpr2/ ...    further MGI-CNNs (optional): the score is the mean of every one's
-    DIR/pipeline.json  {"threshold": 0.5, "tta": false} (optional; report threshold and TTA)
+    DIR/fpr2/ ...    further MGI-CNNs (optional): their score is the mean of every one's
+    DIR/pipeline.json  {"threshold": 0.5, "tta": false, "candidate_weight": 0.0} (optional;
+                     report threshold, TTA, and the U-Net's share of a mark's score beside
+                     the MGI-CNNs')
 
 Without ``--models`` the set shipped with the suite is used.
 
@@ -92,8 +94,14 @@ class PipelineConfig(JSONPlan):
         return super().load(path) if path.is_file() else cls()
 
     def save(self, models_dir: str | os.PathLike) -> None:  # type: ignore[override]
-        """Write ``models_dir/pipeline.json``, atomically."""
-        super().save(Path(models_dir) / "pipeline.json")
+        """Write ``models_dir/pipeline.json``, atomically; ``candidate_weight`` only when it is
+        above 0, so that a set scored the former way stays readable by earlier versions."""
+        from lungct.plans import with_plan_format
+
+        content = self.to_dict()
+        if not self.candidate_weight:
+            content.pop("candidate_weight")
+        write_json_atomic(Path(models_dir) / "pipeline.json", with_plan_format(content))
 
 
 def open_model_set(
@@ -419,7 +427,9 @@ def detect(
                 tta=detector.config.tta if detector.fpr is not None else None,
                 view3d=view3d,
                 patient=patient,
-                candidate_weight=detector.config.candidate_weight,
+                candidate_weight=(
+                    detector.config.candidate_weight if detector.fpr is not None else 0.0
+                ),
             )
             lap("report")
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -439,6 +449,9 @@ def detect(
                     d.probability >= detector.config.threshold for d in detections
                 ),
                 "threshold": detector.config.threshold,
+                "candidate_weight": (
+                    detector.config.candidate_weight if detector.fpr is not None else 0.0
+                ),
                 "suspicion": result.suspicion,
                 "patient": patient,
                 "nodules": [

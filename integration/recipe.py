@@ -598,7 +598,8 @@ def evaluate_model_set(
 ) -> Any:
     """Measure a model set on a data set it never trained on; return the evaluation result.
 
-    Every scan of ``data_dir`` (all subsets) gets its candidates and MGI-CNN scores; the exact
+    Every scan of ``data_dir`` (all subsets) gets its candidates and the set's scores (each
+    MGI-CNN's beside their mix, :func:`integration.pipeline.fuse_scores`); the exact
     LUNA16 evaluation then gives the FROC, the CPM and its bootstrap interval. A scan the set
     trained on is refused (the fold numbers of a fresh data set mean nothing to the models, so
     the check is by series UID). ``allow_unfinished`` accepts stages whose training has not

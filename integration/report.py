@@ -540,7 +540,9 @@ def _banner(warning: str | None) -> str:
     return f'<p class="banner" role="alert">{html.escape(warning)}</p>\n'
 
 
-def _provenance(model_set: dict | None, threshold: float, tta: bool | None) -> str:
+def _provenance(
+    model_set: dict | None, threshold: float, tta: bool | None, candidate_weight: float = 0.0
+) -> str:
     if not model_set:
         return "<p>The model set is not known (the marks were written without one).</p>\n"
     esc = html.escape
@@ -568,6 +570,8 @@ def _provenance(model_set: dict | None, threshold: float, tta: bool | None) -> s
         rows.append(("grade", "<b>demo-grade</b> (minutes of training or small synthetic data)"))
     tta_words = "" if tta is None else f"; test-time augmentation {'on' if tta else 'off'}"
     rows.append(("report threshold", f"{threshold:g}{tta_words}"))
+    if candidate_weight > 0:
+        rows.append(("score", f"{candidate_weight:g} x U-Net + {1 - candidate_weight:g} x MGI-CNN"))
     if model_set.get("path"):
         rows.append(("folder", _folder_words(Path(model_set["path"]))))
     body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
@@ -596,29 +600,30 @@ def _score_explained(
         "how much the three patches around the point, cut at three scales, look like the "
         "nodules {they} trained on rather than like the other candidates {they} shown"
     )
-    if members > 1:
-        network = (
-            f"the mean output of {members} MGI-CNN false-positive-reduction networks trained "
-            f"apart: {patches.format(they='they were')}"
-        )
-    elif members:
-        network = (
-            "the output of the MGI-CNN false-positive-reduction network for that candidate: "
-            + patches.format(they="it was")
-        )
     if not members:
         what = (
             found + "this model set has no MGI-CNN stage, so its <b>probability</b> is the "
             "U-Net's (smoothed) peak nodule probability in the blob."
         )
-    elif candidate_weight > 0:
-        what = (
-            found + f"its <b>probability</b> is {candidate_weight:g} times the U-Net's own "
-            f"(smoothed) peak probability in the blob plus {1 - candidate_weight:g} times "
-            f"{network}."
-        )
     else:
-        what = found + f"its <b>probability</b> is {network}."
+        if members > 1:
+            network = (
+                f"the mean output of {members} MGI-CNN false-positive-reduction networks "
+                f"trained apart: {patches.format(they='they were')}"
+            )
+        else:
+            network = (
+                "the output of the MGI-CNN false-positive-reduction network for that candidate: "
+                + patches.format(they="it was")
+            )
+        if candidate_weight > 0:
+            what = (
+                found + f"its <b>probability</b> is {candidate_weight:g} times the U-Net's own "
+                f"(smoothed) peak probability in the blob plus {1 - candidate_weight:g} times "
+                f"{network}."
+            )
+        else:
+            what = found + f"its <b>probability</b> is {network}."
     data = " (see Models below)" if model_set else ""
     return (
         f'<p class="explain">{what} The scan-level suspicion is the highest of these. '
@@ -859,7 +864,7 @@ def write_report(
 <p>{len(marks)} marks; <b>{n_above}</b> at or above the report threshold {threshold:g}.</p>
 {_patient_section(patient)}<h2>What the score is</h2>
 {_score_explained(model_set, threshold, candidate_weight)}<h2>Models</h2>
-{_provenance(model_set, threshold, tta)}<h2>Overview</h2>
+{_provenance(model_set, threshold, tta, candidate_weight)}<h2>Overview</h2>
 <figure><img src="overview.png" alt="maximum-intensity projections with the numbered marks">
 <figcaption>{overview_caption} Letters: R/L right/left, A/P anterior/posterior, S/I
 superior/inferior of the patient.</figcaption></figure>

@@ -278,6 +278,9 @@ def test_candidate_weight_mixes_the_unet_probability_into_detect(world, tmp_path
         assert p == pytest.approx(0.25 * out["unet"][mark] + 0.75 * out["ab"][mark], abs=1e-6)
     page = (tmp_path / "fused" / "report.html").read_text()
     assert "0.25 times the U-Net's own" in page and "0.75 times the mean output of 2" in page
+    assert "0.25 x U-Net + 0.75 x MGI-CNN" in page  # the Models table
+    assert json.loads((tmp_path / "fused" / "summary.json").read_text())["candidate_weight"] == 0.25
+    assert json.loads((tmp_path / "ab" / "summary.json").read_text())["candidate_weight"] == 0.0
 
     cached = to_cache_grid(read_scan(world["scan"]))
     with pytest.raises(LungCTError, match="pass candidate_probability"):
@@ -306,6 +309,9 @@ def test_candidate_weight_in_evaluate_models_and_export(world, tmp_path):
         manifest = export_models(models, tmp_path / f"export_{key}")
         assert manifest["score"]["candidate_weight"] == weight
     assert "score" not in export_models(world["ab"], tmp_path / "export_plain")
+    zero = _weighted(world["ab"], tmp_path / "set_zero", 0.0)  # written out, and 0
+    assert "candidate_weight" not in json.loads((zero / "pipeline.json").read_text())
+    assert "score" not in export_models(zero, tmp_path / "export_zero")
 
 
 def test_candidate_weight_is_checked_and_fuse_scores_is_exact():
@@ -328,3 +334,14 @@ def test_the_card_states_the_candidate_weight(world, tmp_path):
     card = (fused / "MODEL_CARD.md").read_text()
     assert "`candidate_weight` 0.5 in `pipeline.json`" in card
     assert "candidate_weight" not in (world["ab"] / "MODEL_CARD.md").read_text()
+    # Without an MGI-CNN the U-Net's probability is the whole score: the card says no mix.
+    alone = tmp_path / "alone"
+    shutil.copytree(fused, alone, ignore=shutil.ignore_patterns("fpr*"))
+    write_model_set(alone, name="alone", version="0")
+    assert "candidate_weight" not in (alone / "MODEL_CARD.md").read_text()
+
+
+def test_a_bad_candidate_weight_in_pipeline_json_is_one_clear_error(tmp_path):
+    (tmp_path / "pipeline.json").write_text('{"threshold": 0.5, "candidate_weight": 2}')
+    with pytest.raises(LungCTError, match="candidate_weight must be a number in"):
+        PipelineConfig.load(tmp_path)

@@ -220,3 +220,22 @@ def test_batch_command_line_errors(scans_dir: Path, tmp_path: Path, monkeypatch)
     code, _, err = _run([*base, "--scans", str(scans_dir)])
     assert code == 2 and "holds the detections of model set 'other'" in err
     assert sorted(p.name for p in out.iterdir()) == [BATCH_FILE]
+
+
+def test_an_output_of_the_same_set_with_another_score_mix_is_refused(
+    scans_dir: Path, tmp_path: Path
+) -> None:
+    import json
+
+    from integration.batch import BatchOptions, _claim_output
+    from integration.pipeline import open_model_set
+
+    out = tmp_path / "out"
+    _claim_output(out, open_model_set(), BatchOptions())  # the shipped set, as written
+    claim = json.loads((out / BATCH_FILE).read_text())
+    assert claim["candidate_weight"] == 0.0
+    _claim_output(out, open_model_set(), BatchOptions())  # the same detector: accepted
+    (out / BATCH_FILE).write_text(json.dumps({**claim, "candidate_weight": 0.5}))
+    code, _, err = _run(["detect", "--scans", str(scans_dir), "--out", str(out)])
+    assert code == 2 and "candidate_weight 0.5" in err
+    assert sorted(p.name for p in out.iterdir()) == [BATCH_FILE]
