@@ -144,6 +144,12 @@ class Detector:
         """Every false-positive reducer, ``fpr`` first (empty when the set has none)."""
         return [self.fpr, *self.fpr_members] if self.fpr is not None else []
 
+    @property
+    def candidate_weight(self) -> float:
+        """The U-Net's share of a mark's score: the config's ``candidate_weight``, 0 for a set
+        without an MGI-CNN (whose score is the U-Net's probability alone)."""
+        return float(self.config.candidate_weight) if self.fpr is not None else 0.0
+
     @classmethod
     def load(
         cls,
@@ -391,12 +397,10 @@ def detect(
     candidates = extract_candidates(cached, detector.unet_model, detector.unet_plan)
     lap(f"U-Net candidates ({len(candidates)})")
     centres = np.asarray([[c.coordX, c.coordY, c.coordZ] for c in candidates], dtype=np.float64)
+    probs = np.asarray([c.probability for c in candidates], dtype=np.float64)  # the U-Net's
     if detector.fpr is not None and len(centres):
-        own = np.asarray([c.probability for c in candidates], dtype=np.float64)
-        probs = score_candidates(detector, cached, centres, own)
+        probs = score_candidates(detector, cached, centres, probs)
         lap("MGI-CNN scores")
-    else:
-        probs = np.asarray([c.probability for c in candidates], dtype=np.float64)
     detections = [
         Detection(float(x), float(y), float(z), float(p), float(c.diameter_mm))
         for (x, y, z), p, c in zip(centres, probs, candidates, strict=True)
@@ -427,9 +431,7 @@ def detect(
                 tta=detector.config.tta if detector.fpr is not None else None,
                 view3d=view3d,
                 patient=patient,
-                candidate_weight=(
-                    detector.config.candidate_weight if detector.fpr is not None else 0.0
-                ),
+                candidate_weight=detector.candidate_weight,
             )
             lap("report")
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -449,9 +451,7 @@ def detect(
                     d.probability >= detector.config.threshold for d in detections
                 ),
                 "threshold": detector.config.threshold,
-                "candidate_weight": (
-                    detector.config.candidate_weight if detector.fpr is not None else 0.0
-                ),
+                "candidate_weight": detector.candidate_weight,
                 "suspicion": result.suspicion,
                 "patient": patient,
                 "nodules": [
