@@ -587,9 +587,10 @@ def _add_ablate(subparsers: argparse._SubParsersAction) -> None:
             "unet_minutes, gan_minutes, fpr_minutes, ...). All use the same folds; trained "
             "stages are shared between configs that agree on their settings (OUT/stages). "
             "Writes OUT/ablation.md and .csv (CPM, 95% CI, the paired difference to the first "
-            "config, the spread over training seeds, sensitivity at 1/8..8 FPs/scan), "
-            "OUT/comparison/ and OUT/ablation_froc.png. Rerunning resumes: evaluated configs "
-            "are skipped."
+            "config, the spread over training seeds, sensitivity at 1/8..8 FPs/scan, the "
+            "stage-1 network's own sensitivity at 10..100 candidates/scan), OUT/comparison/ "
+            "and OUT/ablation_froc.png. Rerunning resumes: evaluated configs are skipped; "
+            "the table holds every config of the grid found evaluated in OUT/configs."
         ),
     )
     p.add_argument("--data", required=True, help="LUNA16-layout folder (subsetK/*.mhd + tables)")

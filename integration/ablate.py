@@ -37,7 +37,8 @@ trained stages are shared, each keyed by the settings that shape it:
 ``OUT/configs/<name>/result.json`` matches its settings, stages, folds and bootstrap is not run
 again (resumable). Outputs: ``OUT/ablation.md`` and ``OUT/ablation.csv`` (CPM with its 95%
 bootstrap interval, the difference to the first config with its paired interval and p-value,
-and the sensitivities at 1/8 .. 8 FPs per scan), ``OUT/comparison/`` (the paired comparison,
+the sensitivities at 1/8 .. 8 FPs per scan, and the stage-1 network's own sensitivity at 10 ..
+100 candidates per scan), ``OUT/comparison/`` (the paired comparison,
 :mod:`integration.compare`) and ``OUT/ablation_froc.png`` (every config's FROC on one figure).
 The first config of the grid is the reference the others are compared with.
 """
@@ -317,6 +318,7 @@ def run_config(
     )
     metrics = write_outputs(result, config_dir / "evaluation")
     record.update(metrics=metrics, seconds=clock.seconds, overrides=config.overrides)
+    record["candidate_stage"] = candidate_stage(data, series, paths.test_candidates)
     record["convergence"] = {
         stage: convergence(folder)
         for stage, folder in (("unet", paths.unet), ("fpr", paths.fpr))
@@ -330,6 +332,37 @@ def run_config(
         }
     write_json_atomic(config_dir / "result.json", record)
     return record
+
+
+def candidate_stage(data: Path, series: Path, candidates: Path) -> dict[str, Any] | None:
+    """Stage 1 alone on the test scans: the sensitivity of its candidates against candidates
+    per scan (:func:`integration.evaluation.candidate_sensitivity`: every candidate counts, by
+    its probability; ``candidate_sensitivity_at`` holds 10 .. 1000 per scan), so that U-Nets
+    and the CenterNet compare before any false-positive reduction. ``None`` without the file."""
+    from integration.evaluation import candidate_sensitivity
+    from lungct.tables import read_annotations, read_results, read_seriesuids
+
+    if not candidates.is_file() or not series.is_file():
+        return None
+    found = candidate_sensitivity(
+        read_annotations(data / "annotations.csv"),
+        read_results(candidates),
+        read_seriesuids(series),
+    )
+    return found.to_json()
+
+
+def _with_candidate_stage(result: dict[str, Any], data: Path, out: Path) -> dict[str, Any]:
+    """``result`` with its ``candidate_stage`` (results of earlier versions lack it: measured
+    from the shared stage's test candidates where they are still in ``out``)."""
+    if result.get("candidate_stage") is not None:
+        return result
+    found = candidate_stage(
+        data,
+        out / "configs" / result["name"] / "seriesuids.csv",
+        out / "stages" / result["stages"]["unet"] / "candidates_test.csv",
+    )
+    return dict(result, candidate_stage=found)
 
 
 def run_ablation(
@@ -423,7 +456,9 @@ def run_ablation(
         result = done.get(config.name) or _finished(config, out, split, bootstrap)
         if result is None:
             continue
-        result = dict(result, seed_cpms=[result["metrics"]["cpm"]])
+        result = dict(
+            _with_candidate_stage(result, data, out), seed_cpms=[result["metrics"]["cpm"]]
+        )
         for k in range(1, seeds):
             other = seeded(config, k)
             extra = done.get(other.name) or _finished(other, out, split, bootstrap)
@@ -486,6 +521,8 @@ def _sharing(configs: Sequence[AblationConfig], split: Split) -> dict[str, int]:
 # ----------------------------------------------------------------------------------------------
 
 RATE_LABELS = ("1/8", "1/4", "1/2", "1", "2", "4", "8")
+TABLE_BUDGETS = (10, 25, 50, 100)
+"""Candidates per scan at which ``ablation.csv`` gives stage 1's own sensitivity."""
 
 
 def _unet_preset(settings: dict[str, Any]) -> str:
@@ -540,7 +577,8 @@ def write_table(
 ) -> tuple[Path, Path]:
     """``ablation.csv`` and ``ablation.md``: CPM [95% CI], and with a ``comparison`` the
     difference to the first config with its paired interval and p-value, then the seven
-    sensitivities."""
+    sensitivities and stage 1's own sensitivity at 10 .. 100 candidates per scan (the table:
+    at 50)."""
     from integration.evaluation import FP_RATE_KEYS
 
     paired = {d.label: d for d in comparison.differences} if comparison is not None else {}
@@ -552,6 +590,7 @@ def write_table(
         "cpm_diff", "cpm_diff_ci95_lower", "cpm_diff_ci95_upper", "cpm_diff_p",
         "seeds", "cpm_seed_min", "cpm_seed_max", "cpm_diff_seed_min", "cpm_diff_seed_max",
         *(f"sens_{k}" for k in FP_RATE_KEYS),
+        *(f"candidate_sens_{b}" for b in TABLE_BUDGETS), "candidates_per_scan",
         "nodules", "detected", "scans", "unet_preset", "gan", "fpr", "fpr_plan", "fpr_variant",
         "merge", "tta", "unet_stage", "gan_stage", "fpr_stage", "fpr_network", "candidates",
     )  # fmt: skip
@@ -560,11 +599,11 @@ def write_table(
     lines = [
         f"| config | CPM [95% CI] | - {reference} [paired 95% CI] | p |{seed_head} "
         + " | ".join(RATE_LABELS)
-        + " | candidates | CT-GAN | FP reduction | TTA | converged |",
+        + " | candidates | found at 50 per scan | CT-GAN | FP reduction | TTA | converged |",
         "|---|---|---|---|"
         + "---|" * (2 if seeded_runs else 0)
         + "---|" * len(RATE_LABELS)
-        + "---|---|---|---|---|",
+        + "---|---|---|---|---|---|",
     ]
     for r in results:
         m, s, stages = r["metrics"], r["settings"], r["stages"]
@@ -578,10 +617,15 @@ def write_table(
         seed_diffs = [a - b for a, b in zip(seed_cpms, ref_seeds, strict=False)]
         spread = [len(seed_cpms), min(seed_cpms), max(seed_cpms)]
         spread += [min(seed_diffs), max(seed_diffs)] if seed_diffs else ["", ""]
+        stage1 = r.get("candidate_stage") or {}
+        at = stage1.get("candidate_sensitivity_at") or {}
+        stage1_row = [at.get(str(b), "") for b in TABLE_BUDGETS]
+        stage1_row.append(stage1.get("candidates_per_scan", ""))
         rows.append(
             [
                 r["name"], m["cpm"], ci[0] if ci[0] is not None else "",
-                ci[1] if ci[1] is not None else "", *diff, *spread, *sens, m["nodules"],
+                ci[1] if ci[1] is not None else "", *diff, *spread, *sens, *stage1_row,
+                m["nodules"],
                 m["detected"],
                 m["scans"], _unet_preset(s), s["gan"], s["fpr"], s["fpr_plan"],
                 net["variant"], net["merge"], s["tta"], stages.get("unet", ""),
@@ -606,7 +650,8 @@ def write_table(
         lines.append(
             f"| {r['name']} | {cpm} | {versus} | {p_text} |{seed_text} "
             + " | ".join(f"{v:.3f}" for v in sens)
-            + f" | {described['unet']} | {described['gan']} | {described['fpr']}"
+            + f" | {described['unet']} | {_found_at(at, 50)} | {described['gan']}"
+            f" | {described['fpr']}"
             f" | {described['tta']} | {_converged(r)} |"
         )
     csv_path, md_path = out / "ablation.csv", out / "ablation.md"
@@ -617,7 +662,9 @@ def write_table(
         f"{','.join(map(str, first['split']['test']))} (trained on "
         f"{','.join(map(str, first['split']['train']))}, validated on "
         f"{','.join(map(str, first['split']['val']))}); 95% bootstrap interval over scans "
-        f"({first['bootstrap']} resamples).\n\n"
+        f"({first['bootstrap']} resamples). Found at 50 per scan: the share of the test "
+        "nodules that the stage-1 network's candidates hit when it keeps about 50 per scan "
+        "(its own probabilities, before false-positive reduction).\n\n"
     )
     if comparison is not None:
         intro += (
@@ -638,6 +685,12 @@ def write_table(
         )
     write_text_atomic(md_path, intro + "\n".join(lines) + "\n")
     return csv_path, md_path
+
+
+def _found_at(at: dict[str, float], budget: int) -> str:
+    """The candidates' sensitivity at ``budget`` per scan, as the table shows it."""
+    value = at.get(str(budget))
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _converged(result: dict[str, Any]) -> str:

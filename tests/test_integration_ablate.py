@@ -10,9 +10,11 @@ import pytest
 
 from integration.__main__ import main
 from integration.ablate import DEFAULT_SPLIT, load_grid, stage_keys
+from integration.evaluation import candidate_sensitivity
 from integration.stages import StageSettings
 from integration.testing import tiny_dataset, tiny_settings
 from lungct.errors import LungCTError
+from lungct.tables import read_annotations, read_results, read_seriesuids
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -158,6 +160,16 @@ def test_ablate_shares_stages_and_writes_table(dataset: dict[str, Path], capsys)
     candidates = out / "stages" / results["mgi"]["stages"]["unet"] / "candidates_test.csv"
     submission = out / "configs" / "unet_alone" / "submission.csv"
     assert submission.read_text() == candidates.read_text()
+    # Stage 1 on its own: its test candidates against candidates per scan, in every config
+    # that shares it.
+    stage1 = candidate_sensitivity(
+        read_annotations(dataset["data"] / "annotations.csv"),
+        read_results(candidates),
+        read_seriesuids(out / "configs" / "mgi" / "seriesuids.csv"),
+    ).to_json()
+    assert stage1["nodules"] > 0
+    for name in ("mgi", "mgi_tta", "unet_alone", "ri_no_gan"):
+        assert results[name]["candidate_stage"] == stage1
 
     with open(out / "ablation.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -168,6 +180,9 @@ def test_ablate_shares_stages_and_writes_table(dataset: dict[str, Path], capsys)
         assert all(f"sens_{k}" in r for k in ("0.125", "0.25", "0.5", "1", "2", "4", "8"))
         assert r["scans"] == "1"
         assert float(r["cpm"]) == pytest.approx(results[r["config"]]["metrics"]["cpm"])
+        for budget in ("10", "25", "50", "100"):
+            expected = stage1["candidate_sensitivity_at"][budget]
+            assert float(r[f"candidate_sens_{budget}"]) == pytest.approx(expected)
     table = (out / "ablation.md").read_text()
     assert (
         "| config | CPM [95% CI] | - mgi [paired 95% CI] | p | 1/8 | 1/4 | 1/2 | 1 | 2 | 4 | 8 |"
@@ -184,14 +199,21 @@ def test_ablate_shares_stages_and_writes_table(dataset: dict[str, Path], capsys)
     assert set(results["unet_alone"]["convergence"]) == {"unet"}
     assert (out / "ablation_froc.png").read_bytes()[:4] == b"\x89PNG"
 
-    # Rerun: every config is skipped, nothing is trained again, the table is rewritten.
+    # Rerun: every config is skipped, nothing is trained again, the table is rewritten; a
+    # result of an earlier version, without the stage-1 figures, gets them from its stage.
+    earlier = out / "configs" / "mgi" / "result.json"
+    earlier.write_text(
+        json.dumps({k: v for k, v in results["mgi"].items() if k != "candidate_stage"})
+    )
     stamp = (out / "configs" / "mgi" / "result.json").stat().st_mtime_ns
     assert main(_ablate(dataset, out, grid)) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert printed.count("already evaluated, skipped") == 4 and " ..." not in printed
     assert (out / "configs" / "mgi" / "result.json").stat().st_mtime_ns == stamp
     with open(out / "ablation.csv", newline="") as handle:
-        assert [r["cpm"] for r in csv.DictReader(handle)] == [r["cpm"] for r in rows]
+        again = list(csv.DictReader(handle))
+    assert [r["cpm"] for r in again] == [r["cpm"] for r in rows]
+    assert [r["candidate_sens_50"] for r in again] == [r["candidate_sens_50"] for r in rows]
 
     # A changed config is run again (its MGI-CNN is shared, only scoring is redone).
     data = json.loads(grid.read_text())
@@ -291,6 +313,10 @@ def test_table_and_figure_carry_each_configs_numbers(tmp_path: Path) -> None:
                 if name == "strong" else {"unet": None},
             }
         )  # fmt: skip
+    results[0]["candidate_stage"] = {
+        "candidate_sensitivity_at": {"10": 0.5, "25": 0.625, "50": 0.75, "100": 0.875},
+        "candidates_per_scan": 40.0,
+    }  # and "weak" comes from an earlier version, without them
     csv_path, md_path = write_table(results, tmp_path)
     with open(csv_path, newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -301,10 +327,13 @@ def test_table_and_figure_carry_each_configs_numbers(tmp_path: Path) -> None:
         assert float(row["cpm_ci95_lower"]) == pytest.approx(metrics["cpm_ci95"][0])
         assert float(row["sens_8"]) == pytest.approx(metrics["sensitivity"]["8"])
     assert [r["fpr_variant"] for r in rows] == ["mgi", "ri"]
+    assert [r["candidate_sens_50"] for r in rows] == ["0.75", ""]
+    assert [r["candidates_per_scan"] for r in rows] == ["40.0", ""]
     table = md_path.read_text().splitlines()
     lo, hi = strong["cpm_ci95"]
     assert table[-2].startswith(f"| strong | {strong['cpm']:.3f} [{lo:.3f}, {hi:.3f}] |")
-    assert "| mgi/sum | yes | yes / no |" in table[-2] and "| ri/sum | no | ? |" in table[-1]
+    assert "| 0.750 | yes | mgi/sum | yes | yes / no |" in table[-2]
+    assert "| 2d | - | yes | ri/sum | no | ? |" in table[-1]
     figure = plot_ablation(results, tmp_path, tmp_path / "froc.png")
     assert figure.read_bytes()[:4] == b"\x89PNG" and figure.stat().st_size > 10_000
 
