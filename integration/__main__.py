@@ -588,8 +588,9 @@ def _add_ablate(subparsers: argparse._SubParsersAction) -> None:
             "stages are shared between configs that agree on their settings (OUT/stages). "
             "Writes OUT/ablation.md and .csv (CPM, 95% CI, the paired difference to the first "
             "config, the spread over training seeds, sensitivity at 1/8..8 FPs/scan, the "
-            "stage-1 network's own sensitivity at 10..100 candidates/scan), OUT/comparison/ "
-            "and OUT/ablation_froc.png. Rerunning resumes: evaluated configs are skipped; "
+            "stage-1 network's own sensitivity at 10..100 candidates/scan), OUT/comparison/, "
+            "OUT/ablation_froc.png and OUT/convergence.png (validation loss per epoch of "
+            "every trained stage). Rerunning resumes: evaluated configs are skipped; "
             "the table holds every config of the grid found evaluated in OUT/configs."
         ),
     )

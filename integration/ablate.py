@@ -39,7 +39,8 @@ again (resumable). Outputs: ``OUT/ablation.md`` and ``OUT/ablation.csv`` (CPM wi
 bootstrap interval, the difference to the first config with its paired interval and p-value,
 the sensitivities at 1/8 .. 8 FPs per scan, and the stage-1 network's own sensitivity at 10 ..
 100 candidates per scan), ``OUT/comparison/`` (the paired comparison,
-:mod:`integration.compare`) and ``OUT/ablation_froc.png`` (every config's FROC on one figure).
+:mod:`integration.compare`), ``OUT/ablation_froc.png`` (every config's FROC on one figure) and
+``OUT/convergence.png`` (every trained stage's validation loss per epoch).
 The first config of the grid is the reference the others are compared with.
 """
 
@@ -468,6 +469,7 @@ def run_ablation(
     comparison = compare_configs(results, data, out, bootstrap, log)
     write_table(results, out, comparison)
     plot_ablation(results, out, out / "ablation_froc.png")
+    plot_convergence(results, out, out / "convergence.png")
     return results
 
 
@@ -744,4 +746,60 @@ def plot_ablation(results: Sequence[dict[str, Any]], out: Path, path: Path) -> P
         for c in curves:
             c.band_fps = c.band_lower = c.band_upper = c.band_mean = None
     plot_froc(curves, path, title="FROC - ablation")
+    return path
+
+
+CONVERGENCE_PANELS = (("unet", "stage 1 (U-Net / CenterNet)"), ("fpr", "false-positive reducer"))
+
+
+def plot_convergence(results: Sequence[dict[str, Any]], out: Path, path: Path) -> Path:
+    """Every trained stage's validation loss per epoch, relative to its best, one panel for
+    stage 1 and one for the false-positive reducers, each line named by the configs sharing
+    that training; the last quarter of a line (what the table's ``converged`` judges) drawn
+    thick. Read from ``OUT/stages/<key>/model/logs/train_log.csv``; a stage without a log is
+    left out (said in the panel when none has one)."""
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
+
+    from lungct.fileio import new_figure, write_figure_atomic
+    from lungct.training import log_float, read_log
+
+    fig = new_figure((11, 4.2))
+    axes = fig.subplots(1, len(CONVERGENCE_PANELS))
+    for ax, (stage, title) in zip(axes, CONVERGENCE_PANELS, strict=True):
+        users: dict[str, list[str]] = {}
+        for r in results:
+            key = r["stages"].get(stage)
+            if key:
+                users.setdefault(key, []).append(r["name"])
+        drawn = 0
+        for key, names in users.items():
+            rows = read_log(out / "stages" / key / "model")
+            values = np.asarray([log_float(row, "val_loss") for row in rows], dtype=np.float64)
+            epochs = np.arange(1, len(values) + 1)
+            ok = np.isfinite(values)
+            if ok.sum() < 2:
+                continue
+            best = values[ok].min()
+            relative = values / best if best > 0 else values - best + 1.0
+            label = ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
+            line = ax.plot(epochs[ok], relative[ok], lw=1, label=label)[0]
+            tail = max(1, int(np.ceil(len(values) * 0.25)))
+            last = ok & (epochs > len(values) - tail)
+            ax.plot(epochs[last], relative[last], lw=2.5, color=line.get_color())
+            drawn += 1
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation loss / its best")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if drawn:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_minor_formatter(ScalarFormatter())
+            ax.legend(fontsize=7, loc="upper right")
+        else:
+            ax.text(0.5, 0.5, "no training log", ha="center", va="center", transform=ax.transAxes)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle("Convergence: validation loss per epoch (thick: the last quarter)")
+    fig.tight_layout()
+    write_figure_atomic(fig, path, dpi=120)
     return path

@@ -198,6 +198,7 @@ def test_ablate_shares_stages_and_writes_table(dataset: dict[str, Path], capsys)
     assert set(results["mgi"]["convergence"]) == {"unet", "fpr"}
     assert set(results["unet_alone"]["convergence"]) == {"unet"}
     assert (out / "ablation_froc.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "convergence.png").read_bytes()[:4] == b"\x89PNG"
 
     # Rerun: every config is skipped, nothing is trained again, the table is rewritten; a
     # result of an earlier version, without the stage-1 figures, gets them from its stage.
@@ -280,7 +281,7 @@ def test_ablate_errors_are_one_line(dataset: dict[str, Path], tmp_path: Path, ca
 
 
 def test_table_and_figure_carry_each_configs_numbers(tmp_path: Path) -> None:
-    from integration.ablate import compare_configs, plot_ablation, write_table
+    from integration.ablate import compare_configs, plot_ablation, plot_convergence, write_table
     from integration.evaluation import evaluate_files, write_outputs
 
     uids = [f"1.2.{i}" for i in range(8)]
@@ -335,6 +336,14 @@ def test_table_and_figure_carry_each_configs_numbers(tmp_path: Path) -> None:
     assert "| 0.750 | yes | mgi/sum | yes | yes / no |" in table[-2]
     assert "| 2d | - | yes | ri/sum | no | ? |" in table[-1]
     figure = plot_ablation(results, tmp_path, tmp_path / "froc.png")
+    assert figure.read_bytes()[:4] == b"\x89PNG" and figure.stat().st_size > 10_000
+    # Validation losses per epoch, from the stages' logs (one here; the others have none).
+    log = tmp_path / "stages" / "u" / "model" / "logs" / "train_log.csv"
+    log.parent.mkdir(parents=True)
+    log.write_text(
+        "epoch,loss,val_loss\n" + "".join(f"{e},1,{1 + 1 / (e + 1)}\n" for e in range(8))
+    )
+    figure = plot_convergence(results, tmp_path, tmp_path / "convergence.png")
     assert figure.read_bytes()[:4] == b"\x89PNG" and figure.stat().st_size > 10_000
 
     # With the configs' submissions and test scans in place, each is compared with the first.
