@@ -220,7 +220,8 @@ class RecentScans:
     """Cache entries opened on demand, the ``keep`` most recently used kept open (memory maps).
 
     Patch streaming asks for scans in any order; keeping a few open saves reopening them
-    without holding every scan of a dataset.
+    without holding every scan of a dataset. Safe to call from several threads at once (the
+    trainers cut patches in two).
 
     Example:
         >>> scans = RecentScans(ScanCache("cache"), keep=8)  # doctest: +SKIP
@@ -230,15 +231,17 @@ class RecentScans:
     def __init__(self, cache: ScanCache, keep: int = 8) -> None:
         self.cache, self.keep = cache, keep
         self._open: dict[str, CachedScan] = {}
+        self._lock = threading.Lock()
 
     def __call__(self, seriesuid: str) -> CachedScan:
-        scan = self._open.pop(seriesuid, None)
-        if scan is None:
-            scan = self.cache.open(seriesuid)
-        self._open[seriesuid] = scan  # most recent last
-        while len(self._open) > self.keep:
-            del self._open[next(iter(self._open))]
-        return scan
+        with self._lock:
+            scan = self._open.pop(seriesuid, None)
+            if scan is None:
+                scan = self.cache.open(seriesuid)
+            self._open[seriesuid] = scan  # most recent last
+            while len(self._open) > self.keep:
+                del self._open[next(iter(self._open))]
+            return scan
 
 
 def prepare_one(scan_file: ScanFile, cache_root: str | os.PathLike, plan: PreprocessPlan) -> dict:

@@ -182,3 +182,38 @@ def test_prefetch_keeps_order_raises_in_place_and_stops_early() -> None:
             break
     assert threading.active_count() == before  # the producer thread has ended
     assert len(produced) <= 3 + 1 + 2 + 1  # no more than depth ahead of the consumer
+
+
+def test_recent_scans_from_several_threads(prepared) -> None:
+    """The trainers cut patches in two threads from one RecentScans: opening, reusing and
+    closing entries at once must neither fail nor keep more than ``keep`` open."""
+    import sys
+    import threading
+
+    from lungct.cache import RecentScans
+
+    _, cache_dir, centres = prepared
+    scans = RecentScans(ScanCache(cache_dir), keep=1)
+    uids = sorted(centres)
+    failures: list[BaseException] = []
+
+    def work(offset: int) -> None:
+        try:
+            for i in range(1500):
+                uid = uids[(i + offset) % len(uids)]
+                assert scans(uid).seriesuid == uid
+        except BaseException as error:  # reported by the main thread
+            failures.append(error)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not failures, failures[0]
+    assert len(scans._open) <= 1
