@@ -326,6 +326,7 @@ def run_config(
         if stage in keys
     }
     if "fpr" in keys:
+        record["fpr_val_auc"] = final_val_auc(paths.fpr)
         plan = config.settings.fpr_plan_resolved()
         record["fpr_network"] = {
             "network": plan.network,
@@ -353,17 +354,30 @@ def candidate_stage(data: Path, series: Path, candidates: Path) -> dict[str, Any
     return found.to_json()
 
 
-def _with_candidate_stage(result: dict[str, Any], data: Path, out: Path) -> dict[str, Any]:
-    """``result`` with its ``candidate_stage`` (results of earlier versions lack it: measured
-    from the shared stage's test candidates where they are still in ``out``)."""
-    if result.get("candidate_stage") is not None:
-        return result
-    found = candidate_stage(
-        data,
-        out / "configs" / result["name"] / "seriesuids.csv",
-        out / "stages" / result["stages"]["unet"] / "candidates_test.csv",
-    )
-    return dict(result, candidate_stage=found)
+def final_val_auc(model_dir: Path) -> float | None:
+    """The validation AUC of a false-positive reducer's last epoch (the model it keeps), from
+    its training log; ``None`` without one. A network that has not learned keeps a flat loss
+    too, which the convergence rule alone would call converged; its AUC says it."""
+    from lungct.training import log_float, read_log
+
+    rows = read_log(model_dir)
+    value = log_float(rows[-1], "val_auc") if rows else float("nan")
+    return value if np.isfinite(value) else None
+
+
+def _with_stage_figures(result: dict[str, Any], data: Path, out: Path) -> dict[str, Any]:
+    """``result`` with its ``candidate_stage`` and ``fpr_val_auc`` (results of earlier
+    versions lack them: measured from the shared stages where they are still in ``out``)."""
+    result = dict(result)
+    if result.get("candidate_stage") is None:
+        result["candidate_stage"] = candidate_stage(
+            data,
+            out / "configs" / result["name"] / "seriesuids.csv",
+            out / "stages" / result["stages"]["unet"] / "candidates_test.csv",
+        )
+    if result.get("fpr_val_auc") is None and "fpr" in result["stages"]:
+        result["fpr_val_auc"] = final_val_auc(out / "stages" / result["stages"]["fpr"] / "model")
+    return result
 
 
 def run_ablation(
@@ -457,9 +471,7 @@ def run_ablation(
         result = done.get(config.name) or _finished(config, out, split, bootstrap)
         if result is None:
             continue
-        result = dict(
-            _with_candidate_stage(result, data, out), seed_cpms=[result["metrics"]["cpm"]]
-        )
+        result = dict(_with_stage_figures(result, data, out), seed_cpms=[result["metrics"]["cpm"]])
         for k in range(1, seeds):
             other = seeded(config, k)
             extra = done.get(other.name) or _finished(other, out, split, bootstrap)
@@ -595,17 +607,19 @@ def write_table(
         *(f"candidate_sens_{b}" for b in TABLE_BUDGETS), "candidates_per_scan",
         "nodules", "detected", "scans", "unet_preset", "gan", "fpr", "fpr_plan", "fpr_variant",
         "merge", "tta", "unet_stage", "gan_stage", "fpr_stage", "fpr_network", "candidates",
+        "fpr_val_auc",
     )  # fmt: skip
     rows = []
     seed_head = " CPM over seeds | - reference over seeds |" if seeded_runs else ""
     lines = [
         f"| config | CPM [95% CI] | - {reference} [paired 95% CI] | p |{seed_head} "
         + " | ".join(RATE_LABELS)
-        + " | candidates | found at 50 per scan | CT-GAN | FP reduction | TTA | converged |",
+        + " | candidates | found at 50 per scan | CT-GAN | FP reduction | its val AUC | TTA"
+        " | converged |",
         "|---|---|---|---|"
         + "---|" * (2 if seeded_runs else 0)
         + "---|" * len(RATE_LABELS)
-        + "---|---|---|---|---|---|",
+        + "---|---|---|---|---|---|---|",
     ]
     for r in results:
         m, s, stages = r["metrics"], r["settings"], r["stages"]
@@ -632,6 +646,7 @@ def write_table(
                 m["scans"], _unet_preset(s), s["gan"], s["fpr"], s["fpr_plan"],
                 net["variant"], net["merge"], s["tta"], stages.get("unet", ""),
                 stages.get("gan", ""), stages.get("fpr", ""), net["network"], _candidates(s),
+                "" if r.get("fpr_val_auc") is None else r["fpr_val_auc"],
             ]
         )  # fmt: skip
         cpm = f"{m['cpm']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci[0] is not None else "")
@@ -653,7 +668,7 @@ def write_table(
             f"| {r['name']} | {cpm} | {versus} | {p_text} |{seed_text} "
             + " | ".join(f"{v:.3f}" for v in sens)
             + f" | {described['unet']} | {_found_at(at, 50)} | {described['gan']}"
-            f" | {described['fpr']}"
+            f" | {described['fpr']} | {_auc_text(r)}"
             f" | {described['tta']} | {_converged(r)} |"
         )
     csv_path, md_path = out / "ablation.csv", out / "ablation.md"
@@ -675,7 +690,9 @@ def write_table(
             "* marks an interval that excludes 0 (a difference at this level). Converged: "
             "whether each trained stage's validation loss (candidates / FP reducer) still fell "
             "by 2 % or more in the last quarter of its epochs (no) or not (yes; ? where the "
-            "log is too short to say). The interval "
+            "log is too short to say); a network that has not learned has a flat loss too, "
+            "so its val AUC (the FP reducer's last epoch on the validation folds) is given "
+            "beside it. The interval "
             "is over test scans, not over training runs"
             + (
                 "; the seed columns give the range of the CPM, and of the difference to "
@@ -687,6 +704,12 @@ def write_table(
         )
     write_text_atomic(md_path, intro + "\n".join(lines) + "\n")
     return csv_path, md_path
+
+
+def _auc_text(result: dict[str, Any]) -> str:
+    """The false-positive reducer's last validation AUC, as the table shows it."""
+    value = result.get("fpr_val_auc")
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _found_at(at: dict[str, float], budget: int) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from integration.__main__ import main
-from integration.ablate import DEFAULT_SPLIT, load_grid, stage_keys
+from integration.ablate import DEFAULT_SPLIT, final_val_auc, load_grid, stage_keys
 from integration.evaluation import candidate_sensitivity
 from integration.stages import StageSettings
 from integration.testing import tiny_dataset, tiny_settings
@@ -170,6 +170,11 @@ def test_ablate_shares_stages_and_writes_table(dataset: dict[str, Path], capsys)
     assert stage1["nodules"] > 0
     for name in ("mgi", "mgi_tta", "unet_alone", "ri_no_gan"):
         assert results[name]["candidate_stage"] == stage1
+    # The FP reducer's last validation AUC, from its log (none without an FP reducer).
+    fpr_model = out / "stages" / results["mgi"]["stages"]["fpr"] / "model"
+    assert (fpr_model / "logs" / "train_log.csv").is_file()
+    assert results["mgi"]["fpr_val_auc"] == final_val_auc(fpr_model)
+    assert "fpr_val_auc" not in results["unet_alone"]
 
     with open(out / "ablation.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -201,11 +206,11 @@ def test_ablate_shares_stages_and_writes_table(dataset: dict[str, Path], capsys)
     assert (out / "convergence.png").read_bytes()[:4] == b"\x89PNG"
 
     # Rerun: every config is skipped, nothing is trained again, the table is rewritten; a
-    # result of an earlier version, without the stage-1 figures, gets them from its stage.
+    # result of an earlier version, without the stage-1 figures and the FP reducer's AUC,
+    # gets them from its stages.
     earlier = out / "configs" / "mgi" / "result.json"
-    earlier.write_text(
-        json.dumps({k: v for k, v in results["mgi"].items() if k != "candidate_stage"})
-    )
+    later = ("candidate_stage", "fpr_val_auc")
+    earlier.write_text(json.dumps({k: v for k, v in results["mgi"].items() if k not in later}))
     stamp = (out / "configs" / "mgi" / "result.json").stat().st_mtime_ns
     assert main(_ablate(dataset, out, grid)) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
@@ -214,7 +219,8 @@ def test_ablate_shares_stages_and_writes_table(dataset: dict[str, Path], capsys)
     with open(out / "ablation.csv", newline="") as handle:
         again = list(csv.DictReader(handle))
     assert [r["cpm"] for r in again] == [r["cpm"] for r in rows]
-    assert [r["candidate_sens_50"] for r in again] == [r["candidate_sens_50"] for r in rows]
+    for column in ("candidate_sens_50", "fpr_val_auc"):
+        assert [r[column] for r in again] == [r[column] for r in rows]
 
     # A changed config is run again (its MGI-CNN is shared, only scoring is redone).
     data = json.loads(grid.read_text())
@@ -281,7 +287,13 @@ def test_ablate_errors_are_one_line(dataset: dict[str, Path], tmp_path: Path, ca
 
 
 def test_table_and_figure_carry_each_configs_numbers(tmp_path: Path) -> None:
-    from integration.ablate import compare_configs, plot_ablation, plot_convergence, write_table
+    from integration.ablate import (
+        compare_configs,
+        final_val_auc,
+        plot_ablation,
+        plot_convergence,
+        write_table,
+    )
     from integration.evaluation import evaluate_files, write_outputs
 
     uids = [f"1.2.{i}" for i in range(8)]
@@ -318,6 +330,7 @@ def test_table_and_figure_carry_each_configs_numbers(tmp_path: Path) -> None:
         "candidate_sensitivity_at": {"10": 0.5, "25": 0.625, "50": 0.75, "100": 0.875},
         "candidates_per_scan": 40.0,
     }  # and "weak" comes from an earlier version, without them
+    results[0]["fpr_val_auc"] = 0.9
     csv_path, md_path = write_table(results, tmp_path)
     with open(csv_path, newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -330,11 +343,12 @@ def test_table_and_figure_carry_each_configs_numbers(tmp_path: Path) -> None:
     assert [r["fpr_variant"] for r in rows] == ["mgi", "ri"]
     assert [r["candidate_sens_50"] for r in rows] == ["0.75", ""]
     assert [r["candidates_per_scan"] for r in rows] == ["40.0", ""]
+    assert [r["fpr_val_auc"] for r in rows] == ["0.9", ""]
     table = md_path.read_text().splitlines()
     lo, hi = strong["cpm_ci95"]
     assert table[-2].startswith(f"| strong | {strong['cpm']:.3f} [{lo:.3f}, {hi:.3f}] |")
-    assert "| 0.750 | yes | mgi/sum | yes | yes / no |" in table[-2]
-    assert "| 2d | - | yes | ri/sum | no | ? |" in table[-1]
+    assert "| 0.750 | yes | mgi/sum | 0.900 | yes | yes / no |" in table[-2]
+    assert "| 2d | - | yes | ri/sum | - | no | ? |" in table[-1]
     figure = plot_ablation(results, tmp_path, tmp_path / "froc.png")
     assert figure.read_bytes()[:4] == b"\x89PNG" and figure.stat().st_size > 10_000
     # Validation losses per epoch, from the stages' logs (one here; the others have none).
@@ -343,6 +357,13 @@ def test_table_and_figure_carry_each_configs_numbers(tmp_path: Path) -> None:
     log.write_text(
         "epoch,loss,val_loss\n" + "".join(f"{e},1,{1 + 1 / (e + 1)}\n" for e in range(8))
     )
+    auc_log = tmp_path / "stages" / "f-strong" / "model" / "logs" / "train_log.csv"
+    auc_log.parent.mkdir(parents=True)
+    auc_log.write_text("epoch,val_loss,val_auc\n0,0.5,0.7\n1,0.4,0.85\n")
+    assert final_val_auc(auc_log.parents[1]) == 0.85  # the last epoch's: the model it keeps
+    assert final_val_auc(log.parents[1]) is None and final_val_auc(tmp_path) is None
+    auc_log.write_text("epoch,val_loss,val_auc\n0,0.5,0.7\n1,0.4,nan\n")
+    assert final_val_auc(auc_log.parents[1]) is None
     figure = plot_convergence(results, tmp_path, tmp_path / "convergence.png")
     assert figure.read_bytes()[:4] == b"\x89PNG" and figure.stat().st_size > 10_000
 
